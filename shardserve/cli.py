@@ -1,0 +1,207 @@
+"""``shardserve`` command line: serve, generate, and the cluster tools. The one place that prints."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from typing import Annotated, Optional
+
+import typer
+
+from shardserve.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig, ServerConfig
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Serve one LLM sharded over GPUs and nodes.")
+logger = logging.getLogger("shardserve")
+
+ModelArg = Annotated[Optional[str], typer.Argument(help="GGUF file, HF directory or hub id; default: embedded SmolLM2-135M")]
+TP = Annotated[int, typer.Option("--tensor-parallel-size", "-tp", help="TP ranks per stage")]
+PP = Annotated[int, typer.Option("--pipeline-parallel-size", "-pp", help="Pipeline stages")]
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _partition(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise typer.BadParameter(f"--pp-layer-partition wants comma-separated integers, got {text!r}") from None
+
+
+def build_engine_config(
+    model: str | None,
+    *,
+    tp: int = 1,
+    pp: int = 1,
+    pp_layer_partition: str | None = None,
+    dtype: str = "auto",
+    max_model_len: int | None = None,
+    max_num_seqs: int = 64,
+    max_num_batched_tokens: int = 2048,
+    max_queue_len: int | None = None,
+    block_size: int = 16,
+    gpu_memory_utilization: float = 0.9,
+    num_kv_blocks: int | None = None,
+    cpu_kv_cache_gib: float = 1.0,
+    enable_prefix_caching: bool = True,
+    load_format: str = "auto",
+    seed: int = 0,
+    device: str = "auto",
+    nnodes: int = 1,
+    node_rank: int = 0,
+    master_addr: str = "127.0.0.1",
+    master_port: int | None = None,
+    rendezvous_timeout: float = 300.0,
+) -> EngineConfig:
+    """Flags to typed config; ``ValueError`` messages name the flag."""
+    return EngineConfig(
+        model=ModelConfig(
+            model=model, dtype=dtype, load_format=load_format, max_model_len=max_model_len, seed=seed, device=device
+        ),
+        parallel=ParallelConfig(
+            tensor_parallel_size=tp,
+            pipeline_parallel_size=pp,
+            pp_layer_partition=_partition(pp_layer_partition),
+            nnodes=nnodes,
+            node_rank=node_rank,
+            master_addr=master_addr,
+            master_port=master_port,
+            rendezvous_timeout=rendezvous_timeout,
+        ),
+        cache=CacheConfig(
+            block_size=block_size,
+            gpu_memory_utilization=gpu_memory_utilization,
+            num_kv_blocks=num_kv_blocks,
+            cpu_kv_cache_gib=cpu_kv_cache_gib,
+            enable_prefix_caching=enable_prefix_caching,
+        ),
+        scheduler=SchedulerConfig(
+            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, max_queue_len=max_queue_len
+        ),
+    )
+
+
+@app.command()
+def serve(
+    model: ModelArg = None,
+    host: Annotated[str, typer.Option(help="Address to bind")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to bind")] = 8000,
+    served_model_name: Annotated[Optional[list[str]], typer.Option(help="Name(s) accepted in requests")] = None,
+    tensor_parallel_size: TP = 1,
+    pipeline_parallel_size: PP = 1,
+    pp_layer_partition: Annotated[Optional[str], typer.Option(help="Layers per stage, e.g. 10,10,12")] = None,
+    dtype: Annotated[str, typer.Option(help="auto, float32, float16, bfloat16")] = "auto",
+    max_model_len: Annotated[Optional[int], typer.Option(help="Context length (tokens)")] = None,
+    max_num_seqs: Annotated[int, typer.Option(help="Requests in the running batch")] = 64,
+    max_num_batched_tokens: Annotated[int, typer.Option(help="Tokens per step (chunked prefill budget)")] = 2048,
+    max_queue_len: Annotated[Optional[int], typer.Option(help="Waiting requests before HTTP 429")] = None,
+    block_size: Annotated[int, typer.Option(help="Tokens per KV block")] = 16,
+    gpu_memory_utilization: Annotated[float, typer.Option(help="Fraction of GPU memory to use")] = 0.9,
+    num_kv_blocks: Annotated[Optional[int], typer.Option(help="Fixed number of KV blocks")] = None,
+    cpu_kv_cache_gib: Annotated[float, typer.Option(help="KV cache size on CPU (GiB)")] = 1.0,
+    enable_prefix_caching: Annotated[bool, typer.Option(help="Share cached prompt blocks")] = True,
+    load_format: Annotated[str, typer.Option(help="auto, gguf, safetensors, dummy")] = "auto",
+    seed: Annotated[int, typer.Option(help="Seed for dummy weights")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cuda, cpu")] = "auto",
+    nnodes: Annotated[Optional[int], typer.Option(help="Nodes in the launch (default: from the scheduler's env)")] = None,
+    node_rank: Annotated[Optional[int], typer.Option(help="This node's rank; 0 serves HTTP")] = None,
+    master_addr: Annotated[Optional[str], typer.Option(help="Head node address")] = None,
+    master_port: Annotated[Optional[int], typer.Option(help="Head node rendezvous port")] = None,
+    rendezvous_timeout: Annotated[float, typer.Option(help="Seconds to wait for every node")] = 300.0,
+    dry_run: Annotated[bool, typer.Option(help="Print what was discovered and exit")] = False,
+    api_key: Annotated[Optional[str], typer.Option(help="Bearer token required on /v1 routes")] = None,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
+) -> None:
+    """Serve MODEL behind an OpenAI-compatible HTTP API."""
+    _setup_logging(log_level)
+    from shardserve.distributed.launch import discover_launch
+
+    try:
+        launch = discover_launch(
+            os.environ, nnodes=nnodes, node_rank=node_rank, master_addr=master_addr, master_port=master_port
+        )
+        config = build_engine_config(
+            model, tp=tensor_parallel_size, pp=pipeline_parallel_size, pp_layer_partition=pp_layer_partition,
+            dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens, max_queue_len=max_queue_len, block_size=block_size,
+            gpu_memory_utilization=gpu_memory_utilization, num_kv_blocks=num_kv_blocks,
+            cpu_kv_cache_gib=cpu_kv_cache_gib, enable_prefix_caching=enable_prefix_caching, load_format=load_format,
+            seed=seed, device=device, nnodes=launch.nnodes, node_rank=launch.node_rank,
+            master_addr=launch.master_addr, master_port=launch.master_port, rendezvous_timeout=rendezvous_timeout,
+        )
+        server = ServerConfig(host=host, port=port, served_model_name=served_model_name, api_key=api_key)
+    except ValueError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    from shardserve.launcher import run_node
+
+    raise typer.Exit(run_node(config, server, launch, dry_run=dry_run))
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="Prompt text")],
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="GGUF file, HF directory or hub id")] = None,
+    max_tokens: Annotated[int, typer.Option(help="Tokens to generate")] = 64,
+    temperature: Annotated[float, typer.Option(help="0 is greedy")] = 0.0,
+    chat: Annotated[bool, typer.Option(help="Wrap the prompt in the chat template")] = True,
+    tensor_parallel_size: TP = 1,
+    pipeline_parallel_size: PP = 1,
+    dtype: Annotated[str, typer.Option(help="auto, float32, float16, bfloat16")] = "auto",
+    load_format: Annotated[str, typer.Option(help="auto, gguf, safetensors, dummy")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cuda, cpu")] = "auto",
+    log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "warning",
+) -> None:
+    """Print one completion and its decode speed (tokens/s)."""
+    _setup_logging(log_level)
+    from shardserve.entrypoints.llm import LLM
+    from shardserve.sampling_params import SamplingParams
+
+    try:
+        llm = LLM(
+            model, tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size,
+            dtype=dtype, load_format=load_format, device=device,
+        )
+    except ValueError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    params = SamplingParams(temperature=temperature, max_tokens=max_tokens)
+    start = time.perf_counter()
+    if chat:
+        out = llm.chat([{"role": "user", "content": prompt}], params)[0]
+    else:
+        out = llm.generate(prompt, params)[0]
+    elapsed = time.perf_counter() - start
+    completion = out.outputs[0]
+    typer.echo(completion.text)
+    n = len(completion.token_ids)
+    typer.echo(f"[{n} tokens in {elapsed:.2f} s: {n / elapsed:.1f} tokens/s]", err=True)
+    llm.shutdown()
+
+
+def _register_tools() -> None:
+    try:
+        from shardserve.tools import register
+    except ImportError:  # tools are optional at import time
+        return
+    register(app)
+
+
+_register_tools()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,298 @@
+"""Typed configuration: one dataclass per concern, composed into :class:`EngineConfig`.
+
+Validation raises ``ValueError`` with a message a user can act on. Environment variables are
+not read here; the launch layer (``shardserve.distributed.launch``) owns them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+@dataclass
+class ModelArchConfig:
+    """Architecture of a Llama-family decoder, read from config.json or GGUF metadata.
+
+    Field names follow Hugging Face ``config.json`` so that both sources map one to one.
+    """
+
+    architecture: str
+    """``model_type`` as configs name it: llama, mistral, qwen2 or qwen3."""
+    vocab_size: int
+    """Rows of the embedding table (tokens)."""
+    hidden_size: int
+    """Width of the residual stream."""
+    intermediate_size: int
+    """Width of the SwiGLU MLP."""
+    num_hidden_layers: int
+    """Decoder layers."""
+    num_attention_heads: int
+    """Query heads, over all TP ranks."""
+    num_key_value_heads: int
+    """KV heads, over all TP ranks (GQA when fewer than query heads)."""
+    head_dim: int
+    """Width of one attention head."""
+    rms_norm_eps: float = 1e-5
+    """Epsilon of RMSNorm."""
+    rope_theta: float = 10000.0
+    """RoPE base frequency."""
+    rope_scaling: dict[str, Any] | None = None
+    """RoPE scaling dict as in config.json (``rope_type: llama3`` is supported)."""
+    max_position_embeddings: int = 8192
+    """Longest context the model was trained for (tokens)."""
+    tie_word_embeddings: bool = False
+    """LM head shares the embedding weight."""
+    attention_bias: bool = False
+    """q/k/v projections have a bias (qwen2)."""
+    qk_norm: bool = False
+    """RMSNorm over each q and k head before RoPE (qwen3)."""
+    bos_token_id: int | None = None
+    """Beginning-of-sequence token id."""
+    eos_token_id: int | list[int] | None = None
+    """End-of-sequence token id(s)."""
+    torch_dtype: str | None = None
+    """Dtype the checkpoint was saved in."""
+
+    SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+
+    def __post_init__(self) -> None:
+        if self.architecture not in self.SUPPORTED:
+            raise ValueError(
+                f"unsupported architecture {self.architecture!r}; shardserve serves "
+                f"{', '.join(self.SUPPORTED)}"
+            )
+
+    @classmethod
+    def from_hf_dict(cls, cfg: dict[str, Any]) -> ModelArchConfig:
+        """Build from a parsed Hugging Face ``config.json``.
+
+        Raises:
+            ValueError: the ``model_type`` is not a supported architecture.
+        """
+        model_type = cfg.get("model_type") or ""
+        heads = cfg["num_attention_heads"]
+        hidden = cfg["hidden_size"]
+        return cls(
+            architecture=model_type,
+            vocab_size=cfg["vocab_size"],
+            hidden_size=hidden,
+            intermediate_size=cfg["intermediate_size"],
+            num_hidden_layers=cfg["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or hidden // heads,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-5),
+            rope_theta=cfg.get("rope_theta", 10000.0),
+            rope_scaling=cfg.get("rope_scaling"),
+            max_position_embeddings=cfg.get("max_position_embeddings", 8192),
+            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+            attention_bias=cfg.get("attention_bias", model_type == "qwen2"),
+            qk_norm=model_type == "qwen3",
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_id=cfg.get("eos_token_id"),
+            torch_dtype=cfg.get("torch_dtype"),
+        )
+
+    def num_params(self) -> int:
+        """Parameter count (embedding, layers, norms, LM head unless tied)."""
+        h, i, d = self.hidden_size, self.intermediate_size, self.head_dim
+        q, kv = self.num_attention_heads * d, self.num_key_value_heads * d
+        attn = h * q + 2 * h * kv + q * h + (q + 2 * kv if self.attention_bias else 0)
+        layer = attn + 3 * h * i + 2 * h + (2 * d if self.qk_norm else 0)
+        embed = self.vocab_size * h
+        return embed * (1 if self.tie_word_embeddings else 2) + self.num_hidden_layers * layer + h
+
+
+@dataclass
+class ModelConfig:
+    """Which model to load and how."""
+
+    model: str | None = None
+    """GGUF file, Hugging Face directory or hub id; None serves the embedded SmolLM2-135M."""
+    dtype: str = "auto"
+    """Compute dtype: auto (bf16 on CUDA, fp32 on CPU), float32, float16 or bfloat16."""
+    load_format: str = "auto"
+    """auto, gguf, safetensors or dummy (random weights of the real shape)."""
+    max_model_len: int | None = None
+    """Context length (prompt + output tokens); defaults to the model's own, capped at 8192."""
+    served_model_name: str | None = None
+    """Name reported by /v1/models and accepted in requests."""
+    seed: int = 0
+    """Seed for dummy weights and for requests without a seed."""
+    device: str = "auto"
+    """auto (cuda when present), cuda or cpu."""
+    hf_overrides: dict[str, Any] = field(default_factory=dict)
+    """Overrides applied to config.json fields (for dummy shapes)."""
+
+    LOAD_FORMATS = ("auto", "gguf", "safetensors", "dummy")
+
+    def __post_init__(self) -> None:
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be auto or one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.load_format not in self.LOAD_FORMATS:
+            raise ValueError(f"--load-format must be one of {self.LOAD_FORMATS}, got {self.load_format!r}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"--max-model-len must be positive, got {self.max_model_len}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+
+    def resolved_device(self) -> str:
+        """``cuda`` or ``cpu``."""
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
+
+    def torch_dtype(self) -> torch.dtype:
+        """The compute dtype."""
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.resolved_device() == "cuda" else torch.float32
+        return DTYPES[self.dtype]
+
+
+@dataclass
+class ParallelConfig:
+    """How the model is split over processes and nodes."""
+
+    tensor_parallel_size: int = 1
+    """TP ranks per pipeline stage (kept inside one node)."""
+    pipeline_parallel_size: int = 1
+    """Pipeline stages."""
+    pp_layer_partition: list[int] | None = None
+    """Layers per stage, e.g. [10, 10, 12]; None splits evenly."""
+    pp_partition_by_memory: bool = False
+    """Split layers in proportion to each stage's free device memory."""
+    nnodes: int = 1
+    """Nodes in the launch."""
+    node_rank: int = 0
+    """This node's index in the launch; 0 is the head that serves HTTP."""
+    master_addr: str = "127.0.0.1"
+    """Address of the head node for the rendezvous."""
+    master_port: int | None = None
+    """TCP port of the rendezvous; None picks a free one on a single node."""
+    rendezvous_timeout: float = 300.0
+    """Seconds to wait for every node to join before failing (names the missing ranks)."""
+    distributed_backend: str = "auto"
+    """auto (nccl on CUDA, gloo on CPU), nccl or gloo."""
+
+    def __post_init__(self) -> None:
+        for name in ("tensor_parallel_size", "pipeline_parallel_size", "nnodes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"--node-rank {self.node_rank} out of range for --nnodes {self.nnodes}")
+        if self.world_size % self.nnodes:
+            raise ValueError(
+                f"world size TP x PP = {self.world_size} is not divisible by --nnodes {self.nnodes}"
+            )
+        if self.pp_layer_partition is not None and len(self.pp_layer_partition) != self.pipeline_parallel_size:
+            raise ValueError(
+                f"--pp-layer-partition has {len(self.pp_layer_partition)} entries, "
+                f"expected one per stage ({self.pipeline_parallel_size})"
+            )
+
+    @property
+    def world_size(self) -> int:
+        """TP x PP processes in total."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def ranks_per_node(self) -> int:
+        """Worker processes on each node."""
+        return self.world_size // self.nnodes
+
+
+@dataclass
+class CacheConfig:
+    """Paged KV cache."""
+
+    block_size: int = 16
+    """Tokens per KV block."""
+    gpu_memory_utilization: float = 0.9
+    """Fraction of device memory for weights, activations and KV cache (CUDA)."""
+    num_kv_blocks: int | None = None
+    """Fixed number of KV blocks; None sizes the cache from memory."""
+    cpu_kv_cache_gib: float = 1.0
+    """KV cache size on CPU (GiB) when num_kv_blocks is None."""
+    enable_prefix_caching: bool = True
+    """Share full prompt blocks between requests by content hash."""
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"--block-size must be a power of two, got {self.block_size}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"--num-kv-blocks must be positive, got {self.num_kv_blocks}")
+
+
+@dataclass
+class SchedulerConfig:
+    """Continuous batching limits."""
+
+    max_num_seqs: int = 64
+    """Requests in the running batch."""
+    max_num_batched_tokens: int = 2048
+    """Tokens computed per step over all requests (chunked-prefill budget)."""
+    max_queue_len: int | None = None
+    """Waiting requests beyond which new ones get HTTP 429; None is unbounded."""
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"--max-num-seqs must be positive, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(
+                f"--max-num-batched-tokens ({self.max_num_batched_tokens}) must be at least "
+                f"--max-num-seqs ({self.max_num_seqs}) so every running request can decode"
+            )
+
+
+@dataclass
+class ServerConfig:
+    """The HTTP front end."""
+
+    host: str = "127.0.0.1"
+    """Address to bind."""
+    port: int = 8000
+    """TCP port to bind."""
+    served_model_name: list[str] | None = None
+    """Model names accepted in requests; the first is reported. None uses the model's own name."""
+    api_key: str | None = None
+    """Bearer token required on /v1 routes; None leaves the API open."""
+    max_request_body_bytes: int = 8 * 1024 * 1024
+    """Largest request body accepted (bytes)."""
+    request_timeout: float | None = None
+    """Seconds after which a running request is ended; None waits forever."""
+    log_requests: bool = False
+    """Log each request's id, prompt length and finish reason."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"--port must be in [0, 65535], got {self.port}")
+
+
+@dataclass
+class EngineConfig:
+    """Everything the engine needs, composed from the parts above."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    def replace(self, **parts: Any) -> EngineConfig:
+        """A copy with some parts swapped."""
+        return dataclasses.replace(self, **parts)

@@ -1,0 +1,227 @@
+"""The synchronous engine: requests in, one step at a time, outputs out."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from shardserve.config import EngineConfig
+from shardserve.engine.block_manager import BlockManager
+from shardserve.engine.request import Request, RequestStatus
+from shardserve.engine.scheduler import Scheduler, TokenEvent
+from shardserve.executor.executor import Executor
+from shardserve.executor.messages import SchedulerOutput
+from shardserve.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from shardserve.sampling_params import SamplingParams
+from shardserve.transformers_utils.detokenizer import IncrementalDetokenizer, StopStringChecker
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_MODEL_LEN = 8192
+
+
+@dataclass
+class _OutputState:
+    """Text-side state of one request: detokenizer, stop strings, what was emitted."""
+
+    detokenizer: IncrementalDetokenizer
+    stops: StopStringChecker
+    output: CompletionOutput
+    metrics: RequestMetrics
+    prompt: str | None
+
+
+class LLMEngine:
+    """Owns the tokenizer, scheduler, KV block pool and executor.
+
+    Not thread-safe: one thread calls :meth:`add_request`, :meth:`abort_request` and :meth:`step`
+    (the async front end runs it on its own thread).
+    """
+
+    def __init__(self, config: EngineConfig, executor_factory=None):
+        from shardserve.executor.factory import make_executor
+        from shardserve.model_executor.loader.resolve import resolve_model
+        from shardserve.transformers_utils.tokenizer import load_tokenizer
+
+        self.config = config
+        self.source = resolve_model(config.model.model, config.model.hf_overrides)
+        self.tokenizer = load_tokenizer(self.source.path, self.source.format, self.source.generation_config)
+        self.executor: Executor = (executor_factory or make_executor)(config, self.source)
+        num_blocks = self.executor.determine_num_blocks()
+        self.executor.init_kv_cache(num_blocks)
+        bs = config.cache.block_size
+        self.max_model_len = self._max_model_len(num_blocks * bs)
+        logger.info(
+            "KV cache: %d blocks of %d tokens = %d tokens; max concurrency at %d tokens per request: %.1fx",
+            num_blocks, bs, num_blocks * bs, self.max_model_len, num_blocks * bs / self.max_model_len,
+        )
+        self.block_manager = BlockManager(num_blocks, bs, config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager, self.max_model_len)
+        self.scheduler.eos_token_ids = frozenset(self.tokenizer.eos_token_ids)
+        self._states: dict[str, _OutputState] = {}
+        self._in_flight: deque[SchedulerOutput] = deque()
+
+    def _max_model_len(self, kv_capacity_tokens: int) -> int:
+        arch = self.source.arch
+        wanted = self.config.model.max_model_len or min(arch.max_position_embeddings, DEFAULT_MAX_MODEL_LEN)
+        if wanted > kv_capacity_tokens:
+            logger.warning(
+                "max_model_len %d exceeds the KV cache (%d tokens); capping it", wanted, kv_capacity_tokens
+            )
+            return kv_capacity_tokens
+        return wanted
+
+    # -- requests ------------------------------------------------------------------------------
+    def make_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> Request:
+        """Tokenize and validate. Thread-safe (touches no engine state).
+
+        Raises:
+            ValueError: empty prompt, token ids out of the vocabulary, or prompt plus max_tokens
+                longer than the context (the message gives both counts).
+        """
+        if isinstance(prompt, str):
+            token_ids = self.tokenizer.encode(prompt)
+        else:
+            token_ids = list(prompt)
+            vocab = self.source.arch.vocab_size
+            bad = [t for t in token_ids if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        if not token_ids:
+            raise ValueError("the prompt is empty")
+        n, limit = len(token_ids), self.max_model_len
+        if n >= limit:
+            raise ValueError(
+                f"This model's maximum context length is {limit} tokens. However, your prompt has {n} tokens; "
+                "shorten the prompt."
+            )
+        if params.max_tokens is not None and n + params.max_tokens > limit:
+            raise ValueError(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{n + params.max_tokens} tokens ({n} in the prompt, {params.max_tokens} in the completion). "
+                "Reduce the prompt or max_tokens."
+            )
+        max_tokens = params.max_tokens if params.max_tokens is not None else limit - n
+        return Request(request_id, token_ids, params, max_tokens)
+
+    def make_requests(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> list[Request]:
+        """One request per completion: ``n`` > 1 becomes ``<id>-0 .. <id>-(n-1)``, seeds ``seed + i``."""
+        if params.n == 1:
+            return [self.make_request(request_id, prompt, params)]
+        return [
+            self.make_request(
+                f"{request_id}-{i}", prompt,
+                dataclasses.replace(params, n=1, seed=None if params.seed is None else params.seed + i),
+            )
+            for i in range(params.n)
+        ]
+
+    def add_request(self, request: Request, prompt: str | None = None) -> None:
+        if request.request_id in self._states:
+            raise ValueError(f"request id {request.request_id!r} is already running")
+        p = request.params
+        self._states[request.request_id] = _OutputState(
+            detokenizer=IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, p.skip_special_tokens),
+            stops=StopStringChecker(p.stop),
+            output=CompletionOutput(index=0, logprobs=[] if p.logprobs is not None else None),
+            metrics=RequestMetrics(arrival_time=request.arrival_time),
+            prompt=prompt,
+        )
+        self.scheduler.add_request(request)
+
+    def abort_request(self, request_id: str) -> None:
+        """Stop a request and free its KV blocks at once."""
+        self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
+        self._states.pop(request_id, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.scheduler.requests) or bool(self._in_flight)
+
+    # -- steps ---------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Submit steps until ``max_in_flight`` are going, then finish the oldest."""
+        while len(self._in_flight) < self.executor.max_in_flight and self.scheduler.has_work():
+            sched = self.scheduler.schedule()
+            if sched.is_empty:
+                break
+            self.executor.submit(sched)
+            self._in_flight.append(sched)
+        if not self._in_flight:
+            return []
+        sched = self._in_flight.popleft()
+        result = self.executor.collect()
+        events = self.scheduler.update_from_output(sched, result)
+        return [o for o in (self._process(e) for e in events) if o is not None]
+
+    def _process(self, event: TokenEvent) -> RequestOutput | None:
+        req = event.request
+        state = self._states.get(req.request_id)
+        if state is None:
+            return None
+        now = time.monotonic()
+        m = state.metrics
+        m.first_token_time = m.first_token_time or now
+        m.last_token_time = now
+        out = state.output
+        new_text = state.detokenizer.add([event.token_id])
+        text, stop = state.stops.process(new_text)
+        if stop is not None:
+            self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED, stop)
+        if req.status.finished and stop is None:
+            text += state.stops.flush()
+        out.delta_token_ids = [event.token_id]
+        out.token_ids.append(event.token_id)
+        out.delta_text = text
+        out.text += text
+        out.delta_logprobs = None
+        if out.logprobs is not None and event.logprob is not None:
+            entry = self._logprob_entry(event.token_id, event.logprob)
+            out.logprobs.append(entry)
+            out.delta_logprobs = [entry]
+        out.finish_reason = req.status.finish_reason
+        out.stop_reason = req.stop_reason
+        if req.status.finished:
+            m.finished_time = now
+            self._states.pop(req.request_id, None)
+        return RequestOutput(
+            request_id=req.request_id,
+            prompt=state.prompt,
+            prompt_token_ids=req.prompt_token_ids,
+            outputs=[_snapshot(out)],
+            finished=req.status.finished,
+            num_cached_tokens=req.num_cached_tokens,
+            metrics=m,
+        )
+
+    def _logprob_entry(self, token_id: int, lp: tuple[float, int, list[tuple[int, float]]]) -> dict[int, Logprob]:
+        chosen, rank, top = lp
+        piece = self.tokenizer.id_to_piece_text
+        entry = {token_id: Logprob(chosen, rank, piece(token_id))}
+        for r, (tid, val) in enumerate(top, start=1):
+            entry.setdefault(tid, Logprob(val, r, piece(tid)))
+        return entry
+
+    def stats(self) -> tuple[int, int, float]:
+        """(running, waiting, KV usage 0..1)."""
+        return self.scheduler.num_running, self.scheduler.num_waiting, self.block_manager.usage
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()
+
+
+def _snapshot(out: CompletionOutput) -> CompletionOutput:
+    """A copy the caller may keep while the engine goes on updating ``out``."""
+    return CompletionOutput(
+        index=out.index,
+        text=out.text,
+        token_ids=list(out.token_ids),
+        delta_text=out.delta_text,
+        delta_token_ids=list(out.delta_token_ids),
+        logprobs=list(out.logprobs) if out.logprobs is not None else None,
+        delta_logprobs=out.delta_logprobs,
+        finish_reason=out.finish_reason,
+        stop_reason=out.stop_reason,
+    )

@@ -1,0 +1,79 @@
+"""State of one request (one sequence) inside the engine."""
+
+from __future__ import annotations
+
+import enum
+import time
+
+from shardserve.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = enum.auto()
+    RUNNING = enum.auto()
+    FINISHED_STOPPED = enum.auto()
+    FINISHED_LENGTH = enum.auto()
+    FINISHED_ABORTED = enum.auto()
+
+    @property
+    def finished(self) -> bool:
+        return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED)
+
+    @property
+    def finish_reason(self) -> str | None:
+        return {
+            RequestStatus.FINISHED_STOPPED: "stop",
+            RequestStatus.FINISHED_LENGTH: "length",
+            RequestStatus.FINISHED_ABORTED: "abort",
+        }.get(self)
+
+
+class Request:
+    """One sequence: its tokens, how many of them are in the KV cache, and its status.
+
+    The one scheduling rule (vLLM v1): ``num_computed_tokens`` catches up with ``num_tokens``;
+    a step that brings it level produces the next token.
+    """
+
+    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, max_tokens: int):
+        self.request_id = request_id
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.params = params
+        self.max_tokens = max_tokens
+        """Output tokens allowed (the request's max_tokens capped by the context length)."""
+        self.output_token_ids: list[int] = []
+        self.num_computed_tokens = 0
+        """Tokens whose K/V are in the cache (or will be once the in-flight step ends)."""
+        self.num_cached_tokens = 0
+        """Prompt tokens found in the prefix cache at admission."""
+        self.status = RequestStatus.WAITING
+        self.in_flight = False
+        """A step computing this request has been sent and its output is not back yet."""
+        self.num_preemptions = 0
+        self.arrival_time = time.monotonic()
+        self.stop_reason: str | int | None = None
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    def token_ids_slice(self, start: int, end: int) -> list[int]:
+        """Tokens ``[start, end)`` of prompt + output."""
+        p = self.num_prompt_tokens
+        if end <= p:
+            return self.prompt_token_ids[start:end]
+        if start >= p:
+            return self.output_token_ids[start - p : end - p]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: end - p]

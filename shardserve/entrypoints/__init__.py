@@ -1,0 +1,1 @@
+"""Front ends that turn outside requests into engine calls (HTTP servers)."""

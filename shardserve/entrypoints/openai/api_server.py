@@ -1,0 +1,377 @@
+"""The HTTP server: FastAPI routes, error mapping and the uvicorn launcher.
+
+Routes: ``GET /health``, ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``,
+``POST /generate`` (SGLang native), ``GET /metrics`` (Prometheus), ``GET /version``.
+
+Every failure is answered in OpenAI's error shape ``{"error": {"message", "type", "param", "code"}}``:
+400 for bad parameters, malformed JSON and too long prompts; 401 for a missing API key; 404 for an
+unknown model or route; 413 for too large a body; 429 (with ``Retry-After``) when the engine queue
+is full; 503 while the model loads or after the engine died; 504 past the request timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import uvicorn
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from shardserve.config import ServerConfig
+from shardserve.engine.async_llm import AsyncLLM, EngineDeadError, EngineOverloadedError
+from shardserve.entrypoints.openai.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    GenerateRequest,
+    InvalidRequestError,
+    ModelCard,
+    ModelList,
+)
+from shardserve.entrypoints.openai.serving import (
+    RequestTimeoutError,
+    ServingContext,
+    cancel_on_disconnect,
+    error_body,
+)
+from shardserve.entrypoints.openai.serving_chat import ChatServer
+from shardserve.entrypoints.openai.serving_completion import CompletionServer
+from shardserve.entrypoints.openai.serving_generate import GenerateServer
+from shardserve.metrics import CONTENT_TYPE, ServerMetrics
+
+logger = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=BaseModel)
+RETRY_AFTER_S = 1
+
+
+class EngineNotReadyError(Exception):
+    """The engine is still loading, or failed to load."""
+
+
+@dataclass
+class ServerState:
+    """What the routes read: the engine (None while it loads) and the names it is served under."""
+
+    engine: AsyncLLM | None
+    served_model_names: list[str]
+    """Names accepted in ``model``; the first is reported. Empty uses ``engine.model_name``."""
+    config: ServerConfig = field(default_factory=ServerConfig)
+    error: str | None = None
+    """Why the engine is unusable (failed load, dead worker); /health answers 503 while set."""
+    load_engine: Callable[[], AsyncLLM] | None = None
+    """Blocking loader run in a thread at server start-up when ``engine`` is None (see :func:`run_server`)."""
+    on_load_error: Callable[[BaseException], None] | None = None
+    """Called (in the event loop) when ``load_engine`` raises."""
+
+    def unusable_reason(self) -> str | None:
+        """Why requests cannot be served now (loading, failed load, dead engine), None when ready."""
+        if self.error is None and self.engine is not None and getattr(self.engine, "errored", False):
+            self.error = "the engine stopped (see the server log)"
+        if self.error is not None:
+            return self.error
+        return "the model is still loading" if self.engine is None else None
+
+    def model_names(self) -> list[str]:
+        """The served names, falling back to the engine's own name."""
+        if self.served_model_names:
+            return self.served_model_names
+        return [self.engine.model_name] if self.engine is not None else []
+
+
+def build_app(state: ServerState) -> FastAPI:
+    """The FastAPI application over ``state``; starts ``state.load_engine`` in a thread on start-up if set."""
+    app = FastAPI(title="shardserve", lifespan=_lifespan(state))
+    app.state.server_state = state
+    metrics = ServerMetrics(state.served_model_names[0] if state.served_model_names else "")
+    app.state.metrics = metrics
+    _install_error_handlers(app, state)
+    _add_routes(app, state, metrics)
+    return app
+
+
+# ------------------------------------------------------------------------------------- routes
+
+
+def _add_routes(app: FastAPI, state: ServerState, metrics: ServerMetrics) -> None:
+    def context(request: Request, v1: bool = True) -> ServingContext:
+        if v1:
+            _check_api_key(state.config, request)
+        reason = state.unusable_reason()
+        if reason is not None:
+            raise EngineNotReadyError(reason)
+        if not metrics.model_name:
+            metrics.model_name = state.model_names()[0]
+        return ServingContext(state.engine, state.model_names(), metrics, state.config)
+
+    @app.get("/health")
+    async def health() -> Response:
+        reason = state.unusable_reason()  # also notices an engine that died
+        if state.error is not None:
+            return JSONResponse({"status": "error", "error": state.error}, status_code=503)
+        if reason is not None:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/version")
+    async def version() -> Response:
+        return JSONResponse({"version": _version()})
+
+    @app.get("/metrics")
+    async def get_metrics() -> Response:
+        stats = None
+        if state.engine is not None:
+            try:
+                stats = state.engine.stats()
+            except Exception:  # noqa: BLE001 - a dead engine must not break scraping
+                logger.warning("engine.stats() failed", exc_info=True)
+        return Response(metrics.render(stats), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models")
+    async def list_models(request: Request) -> Response:
+        ctx = context(request)
+        root = ctx.engine.model_name
+        cards = [ModelCard(id=name, root=root, max_model_len=ctx.engine.max_model_len) for name in ctx.served_model_names]
+        return JSONResponse(ModelList(data=cards).model_dump(mode="json"))
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        ctx = context(request)
+        body = await _parse_body(request, CompletionRequest, state.config.max_request_body_bytes)
+        return await cancel_on_disconnect(request, _as_response(CompletionServer(ctx).create(body, request)))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        ctx = context(request)
+        body = await _parse_body(request, ChatCompletionRequest, state.config.max_request_body_bytes)
+        return await cancel_on_disconnect(request, _as_response(ChatServer(ctx).create(body, request)))
+
+    @app.post("/generate")
+    async def generate(request: Request) -> Response:
+        ctx = context(request, v1=False)
+        body = await _parse_body(request, GenerateRequest, state.config.max_request_body_bytes)
+        return await cancel_on_disconnect(request, _as_response(GenerateServer(ctx).create(body)))
+
+
+async def _as_response(result: Any) -> Response:
+    value = await result
+    return value if isinstance(value, Response) else JSONResponse(value.model_dump(mode="json"))
+
+
+def _check_api_key(config: ServerConfig, request: Request) -> None:
+    if config.api_key is None:
+        return
+    if request.headers.get("authorization", "") != f"Bearer {config.api_key}":
+        raise InvalidRequestError("Incorrect or missing API key.", code="invalid_api_key", status=401)
+
+
+async def _parse_body(request: Request, model: type[M], limit: int) -> M:
+    """The JSON body validated as ``model``.
+
+    Raises:
+        InvalidRequestError: 413 past ``limit`` bytes; 400 for malformed JSON or an invalid field.
+    """
+    too_large = InvalidRequestError(
+        f"Request body is larger than the limit of {limit} bytes.", code="request_too_large", status=413
+    )
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    try:
+        data = json.loads(b"".join(chunks))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidRequestError(f"The request body is not valid JSON: {exc}", code="invalid_json") from exc
+    if not isinstance(data, dict):
+        raise InvalidRequestError("The request body must be a JSON object.", code="invalid_json")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise _validation_error(exc.errors()) from exc
+
+
+def _validation_error(errors: Any) -> InvalidRequestError:
+    """The first pydantic error as a 400 naming its field (``param``), like OpenAI's messages."""
+    first = dict(errors[0]) if errors else {"loc": (), "msg": "invalid request"}
+    loc = [str(part) for part in first.get("loc", ()) if part not in ("body",)]
+    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    param = loc[0] if loc else None
+    where = ".".join(loc)
+    return InvalidRequestError(f"{where}: {message}" if where else message, param=param, code="invalid_value")
+
+
+# ------------------------------------------------------------------------------------- errors
+
+
+def _error(status: int, message: str, err_type: str, param: str | None = None, code: str | None = None,
+           headers: dict[str, str] | None = None) -> JSONResponse:  # fmt: skip
+    return JSONResponse(error_body(message, err_type, param, code), status_code=status, headers=headers)
+
+
+def _install_error_handlers(app: FastAPI, state: ServerState) -> None:
+    @app.exception_handler(InvalidRequestError)
+    async def invalid(_: Request, exc: InvalidRequestError) -> Response:
+        return _error(exc.status, exc.message, _error_type(exc.status), exc.param, exc.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation(_: Request, exc: RequestValidationError) -> Response:
+        err = _validation_error(exc.errors())
+        return _error(400, err.message, "invalid_request_error", err.param, err.code)
+
+    @app.exception_handler(ValueError)
+    async def engine_value_error(_: Request, exc: ValueError) -> Response:
+        return _error(400, str(exc), "invalid_request_error")
+
+    @app.exception_handler(EngineOverloadedError)
+    async def overloaded(_: Request, exc: EngineOverloadedError) -> Response:
+        message = f"The server is overloaded, retry later. {exc}".strip()
+        return _error(429, message, "rate_limit_error", code="rate_limit_exceeded",
+                      headers={"Retry-After": str(RETRY_AFTER_S)})  # fmt: skip
+
+    @app.exception_handler(EngineDeadError)
+    async def dead(_: Request, exc: EngineDeadError) -> Response:
+        state.error = f"engine died: {exc}"
+        logger.error("engine died: %s", exc)
+        return _error(503, state.error, "service_unavailable", code="engine_dead")
+
+    @app.exception_handler(EngineNotReadyError)
+    async def not_ready(_: Request, exc: EngineNotReadyError) -> Response:
+        return _error(503, str(exc), "service_unavailable", code="model_not_ready")
+
+    @app.exception_handler(RequestTimeoutError)
+    async def timed_out(_: Request, exc: RequestTimeoutError) -> Response:
+        return _error(504, str(exc), "timeout", code="request_timeout")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> Response:
+        return _error(exc.status_code, str(exc.detail), _error_type(exc.status_code), headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def internal(_: Request, exc: Exception) -> Response:
+        logger.exception("internal error", exc_info=exc)
+        return _error(500, f"Internal server error: {type(exc).__name__}", "server_error", code="internal_error")
+
+
+def _error_type(status: int) -> str:
+    return {401: "authentication_error", 404: "invalid_request_error"}.get(
+        status, "invalid_request_error" if status < 500 else "server_error"
+    )
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("shardserve")
+    except PackageNotFoundError:
+        return "0.1.0+local"
+
+
+# ----------------------------------------------------------------------------------- start-up
+
+
+def _lifespan(state: ServerState) -> Callable[[FastAPI], contextlib.AbstractAsyncContextManager[None]]:
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        task = None
+        if state.engine is None and state.load_engine is not None:
+            task = asyncio.create_task(_load_engine(state))
+        try:
+            yield
+        finally:
+            if task is not None:
+                task.cancel()
+
+    return lifespan
+
+
+async def _load_engine(state: ServerState) -> None:
+    """Run the blocking loader in a daemon thread (so Ctrl-C is not held up) and publish the engine."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[AsyncLLM] = loop.create_future()
+
+    def settle(setter: Callable[[Any], None], value: Any) -> None:
+        if not future.done():
+            setter(value)
+
+    def work() -> None:
+        try:
+            engine = state.load_engine()  # type: ignore[misc]
+        except BaseException as exc:  # noqa: BLE001 - handed to the event loop
+            loop.call_soon_threadsafe(settle, future.set_exception, exc)
+        else:
+            loop.call_soon_threadsafe(settle, future.set_result, engine)
+
+    threading.Thread(target=work, name="shardserve-load-engine", daemon=True).start()
+    try:
+        engine = await future
+    except Exception as exc:  # noqa: BLE001 - reported through /health and the hook
+        state.error = f"engine failed to load: {type(exc).__name__}: {exc}"
+        logger.exception("engine failed to load", exc_info=exc)
+        if state.on_load_error is not None:
+            state.on_load_error(exc)
+        return
+    state.engine = engine
+    cfg = state.config
+    logger.info("ready: serving %s at http://%s:%d/v1", ", ".join(state.model_names()), cfg.host, cfg.port)
+
+
+def make_uvicorn_server(app: FastAPI, config: ServerConfig, log_level: str = "info") -> uvicorn.Server:
+    """A uvicorn server for ``app`` (call ``.run()``, or ``.serve()`` in a running loop, e.g. from a thread)."""
+    uv_config = uvicorn.Config(
+        app,
+        host=config.host,
+        port=config.port,
+        log_level=log_level,
+        lifespan="on",
+        timeout_graceful_shutdown=5,
+    )
+    return uvicorn.Server(uv_config)
+
+
+def run_server(
+    server_config: ServerConfig,
+    load_engine: Callable[[], AsyncLLM],
+    served_model_names: list[str] | None,
+    log_level: str = "info",
+) -> int:
+    """Serve HTTP on ``host:port`` at once (``/health`` is 503 while loading) and load the engine meanwhile.
+
+    Blocks until SIGINT/SIGTERM (handled by uvicorn), then shuts the engine down.
+
+    Returns:
+        0, or 1 when the engine failed to load (the server stops as soon as that happens).
+    """
+    state = ServerState(engine=None, served_model_names=list(served_model_names or []), config=server_config)
+    state.load_engine = load_engine
+    server = make_uvicorn_server(build_app(state), server_config, log_level)
+
+    def stop(_: BaseException) -> None:
+        server.should_exit = True
+
+    state.on_load_error = stop
+    logger.info("starting HTTP server on http://%s:%d (loading the model)", server_config.host, server_config.port)
+    try:
+        server.run()
+    finally:
+        if state.engine is not None:
+            state.engine.shutdown()
+    if state.engine is None and state.error is not None:
+        logger.error("exiting: %s", state.error)
+        return 1
+    return 0

@@ -1,0 +1,284 @@
+"""What every endpoint shares: model-name check, tokenization, consuming engine streams, SSE.
+
+Request path: an endpoint parses its body into a protocol model, tokenizes the prompt(s), maps
+the request to :class:`SamplingParams`, then consumes ``engine.generate`` through
+:meth:`ServingContext.generate`, which observes metrics, applies the request timeout and always
+closes the engine stream (closing it makes the engine abort the request and free its KV blocks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from shardserve.config import ServerConfig
+from shardserve.engine.async_llm import AsyncLLM
+from shardserve.entrypoints.openai.protocol import ErrorInfo, ErrorResponse, InvalidRequestError
+from shardserve.metrics import ServerMetrics
+from shardserve.outputs import RequestOutput
+from shardserve.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+SSE_DONE = "data: [DONE]\n\n"
+
+
+class RequestTimeoutError(Exception):
+    """The request ran past ``ServerConfig.request_timeout``."""
+
+
+@dataclass
+class ServingContext:
+    """The engine and server settings the endpoint handlers need."""
+
+    engine: AsyncLLM
+    served_model_names: list[str]
+    metrics: ServerMetrics
+    config: ServerConfig
+
+    @property
+    def model_name(self) -> str:
+        """The name reported in responses."""
+        return self.served_model_names[0]
+
+    def check_model(self, requested: str | None) -> str:
+        """The served name for a request's ``model`` (None picks the default).
+
+        Raises:
+            InvalidRequestError: 404 ``model_not_found`` for a name that is not served.
+        """
+        if requested is None or requested in self.served_model_names:
+            return self.model_name
+        raise InvalidRequestError(
+            f"The model `{requested}` does not exist. Served: {', '.join(self.served_model_names)}.",
+            param="model",
+            code="model_not_found",
+            status=404,
+        )
+
+    def tokenize(self, prompt: str | list[int], add_special_tokens: bool = True, param: str = "prompt") -> list[int]:
+        """Token ids of a prompt given as text or as ids (ids are range-checked against the vocabulary).
+
+        Raises:
+            InvalidRequestError: a token id is out of range.
+        """
+        if isinstance(prompt, str):
+            return list(self.engine.tokenizer.encode(prompt, add_special_tokens=add_special_tokens))
+        vocab_size = getattr(self.engine.tokenizer, "vocab_size", None)
+        for token_id in prompt:
+            if token_id < 0 or (vocab_size is not None and token_id >= vocab_size):
+                raise InvalidRequestError(f"token id {token_id} is out of the vocabulary", param=param)
+        return list(prompt)
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> AsyncIterator[RequestOutput]:
+        """The engine's output stream for one prompt, with metrics, timeout and a guaranteed close.
+
+        Raises:
+            ValueError, EngineOverloadedError, EngineDeadError: from the engine, before the first yield.
+            RequestTimeoutError: ``config.request_timeout`` passed (the engine request is aborted).
+        """
+        tracker = self.metrics.track()
+        stream = self.engine.generate(prompt_ids, params, request_id)
+        timeout = self.config.request_timeout
+        deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
+        finished = False
+        last: RequestOutput | None = None
+        try:
+            while not finished:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        output = await anext(stream)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError as exc:
+                    raise RequestTimeoutError(f"request {request_id} ran past {timeout} s") from exc
+                tracker.observe(output)
+                last, finished = output, output.finished
+                yield output
+        finally:
+            await stream.aclose()
+            if not finished:
+                await self._abort(request_id)
+            tracker.finish(params.n)
+            if self.config.log_requests:
+                reasons = [c.finish_reason for c in last.outputs] if last and finished else ["abort"]
+                logger.info("request %s: %d prompt tokens, finish %s", request_id, len(prompt_ids), reasons)
+
+    async def _abort(self, request_id: str) -> None:
+        # The engine aborts on close already; this covers a stream that ended without `finished`.
+        try:
+            await self.engine.abort(request_id)
+        except Exception:  # noqa: BLE001 - cleanup must not mask the original error
+            logger.debug("abort of %s failed", request_id, exc_info=True)
+
+
+async def merge_streams(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
+    """Interleave several async iterators as ``(stream_index, item)`` in arrival order.
+
+    The first exception of any stream is raised and the others are cancelled; closing the merged
+    iterator closes every stream.
+    """
+    if len(streams) == 1:
+        try:
+            async for item in streams[0]:
+                yield 0, item
+        finally:
+            await streams[0].aclose()  # type: ignore[attr-defined]
+        return
+    queue: asyncio.Queue[tuple[int, Any, BaseException | None]] = asyncio.Queue()
+    done = object()
+
+    async def pump(index: int, stream: AsyncIterator[T]) -> None:
+        try:
+            async for item in stream:
+                queue.put_nowait((index, item, None))
+            queue.put_nowait((index, done, None))
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer
+            queue.put_nowait((index, None, exc))
+        finally:
+            await stream.aclose()  # type: ignore[attr-defined]
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            index, item, error = await queue.get()
+            if error is not None:
+                raise error
+            if item is done:
+                remaining -= 1
+                continue
+            yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def prime(stream: AsyncIterator[T]) -> AsyncIterator[T]:
+    """Wait for a stream's first item (so engine errors surface before HTTP headers go out).
+
+    Returns an iterator that yields that item and then the rest; the stream is closed on error.
+
+    Raises:
+        whatever the stream raises before its first item.
+    """
+    try:
+        first = await anext(stream)
+    except StopAsyncIteration:
+        first = None
+    except BaseException:
+        await stream.aclose()  # type: ignore[attr-defined]
+        raise
+
+    async def chained() -> AsyncIterator[T]:
+        try:
+            if first is not None:
+                yield first
+                async for item in stream:
+                    yield item
+        finally:
+            await stream.aclose()  # type: ignore[attr-defined]
+
+    return chained()
+
+
+def sse(payload: BaseModel | dict[str, Any]) -> str:
+    """One server-sent event line: ``data: {json}\\n\\n``."""
+    body = payload.model_dump_json() if isinstance(payload, BaseModel) else json.dumps(payload)
+    return f"data: {body}\n\n"
+
+
+def error_body(message: str, err_type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    """OpenAI error body as a dict."""
+    return ErrorResponse(error=ErrorInfo(message=message, type=err_type, param=param, code=code)).model_dump()
+
+
+def stream_error_event(exc: BaseException) -> str:
+    """The SSE event reporting an error after the response headers were sent."""
+    if isinstance(exc, RequestTimeoutError):
+        return sse(error_body(str(exc), "timeout", code="request_timeout"))
+    return sse(error_body(f"{type(exc).__name__}: {exc}", "server_error", code="internal_error"))
+
+
+class DisconnectAwareStreamingResponse(StreamingResponse):
+    """A streaming response that stops, and closes its body iterator, as soon as the client leaves.
+
+    Starlette's own StreamingResponse, under ASGI spec 2.4 servers such as uvicorn, only notices a
+    disconnect when a send fails, and uvicorn drops sends to a closed socket silently, so a dead
+    client would keep the engine busy. Here a listener task waits for ``http.disconnect`` and
+    cancels the streaming task once (edge-triggered, so the engine's cleanup awaits are not
+    re-cancelled the way an anyio cancel scope would).
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        stream_task = asyncio.ensure_future(self.stream_response(send))
+        listen_task = asyncio.ensure_future(self.listen_for_disconnect(receive))
+        try:
+            await asyncio.wait({stream_task, listen_task}, return_when=asyncio.FIRST_COMPLETED)
+            if not stream_task.done():
+                logger.debug("client disconnected; stopping the stream")
+                stream_task.cancel()
+            listen_task.cancel()
+            await asyncio.gather(listen_task, return_exceptions=True)
+            try:
+                await stream_task
+            except (asyncio.CancelledError, OSError):
+                if asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                    raise
+        finally:
+            for task in (stream_task, listen_task):
+                task.cancel()
+            # The body iterator can only be closed once the task running it has stopped.
+            await asyncio.gather(stream_task, listen_task, return_exceptions=True)
+            await self.body_iterator.aclose()  # type: ignore[attr-defined]
+
+
+async def cancel_on_disconnect(request: Request, handler: Awaitable[Response]) -> Response:
+    """Run a handler, cancelling it (once) if the client disconnects before it returns.
+
+    The cancellation reaches the engine stream the handler consumes, which aborts the request.
+    """
+    handler_task = asyncio.ensure_future(handler)
+
+    async def listen() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    listen_task = asyncio.ensure_future(listen())
+    try:
+        await asyncio.wait({handler_task, listen_task}, return_when=asyncio.FIRST_COMPLETED)
+        if not handler_task.done():
+            handler_task.cancel()
+            await asyncio.gather(handler_task, return_exceptions=True)
+            return Response(status_code=499)
+        return handler_task.result()
+    finally:
+        listen_task.cancel()
+        handler_task.cancel()
+
+
+def streaming_response(events: AsyncIterator[str]) -> StreamingResponse:
+    """An SSE response over ``events``."""
+    return DisconnectAwareStreamingResponse(
+        events,
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+def timestamp() -> int:
+    """Unix seconds for ``created`` fields."""
+    return int(time.time())
+

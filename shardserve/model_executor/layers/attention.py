@@ -1,0 +1,138 @@
+"""Paged attention over a block-structured KV cache.
+
+The KV cache of one layer is one tensor of shape ``(2, num_blocks, block_size, num_kv_heads, head_dim)``
+(keys at index 0, values at 1). A token's slot is ``block_id * block_size + offset``. The metadata is
+built by the model runner once per step and passed explicitly down the model (no module global).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class AttentionMetadata:
+    """Where each scheduled token sits in the batch and in the KV cache.
+
+    The batch is the concatenation of each request's new tokens (``num_tokens`` in all).
+    """
+
+    slot_mapping: torch.Tensor
+    """``(num_tokens,)`` int64: KV cache slot that receives each new token's K and V."""
+    query_start_loc: torch.Tensor
+    """``(num_seqs + 1,)`` int32: offsets of each request's new tokens in the batch."""
+    seq_lens: torch.Tensor
+    """``(num_seqs,)`` int32: context length of each request after this step (tokens)."""
+    block_tables: torch.Tensor
+    """``(num_seqs, max_num_blocks)`` int32: KV block ids of each request, padded with 0."""
+    query_lens_cpu: list[int]
+    """New tokens per request (host copy, used to split the batch)."""
+    seq_lens_cpu: list[int]
+    """Context length per request (host copy)."""
+    block_size: int
+    """Tokens per KV block."""
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_cpu)
+
+    @property
+    def is_decode_only(self) -> bool:
+        return all(q == 1 for q in self.query_lens_cpu)
+
+
+class Attention(nn.Module):
+    """Scaled dot-product attention of this rank's heads against the paged KV cache.
+
+    ``kv_cache`` is bound by the model runner after the cache is allocated.
+    """
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = scale
+        self.kv_cache: torch.Tensor | None = None
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Attend the new tokens' queries over their requests' whole contexts.
+
+        Args:
+            q: ``(num_tokens, num_heads * head_dim)``.
+            k, v: ``(num_tokens, num_kv_heads * head_dim)``.
+            meta: positions of the tokens in the batch and the cache.
+
+        Returns:
+            ``(num_tokens, num_heads * head_dim)``.
+        """
+        n = q.shape[0]
+        q = q.view(n, self.num_heads, self.head_dim)
+        k = k.view(n, self.num_kv_heads, self.head_dim)
+        v = v.view(n, self.num_kv_heads, self.head_dim)
+        if self.kv_cache is None:
+            raise RuntimeError("Attention.kv_cache is unbound: the model runner allocates it before the first step")
+        self._store(k, v, meta.slot_mapping)
+        if meta.is_decode_only:
+            out = self._decode(q, meta)
+        else:
+            out = self._varlen(q, k, v, meta)
+        return out.reshape(n, self.num_heads * self.head_dim)
+
+    def _store(self, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        cache = self.kv_cache.view(2, -1, self.num_kv_heads, self.head_dim)
+        cache[0].index_copy_(0, slot_mapping, k.to(cache.dtype))
+        cache[1].index_copy_(0, slot_mapping, v.to(cache.dtype))
+
+    def _gather(self, block_table: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of one request's first ``seq_len`` tokens, ``(seq_len, num_kv_heads, head_dim)``."""
+        bs = self.kv_cache.shape[2]
+        blocks = block_table[: (seq_len + bs - 1) // bs]
+        kv = self.kv_cache[:, blocks].reshape(2, -1, self.num_kv_heads, self.head_dim)
+        return kv[0, :seq_len], kv[1, :seq_len]
+
+    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        # q: (B, H, Lq, D); k, v: (B, Hkv, Lk, D). Repeat KV heads for GQA.
+        rep = self.num_heads // self.num_kv_heads
+        if rep > 1:
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=self.scale)
+
+    def _varlen(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        out = torch.empty_like(q)
+        start = 0
+        for i, (q_len, seq_len) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
+            end = start + q_len
+            if q_len == seq_len:  # whole prompt in this step: its K/V are the new ones
+                ks, vs = k[start:end], v[start:end]
+            else:
+                ks, vs = self._gather(meta.block_tables[i], seq_len)
+            # Query j sits at absolute position seq_len - q_len + j and sees keys up to it.
+            pos_q = torch.arange(seq_len - q_len, seq_len, device=q.device)
+            mask = pos_q[:, None] >= torch.arange(seq_len, device=q.device)[None, :]
+            o = self._sdpa(
+                q[start:end].transpose(0, 1)[None], ks.transpose(0, 1)[None], vs.transpose(0, 1)[None], mask
+            )
+            out[start:end] = o[0].transpose(0, 1)
+            start = end
+        return out
+
+    def _decode(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """One query per request: gather every context padded to the longest, mask the padding."""
+        bs = self.kv_cache.shape[2]
+        max_len = max(meta.seq_lens_cpu)
+        num_blocks = (max_len + bs - 1) // bs
+        blocks = meta.block_tables[:, :num_blocks]  # (B, nb)
+        kv = self.kv_cache[:, blocks]  # (2, B, nb, bs, Hkv, D)
+        kv = kv.reshape(2, meta.num_seqs, num_blocks * bs, self.num_kv_heads, self.head_dim)
+        keys = kv[0].transpose(1, 2)  # (B, Hkv, L, D)
+        values = kv[1].transpose(1, 2)
+        valid = torch.arange(num_blocks * bs, device=q.device)[None, :] < meta.seq_lens[:, None]
+        mask = valid[:, None, None, :]  # (B, 1, 1, L)
+        o = self._sdpa(q[:, :, None, :], keys, values, mask)  # (B, H, 1, D)
+        return o[:, :, 0, :]

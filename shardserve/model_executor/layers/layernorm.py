@@ -1,0 +1,38 @@
+"""RMSNorm, optionally fused with the residual add that precedes it."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm (Zhang & Sennrich 2019), computed in fp32 like Hugging Face Llama.
+
+    ``y = weight * (x / sqrt(mean(x**2, -1) + eps))``: the normalisation runs in fp32, the result is cast
+    back to the input dtype before the weight multiply (``LlamaRMSNorm.forward``).
+    """
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Normalise ``x`` of shape ``(..., hidden_size)`` over its last dimension.
+
+        With ``residual``, first form ``x + residual`` (in the model dtype, as Hugging Face does) and
+        return ``(norm(x + residual), x + residual)``; the second is the next layer's residual.
+        """
+        if residual is None:
+            return self._norm(x)
+        x = x + residual
+        return self._norm(x), x

@@ -1,0 +1,145 @@
+"""Build this rank's model and fill its weights from a GGUF file, safetensors, or random numbers."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import zlib
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+
+from shardserve.model_executor.loader.resolve import ModelSource, open_gguf
+from shardserve.model_executor.loader.weights import WeightSource, iter_gguf, iter_safetensors
+from shardserve.model_executor.models.llama import LlamaForCausalLM
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ModelSource", "WeightSource", "iter_weights", "load_model", "pp_layer_range"]
+
+
+def pp_layer_range(
+    num_layers: int, pp_size: int, pp_rank: int, partition: list[int] | None = None
+) -> tuple[int, int]:
+    """Decoder layers ``[start, end)`` of pipeline stage ``pp_rank``.
+
+    Without ``partition`` the layers are split evenly and the remainder goes one each to the LAST
+    stages, as vLLM's ``get_pp_indices`` does (the first stage also holds the embedding table).
+
+    Raises:
+        ValueError: ``pp_rank`` out of range, more stages than layers, or a ``partition`` that does not
+            have one non-negative entry per stage summing to ``num_layers``.
+    """
+    if not 0 <= pp_rank < pp_size:
+        raise ValueError(f"pipeline rank {pp_rank} out of range for {pp_size} stages")
+    if partition is not None:
+        if len(partition) != pp_size or any(n < 0 for n in partition) or sum(partition) != num_layers:
+            raise ValueError(
+                f"--pp-layer-partition {partition} must have {pp_size} non-negative entries summing to "
+                f"the model's {num_layers} layers"
+            )
+        start = sum(partition[:pp_rank])
+        return start, start + partition[pp_rank]
+    if pp_size > num_layers:
+        raise ValueError(f"{pp_size} pipeline stages exceed the model's {num_layers} layers")
+    base, rem = divmod(num_layers, pp_size)
+    sizes = [base + (1 if i >= pp_size - rem else 0) for i in range(pp_size)]
+    start = sum(sizes[:pp_rank])
+    return start, start + sizes[pp_rank]
+
+
+def iter_weights(source: ModelSource) -> Iterator[tuple[str, WeightSource]]:
+    """``(hf_name, lazy source)`` for every tensor of the checkpoint.
+
+    Raises:
+        ValueError: unreadable files (see :func:`iter_safetensors`, :func:`open_gguf`).
+    """
+    if source.format == "gguf":
+        reader = open_gguf(source.path)
+        from shardserve.model_executor.loader.resolve import gguf_field
+
+        arch = gguf_field(reader, "general.architecture")
+        yield from iter_gguf(reader, arch, source.arch.num_attention_heads, source.arch.num_key_value_heads)
+    elif source.format == "hf":
+        yield from iter_safetensors(source.path)
+    else:
+        raise ValueError(f"unknown model format {source.format!r}")
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def load_model(
+    source: ModelSource,
+    dtype: torch.dtype,
+    device: torch.device,
+    layer_range: tuple[int, int],
+    dummy: bool = False,
+    seed: int = 0,
+) -> LlamaForCausalLM:
+    """Build this rank's :class:`LlamaForCausalLM` for ``layer_range`` on ``device`` and load its weights.
+
+    Parameters are created directly on ``device`` in ``dtype``; each TP rank reads only its shard.
+    With ``dummy`` the weights are random (see :func:`init_dummy_weights`) and no weight file is read.
+
+    Raises:
+        ValueError: unreadable checkpoint, shapes that do not fit, or parameters left unloaded.
+    """
+    device = torch.device(device)
+    with torch.device(device), _default_dtype(dtype):
+        model = LlamaForCausalLM(source.arch, layer_range)
+    with torch.no_grad():
+        if dummy:
+            init_dummy_weights(model, seed)
+        else:
+            model.load_weights(_with_progress(_owned(model, iter_weights(source)), source.name))
+    logger.info(
+        "loaded %s layers [%d, %d) on %s (%s, %s)",
+        source.name, *layer_range, device, dtype, "dummy weights" if dummy else source.format,
+    )
+    return model.eval()
+
+
+def _owned(model: LlamaForCausalLM, weights: Iterable[tuple[str, WeightSource]]) -> list[tuple[str, WeightSource]]:
+    # Listing the names is cheap (sources are lazy); it gives the progress bar its total.
+    return [(name, src) for name, src in weights if model.weight_targets(name)]
+
+
+def _with_progress(weights: list[tuple[str, WeightSource]], name: str) -> Iterator[tuple[str, WeightSource]]:
+    """Yield ``weights``, drawing a rich progress bar when logging is at INFO and stderr is a terminal."""
+    if not (logger.isEnabledFor(logging.INFO) and sys.stderr.isatty()):
+        yield from weights
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("loading {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, transient=True) as progress:
+        task = progress.add_task(name, total=len(weights))
+        for item in weights:
+            yield item
+            progress.advance(task)
+
+
+def init_dummy_weights(model: torch.nn.Module, seed: int) -> None:
+    """Random weights: normal(0, 0.02) for matrices and biases, 1 for norm weights.
+
+    Each parameter draws from its own generator seeded with ``seed`` and a hash of its name, so the
+    values do not depend on which other parameters this stage holds.
+    """
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight"):
+            param.data.fill_(1.0)
+            continue
+        gen = torch.Generator(device=param.device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        values = torch.empty(param.shape, dtype=torch.float32, device=param.device)
+        values.normal_(0.0, 0.02, generator=gen)
+        param.data.copy_(values)

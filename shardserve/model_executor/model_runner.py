@@ -1,0 +1,255 @@
+"""Runs one rank's share of a step: inputs from the scheduler's message, forward, sampling."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+
+from shardserve.config import EngineConfig
+from shardserve.distributed.parallel_state import get_pp_group, get_tp_group
+from shardserve.executor.messages import ModelRunnerOutput, SchedulerOutput
+from shardserve.model_executor.layers.attention import AttentionMetadata
+from shardserve.model_executor.loader import load_model, pp_layer_range
+from shardserve.model_executor.loader.resolve import ModelSource
+from shardserve.model_executor.models.llama import IntermediateTensors
+from shardserve.model_executor.sampler import SamplingRow, apply_penalties, compute_logprobs, sample
+from shardserve.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CachedRequestState:
+    """What a rank remembers of a running request between steps."""
+
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    params: SamplingParams
+    block_ids: list[int]
+    generator: torch.Generator | None
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor
+    """``(num_tokens,)`` int64."""
+    positions: torch.Tensor
+    """``(num_tokens,)`` int64."""
+    meta: AttentionMetadata
+    sample_indices: torch.Tensor
+    """``(num_sampled,)`` rows of the batch whose hidden state is sampled (each request's last token)."""
+    sampled_ids: list[str]
+    """Request ids of those rows, in order."""
+
+
+class ModelRunner:
+    """One rank's model, KV cache and per-request state."""
+
+    def __init__(self, config: EngineConfig, source: ModelSource, device: torch.device):
+        self.config = config
+        self.source = source
+        self.arch = source.arch
+        self.device = device
+        self.dtype = config.model.torch_dtype()
+        self.block_size = config.cache.block_size
+        self.pp = get_pp_group()
+        self.tp = get_tp_group()
+        self.layer_range = pp_layer_range(
+            self.arch.num_hidden_layers, self.pp.world_size, self.pp.rank_in_group, config.parallel.pp_layer_partition
+        )
+        self.model = load_model(
+            source,
+            self.dtype,
+            device,
+            self.layer_range,
+            dummy=config.model.load_format == "dummy",
+            seed=config.model.seed,
+        )
+        self.requests: dict[str, CachedRequestState] = {}
+        self.kv_caches: list[torch.Tensor] = []
+        self.num_blocks = 0
+
+    # -- KV cache ------------------------------------------------------------------------------
+    def kv_block_bytes(self) -> int:
+        """Bytes of one KV block over this rank's layers."""
+        layers = self.model.attention_layers
+        if not layers:
+            return 0
+        a = layers[0]
+        per_layer = 2 * self.block_size * a.num_kv_heads * a.head_dim * torch.finfo(self.dtype).bits // 8
+        return per_layer * len(layers)
+
+    def available_kv_blocks(self) -> int:
+        """Blocks this rank can hold: from the CPU budget, or from free device memory after a profile run."""
+        cache = self.config.cache
+        if cache.num_kv_blocks is not None:
+            return cache.num_kv_blocks
+        block_bytes = self.kv_block_bytes()
+        if self.device.type != "cuda":
+            return max(1, int(cache.cpu_kv_cache_gib * 2**30 // block_bytes))
+        free, total = torch.cuda.mem_get_info(self.device)
+        peak = self._profile_peak_bytes()
+        used_by_others = total - free - torch.cuda.memory_allocated(self.device)
+        budget = total * cache.gpu_memory_utilization - used_by_others - peak
+        num = int(budget // block_bytes)
+        if num < 1:
+            raise ValueError(
+                f"no room for the KV cache on {self.device}: weights and activations take "
+                f"{peak / 2**30:.1f} GiB of {total * cache.gpu_memory_utilization / 2**30:.1f} GiB allowed; "
+                "raise --gpu-memory-utilization, shorten --max-num-batched-tokens or add GPUs"
+            )
+        return num
+
+    def _profile_peak_bytes(self) -> int:
+        """Peak memory of a forward over a full token budget (weights included), bytes."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        n = self.config.scheduler.max_num_batched_tokens
+        self.init_kv_cache(1)
+        ids = torch.zeros(n, dtype=torch.long, device=self.device)
+        meta = AttentionMetadata(
+            slot_mapping=torch.zeros(n, dtype=torch.long, device=self.device),
+            query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=self.device),
+            seq_lens=torch.tensor([n], dtype=torch.int32, device=self.device),
+            block_tables=torch.zeros(1, 1, dtype=torch.int32, device=self.device),
+            query_lens_cpu=[n],
+            seq_lens_cpu=[n],
+            block_size=self.block_size,
+        )
+        with torch.inference_mode():
+            inter = None
+            if not self.pp.is_first_rank:
+                h = torch.zeros(n, self.arch.hidden_size, dtype=self.dtype, device=self.device)
+                inter = IntermediateTensors(h, h.clone())
+            out = self.model(ids, torch.arange(n, device=self.device), meta, inter)
+            if self.pp.is_last_rank:
+                self.model.compute_logits(out[-self.config.scheduler.max_num_seqs :])
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        self.kv_caches = []
+        for layer in self.model.attention_layers:
+            layer.kv_cache = None
+        torch.cuda.empty_cache()
+        return peak
+
+    def init_kv_cache(self, num_blocks: int) -> None:
+        """Allocate ``(2, num_blocks, block_size, num_kv_heads, head_dim)`` per layer and bind it."""
+        self.num_blocks = num_blocks
+        self.kv_caches = []
+        for layer in self.model.attention_layers:
+            cache = torch.zeros(
+                2, num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim, dtype=self.dtype, device=self.device
+            )
+            layer.kv_cache = cache
+            self.kv_caches.append(cache)
+
+    # -- steps ---------------------------------------------------------------------------------
+    def _update_states(self, step: SchedulerOutput) -> None:
+        for rid in step.finished_request_ids:
+            self.requests.pop(rid, None)
+        for new in step.new_requests:
+            gen = None
+            if new.params.seed is not None and not new.params.greedy:
+                gen = torch.Generator(device=self.device)
+                gen.manual_seed(new.params.seed)
+            self.requests[new.request_id] = CachedRequestState(
+                list(new.prompt_token_ids), list(new.output_token_ids), new.params, list(new.block_ids), gen
+            )
+        for s in step.scheduled:
+            self.requests[s.request_id].block_ids.extend(s.new_block_ids)
+
+    def prepare_inputs(self, step: SchedulerOutput) -> StepInputs:
+        """Flatten the step's tokens into one batch and say where each goes in the KV cache."""
+        bs = self.block_size
+        ids, pos, slots, q_lens, seq_lens, tables = [], [], [], [], [], []
+        sample_idx, sample_ids = [], []
+        for s in step.scheduled:
+            state = self.requests[s.request_id]
+            n = len(s.token_ids)
+            ids.extend(s.token_ids)
+            p = range(s.start_position, s.start_position + n)
+            pos.extend(p)
+            slots.extend(state.block_ids[i // bs] * bs + i % bs for i in p)
+            q_lens.append(n)
+            seq_lens.append(s.start_position + n)
+            tables.append(state.block_ids)
+            if s.sample:
+                sample_idx.append(len(ids) - 1)
+                sample_ids.append(s.request_id)
+        width = max(math.ceil(L / bs) for L in seq_lens)
+        table = torch.zeros(len(tables), width, dtype=torch.int32)
+        for i, t in enumerate(tables):
+            t = t[:width]
+            table[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+        qsl = torch.zeros(len(q_lens) + 1, dtype=torch.int32)
+        qsl[1:] = torch.cumsum(torch.tensor(q_lens, dtype=torch.int32), 0)
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long).to(dev, non_blocking=True),
+            query_start_loc=qsl.to(dev, non_blocking=True),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(dev, non_blocking=True),
+            block_tables=table.to(dev, non_blocking=True),
+            query_lens_cpu=q_lens,
+            seq_lens_cpu=seq_lens,
+            block_size=bs,
+        )
+        return StepInputs(
+            input_ids=torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True),
+            positions=torch.tensor(pos, dtype=torch.long).to(dev, non_blocking=True),
+            meta=meta,
+            sample_indices=torch.tensor(sample_idx, dtype=torch.long).to(dev, non_blocking=True),
+            sampled_ids=sample_ids,
+        )
+
+    @torch.inference_mode()
+    def execute(self, step: SchedulerOutput) -> ModelRunnerOutput | None:
+        """Run this rank's layers for one step.
+
+        Returns the sampled tokens on the output rank (last stage, TP rank 0), None elsewhere.
+        """
+        self._update_states(step)
+        if step.is_empty:
+            return ModelRunnerOutput(step.step_id) if self.is_output_rank else None
+        inputs = self.prepare_inputs(step)
+        n = inputs.input_ids.shape[0]
+        inter = None
+        if not self.pp.is_first_rank:
+            shape = (n, self.arch.hidden_size)
+            inter = IntermediateTensors(
+                self.pp.recv(shape, self.dtype, self.pp.prev_rank), self.pp.recv(shape, self.dtype, self.pp.prev_rank)
+            )
+        out = self.model(inputs.input_ids, inputs.positions, inputs.meta, inter)
+        if not self.pp.is_last_rank:
+            self.pp.send(out.hidden_states, self.pp.next_rank)
+            self.pp.send(out.residual, self.pp.next_rank)
+            return None
+        if not inputs.sampled_ids:
+            return ModelRunnerOutput(step.step_id) if self.is_output_rank else None
+        logits = self.model.compute_logits(out[inputs.sample_indices])
+        if not self.is_output_rank:
+            return None
+        return self._sample(step.step_id, logits, inputs.sampled_ids)
+
+    @property
+    def is_output_rank(self) -> bool:
+        """The rank that samples and reports: last pipeline stage, TP rank 0."""
+        return self.pp.is_last_rank and self.tp.is_first_rank
+
+    def _sample(self, step_id: int, logits: torch.Tensor, request_ids: list[str]) -> ModelRunnerOutput:
+        logits = logits.float()
+        states = [self.requests[r] for r in request_ids]
+        rows = [SamplingRow(s.params, s.generator, s.prompt_token_ids, s.output_token_ids) for s in states]
+        raw = logits.clone() if any(s.params.logprobs is not None for s in states) else logits
+        tokens = sample(apply_penalties(logits, rows), rows)
+        logprobs = compute_logprobs(raw, tokens, [s.params.logprobs for s in states])
+        token_list = tokens.tolist()
+        out = ModelRunnerOutput(step_id)
+        for rid, state, tok, lp in zip(request_ids, states, token_list, logprobs):
+            state.output_token_ids.append(tok)
+            out.sampled[rid] = tok
+            if lp is not None:
+                out.logprobs[rid] = lp
+        return out

@@ -1,0 +1,72 @@
+"""What the engine hands back to its callers (offline API and HTTP server)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Logprob:
+    """Log-probability of one token at one position."""
+
+    logprob: float
+    """Natural log of the token's probability under the model's distribution (before sampling transforms)."""
+    rank: int
+    """1 for the most likely token."""
+    decoded_token: str
+    """The token's text."""
+
+
+@dataclass
+class CompletionOutput:
+    """One completion (one of ``n``) of a request, as of the latest step."""
+
+    index: int
+    """Which of the ``n`` completions this is."""
+    text: str = ""
+    """All text generated so far (stop strings removed)."""
+    token_ids: list[int] = field(default_factory=list)
+    """All tokens generated so far."""
+    delta_text: str = ""
+    """Text added since the previous output of this completion."""
+    delta_token_ids: list[int] = field(default_factory=list)
+    """Tokens added since the previous output of this completion."""
+    logprobs: list[dict[int, Logprob]] | None = None
+    """Per generated token: the sampled token and the top alternatives, when requested."""
+    delta_logprobs: list[dict[int, Logprob]] | None = None
+    """The ``logprobs`` entries of ``delta_token_ids``."""
+    finish_reason: str | None = None
+    """None while running; ``stop``, ``length`` or ``abort`` when done."""
+    stop_reason: str | int | None = None
+    """The stop string or stop token id that ended the completion, if any."""
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestMetrics:
+    """Timestamps of one request, ``time.monotonic()`` seconds."""
+
+    arrival_time: float
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    finished_time: float | None = None
+
+
+@dataclass
+class RequestOutput:
+    """A step's news about one request.
+
+    ``outputs`` holds the completions that changed in this step (all ``n`` on the final output).
+    """
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    num_cached_tokens: int = 0
+    """Prompt tokens served from the prefix cache."""
+    metrics: RequestMetrics | None = None

@@ -1,0 +1,93 @@
+"""Per-request sampling parameters, as vLLM and the OpenAI API name them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+_GREEDY_EPS = 1e-5
+
+
+@dataclass
+class SamplingParams:
+    """How to pick each next token and when to stop.
+
+    Raises:
+        ValueError: a parameter is out of range (the message names it).
+    """
+
+    n: int = 1
+    """Completions per prompt."""
+    temperature: float = 1.0
+    """Softmax temperature; 0 is greedy."""
+    top_p: float = 1.0
+    """Nucleus sampling: smallest set of tokens whose probability sums to at least top_p."""
+    top_k: int = -1
+    """Keep the k most likely tokens; -1 (or 0) keeps all."""
+    min_p: float = 0.0
+    """Drop tokens whose probability is below min_p times the top token's."""
+    seed: int | None = None
+    """Per-request seed for reproducible sampling."""
+    repetition_penalty: float = 1.0
+    """CTRL penalty (arXiv:1909.05858) on tokens of the prompt and output: >1 discourages repeats."""
+    presence_penalty: float = 0.0
+    """OpenAI presence penalty, subtracted once from every token already generated."""
+    frequency_penalty: float = 0.0
+    """OpenAI frequency penalty, subtracted per occurrence of a generated token."""
+    max_tokens: int | None = 16
+    """Tokens to generate at most; None runs to the context length."""
+    min_tokens: int = 0
+    """Tokens generated before EOS or stop token ids may end the request."""
+    stop: list[str] = field(default_factory=list)
+    """Strings that end the completion; they are not included in the text."""
+    stop_token_ids: list[int] = field(default_factory=list)
+    """Token ids that end the completion, in addition to EOS."""
+    ignore_eos: bool = False
+    """Keep generating past EOS (benchmarks)."""
+    logprobs: int | None = None
+    """Return the log-probability of each sampled token and this many top alternatives."""
+    skip_special_tokens: bool = True
+    """Leave special tokens out of the detokenized text."""
+
+    MAX_LOGPROBS = 20
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.top_k == 0:
+            self.top_k = -1
+        self._validate()
+
+    def _validate(self) -> None:
+        checks = [
+            (self.n >= 1, "n", f"must be at least 1, got {self.n}"),
+            (self.temperature >= 0.0, "temperature", f"must be non-negative, got {self.temperature}"),
+            (0.0 < self.top_p <= 1.0, "top_p", f"must be in (0, 1], got {self.top_p}"),
+            (self.top_k == -1 or self.top_k >= 1, "top_k", f"must be -1 (all) or at least 1, got {self.top_k}"),
+            (0.0 <= self.min_p <= 1.0, "min_p", f"must be in [0, 1], got {self.min_p}"),
+            (self.repetition_penalty > 0.0, "repetition_penalty", f"must be positive, got {self.repetition_penalty}"),
+            (-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", f"must be in [-2, 2], got {self.presence_penalty}"),
+            (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", f"must be in [-2, 2], got {self.frequency_penalty}"),
+            (self.max_tokens is None or self.max_tokens >= 1, "max_tokens", f"must be at least 1, got {self.max_tokens}"),
+            (self.min_tokens >= 0, "min_tokens", f"must be non-negative, got {self.min_tokens}"),
+            (
+                self.logprobs is None or 0 <= self.logprobs <= self.MAX_LOGPROBS,
+                "logprobs",
+                f"must be in [0, {self.MAX_LOGPROBS}], got {self.logprobs}",
+            ),
+            (all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings"),
+        ]
+        for ok, name, message in checks:
+            if not ok:
+                raise ValueError(f"{name} {message}")
+
+    @property
+    def greedy(self) -> bool:
+        """Temperature is (close to) zero: take the argmax."""
+        return self.temperature < _GREEDY_EPS
+
+    @property
+    def has_penalties(self) -> bool:
+        """Any of the repetition, presence or frequency penalties is active."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0

