@@ -57,7 +57,8 @@ class AsyncLLM:
         self.config = config
         self.engine = engine or LLMEngine(config)
         self.tokenizer = self.engine.tokenizer
-        self.model_name = self.engine.source.name
+        # Like vLLM: the model argument as given (path or hub id); the embedded model by its name.
+        self.model_name = config.model.model or self.engine.source.name
         self.max_model_len = self.engine.max_model_len
         self.generation_defaults = dict(self.engine.source.generation_config)
         self._commands: queue.Queue = queue.Queue()

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -180,9 +181,13 @@ def netbench_command(
 def _render_netbench(console: Console, report) -> None:  # noqa: ANN001 - NetbenchReport
     from shardserve.tools.netbench import format_size
 
-    table = Table(title=f"netbench: {report.backend} on {report.device}, {report.world_size} ranks, {report.nnodes} node(s)")
-    for col in ("group", "op", "n", "size", "time (us)", "algbw (GB/s)", "busbw (GB/s)"):
-        table.add_column(col, justify="left" if col in ("group", "op") else "right")
+    table = Table(
+        title=f"netbench: {report.backend} on {report.device}, {report.world_size} ranks, {report.nnodes} node(s); "
+        "time in us, bandwidth in GB/s",
+        box=box.SIMPLE_HEAD,
+    )
+    for col in ("group", "op", "n", "size", "time", "algbw", "busbw"):
+        table.add_column(col, justify="left" if col in ("group", "op") else "right", no_wrap=True)
     for r in report.results:
         table.add_row(r.group, r.op, str(r.group_size), format_size(r.size_bytes), f"{r.time_us:.1f}", f"{r.algbw_gb_s:.3f}", f"{r.busbw_gb_s:.3f}")
     console.print(table)

@@ -35,6 +35,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.multiprocessing.spawn import ProcessException
 
 logger = logging.getLogger(__name__)
 
@@ -187,32 +188,33 @@ def _build_groups(rank: int, node_of_rank: list[int], backend: str | None) -> li
     return groups
 
 
-def _make_op(op: str, group: _Group, rank: int, size_bytes: int, device: torch.device) -> tuple[Callable[[], None], int] | None:
-    """A closure running one ``op`` on ``group`` and the size it really moves (bytes).
-
-    Element counts are rounded down to a multiple of the group size, as nccl-tests does; None when
-    that leaves nothing to move.
-    """
-    n = len(group.ranks)
+def real_size(op: str, n: int, size_bytes: int) -> int:
+    """Bytes an op really moves for a requested size: whole elements, and for all_gather and
+    reduce_scatter a multiple of ``n`` elements (nccl-tests rounds the same way); 0 means skip."""
     count = size_bytes // _ELEMENT_BYTES
     if op in ("all_gather", "reduce_scatter"):
         count = count // n * n
-    if count == 0:
-        return None
+    return count * _ELEMENT_BYTES
+
+
+def _make_op(op: str, group: _Group, rank: int, size_bytes: int, device: torch.device) -> Callable[[], None]:
+    """A closure running one ``op`` of ``real_size(op, n, size_bytes)`` bytes on ``group``."""
+    n = len(group.ranks)
+    count = real_size(op, n, size_bytes) // _ELEMENT_BYTES
     pg = group.handle
     if op == "all_reduce":
         buf = torch.ones(count, dtype=_ELEMENT, device=device)
-        return (lambda: dist.all_reduce(buf, group=pg)), count * _ELEMENT_BYTES
+        return lambda: dist.all_reduce(buf, group=pg)
     if op == "all_gather":
         inp = torch.ones(count // n, dtype=_ELEMENT, device=device)
         out = torch.empty(count, dtype=_ELEMENT, device=device)
         gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-        return (lambda: gather(out, inp, group=pg)), count * _ELEMENT_BYTES
+        return lambda: gather(out, inp, group=pg)
     if op == "reduce_scatter":
         inp = torch.ones(count, dtype=_ELEMENT, device=device)
         out = torch.empty(count // n, dtype=_ELEMENT, device=device)
         scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-        return (lambda: scatter(out, inp, group=pg)), count * _ELEMENT_BYTES
+        return lambda: scatter(out, inp, group=pg)
     if op == "sendrecv":
         me = group.ranks.index(rank)
         nxt, prv = group.ranks[(me + 1) % n], group.ranks[(me - 1) % n]
@@ -224,7 +226,7 @@ def _make_op(op: str, group: _Group, rank: int, size_bytes: int, device: torch.d
             for work in dist.batch_isend_irecv(p2p):
                 work.wait()
 
-        return sendrecv, count * _ELEMENT_BYTES
+        return sendrecv
     raise ValueError(f"unknown op {op!r}; choose from {OPS}")
 
 
@@ -296,16 +298,14 @@ def run_netbench(
             continue
         for op in ops:
             for size in sizes:
-                made = _make_op(op, group, rank, size, device) if rank in group.ranks else None
-                fn, real_size = made if made is not None else (None, 0)
-                # every rank learns the size the measuring ranks used, so all skip or time together
-                real_size = int(_max_over_world(float(real_size), control))
-                if real_size == 0:
+                moved = real_size(op, n, size)
+                if moved == 0:
                     continue
+                fn = _make_op(op, group, rank, size, device) if rank in group.ranks else None
                 seconds = _max_over_world(_time_op(fn, iters, warmup, device, control), control)
-                results.append(Result.from_time(op, group.name, n, real_size, seconds))
+                results.append(Result.from_time(op, group.name, n, moved, seconds))
                 if rank == 0:
-                    logger.debug("rank 0: %s %s n=%d %d B %.1f us", group.name, op, n, real_size, seconds * 1e6)
+                    logger.debug("%s %s n=%d %d B %.1f us", group.name, op, n, moved, seconds * 1e6)
     return results
 
 
@@ -383,6 +383,8 @@ def _local_worker(rank: int, launch: LocalLaunch, device_type: str, port: int, o
     device = torch.device(device_type, rank) if device_type == "cuda" else torch.device("cpu")
     if device_type == "cuda":
         torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(1)  # as DataLoader workers do after fork; gloo has its own threads
     dist.init_process_group(
         backend,
         init_method=f"tcp://127.0.0.1:{port}",
@@ -404,6 +406,8 @@ def launch_local(launch: LocalLaunch) -> NetbenchReport:
     """Spawn ``launch.nproc`` processes on this machine and benchmark among them.
 
     gloo on CPU, NCCL on CUDA (one GPU per process); rendezvous on ``tcp://127.0.0.1:<free port>``.
+    CPU workers are forked (seconds faster than importing torch again); CUDA workers are spawned,
+    since CUDA cannot be used in a forked child.
 
     Raises:
         ValueError: bad arguments (see :class:`LocalLaunch`).
@@ -421,7 +425,7 @@ def launch_local(launch: LocalLaunch) -> NetbenchReport:
             args=(launch, device_type, free_port(), str(out_path)),
             nprocs=launch.nproc,
             join=False,
-            start_method="spawn",
+            start_method="spawn" if device_type == "cuda" or "fork" not in mp.get_all_start_methods() else "fork",
         )
         _join(context, launch.run_timeout_s)
         if not out_path.exists():
@@ -446,7 +450,7 @@ def _join(context: Any, timeout_s: float) -> None:
         while not context.join(timeout=1.0):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"netbench did not finish within {timeout_s:.0f} s")
-    except mp.ProcessException as e:
+    except ProcessException as e:
         raise RuntimeError(f"a netbench worker failed: {e}") from e
     finally:
         for p in context.processes:

@@ -31,11 +31,26 @@ def models():
     source = resolve_model(None)
     ours = load_model(source, torch.float32, torch.device("cpu"), (0, source.arch.num_hidden_layers))
     tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, torch_dtype=torch.float32
-    ).eval()
-    yield source, ours, tok, hf
+    yield source, ours, tok, _transformers_gguf_model(path)
     ps.destroy_model_parallel()
+
+
+def _transformers_gguf_model(path):
+    """transformers' own GGUF reading (config, dequantization, Q/K un-permutation) into its Llama.
+
+    ``from_pretrained(gguf_file=...)`` is the same code path but also requires ``accelerate``, which is
+    not a dependency; ``load_gguf_checkpoint`` is what it calls.
+    """
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    config = transformers.AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    hf = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=hf)["tensors"]
+    missing, unexpected = hf.load_state_dict(tensors, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    hf.tie_weights()
+    assert torch.equal(hf.lm_head.weight, hf.model.embed_tokens.weight)
+    return hf.eval()
 
 
 def test_metadata(models):

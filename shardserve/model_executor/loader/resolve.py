@@ -4,6 +4,7 @@ hub id already in the local Hugging Face cache (nothing is downloaded).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import logging
@@ -158,16 +159,28 @@ def _arch_from_dict(cfg: dict[str, Any], where: str) -> ModelArchConfig:
 def open_gguf(path: Path) -> Any:
     """A ``gguf.GGUFReader`` over ``path`` whose tensors all lie inside the file.
 
+    Readers are cached per (path, size, mtime): parsing the metadata of a file with a large
+    vocabulary takes seconds, and resolving then loading a model opens the file twice.
+
     Raises:
         ValueError: not a GGUF file, truncated, or otherwise unreadable.
     """
+    path = Path(path).resolve()
+    try:
+        stat = path.stat()
+    except OSError as e:
+        raise ValueError(f"cannot open GGUF file {path}: {e}") from None
+    return _open_gguf_cached(path, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=2)
+def _open_gguf_cached(path: Path, size: int, mtime_ns: int) -> Any:
     from gguf import GGUFReader
 
     try:
         reader = GGUFReader(path)
     except Exception as e:  # the reader raises ValueError, IndexError, struct/numpy errors on bad input
         raise ValueError(f"{path} is not a readable GGUF file (truncated or corrupt?): {type(e).__name__}: {e}") from None
-    size = path.stat().st_size
     for t in reader.tensors:
         if t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:
             raise ValueError(
