@@ -20,14 +20,13 @@ PROMPTS = [
 ]
 NEW_TOKENS = 32
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 @pytest.fixture(scope="module")
 def models():
     path = default_model_path()
     ps.init_single_process(torch.device("cpu"))
-    torch.set_num_threads(2)
     source = resolve_model(None)
     ours = load_model(source, torch.float32, torch.device("cpu"), (0, source.arch.num_hidden_layers))
     tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
@@ -85,10 +84,14 @@ def test_greedy_tokens_match_transformers(models, prompt):
     with torch.no_grad():
         ref = hf.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, min_new_tokens=NEW_TOKENS)
     ref_new = ref[0, ids.shape[1] :].tolist()
+    eos = hf.generation_config.eos_token_id
+    eos = [eos] if isinstance(eos, int) else list(eos)
     seq = SingleSequence(ours, num_blocks=8, block_size=16)
     logits = seq.step(ids[0].tolist())
     out = []
     for _ in range(NEW_TOKENS):
+        logits[-1, eos] = float("-inf")  # what min_new_tokens does in transformers
         out.append(int(logits[-1].argmax()))
         logits = seq.step([out[-1]])
+    assert len(ref_new) == NEW_TOKENS
     assert out == ref_new

@@ -80,6 +80,8 @@ def test_completion_stream_joins_to_text_with_usage(client):
 def test_completion_echo_and_logprobs(client, smollm_tokenizer):
     r = client.completions.create(model="fake-model", prompt="hello world", max_tokens=3, echo=True)
     assert r.choices[0].text.startswith("hello world")
+    streamed = client.completions.create(model="fake-model", prompt="hello world", max_tokens=3, echo=True, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == r.choices[0].text
     r = client.completions.create(model="fake-model", prompt="hello world", max_tokens=3, logprobs=2)
     lp = r.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 3
