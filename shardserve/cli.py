@@ -142,9 +142,12 @@ def serve(
     except ValueError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
-    from shardserve.launcher import run_node
+    from shardserve.launcher import describe, run_node
 
-    raise typer.Exit(run_node(config, server, launch, dry_run=dry_run))
+    if dry_run:
+        typer.echo(describe(config, launch))
+        raise typer.Exit(0)
+    raise typer.Exit(run_node(config, server, launch))
 
 
 @app.command()
@@ -189,10 +192,8 @@ def generate(
 
 
 def _register_tools() -> None:
-    try:
-        from shardserve.tools import register
-    except ImportError:  # tools are optional at import time
-        return
+    from shardserve.tools import register
+
     register(app)
 
 

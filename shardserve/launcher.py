@@ -19,17 +19,23 @@ logger = logging.getLogger(__name__)
 DEFAULT_PORT = 29500
 
 
-def run_node(config: EngineConfig, server: ServerConfig, launch: LaunchInfo, dry_run: bool = False) -> int:
-    """Run this node until the launch ends; returns the process exit code."""
+def describe(config: EngineConfig, launch: LaunchInfo) -> str:
+    """What ``--dry-run`` prints: the discovered launch and the network settings it would use."""
     from shardserve.distributed.dry_run import describe_launch
+    from shardserve.distributed.netconf import network_env
+
+    par = config.parallel
+    net_env, notes = network_env(par.master_addr, os.environ)
+    return describe_launch(launch, par.tensor_parallel_size, par.pipeline_parallel_size, net_env, notes)
+
+
+def run_node(config: EngineConfig, server: ServerConfig, launch: LaunchInfo) -> int:
+    """Run this node until the launch ends; returns the process exit code."""
     from shardserve.distributed.netconf import network_env
     from shardserve.distributed.rendezvous import RendezvousError, node_info, node_rendezvous
 
     par = config.parallel
     net_env, notes = network_env(par.master_addr, os.environ)
-    if dry_run:
-        print(describe_launch(launch, par.tensor_parallel_size, par.pipeline_parallel_size, net_env, notes))
-        return 0
     if not launch.is_node_leader:
         logger.info("local rank %d: node %d is driven by its local rank 0; nothing to do", launch.local_rank, launch.node_rank)
         return 0

@@ -145,7 +145,7 @@ def _size(text: str) -> int:
 
 
 def netbench_command(
-    nproc: int = typer.Option(2, help="Local processes (one GPU each on CUDA)."),
+    nproc: Optional[int] = typer.Option(None, help="Local processes, one GPU each on CUDA (default: all GPUs, or 2 on CPU)."),
     device: str = typer.Option("auto", help="auto, cuda (NCCL) or cpu (gloo)."),
     min_bytes: str = typer.Option("8", help="Smallest message (bytes, or e.g. 1KiB)."),
     max_bytes: Optional[str] = typer.Option(None, help="Largest message (default 1GiB on GPU, 64MiB on CPU)."),
@@ -161,6 +161,8 @@ def netbench_command(
     """Measure all_reduce / all_gather / reduce_scatter / sendrecv bandwidth (nccl-tests busbw/algbw)."""
     from shardserve.tools import netbench as nb
 
+    if nproc is None:
+        nproc = max(2, nb.torch.cuda.device_count()) if device != "cpu" else 2
     try:
         launch = nb.LocalLaunch(
             nproc=nproc, device=device, ops=tuple(o.strip() for o in ops.split(",") if o.strip()), iters=iters,

@@ -22,7 +22,6 @@ no device is touched. The rules, and their sources:
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -31,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from shardserve.config import ModelArchConfig
-from shardserve.tools.known_models import find_known_model
+from shardserve.tools.known_models import find_known_model, known_model_names
 from shardserve.tools.netbench import BUSBW_FACTORS, NetbenchReport, interpolate_busbw
 
 logger = logging.getLogger(__name__)
@@ -244,121 +243,46 @@ def _classify_gguf_tensor(name: str) -> tuple[str, str, int | None]:
     return "layer", split, int(m.group(1))
 
 
-def _gguf_field(reader: Any, key: str, default: Any = None) -> Any:
-    """A scalar metadata value (str, int or float) of a GGUFReader, or ``default``."""
-    f = reader.fields.get(key)
-    if f is None:
-        return default
-    if hasattr(f, "contents"):  # gguf >= 0.11
-        return f.contents()
-    from gguf import GGUFValueType
-
-    value = f.parts[f.data[0]]
-    return bytes(value).decode() if f.types[0] == GGUFValueType.STRING else value.item()
-
-
-def arch_from_gguf(reader: Any) -> ModelArchConfig:
-    """:class:`ModelArchConfig` from GGUF metadata (``{arch}.block_count`` etc., llama.cpp key names).
+def weights_from_gguf(path: str | Path) -> ModelWeights:
+    """Actual weights of a GGUF file: each tensor's stored bytes (``GGUFReader`` ``n_bytes``); the
+    architecture from its metadata (:func:`shardserve.model_executor.loader.resolve.resolve_model`).
 
     Raises:
-        ValueError: unsupported ``general.architecture`` or missing keys.
+        ValueError: unreadable file, unsupported architecture or incomplete metadata.
     """
-    a = _gguf_field(reader, "general.architecture")
-    names = {t.name for t in reader.tensors}
-
-    def need(key: str) -> Any:
-        v = _gguf_field(reader, f"{a}.{key}")
-        if v is None:
-            raise ValueError(f"GGUF metadata lacks {a}.{key}")
-        return v
-
-    hidden, heads = int(need("embedding_length")), int(need("attention.head_count"))
-    vocab = _gguf_field(reader, f"{a}.vocab_size")
-    if vocab is None:
-        vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
-    return ModelArchConfig(
-        architecture=a,
-        vocab_size=int(vocab),
-        hidden_size=hidden,
-        intermediate_size=int(need("feed_forward_length")),
-        num_hidden_layers=int(need("block_count")),
-        num_attention_heads=heads,
-        num_key_value_heads=int(_gguf_field(reader, f"{a}.attention.head_count_kv", heads)),
-        head_dim=int(_gguf_field(reader, f"{a}.attention.key_length", hidden // heads)),
-        rms_norm_eps=float(_gguf_field(reader, f"{a}.attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(_gguf_field(reader, f"{a}.rope.freq_base", 10000.0)),
-        max_position_embeddings=int(_gguf_field(reader, f"{a}.context_length", 8192)),
-        tie_word_embeddings="output.weight" not in names,
-        attention_bias="blk.0.attn_q.bias" in names,
-        qk_norm="blk.0.attn_q_norm.weight" in names,
-    )
-
-
-def weights_from_gguf(path: str | Path, reader: Any = None) -> ModelWeights:
-    """Actual weights of a GGUF file: each tensor's stored bytes (``GGUFReader`` ``n_bytes``).
-
-    ``reader`` reuses an open ``gguf.GGUFReader`` of ``path`` (parsing one takes seconds).
-
-    Raises:
-        ValueError: unsupported architecture or incomplete metadata.
-    """
-    from gguf import GGUFReader
+    from shardserve.model_executor.loader.resolve import open_gguf, resolve_model
 
     path = Path(path)
-    reader = reader if reader is not None else GGUFReader(path)
+    source = resolve_model(str(path))
     tensors = []
-    for t in reader.tensors:
+    for t in open_gguf(path).tensors:
         kind, split, layer = _classify_gguf_tensor(t.name)
         tensors.append(WeightTensor(t.name, int(t.n_bytes), kind, split, layer))
-    return ModelWeights(path.name, arch_from_gguf(reader), tensors, "gguf", "gguf", path.stat().st_size)
+    return ModelWeights(source.name, source.arch, tensors, "gguf", "gguf", path.stat().st_size)
 
 
 def load_model_weights(model: str, weight_dtype: str = "bf16") -> ModelWeights:
-    """Resolve ``model`` offline: a .gguf file, an HF directory, a built-in name, or a hub id in the HF cache.
+    """Resolve ``model`` offline: a .gguf file or HF directory, a built-in name (:mod:`known_models`),
+    or a hub id in the local HF cache (files and hub ids through ``resolve_model``).
 
     ``weight_dtype`` applies to config-based models; a GGUF's own tensor types are used as stored.
 
     Raises:
         ValueError: nothing matches (the message lists the built-in names).
     """
-    path = Path(model).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
-        return weights_from_gguf(path)
-    if path.is_dir():
-        ggufs = sorted(path.glob("*.gguf"))
-        if (path / "config.json").is_file():
-            return weights_from_arch(path.name, _read_config(path / "config.json"), weight_dtype)
-        if len(ggufs) == 1:
-            return weights_from_gguf(ggufs[0])
-    known = find_known_model(model)
-    if known is not None:
-        return weights_from_arch(known.short_name, known.arch(), weight_dtype)
-    cached = _hf_cache_config(model)
-    if cached is not None:
-        return weights_from_arch(model, _read_config(cached), weight_dtype)
-    from shardserve.tools.known_models import known_model_names
+    from shardserve.model_executor.loader.resolve import resolve_model
 
-    raise ValueError(
-        f"cannot resolve model {model!r} offline: not a .gguf file, not a directory with config.json, "
-        f"not in the local Hugging Face cache, and not built in ({', '.join(known_model_names())})"
-    )
-
-
-def _read_config(path: Path) -> ModelArchConfig:
-    return ModelArchConfig.from_hf_dict(json.loads(path.read_text()))
-
-
-def _hf_cache_config(repo_id: str) -> Path | None:
-    """config.json of ``repo_id`` in the local HF cache, without touching the network."""
-    if repo_id.count("/") != 1:
-        return None
+    if not Path(model).expanduser().exists():
+        known = find_known_model(model)
+        if known is not None:
+            return weights_from_arch(known.short_name, known.arch(), weight_dtype)
     try:
-        from huggingface_hub import try_to_load_from_cache
-
-        found = try_to_load_from_cache(repo_id, "config.json")
-    except Exception:  # noqa: BLE001 - a malformed id or cache is simply "not cached"
-        return None
-    return Path(found) if isinstance(found, str) else None
+        source = resolve_model(model)
+    except ValueError as e:
+        raise ValueError(f"cannot resolve model {model!r}: {e}; built-in names: {', '.join(known_model_names())}") from e
+    if source.format == "gguf":
+        return weights_from_gguf(source.path)
+    return weights_from_arch(source.name, source.arch, weight_dtype)
 
 
 # ----------------------------------------------------------------------------- layouts

@@ -27,11 +27,14 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 def models():
     path = default_model_path()
     ps.init_single_process(torch.device("cpu"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small matmuls: extra threads only add contention on a shared CI machine
     source = resolve_model(None)
     ours = load_model(source, torch.float32, torch.device("cpu"), (0, source.arch.num_hidden_layers))
     tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     yield source, ours, tok, _transformers_gguf_model(path)
     ps.destroy_model_parallel()
+    torch.set_num_threads(threads)
 
 
 def _transformers_gguf_model(path):

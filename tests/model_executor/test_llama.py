@@ -51,7 +51,10 @@ def _randomize(model: torch.nn.Module, seed: int) -> None:
 @pytest.fixture(scope="module", autouse=True)
 def single_process_groups():
     ps.init_single_process(torch.device("cpu"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: more threads only add contention on a shared CI machine
     yield
+    torch.set_num_threads(threads)
     ps.destroy_model_parallel()
 
 
@@ -90,6 +93,19 @@ def test_prefill_and_decode_match_transformers(checkpoints, name):
     assert ours.shape == (len(ids), 256)
     assert ref.abs().max() > 1.0  # the comparison is not between near-zero logits
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["llama3", "qwen3_tied"])
+def test_bfloat16_close_to_float32(checkpoints, name):
+    path, _ = checkpoints[name]
+    source = resolve_model(str(path))
+    ref = prefill_then_decode(_load(path), PROMPT + DECODED, len(PROMPT))
+    model = load_model(source, torch.bfloat16, torch.device("cpu"), (0, 2))
+    assert model.model.layers["0"].self_attn.qkv_proj.weight.dtype == torch.bfloat16
+    seq = SingleSequence(model, dtype=torch.bfloat16)
+    got = torch.cat([seq.step(PROMPT)] + [seq.step([t]) for t in DECODED])
+    assert got.dtype == torch.float32
+    assert (got - ref).abs().max() < 0.05 * ref.abs().max()
 
 
 def test_arch_flags_read_from_config(checkpoints):

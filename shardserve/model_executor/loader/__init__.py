@@ -7,11 +7,10 @@ import logging
 import sys
 import zlib
 from collections.abc import Iterable, Iterator
-from typing import Any
 
 import torch
 
-from shardserve.model_executor.loader.resolve import ModelSource, open_gguf
+from shardserve.model_executor.loader.resolve import ModelSource, gguf_field, open_gguf
 from shardserve.model_executor.loader.weights import WeightSource, iter_gguf, iter_safetensors
 from shardserve.model_executor.models.llama import LlamaForCausalLM
 
@@ -58,8 +57,6 @@ def iter_weights(source: ModelSource) -> Iterator[tuple[str, WeightSource]]:
     """
     if source.format == "gguf":
         reader = open_gguf(source.path)
-        from shardserve.model_executor.loader.resolve import gguf_field
-
         arch = gguf_field(reader, "general.architecture")
         yield from iter_gguf(reader, arch, source.arch.num_attention_heads, source.arch.num_key_value_heads)
     elif source.format == "hf":

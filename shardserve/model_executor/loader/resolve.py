@@ -180,7 +180,9 @@ def _open_gguf_cached(path: Path, size: int, mtime_ns: int) -> Any:
     try:
         reader = GGUFReader(path)
     except Exception as e:  # the reader raises ValueError, IndexError, struct/numpy errors on bad input
-        raise ValueError(f"{path} is not a readable GGUF file (truncated or corrupt?): {type(e).__name__}: {e}") from None
+        raise ValueError(
+            f"{path} is not a readable GGUF file (truncated or corrupt?): {type(e).__name__}: {e}"
+        ) from None
     for t in reader.tensors:
         if t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:
             raise ValueError(
@@ -233,7 +235,9 @@ def gguf_hf_config(reader: Any, path: Path) -> dict[str, Any]:
     vocab = len(tokens.data) if tokens is not None else gguf_field(reader, f"{arch}.vocab_size")
     embd_rows = int(names["token_embd.weight"].shape[-1])
     if vocab != embd_rows:
-        logger.warning("%s: tokenizer has %s tokens but token_embd has %d rows; using the latter", path, vocab, embd_rows)
+        logger.warning(
+            "%s: tokenizer has %s tokens but token_embd has %d rows; using the latter", path, vocab, embd_rows
+        )
         vocab = embd_rows
     cfg: dict[str, Any] = {
         "model_type": arch,
@@ -263,7 +267,8 @@ def _gguf_rope_scaling(reader: Any, arch: str, names: dict[str, Any]) -> dict[st
     if "rope_freqs.weight" in names:
         import numpy as np
 
-        return {"rope_type": "freq_factors", "freq_factors": np.asarray(names["rope_freqs.weight"].data, dtype=np.float32).tolist()}
+        factors = np.asarray(names["rope_freqs.weight"].data, dtype=np.float32)
+        return {"rope_type": "freq_factors", "freq_factors": factors.tolist()}
     if gguf_field(reader, f"{arch}.rope.scaling.type") == "linear":
         return {"rope_type": "linear", "factor": float(gguf_field(reader, f"{arch}.rope.scaling.factor", 1.0))}
     return None

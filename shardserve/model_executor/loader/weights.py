@@ -101,7 +101,9 @@ def safetensors_files(model_dir: Path) -> list[Path]:
     if files:
         return files
     pickled = sorted(p.name for p in model_dir.glob("*.bin")) + sorted(p.name for p in model_dir.glob("*.pt"))
-    hint = f" (found {', '.join(pickled)}: pickled checkpoints are not loaded; convert them to safetensors)" if pickled else ""
+    hint = ""
+    if pickled:
+        hint = f" (found {', '.join(pickled)}: pickled checkpoints are not loaded; convert them to safetensors)"
     raise ValueError(f"no *.safetensors weights in {model_dir}{hint}")
 
 
@@ -149,7 +151,9 @@ _GGUF_LAYER_NAMES = {
 _GGUF_LAYER_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
 
 # Tensor types the loader accepts; gguf.quants.dequantize implements each.
-GGUF_SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+GGUF_SUPPORTED_TYPES = (
+    "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
+)
 
 
 def gguf_to_hf_name(name: str) -> str | None:
@@ -203,7 +207,8 @@ class GGUFSource:
         qtype = self.tensor.tensor_type
         if qtype.name not in GGUF_SUPPORTED_TYPES:
             raise ValueError(
-                f"GGUF tensor {self.tensor.name} has type {qtype.name}; supported types: {', '.join(GGUF_SUPPORTED_TYPES)}"
+                f"GGUF tensor {self.tensor.name} has type {qtype.name}; "
+                f"supported types: {', '.join(GGUF_SUPPORTED_TYPES)}"
             )
         array = np.asarray(dequantize(self.tensor.data, qtype), dtype=np.float32)
         return torch.from_numpy(array.reshape(self.shape).copy())

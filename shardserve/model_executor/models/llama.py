@@ -139,7 +139,9 @@ class LlamaModel(nn.Module):
         start, end = layer_range
         self.start_layer, self.end_layer = start, end
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size) if start == 0 else None
-        rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling)
+        rotary = RotaryEmbedding(
+            config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
+        )
         # Keys are global layer indices so parameter names match the checkpoint on every stage.
         self.layers = nn.ModuleDict({str(i): LlamaDecoderLayer(config, rotary) for i in range(start, end)})
         last = end == config.num_hidden_layers
