@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -37,6 +38,23 @@ def _partition(text: str | None) -> list[int] | None:
         raise typer.BadParameter(f"--pp-layer-partition wants comma-separated integers, got {text!r}") from None
 
 
+def _string_list(values: list[str] | None) -> list[str] | None:
+    """Repeated flag values, each a comma-separated list or a JSON list (vLLM's ``'["*"]'``)."""
+    if not values:
+        return None
+    out: list[str] = []
+    for value in values:
+        if value.lstrip().startswith("["):
+            try:
+                parsed = json.loads(value)
+            except ValueError:
+                raise typer.BadParameter(f"not a JSON list: {value!r}") from None
+            out += [str(v) for v in parsed]
+        else:
+            out += [v.strip() for v in value.split(",") if v.strip()]
+    return out
+
+
 def build_engine_config(
     model: str | None,
     *,
@@ -61,21 +79,32 @@ def build_engine_config(
     master_addr: str = "127.0.0.1",
     master_port: int | None = None,
     rendezvous_timeout: float = 300.0,
+    watchdog_timeout: float = 120.0,
+    max_restarts: int = 3,
+    pp_partition_by_memory: bool = False,
+    enforce_eager: bool = False,
+    disable_custom_all_reduce: bool = False,
+    async_scheduling: bool = True,
 ) -> EngineConfig:
     """Flags to typed config; ``ValueError`` messages name the flag."""
     return EngineConfig(
         model=ModelConfig(
-            model=model, dtype=dtype, load_format=load_format, max_model_len=max_model_len, seed=seed, device=device
+            model=model, dtype=dtype, load_format=load_format, max_model_len=max_model_len, seed=seed, device=device,
+            enforce_eager=enforce_eager,
         ),
         parallel=ParallelConfig(
             tensor_parallel_size=tp,
             pipeline_parallel_size=pp,
             pp_layer_partition=_partition(pp_layer_partition),
+            pp_partition_by_memory=pp_partition_by_memory,
+            disable_custom_all_reduce=disable_custom_all_reduce,
             nnodes=nnodes,
             node_rank=node_rank,
             master_addr=master_addr,
             master_port=master_port,
             rendezvous_timeout=rendezvous_timeout,
+            watchdog_timeout=watchdog_timeout,
+            max_restarts=max_restarts,
         ),
         cache=CacheConfig(
             block_size=block_size,
@@ -85,7 +114,8 @@ def build_engine_config(
             enable_prefix_caching=enable_prefix_caching,
         ),
         scheduler=SchedulerConfig(
-            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, max_queue_len=max_queue_len
+            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, max_queue_len=max_queue_len,
+            async_scheduling=async_scheduling
         ),
     )
 
@@ -118,7 +148,21 @@ def serve(
     master_port: Annotated[Optional[int], typer.Option(help="Head node rendezvous port")] = None,
     rendezvous_timeout: Annotated[float, typer.Option(help="Seconds to wait for every node")] = 300.0,
     dry_run: Annotated[bool, typer.Option(help="Print what was discovered and exit")] = False,
-    api_key: Annotated[Optional[str], typer.Option(help="Bearer token required on /v1 routes")] = None,
+    watchdog_timeout: Annotated[float, typer.Option(help="Seconds a step may stall before every rank is restarted")] = 120.0,
+    max_restarts: Annotated[int, typer.Option(help="Restarts after a rank fails; then exit non-zero")] = 3,
+    api_key: Annotated[Optional[str], typer.Option(help="Bearer token required on /v1 and /generate")] = None,
+    protect_metrics: Annotated[bool, typer.Option("--protect-metrics", help="Require the API key on /metrics")] = False,
+    allowed_origins: Annotated[Optional[list[str]], typer.Option(help='CORS origins (repeat, comma list or JSON ["*"])')] = None,
+    allowed_methods: Annotated[Optional[list[str]], typer.Option(help="CORS methods (default *)")] = None,
+    allowed_headers: Annotated[Optional[list[str]], typer.Option(help="CORS headers (default *)")] = None,
+    allow_credentials: Annotated[bool, typer.Option("--allow-credentials", help="CORS: allow credentials")] = False,
+    max_request_body_bytes: Annotated[int, typer.Option(help="Largest request body (bytes); 413 past it")] = 8 * 1024 * 1024,
+    request_timeout: Annotated[Optional[float], typer.Option(help="Seconds before a request is ended (504)")] = None,
+    shutdown_timeout: Annotated[float, typer.Option(help="Seconds SIGTERM waits for running requests")] = 30.0,
+    pp_partition_by_memory: Annotated[bool, typer.Option(help="Split layers over stages by free device memory")] = False,
+    enforce_eager: Annotated[bool, typer.Option(help="No CUDA graphs for decode")] = False,
+    disable_custom_all_reduce: Annotated[bool, typer.Option(help="NCCL for every TP all-reduce")] = False,
+    async_scheduling: Annotated[bool, typer.Option(help="Prepare step N+1 while step N runs (TP=PP=1)")] = True,
     log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
 ) -> None:
     """Serve MODEL behind an OpenAI-compatible HTTP API."""
@@ -137,8 +181,17 @@ def serve(
             cpu_kv_cache_gib=cpu_kv_cache_gib, enable_prefix_caching=enable_prefix_caching, load_format=load_format,
             seed=seed, device=device, nnodes=launch.nnodes, node_rank=launch.node_rank,
             master_addr=launch.master_addr, master_port=launch.master_port, rendezvous_timeout=rendezvous_timeout,
+            watchdog_timeout=watchdog_timeout, max_restarts=max_restarts, pp_partition_by_memory=pp_partition_by_memory,
+            enforce_eager=enforce_eager, disable_custom_all_reduce=disable_custom_all_reduce,
+            async_scheduling=async_scheduling,
         )
-        server = ServerConfig(host=host, port=port, served_model_name=served_model_name, api_key=api_key)
+        server = ServerConfig(
+            host=host, port=port, served_model_name=served_model_name, api_key=api_key,
+            protect_metrics=protect_metrics, allowed_origins=_string_list(allowed_origins),
+            allowed_methods=_string_list(allowed_methods) or ["*"], allowed_headers=_string_list(allowed_headers) or ["*"],
+            allow_credentials=allow_credentials, max_request_body_bytes=max_request_body_bytes,
+            request_timeout=request_timeout, shutdown_timeout=shutdown_timeout,
+        )
     except ValueError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None

@@ -137,6 +137,10 @@ class ModelConfig:
     """auto (cuda when present), cuda or cpu."""
     hf_overrides: dict[str, Any] = field(default_factory=dict)
     """Overrides applied to config.json fields (for dummy shapes)."""
+    enforce_eager: bool = False
+    """Run every step eagerly (no CUDA graphs for decode)."""
+    max_cuda_graph_batch_size: int = 512
+    """Largest decode batch captured in a CUDA graph (requests); larger batches run eagerly."""
 
     LOAD_FORMATS = ("auto", "gguf", "safetensors", "dummy")
 
@@ -187,6 +191,12 @@ class ParallelConfig:
     """Seconds to wait for every node to join before failing (names the missing ranks)."""
     distributed_backend: str = "auto"
     """auto (nccl on CUDA, gloo on CPU), nccl or gloo."""
+    disable_custom_all_reduce: bool = False
+    """Use NCCL for every TP all-reduce, not the one-shot peer-memory kernel for small messages."""
+    watchdog_timeout: float = 120.0
+    """Seconds a step may take before its ranks are declared stalled and the group is restarted."""
+    max_restarts: int = 3
+    """Restarts of the whole worker group after a rank fails; past this the server exits non-zero."""
 
     def __post_init__(self) -> None:
         for name in ("tensor_parallel_size", "pipeline_parallel_size", "nnodes"):
@@ -198,6 +208,10 @@ class ParallelConfig:
             raise ValueError(
                 f"world size TP x PP = {self.world_size} is not divisible by --nnodes {self.nnodes}"
             )
+        if self.watchdog_timeout <= 0:
+            raise ValueError(f"--watchdog-timeout must be positive seconds, got {self.watchdog_timeout}")
+        if self.max_restarts < 0:
+            raise ValueError(f"--max-restarts must be >= 0, got {self.max_restarts}")
         if self.pp_layer_partition is not None and len(self.pp_layer_partition) != self.pipeline_parallel_size:
             raise ValueError(
                 f"--pp-layer-partition has {len(self.pp_layer_partition)} entries, "
@@ -249,6 +263,8 @@ class SchedulerConfig:
     """Tokens computed per step over all requests (chunked-prefill budget)."""
     max_queue_len: int | None = None
     """Waiting requests beyond which new ones get HTTP 429; None is unbounded."""
+    async_scheduling: bool = True
+    """Prepare step N+1 on the host while step N runs (single-rank launches; TP/PP run steps in turn)."""
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -271,17 +287,35 @@ class ServerConfig:
     served_model_name: list[str] | None = None
     """Model names accepted in requests; the first is reported. None uses the model's own name."""
     api_key: str | None = None
-    """Bearer token required on /v1 routes; None leaves the API open."""
+    """Bearer token required on /v1 routes and /generate; None leaves the API open."""
+    protect_metrics: bool = False
+    """Require the API key on /metrics too (it is public by default, like /health)."""
+    allowed_origins: list[str] | None = None
+    """CORS origins allowed to call the API from a browser; None installs no CORS middleware."""
+    allowed_methods: list[str] = field(default_factory=lambda: ["*"])
+    """CORS methods allowed (when ``allowed_origins`` is set)."""
+    allowed_headers: list[str] = field(default_factory=lambda: ["*"])
+    """CORS request headers allowed (when ``allowed_origins`` is set)."""
+    allow_credentials: bool = False
+    """CORS: let browsers send cookies and Authorization headers."""
     max_request_body_bytes: int = 8 * 1024 * 1024
     """Largest request body accepted (bytes)."""
     request_timeout: float | None = None
-    """Seconds after which a running request is ended; None waits forever."""
+    """Seconds after which a running request is ended (HTTP 504 or a final SSE error); None waits forever."""
+    shutdown_timeout: float = 30.0
+    """Seconds SIGTERM waits for running requests to finish before aborting them."""
     log_requests: bool = False
     """Log each request's id, prompt length and finish reason."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
             raise ValueError(f"--port must be in [0, 65535], got {self.port}")
+        if self.max_request_body_bytes < 1:
+            raise ValueError(f"--max-request-body-bytes must be positive, got {self.max_request_body_bytes}")
+        if self.request_timeout is not None and self.request_timeout <= 0:
+            raise ValueError(f"--request-timeout must be positive seconds, got {self.request_timeout}")
+        if self.shutdown_timeout < 0:
+            raise ValueError(f"--shutdown-timeout must be >= 0 seconds, got {self.shutdown_timeout}")
 
 
 @dataclass

@@ -68,8 +68,14 @@ def run_head(config: EngineConfig, server: ServerConfig) -> int:
 
 
 def run_headless(config: EngineConfig) -> int:
-    """Start this node's workers and wait; exit non-zero if any of them fails."""
-    from shardserve.executor.executor import spawn_local_workers
+    """Run this node's workers for every generation the head starts; returns the exit code.
+
+    A worker that dies is reported to the head through the store (the head then restarts every rank);
+    a new generation number in the store means: kill the workers and start them again. The node exits
+    0 when its workers leave cleanly (the head shut the launch down) and 1 when the head is gone.
+    """
+    from shardserve.executor.supervisor import read_generation
+    from shardserve.executor.worker import open_store
 
     par = config.parallel
     rpn = par.ranks_per_node
@@ -78,16 +84,58 @@ def run_headless(config: EngineConfig) -> int:
         "node %d is headless: it runs ranks %d..%d; HTTP is served by the head at %s",
         par.node_rank, first, first + rpn - 1, par.master_addr,
     )
-    workers = spawn_local_workers(config, par.node_rank, par.master_addr, par.master_port + 1, generation=0)
     try:
-        while workers.alive():
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        workers.stop(timeout=5)
-    failed = [(pid, code) for pid, code in workers.dead() if code not in (0, None)]
-    if failed:
-        logger.error("workers exited with errors (pid, exit code): %s", failed)
+        store = open_store(par.master_addr, par.master_port + 1, False, par.rendezvous_timeout)
+        generation = read_generation(store)
+    except RuntimeError as e:
+        logger.error("cannot reach the head's store at %s:%d: %s", par.master_addr, par.master_port + 1, e)
         return 1
-    return 0
+    while True:
+        code, generation = _run_generation(config, store, generation)
+        if code is not None:
+            return code
+
+
+def _run_generation(config: EngineConfig, store, generation: int) -> tuple[int | None, int]:
+    """Start and watch one generation of this node's workers.
+
+    Returns ``(exit code, generation)``, or ``(None, next generation)`` when the head restarts the group.
+    """
+    from shardserve.executor.executor import spawn_local_workers
+    from shardserve.executor.supervisor import read_generation, report_failures
+
+    par = config.parallel
+    workers = spawn_local_workers(config, par.node_rank, par.master_addr, par.master_port + 1, generation)
+    reported_at = None
+    try:
+        while True:
+            time.sleep(0.5)
+            exited = workers.failures()
+            if len(exited) == len(workers.processes) and all(f.exitcode == 0 for f in exited):
+                logger.info("node %d: workers exited cleanly", par.node_rank)
+                return 0, generation
+            try:
+                current = read_generation(store)
+            except RuntimeError as e:
+                logger.error("node %d: lost the head's store (%s); the head is gone, stopping", par.node_rank, e)
+                workers.stop(timeout=5)
+                return (0 if all(code == 0 for _, code in workers.dead()) else 1), generation
+            if current != generation:
+                logger.warning("node %d: the head started generation %d; restarting this node's ranks",
+                               par.node_rank, current)  # fmt: skip
+                return None, current
+            failed = [f for f in exited if f.exitcode != 0]
+            if failed and reported_at is None:
+                report_failures(store, generation, par.node_rank, failed)
+                logger.error("node %d: %s; reported to the head, waiting for it to restart the group",
+                             par.node_rank, "; ".join(f.describe() for f in failed))  # fmt: skip
+                reported_at = time.monotonic()
+                workers.kill()
+            if reported_at is not None and time.monotonic() - reported_at > par.rendezvous_timeout:
+                logger.error("node %d: the head did not restart the group in %.0f s; exiting",
+                             par.node_rank, par.rendezvous_timeout)  # fmt: skip
+                return 1, generation
+    except KeyboardInterrupt:  # Ctrl-C on this node: stop it, as asked
+        return 0, generation
+    finally:
+        workers.kill()

@@ -2,7 +2,8 @@
 
 Gauges (running / waiting requests, KV cache usage) are read from ``engine.stats()`` at scrape
 time. Request metrics (TTFT, inter-token latency, end-to-end latency, token counters) are observed
-by the serving layer from the output stream it consumes, with ``time.monotonic()`` timestamps.
+by the serving layer from the output stream it consumes, with ``time.monotonic()`` timestamps;
+prefix-cache queries and hits count prompt tokens when a request ends.
 Histogram buckets are vLLM v1's (``vllm/v1/metrics/loggers.py``).
 """
 
@@ -55,6 +56,12 @@ class ServerMetrics:
         self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens of finished requests.", labels, registry=r)
         self.generation_tokens = Counter(
             PREFIX + "generation_tokens", "Generated tokens of finished requests.", labels, registry=r
+        )
+        self.prefix_cache_queries = Counter(
+            PREFIX + "prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", labels, registry=r
+        )
+        self.prefix_cache_hits = Counter(
+            PREFIX + "prefix_cache_hits", "Prompt tokens served from the prefix cache.", labels, registry=r
         )
         self.request_success = Counter(
             PREFIX + "request_success",
@@ -112,6 +119,7 @@ class RequestTracker:
         self._num_tokens: dict[int, int] = {}
         self._finish_reasons: dict[int, str] = {}
         self._prompt_tokens = 0
+        self._cached_tokens = 0
         self._done = False
 
     def observe(self, output: RequestOutput) -> None:
@@ -119,6 +127,7 @@ class RequestTracker:
         now = time.monotonic()
         m = self._metrics
         self._prompt_tokens = len(output.prompt_token_ids)
+        self._cached_tokens = output.num_cached_tokens or 0
         for completion in output.outputs:
             if completion.delta_token_ids:
                 if self.first_token_time is None:
@@ -140,6 +149,8 @@ class RequestTracker:
         m = self._metrics
         m.e2e_request_latency.labels(m.model_name).observe(time.monotonic() - self.arrival_time)
         m.prompt_tokens.labels(m.model_name).inc(self._prompt_tokens)
+        m.prefix_cache_queries.labels(m.model_name).inc(self._prompt_tokens)
+        m.prefix_cache_hits.labels(m.model_name).inc(self._cached_tokens)
         m.generation_tokens.labels(m.model_name).inc(sum(self._num_tokens.values()))
         for index in range(n):
             reason = self._finish_reasons.get(index, "abort")

@@ -1,4 +1,12 @@
+import os
+
 import pytest
+import torch
+
+# Without a GPU, Triton kernels run under Triton's interpreter (numpy on the CPU), so the suite checks
+# them too. Must be set before any kernel module is imported (decoration reads it).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

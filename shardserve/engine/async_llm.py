@@ -6,23 +6,28 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 
 from shardserve.config import EngineConfig
 from shardserve.engine.llm_engine import LLMEngine
 from shardserve.engine.request import Request
+from shardserve.engine.throughput import TokenThroughput
 from shardserve.executor.executor import EngineDeadError
 from shardserve.outputs import CompletionOutput, RequestOutput
 from shardserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AsyncLLM", "EngineDeadError", "EngineOverloadedError", "EngineStats"]
+__all__ = ["AsyncLLM", "EngineDeadError", "EngineOverloadedError", "EngineStats", "RequestAbortedError"]
 
 
 class EngineOverloadedError(RuntimeError):
     """The waiting queue is full (``--max-queue-len``); retry later (HTTP 429)."""
+
+
+class RequestAbortedError(EngineDeadError):
+    """The server ended the request (shutdown past ``--shutdown-timeout``); HTTP 503."""
 
 
 @dataclass
@@ -33,6 +38,10 @@ class EngineStats:
     """Fraction of KV blocks in use (0..1)."""
     num_total_blocks: int
     num_free_blocks: int
+    prompt_tokens_per_s: float = 0.0
+    """Computed prompt tokens per second over the last few seconds (see :class:`TokenThroughput`)."""
+    generation_tokens_per_s: float = 0.0
+    """Generated tokens per second over the same window."""
 
 
 @dataclass
@@ -45,6 +54,11 @@ class _Add:
 @dataclass
 class _Abort:
     request_id: str
+
+
+@dataclass
+class _AbortAll:
+    reason: str
 
 
 class AsyncLLM:
@@ -64,7 +78,13 @@ class AsyncLLM:
         self._commands: queue.Queue = queue.Queue()
         self._sinks: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._pending_adds = 0
+        self.throughput = TokenThroughput()
         self._dead: BaseException | None = None
+        self.restarting = False
+        """True while the ranks are being restarted after a failure (/health answers 503)."""
+        self.num_restarts = 0
+        self.on_fatal: list[Callable[[BaseException], None]] = []
+        """Called (on the engine thread) once the engine has stopped for good."""
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="shardserve-engine", daemon=True)
         self._thread.start()
@@ -73,14 +93,50 @@ class AsyncLLM:
     def _run(self) -> None:
         try:
             while not self._stopping.is_set():
-                self._drain_commands(block=not self.engine.has_unfinished_requests())
-                for out in self.engine.step():
-                    self._deliver(out.request_id, out)
-        except BaseException as e:  # the engine is unusable: fail every stream, let /health report it
+                try:
+                    self._drain_commands(block=not self.engine.has_unfinished_requests())
+                    for out in self.engine.step():
+                        self._deliver(out.request_id, out)
+                    if not self.engine.has_unfinished_requests():
+                        self.engine.check_health()
+                except EngineDeadError as e:
+                    self._recover(e)
+        except BaseException as e:  # the engine is unusable: fail every stream, then stop the server
             logger.exception("engine loop died")
             self._dead = e
             for rid in list(self._sinks):
                 self._deliver(rid, EngineDeadError(f"engine stopped: {e}"))
+            for callback in self.on_fatal:
+                callback(e)
+
+    def _recover(self, error: EngineDeadError) -> None:
+        """Fail the requests that had started, restart every rank, keep the waiting requests.
+
+        Raises:
+            EngineDeadError: no restart is left (``--max-restarts``).
+        """
+        max_restarts = self.config.parallel.max_restarts
+        while True:
+            self.restarting = True  # /health turns 503 before the clients hear of the failure
+            for rid in self.engine.fail_started_requests():
+                self._deliver(rid, EngineDeadError(f"{error}; the request was interrupted"))
+            if self._stopping.is_set():  # shutting down anyway: no restart
+                return
+            if self.num_restarts >= max_restarts:
+                self._dead = error  # before restarting goes False, so /health never reads "ok" in between
+                self.restarting = False
+                raise EngineDeadError(f"{error}; no restart left (--max-restarts {max_restarts})") from error
+            self.num_restarts += 1
+            logger.warning("restarting every rank (restart %d of %d); waiting requests are kept",
+                           self.num_restarts, max_restarts)  # fmt: skip
+            try:
+                self.engine.restart()
+            except EngineDeadError as e:
+                error = e
+                continue
+            self.restarting = False
+            logger.info("ranks restarted; serving again")
+            return
 
     def _drain_commands(self, block: bool) -> None:
         try:
@@ -102,8 +158,14 @@ class AsyncLLM:
         elif isinstance(cmd, _Abort):
             if self._sinks.pop(cmd.request_id, None) is not None:
                 self.engine.abort_request(cmd.request_id)
+        elif isinstance(cmd, _AbortAll):
+            for rid in list(self._sinks):
+                self.engine.abort_request(rid)
+                self._deliver(rid, RequestAbortedError(cmd.reason))
 
     def _deliver(self, request_id: str, item) -> None:
+        if not isinstance(item, BaseException):
+            self.throughput.observe(item)
         sink = self._sinks.get(request_id)
         if sink is None:
             return
@@ -120,7 +182,9 @@ class AsyncLLM:
     def stats(self) -> EngineStats:
         running, waiting, usage = self.engine.stats()
         bm = self.engine.block_manager
-        return EngineStats(running, waiting + self._pending_adds, usage, bm.num_blocks, bm.num_free_blocks)
+        prompt_rate, generation_rate = self.throughput.rates()
+        return EngineStats(running, waiting + self._pending_adds, usage, bm.num_blocks, bm.num_free_blocks,
+                           prompt_rate, generation_rate)  # fmt: skip
 
     async def generate(
         self, prompt: str | list[int], params: SamplingParams, request_id: str
@@ -169,6 +233,10 @@ class AsyncLLM:
 
     async def abort(self, request_id: str) -> None:
         self._commands.put(_Abort(request_id))
+
+    def abort_all(self, reason: str) -> None:
+        """End every request; their streams raise :class:`RequestAbortedError` with ``reason``."""
+        self._commands.put(_AbortAll(reason))
 
     def shutdown(self) -> None:
         self._stopping.set()

@@ -50,19 +50,27 @@ class LLMEngine:
         self.source = resolve_model(config.model.model, config.model.hf_overrides)
         self.tokenizer = load_tokenizer(self.source.path, self.source.format, self.source.generation_config)
         self.executor: Executor = (executor_factory or make_executor)(config, self.source)
+        self.max_model_len = 0
+        self._init_kv_cache()
+        self._states: dict[str, _OutputState] = {}
+        self._in_flight: deque[SchedulerOutput] = deque()
+
+    def _init_kv_cache(self) -> None:
+        """Size the KV cache on every rank and start a fresh block pool and scheduler."""
         num_blocks = self.executor.determine_num_blocks()
         self.executor.init_kv_cache(num_blocks)
-        bs = config.cache.block_size
-        self.max_model_len = self._max_model_len(num_blocks * bs)
+        bs = self.config.cache.block_size
+        self.max_model_len = self.max_model_len or self._max_model_len(num_blocks * bs)
         logger.info(
             "KV cache: %d blocks of %d tokens = %d tokens; max concurrency at %d tokens per request: %.1fx",
             num_blocks, bs, num_blocks * bs, self.max_model_len, num_blocks * bs / self.max_model_len,
         )
-        self.block_manager = BlockManager(num_blocks, bs, config.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.block_manager, self.max_model_len)
+        self.block_manager = BlockManager(num_blocks, bs, self.config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            self.config.scheduler, self.block_manager, self.max_model_len,
+            async_scheduling=self.executor.supports_async_scheduling,
+        )
         self.scheduler.eos_token_ids = frozenset(self.tokenizer.eos_token_ids)
-        self._states: dict[str, _OutputState] = {}
-        self._in_flight: deque[SchedulerOutput] = deque()
 
     def _max_model_len(self, kv_capacity_tokens: int) -> int:
         arch = self.source.arch
@@ -139,6 +147,37 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.scheduler.requests) or bool(self._in_flight)
+
+    # -- failures ------------------------------------------------------------------------------
+    def check_health(self) -> None:
+        """Raise ``EngineDeadError`` if a rank is known to be dead (called while idle)."""
+        self.executor.check_health()
+
+    def fail_started_requests(self) -> list[str]:
+        """Forget the requests that had started computing (their KV cache died with the ranks).
+
+        Returns their ids; requests that were still waiting with nothing computed are kept.
+        """
+        started = [
+            rid for rid, r in self.scheduler.requests.items()
+            if r.status is not RequestStatus.WAITING or r.num_output_tokens or r.in_flight
+        ]  # fmt: skip
+        for rid in started:
+            self.abort_request(rid)
+        return started
+
+    def restart(self) -> None:
+        """Restart every rank (a new generation), size the KV cache again and requeue the waiting requests.
+
+        Call :meth:`fail_started_requests` first. Raises ``EngineDeadError`` if the new generation fails too.
+        """
+        waiting = list(self.scheduler.waiting)
+        self._in_flight.clear()
+        self.executor.restart()
+        self._init_kv_cache()
+        for req in waiting:
+            req.reset_progress()
+            self.scheduler.add_request(req)
 
     # -- steps ---------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 
+from shardserve.executor.messages import PLACEHOLDER_TOKEN_ID
 from shardserve.sampling_params import SamplingParams
 
 
@@ -47,11 +48,32 @@ class Request:
         self.num_cached_tokens = 0
         """Prompt tokens found in the prefix cache at admission."""
         self.status = RequestStatus.WAITING
-        self.in_flight = False
-        """A step computing this request has been sent and its output is not back yet."""
+        self.num_in_flight_steps = 0
+        """Steps computing this request that were sent and whose output is not back yet."""
+        self.num_pending_tokens = 0
+        """Tokens that in-flight steps will sample for this request (their values are not known yet)."""
         self.num_preemptions = 0
         self.arrival_time = time.monotonic()
         self.stop_reason: str | int | None = None
+
+    def reset_progress(self) -> None:
+        """Back to waiting with nothing in the KV cache (after the cache was lost with a restart)."""
+        self.status = RequestStatus.WAITING
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0
+        self.in_flight = False
+
+    @property
+    def in_flight(self) -> bool:
+        """A step computing this request has been sent and its output is not back yet."""
+        return self.num_in_flight_steps > 0
+
+    @in_flight.setter
+    def in_flight(self, value: bool) -> None:
+        if value:
+            raise ValueError("in_flight is set by scheduling a step; only clearing it is allowed")
+        self.num_in_flight_steps = 0
+        self.num_pending_tokens = 0
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -70,10 +92,13 @@ class Request:
         return self.prompt_token_ids + self.output_token_ids
 
     def token_ids_slice(self, start: int, end: int) -> list[int]:
-        """Tokens ``[start, end)`` of prompt + output."""
+        """Tokens ``[start, end)`` of prompt + output; positions of pending tokens are ``PLACEHOLDER_TOKEN_ID``."""
+        known = min(end, self.num_tokens)
         p = self.num_prompt_tokens
-        if end <= p:
-            return self.prompt_token_ids[start:end]
-        if start >= p:
-            return self.output_token_ids[start - p : end - p]
-        return self.prompt_token_ids[start:] + self.output_token_ids[: end - p]
+        if known <= p:
+            ids = self.prompt_token_ids[start:known]
+        elif start >= p:
+            ids = self.output_token_ids[start - p : known - p]
+        else:
+            ids = self.prompt_token_ids[start:] + self.output_token_ids[: known - p]
+        return ids + [PLACEHOLDER_TOKEN_ID] * (end - max(known, start))

@@ -3,7 +3,11 @@
 One rule covers prefill, chunked prefill, prefix hits and decode (vLLM v1): every step gives each
 request ``min(num_tokens - num_computed_tokens, budget)`` tokens under a per-step token budget.
 Requests whose step is still in flight (pipeline parallelism keeps several steps going) wait for
-its output before they are scheduled again. Plain Python: unit-tested without torch.
+its output before they are scheduled again, except under async scheduling: there a decoding request
+whose one in-flight step will sample its next token is scheduled again at once with a placeholder input
+(``PLACEHOLDER_TOKEN_ID``) that the model runner fills from that step's sample on the device, so that the
+host prepares step N+1 while the GPU computes step N (vLLM v1's async scheduling). Plain Python:
+unit-tested without torch.
 """
 
 from __future__ import annotations
@@ -33,8 +37,11 @@ class TokenEvent:
 class Scheduler:
     """Decides, step by step, which requests compute which tokens."""
 
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, max_model_len: int):
+    def __init__(
+        self, config: SchedulerConfig, block_manager: BlockManager, max_model_len: int, async_scheduling: bool = False
+    ):
         self.config = config
+        self.async_scheduling = async_scheduling
         self.block_manager = block_manager
         self.max_model_len = max_model_len
         self.requests: dict[str, Request] = {}
@@ -75,7 +82,21 @@ class Scheduler:
         return len(self.waiting)
 
     def has_work(self) -> bool:
-        return bool(self.waiting) or any(not r.in_flight for r in self.running)
+        return bool(self.waiting) or any(self._can_schedule(r) for r in self.running)
+
+    def _can_schedule(self, req: Request) -> bool:
+        """Not in flight, or (async) its one in-flight step samples the token this step would decode from."""
+        if not req.in_flight:
+            return True
+        return (
+            self.async_scheduling
+            and req.num_in_flight_steps == 1
+            and req.num_pending_tokens == 1
+            and req.num_computed_tokens == req.num_tokens  # prompt done: the next input is the pending token
+            and not req.params.has_penalties  # penalties need the previous token on the host
+            and req.num_output_tokens + 1 < req.max_tokens  # the pending token does not end it by length
+            and req.num_tokens + 1 < self.max_model_len
+        )
 
     # -- scheduling --------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
@@ -94,10 +115,10 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            if req.in_flight:
+            if not self._can_schedule(req):
                 i += 1
                 continue
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            n = min(req.num_tokens + req.num_pending_tokens - req.num_computed_tokens, budget)
             if not self._make_room(req, req.num_computed_tokens + n):
                 preempted = True
                 if req not in self.running:  # the request itself was preempted
@@ -164,13 +185,15 @@ class Scheduler:
     def _scheduled(self, req: Request, n: int, new_blocks: list[int]) -> ScheduledRequest:
         start = req.num_computed_tokens
         req.num_computed_tokens += n
-        req.in_flight = True
+        req.num_in_flight_steps += 1
+        sample = req.num_computed_tokens == req.num_tokens + req.num_pending_tokens
+        req.num_pending_tokens += sample
         return ScheduledRequest(
             request_id=req.request_id,
             token_ids=req.token_ids_slice(start, start + n),
             start_position=start,
             new_block_ids=new_blocks,
-            sample=req.num_computed_tokens == req.num_tokens,
+            sample=sample,
         )
 
     # -- outputs -----------------------------------------------------------------------------
@@ -181,12 +204,16 @@ class Scheduler:
             req = self.requests.get(s.request_id)
             if req is None:  # finished or aborted while the step was in flight
                 continue
-            req.in_flight = False
-            self.block_manager.register_full_blocks(req.request_id, req.all_token_ids, req.num_computed_tokens)
+            req.num_in_flight_steps -= 1
+            req.num_pending_tokens -= s.sample
             token = output.sampled.get(s.request_id)
+            if token is not None:
+                req.output_token_ids.append(token)
+            # Blocks are full once every token in them is known and computed.
+            known = min(req.num_computed_tokens, req.num_tokens)
+            self.block_manager.register_full_blocks(req.request_id, req.all_token_ids, known)
             if token is None:
                 continue
-            req.output_token_ids.append(token)
             events.append(TokenEvent(req, token, output.logprobs.get(s.request_id)))
             status = self._check_stop(req, token)
             if status is not None:

@@ -12,6 +12,10 @@ from dataclasses import dataclass, field
 from shardserve.sampling_params import SamplingParams
 
 
+PLACEHOLDER_TOKEN_ID = -1
+"""Input id of a token that an in-flight step is sampling; the model runner fills it in on the device."""
+
+
 @dataclass
 class NewRequestData:
     """A request the workers have not seen (or see again after preemption)."""

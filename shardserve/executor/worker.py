@@ -10,6 +10,11 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -19,6 +24,7 @@ import torch.distributed as dist
 from shardserve.config import EngineConfig
 from shardserve.distributed import parallel_state as ps
 from shardserve.executor.messages import InitKVCache, ProfileRequest, SchedulerOutput, Shutdown
+from shardserve.executor.rank_info import describe_rank, publish_rank_info
 
 logger = logging.getLogger(__name__)
 
@@ -73,8 +79,35 @@ def device_backend(config: EngineConfig, device_type: str) -> str:
     return backend
 
 
+def _watch_parent(rank: int) -> None:
+    """Name the process ``shardserve-r{rank}`` (as ``ps`` shows it), exit when its launcher is gone, ignore SIGINT/SIGTERM.
+
+    A launcher killed with SIGKILL cannot stop its children; the orphan notices that it was re-parented.
+    (PR_SET_PDEATHSIG would fire when the spawning *thread* ends, which the head's loader thread does.)
+    """
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        logger.error("rank %d: the launcher process (pid %d) is gone; exiting", rank, parent)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="shardserve-parent-watch", daemon=True).start()
+    # Ctrl-C and systemd reach the whole process group: the launcher decides when workers stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        try:
+            with open("/proc/self/comm", "w") as f:
+                f.write(f"shardserve-r{rank}"[:15])
+        except OSError:
+            pass
+
+
 def worker_main(args: WorkerArgs) -> None:
     """Entry point of a worker process."""
+    _watch_parent(args.rank)
     os.environ.update(args.env or {})
     logging.basicConfig(level=args.log_level, format=f"%(asctime)s rank{args.rank} %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, args.config.parallel.ranks_per_node)))
@@ -93,13 +126,21 @@ def worker_main(args: WorkerArgs) -> None:
             device,
             backend=device_backend(args.config, args.device_type),
         )
-        Worker(args.config, device).loop()
+        worker = Worker(args.config, device)
+        worker.on_status = lambda: publish_rank_info(  # for GET /cluster/status
+            store, args.generation, describe_rank(worker.runner, args.rank, args.config.parallel.ranks_per_node)
+        )
+        worker.on_status()
+        worker.loop()
     finally:
         ps.destroy_model_parallel()
 
 
 class Worker:
     """Receives the head's messages and answers them."""
+
+    on_status: Callable[[], None] = staticmethod(lambda: None)
+    """Called after the model is loaded and after the KV cache is allocated (publishes the rank's status)."""
 
     def __init__(self, config: EngineConfig, device: torch.device):
         from shardserve.model_executor.loader.resolve import resolve_model
@@ -129,6 +170,7 @@ class Worker:
                 self._send(self.runner.available_kv_blocks())
             elif isinstance(msg, InitKVCache):
                 self.runner.init_kv_cache(msg.num_blocks)
+                self.on_status()
             elif isinstance(msg, Shutdown):
                 return
             else:

@@ -10,9 +10,10 @@ import torch
 
 from shardserve.config import EngineConfig
 from shardserve.distributed.parallel_state import get_pp_group, get_tp_group
-from shardserve.executor.messages import ModelRunnerOutput, SchedulerOutput
+from shardserve.executor.messages import PLACEHOLDER_TOKEN_ID, ModelRunnerOutput, SchedulerOutput
+from shardserve.model_executor.cuda_graph import DecodeGraphs
 from shardserve.model_executor.layers.attention import AttentionMetadata
-from shardserve.model_executor.loader import load_model, pp_layer_range
+from shardserve.model_executor.loader import load_model, pp_layer_range, pp_partition_by_memory
 from shardserve.model_executor.loader.resolve import ModelSource
 from shardserve.model_executor.models.llama import IntermediateTensors
 from shardserve.model_executor.sampler import SamplingRow, apply_penalties, compute_logprobs, sample
@@ -43,6 +44,37 @@ class StepInputs:
     """``(num_sampled,)`` rows of the batch whose hidden state is sampled (each request's last token)."""
     sampled_ids: list[str]
     """Request ids of those rows, in order."""
+    placeholders: list[tuple[int, str]]
+    """``(row of the batch, request id)`` of inputs that are the previous step's sample (async scheduling)."""
+
+
+class PendingOutput:
+    """A step's sampled tokens on their way to the host: ``result()`` waits for the copy (async scheduling).
+
+    Args:
+        runner: the runner whose request states receive the tokens.
+        output: the step's output, ``sampled`` filled by ``result()``.
+        request_ids: ids of the sampled rows, in order.
+        tokens: ``(num_sampled,)`` int64 in pinned host memory, written by a non-blocking copy.
+        event: recorded after that copy.
+    """
+
+    def __init__(self, runner: "ModelRunner", output: ModelRunnerOutput, request_ids: list[str],
+                 tokens: torch.Tensor | None, event: torch.cuda.Event | None):
+        self.runner, self.output, self.request_ids, self.tokens, self.event = runner, output, request_ids, tokens, event
+
+    def result(self) -> ModelRunnerOutput:
+        if self.tokens is None:
+            return self.output
+        if self.event is not None:
+            self.event.synchronize()
+        for rid, tok in zip(self.request_ids, self.tokens.tolist()):
+            state = self.runner.requests.get(rid)
+            if state is not None:
+                state.output_token_ids.append(tok)
+            self.output.sampled[rid] = tok
+        self.tokens = None
+        return self.output
 
 
 class ModelRunner:
@@ -57,8 +89,13 @@ class ModelRunner:
         self.block_size = config.cache.block_size
         self.pp = get_pp_group()
         self.tp = get_tp_group()
+        if not config.parallel.disable_custom_all_reduce:
+            self.tp.init_custom_all_reduce(config.model.torch_dtype())
+        partition = config.parallel.pp_layer_partition
+        if partition is None and config.parallel.pp_partition_by_memory and self.pp.world_size > 1:
+            partition = self._partition_by_memory()
         self.layer_range = pp_layer_range(
-            self.arch.num_hidden_layers, self.pp.world_size, self.pp.rank_in_group, config.parallel.pp_layer_partition
+            self.arch.num_hidden_layers, self.pp.world_size, self.pp.rank_in_group, partition
         )
         self.model = load_model(
             source,
@@ -71,6 +108,22 @@ class ModelRunner:
         self.requests: dict[str, CachedRequestState] = {}
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
+        self.graphs: DecodeGraphs | None = None
+        self._last_sampled: torch.Tensor | None = None
+        """``(num_sampled,)`` the previous step's sampled ids on the device."""
+        self._last_sampled_rows: dict[str, int] = {}
+
+    def _partition_by_memory(self) -> list[int]:
+        """Agree on layers per stage from free memory: min over each TP group, then gathered along PP."""
+        if self.device.type == "cuda":
+            free = float(torch.cuda.mem_get_info(self.device)[0])
+        else:  # CPU ranks of one node share its RAM
+            free = float(_mem_available_bytes()) / max(1, self.config.parallel.ranks_per_node)
+        stage_free = self.tp.all_reduce_min_cpu(free)
+        partition = pp_partition_by_memory(self.arch.num_hidden_layers, self.pp.all_gather_cpu(stage_free))
+        logger.info("pipeline layers by free memory %s GiB: %s",
+                    [round(f / 2**30, 1) for f in self.pp.all_gather_cpu(stage_free)], partition)
+        return partition
 
     # -- KV cache ------------------------------------------------------------------------------
     def kv_block_bytes(self) -> int:
@@ -108,13 +161,13 @@ class ModelRunner:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
         n = self.config.scheduler.max_num_batched_tokens
-        self.init_kv_cache(1)
+        self._allocate_kv_cache(1)
         ids = torch.zeros(n, dtype=torch.long, device=self.device)
         meta = AttentionMetadata(
             slot_mapping=torch.zeros(n, dtype=torch.long, device=self.device),
             query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=self.device),
             seq_lens=torch.tensor([n], dtype=torch.int32, device=self.device),
-            block_tables=torch.zeros(1, 1, dtype=torch.int32, device=self.device),
+            block_tables=torch.zeros(1, math.ceil(n / self.block_size), dtype=torch.int32, device=self.device),
             query_lens_cpu=[n],
             seq_lens_cpu=[n],
             block_size=self.block_size,
@@ -136,6 +189,24 @@ class ModelRunner:
         return peak
 
     def init_kv_cache(self, num_blocks: int) -> None:
+        """Allocate the KV cache, then capture the decode CUDA graphs (on CUDA, unless eager)."""
+        self._allocate_kv_cache(num_blocks)
+        if self.device.type == "cuda" and not self.config.model.enforce_eager:
+            limit = self.config.model.max_model_len or self.arch.max_position_embeddings
+            self.graphs = DecodeGraphs(
+                self.model,
+                max_batch_size=min(self.config.scheduler.max_num_seqs, self.config.model.max_cuda_graph_batch_size),
+                max_blocks_per_seq=min(math.ceil(limit / self.block_size), num_blocks),
+                block_size=self.block_size,
+                hidden_size=self.arch.hidden_size,
+                dtype=self.dtype,
+                device=self.device,
+                first_stage=self.pp.is_first_rank,
+                last_stage=self.pp.is_last_rank,
+            )
+            self.graphs.capture()
+
+    def _allocate_kv_cache(self, num_blocks: int) -> None:
         """Allocate ``(2, num_blocks, block_size, num_kv_heads, head_dim)`` per layer and bind it."""
         self.num_blocks = num_blocks
         self.kv_caches = []
@@ -165,10 +236,12 @@ class ModelRunner:
         """Flatten the step's tokens into one batch and say where each goes in the KV cache."""
         bs = self.block_size
         ids, pos, slots, q_lens, seq_lens, tables = [], [], [], [], [], []
-        sample_idx, sample_ids = [], []
+        sample_idx, sample_ids, placeholders = [], [], []
         for s in step.scheduled:
             state = self.requests[s.request_id]
             n = len(s.token_ids)
+            if s.token_ids[-1] == PLACEHOLDER_TOKEN_ID:
+                placeholders.append((len(ids) + n - 1, s.request_id))
             ids.extend(s.token_ids)
             p = range(s.start_position, s.start_position + n)
             pos.extend(p)
@@ -196,19 +269,34 @@ class ModelRunner:
             seq_lens_cpu=seq_lens,
             block_size=bs,
         )
+        input_ids = torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True)
+        if placeholders:
+            rows = torch.tensor([r for r, _ in placeholders], dtype=torch.long).to(dev, non_blocking=True)
+            src = torch.tensor([self._last_sampled_rows[rid] for _, rid in placeholders], dtype=torch.long)
+            input_ids[rows] = self._last_sampled[src.to(dev, non_blocking=True)]
         return StepInputs(
-            input_ids=torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True),
+            input_ids=input_ids,
             positions=torch.tensor(pos, dtype=torch.long).to(dev, non_blocking=True),
             meta=meta,
             sample_indices=torch.tensor(sample_idx, dtype=torch.long).to(dev, non_blocking=True),
             sampled_ids=sample_ids,
+            placeholders=placeholders,
         )
 
-    @torch.inference_mode()
     def execute(self, step: SchedulerOutput) -> ModelRunnerOutput | None:
         """Run this rank's layers for one step.
 
         Returns the sampled tokens on the output rank (last stage, TP rank 0), None elsewhere.
+        """
+        pending = self.execute_async(step)
+        return pending.result() if isinstance(pending, PendingOutput) else pending
+
+    @torch.inference_mode()
+    def execute_async(self, step: SchedulerOutput) -> PendingOutput | ModelRunnerOutput | None:
+        """Like :meth:`execute`, but the sampled tokens are still being copied to the host (async scheduling).
+
+        Placeholder inputs (``PLACEHOLDER_TOKEN_ID``) take the previous step's sample on the device, which
+        is only possible on a rank that samples: async scheduling runs with TP = PP = 1.
         """
         self._update_states(step)
         if step.is_empty:
@@ -221,7 +309,10 @@ class ModelRunner:
             inter = IntermediateTensors(
                 self.pp.recv(shape, self.dtype, self.pp.prev_rank), self.pp.recv(shape, self.dtype, self.pp.prev_rank)
             )
-        out = self.model(inputs.input_ids, inputs.positions, inputs.meta, inter)
+        if self.graphs is not None and self.graphs.can_run(inputs.meta):
+            out = self.graphs.run(inputs.input_ids, inputs.positions, inputs.meta, inter)
+        else:
+            out = self.model(inputs.input_ids, inputs.positions, inputs.meta, inter)
         if not self.pp.is_last_rank:
             self.pp.send(out.hidden_states, self.pp.next_rank)
             self.pp.send(out.residual, self.pp.next_rank)
@@ -238,18 +329,35 @@ class ModelRunner:
         """The rank that samples and reports: last pipeline stage, TP rank 0."""
         return self.pp.is_last_rank and self.tp.is_first_rank
 
-    def _sample(self, step_id: int, logits: torch.Tensor, request_ids: list[str]) -> ModelRunnerOutput:
+    def _sample(self, step_id: int, logits: torch.Tensor, request_ids: list[str]) -> PendingOutput:
         logits = logits.float()
         states = [self.requests[r] for r in request_ids]
         rows = [SamplingRow(s.params, s.generator, s.prompt_token_ids, s.output_token_ids) for s in states]
         raw = logits.clone() if any(s.params.logprobs is not None for s in states) else logits
         tokens = sample(apply_penalties(logits, rows), rows)
+        self._last_sampled = tokens
+        self._last_sampled_rows = {rid: i for i, rid in enumerate(request_ids)}
         logprobs = compute_logprobs(raw, tokens, [s.params.logprobs for s in states])
-        token_list = tokens.tolist()
         out = ModelRunnerOutput(step_id)
-        for rid, state, tok, lp in zip(request_ids, states, token_list, logprobs):
-            state.output_token_ids.append(tok)
-            out.sampled[rid] = tok
+        for rid, lp in zip(request_ids, logprobs):
             if lp is not None:
                 out.logprobs[rid] = lp
-        return out
+        if tokens.is_cuda:
+            host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            host.copy_(tokens, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            return PendingOutput(self, out, request_ids, host, event)
+        return PendingOutput(self, out, request_ids, tokens, None)
+
+
+def _mem_available_bytes() -> int:
+    """``MemAvailable`` of /proc/meminfo in bytes (the kernel's estimate of memory free for new work)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 * 2**30

@@ -72,14 +72,21 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         ``(num_seqs,)`` int64 token ids.
     """
     tokens = logits.argmax(dim=-1)
-    for i, row in enumerate(rows):
-        p = row.params
-        if p.greedy:
-            continue
-        probs = torch.softmax(logits[i] / p.temperature, dim=-1)
-        probs = _filter(probs, p)
-        noise = torch.empty_like(probs).exponential_(1.0, generator=row.generator)
-        tokens[i] = torch.argmax(probs / noise)
+    random_rows = [i for i, row in enumerate(rows) if not row.params.greedy]
+    if not random_rows:
+        return tokens
+    # One batched softmax and noise draw for the random rows; per-row work only for filters and seeds.
+    idx = torch.tensor(random_rows, device=logits.device)
+    temps = torch.tensor([rows[i].params.temperature for i in random_rows], device=logits.device)
+    probs = torch.softmax(logits[idx] / temps[:, None], dim=-1)
+    noise = torch.empty_like(probs).exponential_(1.0)
+    for j, i in enumerate(random_rows):
+        p = rows[i].params
+        if p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0:
+            probs[j] = _filter(probs[j], p)
+        if rows[i].generator is not None:
+            noise[j].exponential_(1.0, generator=rows[i].generator)
+    tokens[idx] = torch.argmax(probs / noise, dim=-1)
     return tokens
 
 

@@ -1,4 +1,6 @@
-"""Operator tools: ``shardserve plan`` (capacity planner) and ``shardserve netbench`` (interconnect benchmark).
+"""Operator tools: ``shardserve plan`` (capacity planner), ``shardserve netbench`` (interconnect benchmark),
+``shardserve doctor`` (pre-launch checks, logic in :mod:`shardserve.tools.doctor`) and ``shardserve status``
+(a running launch, in :mod:`shardserve.tools.status`).
 
 The command bodies here only parse options and render; the logic is in :mod:`shardserve.tools.plan`
 and :mod:`shardserve.tools.netbench`.
@@ -25,6 +27,13 @@ def register(app: typer.Typer) -> None:
     """Add the ``plan`` and ``netbench`` commands to the main CLI app."""
     app.command("plan")(plan_command)
     app.command("netbench")(netbench_command)
+    app.command("doctor")(doctor_command)
+    from shardserve.tools.status import status_command
+
+    app.command("status")(status_command)
+    from shardserve.tools.bench_serve import bench_app
+
+    app.add_typer(bench_app, name="bench")
 
 
 # ----------------------------------------------------------------------------- plan
@@ -194,3 +203,60 @@ def _render_netbench(console: Console, report) -> None:  # noqa: ANN001 - Netben
         table.add_row(r.group, r.op, str(r.group_size), format_size(r.size_bytes), f"{r.time_us:.1f}", f"{r.algbw_gb_s:.3f}", f"{r.busbw_gb_s:.3f}")
     console.print(table)
     console.print("busbw as defined in https://github.com/NVIDIA/nccl-tests/blob/master/doc/PERFORMANCE.md")
+
+
+# ----------------------------------------------------------------------------- doctor
+
+_STATUS_STYLE = {"PASS": "green", "WARN": "yellow", "FAIL": "bold red"}
+
+
+def doctor_command(
+    model: Optional[str] = typer.Argument(None, help="As for serve: GGUF file, HF directory or hub id (default: embedded model)."),
+    tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", "-tp", help="TP ranks per stage, as for serve."),
+    pipeline_parallel_size: Optional[int] = typer.Option(None, "--pipeline-parallel-size", "-pp", help="Pipeline stages (default: one per node)."),
+    device: str = typer.Option("auto", help="auto, cuda or cpu, as for serve."),
+    nnodes: Optional[int] = typer.Option(None, help="Nodes in the launch (default: from the scheduler's env)."),
+    node_rank: Optional[int] = typer.Option(None, help="This node's rank; 0 is the head."),
+    master_addr: Optional[str] = typer.Option(None, help="Head node address."),
+    master_port: Optional[int] = typer.Option(None, help="Head node rendezvous port (the next port is used too)."),
+    timeout: float = typer.Option(60.0, help="Seconds each cross-node step may wait (reaching the head, rendezvous, all-reduce)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON instead of a table."),
+) -> None:
+    """Check this node (or, run on every node with the same flags, the whole launch) before `serve`."""
+    import os
+
+    from shardserve.distributed.launch import discover_launch
+    from shardserve.tools.doctor import Plan
+    from shardserve.tools.doctor_cluster import run_doctor
+
+    try:
+        launch = discover_launch(os.environ, nnodes=nnodes, node_rank=node_rank, master_addr=master_addr, master_port=master_port)
+        if device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"--device must be auto, cpu or cuda, got {device!r}")
+        if timeout <= 0 or tensor_parallel_size < 1 or (pipeline_parallel_size or 1) < 1:
+            raise ValueError("--timeout, -tp and -pp must be positive")
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from e
+    plan = Plan(launch, tensor_parallel_size, pipeline_parallel_size or launch.nnodes, device, model, timeout)
+    report = run_doctor(plan)
+    if json_out:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        _render_doctor(Console(), report)
+    if report.failed:
+        raise typer.Exit(1)
+
+
+def _render_doctor(console: Console, report) -> None:  # noqa: ANN001 - DoctorReport, imported lazily
+    table = Table(
+        title=f"shardserve doctor: node {report.node_rank} of {report.nnodes}, TP {report.tp} x PP {report.pp}",
+        box=box.SIMPLE_HEAD,
+    )
+    for col in ("node", "check", "status", "detail", "fix"):
+        table.add_column(col, overflow="fold")
+    for c in report.checks:
+        style = _STATUS_STYLE.get(c.status, "")
+        table.add_row("all" if c.node is None else str(c.node), c.name, f"[{style}]{c.status}[/]", c.detail, c.fix)
+    console.print(table)
+    counts = {s: sum(c.status == s for c in report.checks) for s in _STATUS_STYLE}
+    console.print(f"{counts['PASS']} passed, {counts['WARN']} warning(s), {counts['FAIL']} failure(s)")

@@ -45,3 +45,29 @@ def test_reference_is_not_degenerate(reference):
     # Random weights must give varied tokens, or the equivalence above would prove little.
     tokens = reference[0].outputs[0].token_ids
     assert len(tokens) == 32 and len(set(tokens)) > 4
+
+
+@pytest.mark.slow
+def test_pp_partition_by_memory_runs_and_matches(tiny_llama_dir, reference):
+    outs = run(tiny_llama_dir, 1, 2, pp_partition_by_memory=True)
+    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in reference]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tp,pp", [(3, 1), (1, 2)])
+def test_embedded_model_answers_as_one_process(tp, pp):
+    """SmolLM2-135M (9 heads, 3 KV heads, 30 layers) with TP=3 and with PP=2: the same chat answer."""
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    params = SamplingParams(temperature=0.0, max_tokens=12)
+
+    def answer(tp_size, pp_size):
+        llm = LLM(None, tensor_parallel_size=tp_size, pipeline_parallel_size=pp_size, dtype="float32",
+                  num_kv_blocks=64)
+        try:
+            return llm.chat(messages, params)[0].outputs[0]
+        finally:
+            llm.shutdown()
+
+    single, parallel = answer(1, 1), answer(tp, pp)
+    assert "Paris" in single.text
+    assert parallel.token_ids == single.token_ids

@@ -155,3 +155,13 @@ def test_sharded_safetensors_slices(tmp_path):
     (tmp_path / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(ValueError, match="missing"):
         list(iter_safetensors(tmp_path))
+
+
+def test_pp_partition_by_memory_is_proportional_and_sums():
+    from shardserve.model_executor.loader import pp_partition_by_memory
+
+    assert pp_partition_by_memory(32, [24e9, 24e9]) == [16, 16]
+    assert pp_partition_by_memory(32, [48e9, 16e9]) == [24, 8]  # three times the memory, three times the layers
+    sizes = pp_partition_by_memory(80, [80e9, 24e9, 24e9])
+    assert sum(sizes) == 80 and sizes[0] > max(sizes[1:]) and abs(sizes[1] - sizes[2]) <= 1 and min(sizes) >= 1
+    assert pp_partition_by_memory(3, [1e12, 1.0, 1.0]) == [1, 1, 1]  # every stage keeps a layer

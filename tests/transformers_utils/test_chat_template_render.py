@@ -72,7 +72,10 @@ def test_rich_template_matches_transformers(tokenizer: Tokenizer, hf_tokenizer, 
     "template",
     [
         "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+        "{{ ''.__class__.__mro__ }}",
         "{{ messages.__class__.__init__.__globals__ }}",
+        "{{ cycler.__init__.__globals__.os.popen('id').read() }}",
+        "{{ lipsum.__globals__['os'].popen('id').read() }}",
         "{% set x = [] %}{{ x.append(1) }}",
         "{% set ns = namespace() %}{% set ns._secret = 1 %}{{ ns }}",
     ],
@@ -80,6 +83,11 @@ def test_rich_template_matches_transformers(tokenizer: Tokenizer, hf_tokenizer, 
 def test_sandbox_refuses_python_internals(template: str) -> None:
     with pytest.raises(ValueError, match="chat template"):
         render_chat_template(template, [{"role": "user", "content": "hi"}])
+
+
+def test_sandbox_leaks_nothing_through_a_bare_dunder() -> None:
+    # A single unsafe attribute renders as undefined (empty), like transformers; nothing of the globals leaks.
+    assert render_chat_template("{{ raise_exception.__globals__ }}", [{"role": "user", "content": "hi"}]) == ""
 
 
 def test_raise_exception_gives_template_message() -> None:

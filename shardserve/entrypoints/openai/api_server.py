@@ -1,12 +1,14 @@
 """The HTTP server: FastAPI routes, error mapping and the uvicorn launcher.
 
 Routes: ``GET /health``, ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``,
-``POST /generate`` (SGLang native), ``GET /metrics`` (Prometheus), ``GET /version``.
+``POST /generate`` (SGLang native), ``GET /metrics`` (Prometheus), ``GET /version``, ``GET /cluster/status``
+(layout, ranks, KV cache and throughput; behind the API key when one is set).
 
 Every failure is answered in OpenAI's error shape ``{"error": {"message", "type", "param", "code"}}``:
 400 for bad parameters, malformed JSON and too long prompts; 401 for a missing API key; 404 for an
 unknown model or route; 413 for too large a body; 429 (with ``Retry-After``) when the engine queue
-is full; 503 while the model loads or after the engine died; 504 past the request timeout.
+is full; 503 while the model loads, while the ranks restart after a failure, while shutting down, or
+after the engine died; 504 past the request timeout. ``/openapi.json`` describes every request body.
 """
 
 from __future__ import annotations
@@ -30,6 +32,10 @@ from starlette.responses import JSONResponse, Response
 
 from shardserve.config import ServerConfig
 from shardserve.engine.async_llm import AsyncLLM, EngineDeadError, EngineOverloadedError
+from shardserve.entrypoints.openai.access import check_api_key, install_cors, warn_if_open
+from shardserve.entrypoints.openai.cluster_status import build_cluster_status
+from shardserve.entrypoints.openai.lifecycle import DrainState, GracefulServer, InFlightCounter
+from shardserve.entrypoints.openai.openapi_docs import publish_body_schemas, request_body
 from shardserve.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -73,6 +79,10 @@ class ServerState:
     """Blocking loader run in a thread at server start-up when ``engine`` is None (see :func:`run_server`)."""
     on_load_error: Callable[[BaseException], None] | None = None
     """Called (in the event loop) when ``load_engine`` raises."""
+    on_engine_dead: Callable[[], None] | None = None
+    """Called (in the event loop) when the loaded engine stops for good (restarts exhausted)."""
+    drain: DrainState = field(default_factory=DrainState)
+    """Requests in flight, and whether a SIGTERM drain is under way."""
 
     def unusable_reason(self) -> str | None:
         """Why requests cannot be served now (loading, failed load, dead engine), None when ready."""
@@ -97,6 +107,9 @@ def build_app(state: ServerState) -> FastAPI:
     app.state.metrics = metrics
     _install_error_handlers(app, state)
     _add_routes(app, state, metrics)
+    publish_body_schemas(app, [CompletionRequest, ChatCompletionRequest, GenerateRequest])
+    app.add_middleware(InFlightCounter, drain=state.drain)
+    install_cors(app, state.config)  # outermost, so preflights are answered before anything else
     return app
 
 
@@ -104,9 +117,10 @@ def build_app(state: ServerState) -> FastAPI:
 
 
 def _add_routes(app: FastAPI, state: ServerState, metrics: ServerMetrics) -> None:
-    def context(request: Request, v1: bool = True) -> ServingContext:
-        if v1:
-            _check_api_key(state.config, request)
+    def context(request: Request) -> ServingContext:
+        check_api_key(state.config, request)
+        if state.drain.draining:
+            raise EngineNotReadyError("the server is shutting down")
         reason = state.unusable_reason()
         if reason is not None:
             raise EngineNotReadyError(reason)
@@ -121,14 +135,27 @@ def _add_routes(app: FastAPI, state: ServerState, metrics: ServerMetrics) -> Non
             return JSONResponse({"status": "error", "error": state.error}, status_code=503)
         if reason is not None:
             return JSONResponse({"status": "loading"}, status_code=503)
+        if state.drain.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
+        if getattr(state.engine, "restarting", False):
+            return JSONResponse({"status": "restarting"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     @app.get("/version")
     async def version() -> Response:
         return JSONResponse({"version": _version()})
 
+    @app.get("/cluster/status")
+    async def cluster_status(request: Request) -> Response:
+        # Protected like /v1: it shows hosts, pids and memory. Reads the store, so off the event loop.
+        ctx = context(request)
+        body = await asyncio.to_thread(build_cluster_status, ctx.engine, ctx.served_model_names[0])
+        return JSONResponse(body)
+
     @app.get("/metrics")
-    async def get_metrics() -> Response:
+    async def get_metrics(request: Request) -> Response:
+        if state.config.protect_metrics:
+            check_api_key(state.config, request)
         stats = None
         if state.engine is not None:
             try:
@@ -144,21 +171,21 @@ def _add_routes(app: FastAPI, state: ServerState, metrics: ServerMetrics) -> Non
         cards = [ModelCard(id=name, root=root, max_model_len=ctx.engine.max_model_len) for name in ctx.served_model_names]
         return JSONResponse(ModelList(data=cards).model_dump(mode="json"))
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=request_body(CompletionRequest))
     async def completions(request: Request) -> Response:
         ctx = context(request)
         body = await _parse_body(request, CompletionRequest, state.config.max_request_body_bytes)
         return await cancel_on_disconnect(request, _as_response(CompletionServer(ctx).create(body, request)))
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=request_body(ChatCompletionRequest))
     async def chat_completions(request: Request) -> Response:
         ctx = context(request)
         body = await _parse_body(request, ChatCompletionRequest, state.config.max_request_body_bytes)
         return await cancel_on_disconnect(request, _as_response(ChatServer(ctx).create(body, request)))
 
-    @app.post("/generate")
+    @app.post("/generate", openapi_extra=request_body(GenerateRequest))
     async def generate(request: Request) -> Response:
-        ctx = context(request, v1=False)
+        ctx = context(request)
         body = await _parse_body(request, GenerateRequest, state.config.max_request_body_bytes)
         return await cancel_on_disconnect(request, _as_response(GenerateServer(ctx).create(body)))
 
@@ -166,13 +193,6 @@ def _add_routes(app: FastAPI, state: ServerState, metrics: ServerMetrics) -> Non
 async def _as_response(result: Any) -> Response:
     value = await result
     return value if isinstance(value, Response) else JSONResponse(value.model_dump(mode="json"))
-
-
-def _check_api_key(config: ServerConfig, request: Request) -> None:
-    if config.api_key is None:
-        return
-    if request.headers.get("authorization", "") != f"Bearer {config.api_key}":
-        raise InvalidRequestError("Incorrect or missing API key.", code="invalid_api_key", status=401)
 
 
 async def _parse_body(request: Request, model: type[M], limit: int) -> M:
@@ -245,9 +265,11 @@ def _install_error_handlers(app: FastAPI, state: ServerState) -> None:
 
     @app.exception_handler(EngineDeadError)
     async def dead(_: Request, exc: EngineDeadError) -> Response:
-        state.error = f"engine died: {exc}"
-        logger.error("engine died: %s", exc)
-        return _error(503, state.error, "service_unavailable", code="engine_dead")
+        # The ranks may be restarting (the engine goes on) or gone for good (state.error, /health 503).
+        state.unusable_reason()
+        logger.error("request failed: %s", exc)
+        return _error(503, f"engine failure: {exc}", "service_unavailable", code="engine_dead",
+                      headers={"Retry-After": str(RETRY_AFTER_S)})  # fmt: skip
 
     @app.exception_handler(EngineNotReadyError)
     async def not_ready(_: Request, exc: EngineNotReadyError) -> Response:
@@ -327,12 +349,36 @@ async def _load_engine(state: ServerState) -> None:
             state.on_load_error(exc)
         return
     state.engine = engine
+    _watch_engine(state, loop)
     cfg = state.config
     logger.info("ready: serving %s at http://%s:%d/v1", ", ".join(state.model_names()), cfg.host, cfg.port)
 
 
-def make_uvicorn_server(app: FastAPI, config: ServerConfig, log_level: str = "info") -> uvicorn.Server:
-    """A uvicorn server for ``app`` (call ``.run()``, or ``.serve()`` in a running loop, e.g. from a thread)."""
+def _watch_engine(state: ServerState, loop: asyncio.AbstractEventLoop) -> None:
+    """Stop the server (``state.on_engine_dead``) once the engine stops for good: no HTTP without an engine."""
+
+    def dead() -> None:
+        logger.error("the engine stopped for good; stopping the server: %s", state.unusable_reason())
+        if state.on_engine_dead is not None:
+            state.on_engine_dead()
+
+    def from_engine_thread(_: BaseException) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop may be closed already
+            loop.call_soon_threadsafe(dead)
+
+    callbacks = getattr(state.engine, "on_fatal", None)
+    if callbacks is None:
+        return
+    callbacks.append(from_engine_thread)
+    if getattr(state.engine, "errored", False):
+        dead()
+
+
+def make_uvicorn_server(app: FastAPI, config: ServerConfig, log_level: str = "info") -> GracefulServer:
+    """A uvicorn server for ``app`` (call ``.run()``, or ``.serve()`` in a running loop, e.g. from a thread).
+
+    SIGTERM drains it (see :mod:`shardserve.entrypoints.openai.lifecycle`); ``begin_drain()`` does the same.
+    """
     uv_config = uvicorn.Config(
         app,
         host=config.host,
@@ -341,7 +387,7 @@ def make_uvicorn_server(app: FastAPI, config: ServerConfig, log_level: str = "in
         lifespan="on",
         timeout_graceful_shutdown=5,
     )
-    return uvicorn.Server(uv_config)
+    return GracefulServer(uv_config, app.state.server_state, config.shutdown_timeout)
 
 
 def run_server(
@@ -352,26 +398,33 @@ def run_server(
 ) -> int:
     """Serve HTTP on ``host:port`` at once (``/health`` is 503 while loading) and load the engine meanwhile.
 
-    Blocks until SIGINT/SIGTERM (handled by uvicorn), then shuts the engine down.
+    Blocks until SIGINT, or until SIGTERM has drained the requests in flight, then shuts the engine down.
 
     Returns:
-        0, or 1 when the engine failed to load (the server stops as soon as that happens).
+        0; 1 when the engine failed to load or stopped for good (the server stops as soon as that
+        happens), or when a SIGTERM drain had to abort requests.
     """
     state = ServerState(engine=None, served_model_names=list(served_model_names or []), config=server_config)
     state.load_engine = load_engine
     server = make_uvicorn_server(build_app(state), server_config, log_level)
 
-    def stop(_: BaseException) -> None:
+    def stop(_: BaseException | None = None) -> None:
         server.should_exit = True
 
     state.on_load_error = stop
+    state.on_engine_dead = stop
+    warn_if_open(server_config)
     logger.info("starting HTTP server on http://%s:%d (loading the model)", server_config.host, server_config.port)
     try:
         server.run()
     finally:
         if state.engine is not None:
             state.engine.shutdown()
-    if state.engine is None and state.error is not None:
-        logger.error("exiting: %s", state.error)
+    reason = state.unusable_reason() if state.engine is not None else state.error
+    if reason is not None:
+        logger.error("exiting: %s", reason)
+        return 1
+    if state.drain.aborted:
+        logger.error("exiting: %d request(s) were aborted by the shutdown", state.drain.aborted)
         return 1
     return 0

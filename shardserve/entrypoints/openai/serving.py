@@ -22,7 +22,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from shardserve.config import ServerConfig
-from shardserve.engine.async_llm import AsyncLLM
+from shardserve.engine.async_llm import AsyncLLM, EngineDeadError
 from shardserve.entrypoints.openai.protocol import ErrorInfo, ErrorResponse, InvalidRequestError
 from shardserve.metrics import ServerMetrics
 from shardserve.outputs import RequestOutput
@@ -209,6 +209,8 @@ def stream_error_event(exc: BaseException) -> str:
     """The SSE event reporting an error after the response headers were sent."""
     if isinstance(exc, RequestTimeoutError):
         return sse(error_body(str(exc), "timeout", code="request_timeout"))
+    if isinstance(exc, EngineDeadError):  # a rank failed (the server restarts them) or the server shuts down
+        return sse(error_body(f"engine failure: {exc}", "service_unavailable", code="engine_dead"))
     return sse(error_body(f"{type(exc).__name__}: {exc}", "server_error", code="internal_error"))
 
 

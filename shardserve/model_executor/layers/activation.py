@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shardserve.model_executor.kernels import use_triton
+
 
 class SiluAndMul(nn.Module):
     """SwiGLU gate: ``silu(x[..., :d]) * x[..., d:]`` for ``x`` of width ``2 * d``.
@@ -16,5 +18,9 @@ class SiluAndMul(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(..., 2 * d)`` -> ``(..., d)``."""
+        if use_triton(x) and x.dim() == 2:
+            from shardserve.model_executor.kernels.elementwise import silu_and_mul
+
+            return silu_and_mul(x)
         d = x.shape[-1] // 2
         return F.silu(x[..., :d]) * x[..., d:]

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shardserve.model_executor.kernels import use_triton
+
 
 @dataclass
 class AttentionMetadata:
@@ -43,6 +45,10 @@ class AttentionMetadata:
     @property
     def is_decode_only(self) -> bool:
         return all(q == 1 for q in self.query_lens_cpu)
+
+    @property
+    def max_query_len(self) -> int:
+        return max(self.query_lens_cpu, default=0)
 
 
 class Attention(nn.Module):
@@ -76,6 +82,16 @@ class Attention(nn.Module):
         v = v.view(n, self.num_kv_heads, self.head_dim)
         if self.kv_cache is None:
             raise RuntimeError("Attention.kv_cache is unbound: the model runner allocates it before the first step")
+        if use_triton(q):
+            from shardserve.model_executor.kernels.attention import paged_attention, store_kvcache
+
+            store_kvcache(k, v, self.kv_cache, meta.slot_mapping)
+            out = torch.empty((n, self.num_heads, self.head_dim), dtype=q.dtype, device=q.device)
+            paged_attention(
+                q, self.kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, meta.max_query_len,
+                self.scale, out,
+            )
+            return out.view(n, self.num_heads * self.head_dim)
         self._store(k, v, meta.slot_mapping)
         if meta.is_decode_only:
             out = self._decode(q, meta)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from shardserve.model_executor.kernels import use_triton
+
 
 class RMSNorm(nn.Module):
     """Root-mean-square layer norm (Zhang & Sennrich 2019), computed in fp32 like Hugging Face Llama.
@@ -32,6 +34,13 @@ class RMSNorm(nn.Module):
         With ``residual``, first form ``x + residual`` (in the model dtype, as Hugging Face does) and
         return ``(norm(x + residual), x + residual)``; the second is the next layer's residual.
         """
+        if use_triton(x) and x.dim() == 2:
+            from shardserve.model_executor.kernels.elementwise import rms_norm
+
+            # The fused kernel writes x + residual into ``residual`` in place.
+            return rms_norm(x, self.weight, self.eps) if residual is None else (
+                rms_norm(x, self.weight, self.eps, residual), residual
+            )
         if residual is None:
             return self._norm(x)
         x = x + residual

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from shardserve.model_executor.kernels import use_triton
+
 
 def default_inv_freq(head_dim: int, base: float) -> torch.Tensor:
     """``1 / base ** (2i / head_dim)`` for ``i < head_dim / 2``, fp32 ``(head_dim // 2,)``.
@@ -116,6 +118,11 @@ class RotaryEmbedding(nn.Module):
         Raises:
             IndexError: a position beyond the cache (longer than ``max_position``).
         """
+        if use_triton(q) and q.stride(-1) == 1 and k.stride(-1) == 1:
+            from shardserve.model_executor.kernels.elementwise import rotary_embedding
+
+            rotary_embedding(positions, q, k, self.cos_cache, self.sin_cache)  # in place, in fp32
+            return q, k
         cos = self.cos_cache[positions].to(q.dtype).unsqueeze(1)
         sin = self.sin_cache[positions].to(q.dtype).unsqueeze(1)
         q = q * cos + rotate_half(q) * sin

@@ -16,7 +16,7 @@ from shardserve.model_executor.models.llama import LlamaForCausalLM
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ModelSource", "WeightSource", "iter_weights", "load_model", "pp_layer_range"]
+__all__ = ["ModelSource", "WeightSource", "iter_weights", "load_model", "pp_layer_range", "pp_partition_by_memory"]
 
 
 def pp_layer_range(
@@ -47,6 +47,34 @@ def pp_layer_range(
     sizes = [base + (1 if i >= pp_size - rem else 0) for i in range(pp_size)]
     start = sum(sizes[:pp_rank])
     return start, start + sizes[pp_rank]
+
+
+def pp_partition_by_memory(num_layers: int, free_bytes: list[float]) -> list[int]:
+    """Layers per stage in proportion to each stage's free memory (llama.cpp RPC's ``--tensor-split`` idea).
+
+    Every stage gets at least one layer; rounding uses the largest remainders, so the sizes sum to
+    ``num_layers``.
+
+    Args:
+        num_layers: decoder layers of the model.
+        free_bytes: per stage, the smallest free device memory among its TP ranks (bytes).
+
+    Raises:
+        ValueError: more stages than layers, or no stage with free memory.
+    """
+    stages = len(free_bytes)
+    if stages > num_layers:
+        raise ValueError(f"{stages} pipeline stages exceed the model's {num_layers} layers")
+    total = sum(max(f, 0.0) for f in free_bytes)
+    if total <= 0:
+        raise ValueError(f"no pipeline stage reports free memory: {free_bytes}")
+    spare = num_layers - stages  # one layer each first, the rest by share
+    shares = [spare * max(f, 0.0) / total for f in free_bytes]
+    sizes = [1 + int(s) for s in shares]
+    order = sorted(range(stages), key=lambda i: shares[i] - int(shares[i]), reverse=True)
+    for i in order[: num_layers - sum(sizes)]:
+        sizes[i] += 1
+    return sizes
 
 
 def iter_weights(source: ModelSource) -> Iterator[tuple[str, WeightSource]]:

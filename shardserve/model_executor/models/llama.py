@@ -90,7 +90,7 @@ class LlamaAttention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary_emb(positions, q, k)
-        out = self.attn(q.reshape(n, -1), k.reshape(n, -1), v.contiguous(), meta)
+        out = self.attn(q.reshape(n, -1), k.reshape(n, -1), v, meta)
         return self.o_proj(out)
 
 

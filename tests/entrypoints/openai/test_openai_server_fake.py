@@ -154,7 +154,7 @@ def test_overloaded_dead_and_loading(server, fake, serve_app):
     r = httpx.post(server.url + "/v1/completions", json={"prompt": "x", "max_tokens": 2}, timeout=30)
     assert_openai_error(r, 429, code="rate_limit_exceeded")
     assert int(r.headers["retry-after"]) >= 1
-    fake.overloaded, fake.dead = False, True
+    fake.overloaded, fake.dead, fake.errored = False, True, True  # AsyncLLM refuses new requests once errored
     assert_openai_error(httpx.post(server.url + "/v1/completions", json={"prompt": "x"}, timeout=30), 503)
     assert httpx.get(server.url + "/health", timeout=30).status_code == 503
     loading = serve_app(ServerState(engine=None, served_model_names=["m"], config=ServerConfig()))

@@ -1,0 +1,169 @@
+"""Triton kernels for the paged KV cache: writing new K/V, and attention over the cache.
+
+One attention kernel serves prefill, chunked prefill and decode (the "unified" layout of vLLM's Triton
+backend): a program takes ``BLOCK_Q`` query tokens of one request and the ``GROUP`` query heads that share
+one KV head, stacked into the M dimension of the tile, and walks the request's KV blocks with the online
+softmax of FlashAttention (Dao et al. 2022, Algorithm 1). Query ``j`` of a request whose context is
+``seq_len`` tokens long sits at position ``seq_len - q_len + j`` and sees keys up to it (causal).
+
+Cache layout (see :mod:`shardserve.model_executor.layers.attention`): one tensor per layer of shape
+``(2, num_blocks, block_size, num_kv_heads, head_dim)``, keys at index 0, values at 1.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _store_kv_kernel(
+    K, V, KC, VC, SLOTS,
+    stride_k, stride_v,
+    WIDTH: tl.constexpr, BLOCK: tl.constexpr,
+):
+    t = tl.program_id(0)
+    slot = tl.load(SLOTS + t)
+    if slot < 0:  # padding row of a captured batch
+        return
+    offs = tl.arange(0, BLOCK)
+    mask = offs < WIDTH
+    k = tl.load(K + t * stride_k + offs, mask=mask)
+    v = tl.load(V + t * stride_v + offs, mask=mask)
+    tl.store(KC + slot * WIDTH + offs, k.to(KC.dtype.element_ty), mask=mask)
+    tl.store(VC + slot * WIDTH + offs, v.to(VC.dtype.element_ty), mask=mask)
+
+
+def store_kvcache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Write each token's K and V into its cache slot; slots < 0 are skipped.
+
+    Args:
+        k, v: ``(num_tokens, num_kv_heads, head_dim)``, each token's heads contiguous.
+        kv_cache: ``(2, num_blocks, block_size, num_kv_heads, head_dim)``, contiguous.
+        slot_mapping: ``(num_tokens,)`` int64, ``block_id * block_size + offset`` or -1.
+    """
+    n, hkv, d = k.shape
+    width = hkv * d
+    if k.stride(2) != 1 or k.stride(1) != d or v.stride(2) != 1 or v.stride(1) != d:
+        raise ValueError("store_kvcache needs each token's K/V heads contiguous")
+    _store_kv_kernel[(n,)](
+        k, v, kv_cache[0], kv_cache[1], slot_mapping, k.stride(0), v.stride(0),
+        WIDTH=width, BLOCK=triton.next_power_of_2(width),
+    )
+
+
+@triton.jit
+def _paged_attention_kernel(
+    Q, KC, VC, O, BLOCK_TABLES, SEQ_LENS, QUERY_START_LOC,
+    scale,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_cb, stride_cs, stride_ch, stride_bt,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kvh = tl.program_id(1)
+    qb = tl.program_id(2)
+    q_start = tl.load(QUERY_START_LOC + seq)
+    q_len = tl.load(QUERY_START_LOC + seq + 1) - q_start
+    if qb * BLOCK_Q >= q_len:
+        return
+    seq_len = tl.load(SEQ_LENS + seq)
+    ctx = seq_len - q_len  # position of the request's first new token
+
+    BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_PAD
+    offs_m = tl.arange(0, BLOCK_M)
+    tok = qb * BLOCK_Q + offs_m // GROUP_PAD
+    g = offs_m % GROUP_PAD
+    m_valid = (tok < q_len) & (g < GROUP)
+    head = kvh * GROUP + g
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    d_valid = offs_d < HEAD_DIM
+
+    q_ptrs = Q + (q_start + tok)[:, None].to(tl.int64) * stride_qt + head[:, None] * stride_qh + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=m_valid[:, None] & d_valid[None, :], other=0.0)
+    q_pos = ctx + tok
+    kv_len = tl.minimum(seq_len, ctx + (qb + 1) * BLOCK_Q)  # keys the tile's last query sees
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    for start in range(0, kv_len, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_valid = offs_n < kv_len
+        block = tl.load(BLOCK_TABLES + seq * stride_bt + offs_n // BLOCK_SIZE, mask=n_valid, other=0)
+        row = block.to(tl.int64) * stride_cb + (offs_n % BLOCK_SIZE) * stride_cs + kvh * stride_ch
+        k = tl.load(KC + row[None, :] + offs_d[:, None], mask=n_valid[None, :] & d_valid[:, None], other=0.0)
+        if IEEE:
+            s = tl.dot(q, k, input_precision="ieee")
+        else:
+            s = tl.dot(q, k)
+        s = s * scale
+        visible = (offs_n[None, :] <= q_pos[:, None]) & n_valid[None, :]
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(VC + row[:, None] + offs_d[None, :], mask=n_valid[:, None] & d_valid[None, :], other=0.0)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # rows with no key (padding) give 0
+    o_ptrs = O + (q_start + tok)[:, None].to(tl.int64) * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
+    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
+
+
+def paged_attention(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    max_query_len: int,
+    scale: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal attention of each request's new queries over its whole context in the paged cache.
+
+    The new tokens' K/V must already be in the cache (:func:`store_kvcache`).
+
+    Args:
+        q: ``(num_tokens, num_heads, head_dim)``, last dimension contiguous.
+        kv_cache: ``(2, num_blocks, block_size, num_kv_heads, head_dim)``.
+        block_tables: ``(num_seqs, max_num_blocks)`` int32.
+        seq_lens: ``(num_seqs,)`` int32 context length after this step (0 for padding rows).
+        query_start_loc: ``(num_seqs + 1,)`` int32 offsets of each request's queries in ``q``.
+        max_query_len: the longest request's new tokens (host int: sets the launch grid).
+        scale: softmax scale, usually ``head_dim ** -0.5``.
+        out: optional ``(num_tokens, num_heads, head_dim)`` output buffer.
+
+    Returns:
+        ``(num_tokens, num_heads, head_dim)`` in ``q``'s dtype.
+    """
+    num_tokens, num_heads, head_dim = q.shape
+    _, _, block_size, num_kv_heads, _ = kv_cache.shape
+    group = num_heads // num_kv_heads
+    group_pad = triton.next_power_of_2(group)
+    # tl.dot wants M >= 16: decode packs several query tokens' worth of rows, prefill takes 64-row tiles.
+    block_q = max(1, (16 if max_query_len <= 1 else 64) // group_pad)
+    if out is None:
+        out = torch.empty_like(q)
+    num_seqs = seq_lens.shape[0]
+    kc, vc = kv_cache[0], kv_cache[1]
+    grid = (num_seqs, num_kv_heads, triton.cdiv(max(max_query_len, 1), block_q))
+    _paged_attention_kernel[grid](
+        q, kc, vc, out, block_tables, seq_lens, query_start_loc, scale,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        kc.stride(0), kc.stride(1), kc.stride(2), block_tables.stride(0),
+        GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q,
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=max(16, triton.next_power_of_2(head_dim)),
+        BLOCK_SIZE=block_size, BLOCK_N=64 if head_dim <= 128 else 32, IEEE=q.dtype == torch.float32,
+        num_warps=4,
+    )
+    return out

@@ -1,0 +1,122 @@
+"""Fused Triton kernels for the row-wise work between the matmuls of a decoder layer.
+
+Each replaces several PyTorch kernels with one, which is what decode at small batch needs: there the
+GPU time of a layer is a few matmuls reading weights, and every extra kernel adds a launch gap. The
+arithmetic follows the PyTorch paths in ``layers/`` (Hugging Face Llama's order of operations).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rms_norm_kernel(
+    X, R, W, Y, stride_x, stride_r, stride_y, N, eps,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < N
+    x = tl.load(X + row * stride_x + offs, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        x = x + tl.load(R + row * stride_r + offs, mask=mask, other=0.0)  # in the model dtype, as HF adds
+        tl.store(R + row * stride_r + offs, x, mask=mask)
+    h = x.to(tl.float32)
+    var = tl.sum(h * h, axis=0) / N
+    h = h * tl.rsqrt(var + eps)
+    w = tl.load(W + offs, mask=mask, other=0.0)
+    tl.store(Y + row * stride_y + offs, h.to(x.dtype) * w, mask=mask)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """RMSNorm (Zhang & Sennrich 2019) of ``x`` ``(num_tokens, hidden_size)``, optionally after ``x += residual``.
+
+    With ``residual`` (same shape, contiguous rows) the sum ``x + residual`` is written back into
+    ``residual`` in place, so the caller keeps it as the next residual stream.
+
+    Returns:
+        ``(num_tokens, hidden_size)`` in ``x``'s dtype.
+    """
+    n, hidden = x.shape
+    y = torch.empty((n, hidden), dtype=x.dtype, device=x.device)
+    r = residual if residual is not None else x
+    _rms_norm_kernel[(n,)](
+        x, r, weight, y, x.stride(0), r.stride(0), y.stride(0), hidden, eps,
+        HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(hidden), num_warps=8 if hidden >= 4096 else 4,
+    )
+    return y
+
+
+@triton.jit
+def _silu_and_mul_kernel(X, Y, stride_x, stride_y, D, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < D
+    gate = tl.load(X + row * stride_x + offs, mask=mask, other=0.0)
+    up = tl.load(X + row * stride_x + D + offs, mask=mask, other=0.0)
+    g = gate.to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(gate.dtype)
+    tl.store(Y + row * stride_y + offs, act * up, mask=mask)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """SwiGLU gate: ``(num_tokens, 2 * d)`` -> ``silu(x[:, :d]) * x[:, d:]``, ``(num_tokens, d)``."""
+    n, width = x.shape
+    d = width // 2
+    y = torch.empty((n, d), dtype=x.dtype, device=x.device)
+    block = min(2048, triton.next_power_of_2(d))
+    _silu_and_mul_kernel[(n, triton.cdiv(d, block))](x, y, x.stride(0), y.stride(0), d, BLOCK=block)
+    return y
+
+
+@triton.jit
+def _rotate_heads(base, stride_h, heads, cos, sin, HEADS_PAD: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr):
+    offs_h = tl.arange(0, HEADS_PAD)
+    offs_d = tl.arange(0, HALF_PAD)
+    mask = (offs_h < heads)[:, None] & (offs_d < HALF)[None, :]
+    p1 = base + offs_h[:, None] * stride_h + offs_d[None, :]
+    x1 = tl.load(p1, mask=mask, other=0.0)
+    x2 = tl.load(p1 + HALF, mask=mask, other=0.0)
+    a, b = x1.to(tl.float32), x2.to(tl.float32)
+    tl.store(p1, (a * cos - b * sin).to(x1.dtype), mask=mask)
+    tl.store(p1 + HALF, (b * cos + a * sin).to(x1.dtype), mask=mask)
+
+
+@triton.jit
+def _rotary_kernel(
+    Q, K, POS, COS, SIN,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_cache,
+    NUM_Q_HEADS: tl.constexpr, NUM_K_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr,
+    HALF: tl.constexpr, HALF_PAD: tl.constexpr,
+):
+    t = tl.program_id(0)
+    pos = tl.load(POS + t)
+    offs_d = tl.arange(0, HALF_PAD)
+    cos = tl.load(COS + pos * stride_cache + offs_d, mask=offs_d < HALF, other=0.0)[None, :]
+    sin = tl.load(SIN + pos * stride_cache + offs_d, mask=offs_d < HALF, other=0.0)[None, :]
+    _rotate_heads(Q + t * stride_qt, stride_qh, NUM_Q_HEADS, cos, sin, HEADS_PAD, HALF, HALF_PAD)
+    _rotate_heads(K + t * stride_kt, stride_kh, NUM_K_HEADS, cos, sin, HEADS_PAD, HALF, HALF_PAD)
+
+
+def rotary_embedding(
+    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor
+) -> None:
+    """Rotate ``q`` and ``k`` in place with RoPE in the rotate-half (GPT-NeoX) form (Su et al. 2021).
+
+    Args:
+        positions: ``(num_tokens,)`` int64.
+        q: ``(num_tokens, num_heads, head_dim)``; k: ``(num_tokens, num_kv_heads, head_dim)``; the last
+            dimension contiguous (they may be views into the fused QKV output).
+        cos_cache, sin_cache: ``(max_position, head_dim)`` fp32, each frequency repeated for both halves.
+    """
+    n, hq, d = q.shape
+    hk = k.shape[1]
+    _rotary_kernel[(n,)](
+        q, k, positions, cos_cache, sin_cache,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_cache.stride(0),
+        NUM_Q_HEADS=hq, NUM_K_HEADS=hk, HEADS_PAD=triton.next_power_of_2(max(hq, hk)),
+        HALF=d // 2, HALF_PAD=triton.next_power_of_2(d // 2),
+    )

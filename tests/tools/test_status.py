@@ -1,0 +1,106 @@
+"""shardserve status against a live PP=2 CPU server on the tiny random Llama."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from typer.testing import CliRunner
+
+from shardserve.cli import app
+from shardserve.distributed.rendezvous import free_port
+from shardserve.engine.throughput import TokenThroughput
+
+REPO = Path(__file__).resolve().parents[2]
+API_KEY = "status-test-key"
+
+
+def test_throughput_window_counts_prompt_once_and_forgets_old_tokens():
+    from shardserve.outputs import CompletionOutput, RequestOutput
+
+    now = [100.0]
+    meter = TokenThroughput(window_s=10.0, clock=lambda: now[0])
+    out = lambda ids, delta: RequestOutput(request_id="r", prompt=None, prompt_token_ids=[1] * 30,  # noqa: E731
+                                           outputs=[CompletionOutput(index=0, token_ids=ids, delta_token_ids=delta)],
+                                           finished=False, num_cached_tokens=10)  # fmt: skip
+    now[0] = 110.0
+    meter.observe(out([5], [5]))  # first token: 30 - 10 cached prompt tokens were computed
+    meter.observe(out([5, 6], [6]))
+    assert meter.rates() == pytest.approx((20 / 10, 2 / 10))
+    now[0] = 121.0
+    assert meter.rates() == (0.0, 0.0)
+
+
+@pytest.fixture(scope="module")
+def pp2_server(tiny_llama_dir):
+    port = free_port()
+    cmd = [sys.executable, "-m", "shardserve", "serve", str(tiny_llama_dir), "-pp", "2", "--device", "cpu",
+           "--dtype", "float32", "--num-kv-blocks", "64", "--max-model-len", "256", "--port", str(port),
+           "--api-key", API_KEY, "--log-level", "warning"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}:\n{proc.stdout.read()[-3000:]}")
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("server did not become healthy in 240 s")
+            time.sleep(0.5)
+        yield url, str(tiny_llama_dir)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+@pytest.mark.slow
+def test_status_lists_both_pipeline_ranks(pp2_server):
+    url, model = pp2_server
+    client = openai.OpenAI(base_url=url + "/v1", api_key=API_KEY, timeout=60, max_retries=0)
+    out = client.completions.create(model=model, prompt=[1, 520, 3327], max_tokens=8, temperature=0,
+                                    extra_body={"ignore_eos": True})  # fmt: skip
+    assert out.usage.completion_tokens == 8
+    runner = CliRunner()
+
+    denied = runner.invoke(app, ["status", "--url", url, "--json"])
+    assert denied.exit_code == 1 and "401" in denied.output
+
+    result = runner.invoke(app, ["status", "--url", url, "--api-key", API_KEY, "--json"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    status = json.loads(result.stdout)
+    assert status["layout"] == {"tp": 1, "pp": 2, "nnodes": 1, "world_size": 2, "ranks_per_node": 2}
+    ranks = sorted(status["ranks"], key=lambda r: r["rank"])
+    assert [r["rank"] for r in ranks] == [0, 1]
+    assert [r["pp_rank"] for r in ranks] == [0, 1]
+    assert [(r["layer_start"], r["layer_end"]) for r in ranks] == [(0, 2), (2, 4)]  # 4 layers over 2 stages
+    assert all(r["num_kv_blocks"] == 64 and r["memory_kind"] == "rss" and r["memory_used_bytes"] > 0 for r in ranks)
+    assert len({r["pid"] for r in ranks}) == 2
+    kv = status["kv_cache"]
+    assert kv["total_blocks"] == 64 and 0 <= kv["used_blocks"] <= 64 and kv["block_size"] == 16
+    assert status["requests"] == {"running": 0, "waiting": 0}
+    assert status["throughput"]["generation_tokens_per_s"] > 0  # the 8 tokens above, inside the window
+
+    rendered = runner.invoke(app, ["status", "--url", url, "--api-key", API_KEY], catch_exceptions=False, terminal_width=200)
+    assert rendered.exit_code == 0, rendered.output
+    text = rendered.stdout
+    for line in ("rank 0", "rank 1", "layers [0, 2)", "layers [2, 4)", "KV blocks", "Nodes", "Requests", "Throughput"):
+        assert line in text, text
