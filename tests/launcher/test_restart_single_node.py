@@ -12,8 +12,20 @@ import time
 
 import httpx
 import pytest
+from procs import (
+    PROMPT,
+    TINY,
+    Stream,
+    child_pid,
+    complete,
+    pid_alive,
+    serve,
+    stop,
+    wait_healthy,
+    wait_pid,
+    watch_health,
+)
 
-from procs import PROMPT, TINY, Stream, child_pid, complete, pid_alive, serve, stop, wait_healthy, wait_pid, watch_health
 from shardserve.distributed.rendezvous import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]

@@ -15,10 +15,19 @@ import time
 import uuid
 
 import pytest
-
-from procs import REPO, TINY, kill_rank_mid_stream, pid_alive, serve, stop, wait_healthy, wait_pid
-from shardserve.distributed.rendezvous import free_port
+from procs import (
+    REPO,
+    TINY,
+    kill_rank_mid_stream,
+    pid_alive,
+    serve,
+    stop,
+    wait_healthy,
+    wait_pid,
+)
 from test_two_nodes import _netns_ok
+
+from shardserve.distributed.rendezvous import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 

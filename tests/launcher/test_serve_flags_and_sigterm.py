@@ -7,9 +7,9 @@ import time
 
 import httpx
 import pytest
+from procs import TINY, Stream, serve, stop, wait_healthy
 from typer.testing import CliRunner
 
-from procs import TINY, Stream, serve, stop, wait_healthy
 from shardserve.cli import app
 from shardserve.distributed.rendezvous import free_port
 

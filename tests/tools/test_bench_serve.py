@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from procs import TINY, running_server
 
 from shardserve.distributed.rendezvous import free_port
 from shardserve.tools.bench_serve import (
@@ -136,35 +137,9 @@ def _saved(result_dir: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def tiny_server(tiny_llama_dir, tmp_path_factory):
-    port = free_port()
     log = tmp_path_factory.mktemp("bench-server") / "server.log"
-    cmd = [sys.executable, "-m", "shardserve", "serve", str(tiny_llama_dir), "--device", "cpu", "--dtype", "float32",
-           "--num-kv-blocks", "64", "--max-model-len", "256", "--port", str(port), "--log-level", "warning"]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("server did not become ready in 240 s")
-            time.sleep(0.5)
+    with running_server([str(tiny_llama_dir), *TINY[:-1], "warning"], log) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
 
 
 @pytest.mark.slow

@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
+from procs import TINY, running_server
 from typer.testing import CliRunner
 
 from shardserve.cli import app
-from shardserve.distributed.rendezvous import free_port
 from shardserve.engine.throughput import TokenThroughput
 
 REPO = Path(__file__).resolve().parents[2]
@@ -40,36 +34,10 @@ def test_throughput_window_counts_prompt_once_and_forgets_old_tokens():
 
 
 @pytest.fixture(scope="module")
-def pp2_server(tiny_llama_dir):
-    port = free_port()
-    cmd = [sys.executable, "-m", "shardserve", "serve", str(tiny_llama_dir), "-pp", "2", "--device", "cpu",
-           "--dtype", "float32", "--num-kv-blocks", "64", "--max-model-len", "256", "--port", str(port),
-           "--api-key", API_KEY, "--log-level", "warning"]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}:\n{proc.stdout.read()[-3000:]}")
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("server did not become healthy in 240 s")
-            time.sleep(0.5)
+def pp2_server(tiny_llama_dir, tmp_path_factory):
+    log = tmp_path_factory.mktemp("status-server") / "server.log"
+    with running_server([str(tiny_llama_dir), "-pp", "2", *TINY[:-1], "warning", "--api-key", API_KEY], log) as url:
         yield url, str(tiny_llama_dir)
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -9,11 +10,14 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 
-REPO = Path(__file__).resolve().parents[2]
+from shardserve.distributed.rendezvous import free_port
+
+REPO = Path(__file__).resolve().parents[1]
 PROMPT = [1, 520, 3327, 314, 4649, 3135]
 TINY = ["--dtype", "float32", "--device", "cpu", "--num-kv-blocks", "64", "--max-model-len", "256", "--log-level", "info"]
 
@@ -39,6 +43,22 @@ def wait_healthy(url: str, procs: list[subprocess.Popen], timeout: float = 240) 
             pass
         time.sleep(0.5)
     raise AssertionError(f"{url} did not become healthy in {timeout} s")
+
+
+@contextlib.contextmanager
+def running_server(args: list[str], log: Path, timeout: float = 240) -> Iterator[str]:
+    """Start ``shardserve serve ARGS --port P``, wait for /health, yield its URL, stop it on exit."""
+    port = free_port()
+    proc = serve([*args, "--port", str(port)], log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        try:
+            wait_healthy(url, [proc], timeout)
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{log.read_text()[-3000:]}") from None
+        yield url
+    finally:
+        stop([proc])
 
 
 def stop(procs: list[subprocess.Popen], timeout: float = 30) -> None:
