@@ -119,10 +119,9 @@ class ModelRunner:
             free = float(torch.cuda.mem_get_info(self.device)[0])
         else:  # CPU ranks of one node share its RAM
             free = float(_mem_available_bytes()) / max(1, self.config.parallel.ranks_per_node)
-        stage_free = self.tp.all_reduce_min_cpu(free)
-        partition = pp_partition_by_memory(self.arch.num_hidden_layers, self.pp.all_gather_cpu(stage_free))
-        logger.info("pipeline layers by free memory %s GiB: %s",
-                    [round(f / 2**30, 1) for f in self.pp.all_gather_cpu(stage_free)], partition)
+        stages_free = self.pp.all_gather_cpu(self.tp.all_reduce_min_cpu(free))
+        partition = pp_partition_by_memory(self.arch.num_hidden_layers, stages_free)
+        logger.info("pipeline layers by free memory %s GiB: %s", [round(f / 2**30, 1) for f in stages_free], partition)
         return partition
 
     # -- KV cache ------------------------------------------------------------------------------
