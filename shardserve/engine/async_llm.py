@@ -172,7 +172,11 @@ class AsyncLLM:
         if isinstance(item, BaseException) or item.finished:
             self._sinks.pop(request_id, None)
         loop, q = sink
-        loop.call_soon_threadsafe(q.put_nowait, item)
+        try:
+            loop.call_soon_threadsafe(q.put_nowait, item)
+        except RuntimeError:  # the consumer's event loop has closed: nobody is listening any more
+            self._sinks.pop(request_id, None)
+            self._commands.put(_Abort(request_id))
 
     # -- public --------------------------------------------------------------------------------
     @property

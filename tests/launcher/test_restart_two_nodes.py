@@ -96,7 +96,7 @@ def test_headless_worker_killed_in_network_namespaces(tiny_llama_dir, tmp_path):
             cmd = ["ip", "netns", "exec", n, sys.executable, "-m", "shardserve", "serve", *args]
             with open(log, "ab") as f:  # `ip netns exec` execs: the Popen pid is the launcher's
                 procs.append(subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT))
-        client = (f"import json,sys; sys.path.insert(0, {str(REPO / 'tests' / 'launcher')!r}); "
+        client = (f"import json,sys; sys.path.insert(0, {str(REPO / 'tests')!r}); "
                   "from procs import kill_rank_mid_stream; "
                   f"print(json.dumps(kill_rank_mid_stream('http://{addrs[0]}:{hport}', {procs[1].pid})))")  # fmt: skip
         done = subprocess.run(["ip", "netns", "exec", ns[0], sys.executable, "-c", client], cwd=REPO,
