@@ -46,12 +46,39 @@ def _timed_cuda(fn, reps: int, warmup: int = 3) -> float:
     return start.elapsed_time(end) / 1e3 / reps
 
 
-def part_hw(args) -> dict:
-    n = 1 << 30  # 1 GiB per buffer (bf16 elements: 512 Mi)
+def _timed_graph(fn, calls: int = 20, reps: int = 20) -> float:
+    """Mean seconds of one ``fn()`` replayed from a CUDA graph of ``calls`` calls (no launch overhead:
+    a Triton kernel launched from Python costs tens of microseconds of CPU, more than a small GEMV runs)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()  # compile / autotune outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return _timed_cuda(graph.replay, reps) / calls
+
+
+def time_matmul_cold(op, x: torch.Tensor, w: torch.Tensor, l2_bytes: int = 256 << 20) -> float:
+    """Seconds of ``op(x, w)`` with ``w`` not in L2, as in a decode step where each layer's weights are
+    read once: the graph cycles through copies of ``w`` totalling at least ``l2_bytes``."""
+    copies = [w] + [w.clone() for _ in range(-(-l2_bytes // (w.numel() * w.element_size())) - 1)]
+    t = _timed_graph(lambda: [op(x, c) for c in copies], calls=1, reps=20)
+    return t / len(copies)
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy bandwidth, bytes read + written per second (1 GiB buffers)."""
+    n = 1 << 30
     src = torch.empty(n // 2, dtype=torch.bfloat16, device="cuda")
     dst = torch.empty_like(src)
-    t = _timed_cuda(lambda: dst.copy_(src), 20)
-    copy_bw = 2 * n / t
+    return 2 * n / _timed_cuda(lambda: dst.copy_(src), 20)
+
+
+def part_hw(args) -> dict:
+    copy_bw = copy_bandwidth()
     a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
     b = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
     t = _timed_cuda(lambda: a @ b, 10)

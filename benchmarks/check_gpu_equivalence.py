@@ -3,7 +3,8 @@
     python benchmarks/check_gpu_equivalence.py [-tp 2] [-pp 1]
 
 A small random Llama (llama3 rope, GQA) saved by transformers; fp32 on both sides (TF32 off), greedy,
-32 new tokens for prompts of several lengths in one batch (a decode batch of 5 runs the graph of size 8).
+32 new tokens for prompts of several lengths in one batch (a decode batch of 5 runs the graph of size 8),
+then the longest alone and the two shortest together (batch 1 and 2).
 Prints MATCH/MISMATCH per prompt and exits 1 on any mismatch.
 """
 
@@ -59,10 +60,13 @@ def main() -> int:
     llm = LLM(str(path), dtype="float32", device="cuda", tensor_parallel_size=args.tp,
               pipeline_parallel_size=args.pp, max_num_seqs=16, enforce_eager=args.enforce_eager,
               gpu_memory_utilization=0.3)
-    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=new, ignore_eos=True))
+    params = SamplingParams(temperature=0.0, max_tokens=new, ignore_eos=True)
+    outs = llm.generate(prompts, params)
+    # Alone too: decode at batch 1 and 2 takes the small-batch paths (GEMV, split-KV attention).
+    outs += llm.generate([prompts[-1]], params) + llm.generate(prompts[:2], params)
     llm.shutdown()
     ok = True
-    for p, want, got in zip(prompts, expected, outs):
+    for p, want, got in zip(prompts + prompts[-1:] + prompts[:2], expected + expected[-1:] + expected[:2], outs):
         ids = got.outputs[0].token_ids
         same = list(ids) == want
         ok &= same

@@ -120,6 +120,12 @@ class GroupCoordinator:
         dist.all_gather(parts, x.contiguous(), group=self.device_group)
         return torch.cat(parts, dim=dim)
 
+    def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """Broadcast ``x`` in place from group rank ``src`` over the device group; returns ``x``."""
+        if self.world_size > 1:
+            dist.broadcast(x, src=self.ranks[src], group=self.device_group)
+        return x
+
     def all_reduce_min_cpu(self, value: float) -> float:
         """Minimum of a host number over the group (gloo control group)."""
         if self.world_size == 1:

@@ -3,7 +3,8 @@
 ``UniProcExecutor`` runs the single rank in the head process (TP = PP = 1).
 ``MultiprocExecutor`` spawns this node's worker processes and drives every rank of the launch
 over the control world (see ``shardserve.executor.worker``). Steps are submitted and collected in
-order; up to ``max_in_flight`` (= PP) steps may be in flight so that pipeline stages overlap.
+order; up to ``max_in_flight`` steps may be in flight: PP of them so that pipeline stages overlap, or
+with PP = 1 two (async scheduling), so that the head schedules step N+1 while step N runs.
 """
 
 from __future__ import annotations
@@ -20,7 +21,14 @@ import torch.distributed as dist
 
 from shardserve.config import EngineConfig
 from shardserve.distributed import parallel_state as ps
-from shardserve.executor.messages import InitKVCache, ModelRunnerOutput, ProfileRequest, SchedulerOutput, Shutdown
+from shardserve.executor.messages import (
+    FlushOutputs,
+    InitKVCache,
+    ModelRunnerOutput,
+    ProfileRequest,
+    SchedulerOutput,
+    Shutdown,
+)
 from shardserve.executor.rank_info import RankInfo, describe_rank, read_rank_info
 from shardserve.executor.supervisor import (
     GENERATION_KEY,
@@ -30,7 +38,14 @@ from shardserve.executor.supervisor import (
     read_failure_reports,
     root_causes,
 )
-from shardserve.executor.worker import WorkerArgs, head_rank, join_world, open_store, worker_main
+from shardserve.executor.worker import (
+    WorkerArgs,
+    async_scheduling_enabled,
+    head_rank,
+    join_world,
+    open_store,
+    worker_main,
+)
 
 if TYPE_CHECKING:
     from shardserve.model_executor.model_runner import PendingOutput
@@ -223,7 +238,9 @@ class MultiprocExecutor(Executor):
     ):
         self.config = config
         par = config.parallel
-        self.max_in_flight = par.pipeline_parallel_size
+        # PP: one step per stage in flight. PP = 1: async scheduling, step N+1 is sent while N runs.
+        self.supports_async_scheduling = async_scheduling_enabled(config)
+        self.max_in_flight = 2 if self.supports_async_scheduling else par.pipeline_parallel_size
         self.head = head_rank(config)
         self.output_rank = (par.pipeline_parallel_size - 1) * par.tensor_parallel_size
         self.store_host, self.store_port, self.env = store_host, store_port, env
@@ -365,6 +382,9 @@ class MultiprocExecutor(Executor):
 
     def collect(self) -> ModelRunnerOutput:
         step_id = self._steps[0]
+        if self.supports_async_scheduling and len(self._steps) == 1:  # no later step released it
+            self._call(lambda: self._broadcast(FlushOutputs()), f"asking for step {step_id}",
+                       self.config.parallel.watchdog_timeout)  # fmt: skip
         doing = f"waiting for step {step_id} from rank {self.output_rank} (node {self._node_of(self.output_rank)})"
         out = self._call(lambda: self._recv(self.output_rank), doing, self.config.parallel.watchdog_timeout)
         self._steps.popleft()

@@ -76,6 +76,16 @@ class ModelRunnerOutput:
 
 
 @dataclass
+class FlushOutputs:
+    """Asks the output rank for the result it still holds (async scheduling).
+
+    With async scheduling the output rank sends step N's result once it has launched step N+1, so that
+    the copy of N's tokens to the host overlaps N+1 on the device. When the head wants N's result and
+    has no N+1 to send, it sends this instead.
+    """
+
+
+@dataclass
 class Shutdown:
     """Tells the workers to leave their loop."""
 

@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -23,7 +24,7 @@ import torch.distributed as dist
 
 from shardserve.config import EngineConfig
 from shardserve.distributed import parallel_state as ps
-from shardserve.executor.messages import InitKVCache, ProfileRequest, SchedulerOutput, Shutdown
+from shardserve.executor.messages import FlushOutputs, InitKVCache, ProfileRequest, SchedulerOutput, Shutdown
 from shardserve.executor.rank_info import describe_rank, publish_rank_info
 
 logger = logging.getLogger(__name__)
@@ -70,6 +71,17 @@ def join_world(config: EngineConfig, rank: int, store: dist.TCPStore, generation
         world_size=config.parallel.world_size + 1,
         timeout=timedelta(seconds=config.parallel.rendezvous_timeout),
     )
+
+
+def async_scheduling_enabled(config: EngineConfig) -> bool:
+    """Whether a multi-process launch schedules step N+1 while N runs: asked for, and PP = 1 (the first
+    stage could not fill the next step's inputs from a sample taken on the last)."""
+    return config.scheduler.async_scheduling and config.parallel.pipeline_parallel_size == 1
+
+
+def _result(out):
+    """A step's :class:`ModelRunnerOutput`, waiting for its tokens if they are still being copied."""
+    return out.result() if hasattr(out, "result") else out
 
 
 def device_backend(config: EngineConfig, device_type: str) -> str:
@@ -150,6 +162,7 @@ class Worker:
         self.head = head_rank(config)
         source = resolve_model(config.model.model, config.model.hf_overrides)
         self.runner = ModelRunner(config, source, device)
+        self.async_outputs = async_scheduling_enabled(config)
 
     def _recv(self):
         box = [None]
@@ -160,12 +173,23 @@ class Worker:
         dist.send_object_list([obj], dst=self.head)
 
     def loop(self) -> None:
+        held = deque()  # async scheduling: results launched but not yet sent (output rank only)
         while True:
             msg = self._recv()
             if isinstance(msg, SchedulerOutput):
-                out = self.runner.execute(msg)
+                if not self.async_outputs:
+                    out = self.runner.execute(msg)
+                    if out is not None:
+                        self._send(out)
+                    continue
+                out = self.runner.execute_async(msg)
                 if out is not None:
-                    self._send(out)
+                    held.append(out)
+                while len(held) > 1:  # step N+1 is launched: N's tokens travel while it runs
+                    self._send(_result(held.popleft()))
+            elif isinstance(msg, FlushOutputs):
+                while held:
+                    self._send(_result(held.popleft()))
             elif isinstance(msg, ProfileRequest):
                 self._send(self.runner.available_kv_blocks())
             elif isinstance(msg, InitKVCache):

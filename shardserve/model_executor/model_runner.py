@@ -294,8 +294,9 @@ class ModelRunner:
     def execute_async(self, step: SchedulerOutput) -> PendingOutput | ModelRunnerOutput | None:
         """Like :meth:`execute`, but the sampled tokens are still being copied to the host (async scheduling).
 
-        Placeholder inputs (``PLACEHOLDER_TOKEN_ID``) take the previous step's sample on the device, which
-        is only possible on a rank that samples: async scheduling runs with TP = PP = 1.
+        Placeholder inputs (``PLACEHOLDER_TOKEN_ID``) take the previous step's sample on the device. With
+        TP the output rank broadcasts its sample to the other TP ranks on the device group for that; with
+        PP the first stage has no sample, so async scheduling runs with PP = 1.
         """
         self._update_states(step)
         if step.is_empty:
@@ -319,9 +320,17 @@ class ModelRunner:
         if not inputs.sampled_ids:
             return ModelRunnerOutput(step.step_id) if self.is_output_rank else None
         logits = self.model.compute_logits(out[inputs.sample_indices])
+        share = self.tp.world_size > 1 and self.config.scheduler.async_scheduling and self.pp.world_size == 1
         if not self.is_output_rank:
+            if share:  # the next step's placeholders are this sample
+                tokens = torch.empty(len(inputs.sampled_ids), dtype=torch.long, device=self.device)
+                self._last_sampled = self.tp.broadcast(tokens, 0)
+                self._last_sampled_rows = {rid: i for i, rid in enumerate(inputs.sampled_ids)}
             return None
-        return self._sample(step.step_id, logits, inputs.sampled_ids)
+        pending = self._sample(step.step_id, logits, inputs.sampled_ids)
+        if share:
+            self.tp.broadcast(self._last_sampled, 0)
+        return pending
 
     @property
     def is_output_rank(self) -> bool:

@@ -10,6 +10,7 @@ pytest.importorskip("triton")
 from shardserve.model_executor.kernels import TRITON_INTERPRET  # noqa: E402
 from shardserve.model_executor.kernels.attention import paged_attention, store_kvcache  # noqa: E402
 from shardserve.model_executor.kernels.elementwise import rms_norm, rotary_embedding, silu_and_mul  # noqa: E402
+from shardserve.model_executor.kernels.gemv import KERNEL_MAX_ROWS, gemv  # noqa: E402
 from shardserve.model_executor.layers.activation import SiluAndMul  # noqa: E402
 from shardserve.model_executor.layers.attention import Attention, AttentionMetadata  # noqa: E402
 from shardserve.model_executor.layers.layernorm import RMSNorm  # noqa: E402
@@ -78,6 +79,26 @@ def test_paged_attention_matches_torch_path(num_heads, num_kv_heads, head_dim, q
     torch.testing.assert_close(got, expected.view(n, num_heads, head_dim), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("num_kv_splits", [2, 3, 16])
+def test_split_kv_decode_matches_one_pass(num_kv_splits):
+    """Flash-Decoding: context ranges merged by log-sum-exp equal one pass over the whole context, including
+    ranges left empty (16 splits of a 9-token context) and a padding row (context 0)."""
+    gen = torch.Generator().manual_seed(4)
+    num_heads, num_kv_heads, head_dim, block_size = 8, 2, 32, 4
+    seq_lens = [9, 150, 37, 1]
+    meta = _metadata([1] * len(seq_lens), seq_lens, block_size, 128, gen)
+    cache = torch.randn(2, 128, block_size, num_kv_heads, head_dim, generator=gen).to(DEVICE)
+    q = torch.randn(len(seq_lens), num_heads, head_dim, generator=gen).to(DEVICE)
+    seq_lens_t = meta.seq_lens.clone()
+    seq_lens_t[-1] = 0  # padding row of a captured batch
+    args = (q, cache, meta.block_tables, seq_lens_t, meta.query_start_loc, 1, head_dim**-0.5)
+    want = paged_attention(*args, num_kv_splits=1)
+    got = paged_attention(*args, num_kv_splits=num_kv_splits)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert got[-1].abs().sum() == 0
+    assert want[:-1].abs().sum(-1).gt(0).all()
+
+
 def test_padding_rows_are_skipped():
     """Captured decode batches pad with slot -1 and context 0: no cache write, zero output."""
     cache = torch.zeros(2, 4, 4, 2, 16, device=DEVICE)
@@ -130,3 +151,69 @@ def test_rotary_matches_torch_on_fused_qkv_views():
     torch.testing.assert_close(gq.cpu(), want_q, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(gk.cpu(), want_k, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(gv.cpu(), qkv[:, (heads + kv_heads) * d :])  # V untouched
+
+
+@pytest.mark.parametrize("rows,n,k,bias,config", [
+    (1, 64, 1024, False, None),  # even: unmasked loads
+    (1, 37, 300, True, None),  # ragged N and K, bias
+    (2, 40, 1024, False, (8, 256, 4, 2)),  # several rows share each weight tile
+    (3, 40, 1024, False, (8, 256, 4, 2)),
+    (KERNEL_MAX_ROWS, 13, 77, True, (4, 64, 4, 1)),
+])
+def test_gemv_matches_linear(rows, n, k, bias, config):
+    gen = torch.Generator().manual_seed(5)
+    x, w = torch.randn(rows, k, generator=gen), torch.randn(n, k, generator=gen)
+    b = torch.randn(n, generator=gen) if bias else None
+    got = gemv(x.to(DEVICE), w.to(DEVICE), None if b is None else b.to(DEVICE), config=config)
+    torch.testing.assert_close(got.cpu(), torch.nn.functional.linear(x, w, b), atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("rows,inter,k,config", [(1, 64, 512, None), (2, 20, 300, (8, 128, 4, 1)), (3, 48, 256, (4, 256, 4, 2))])
+def test_gemv_fused_silu_and_mul_matches_unfused(rows, inter, k, config):
+    gen = torch.Generator().manual_seed(6)
+    x, w = torch.randn(rows, k, generator=gen), torch.randn(2 * inter, k, generator=gen) * 0.1
+    got = gemv(x.to(DEVICE), w.to(DEVICE), config=config, silu_and_mul=True)
+    want = SiluAndMul()(torch.nn.functional.linear(x, w))
+    torch.testing.assert_close(got.cpu(), want, atol=1e-4, rtol=1e-4)
+
+
+def test_gemv_refuses_a_large_batch():
+    with pytest.raises(ValueError, match="at most"):
+        gemv(torch.zeros(KERNEL_MAX_ROWS + 1, 8, device=DEVICE), torch.zeros(4, 8, device=DEVICE))
+
+
+def test_rotary_fused_with_kv_store_matches_rotary_then_store():
+    """RoPE fused with the cache write: q rotated in place, rotated K and V in their slots, -1 skipped."""
+    gen = torch.Generator().manual_seed(7)
+    heads, kv_heads, d, block_size = 6, 2, 16, 4
+    rope = RotaryEmbedding(d, 64, 10000.0)
+    qkv = torch.randn(4, (heads + 2 * kv_heads) * d, generator=gen).to(DEVICE)
+    positions = torch.tensor([0, 7, 3, 63], device=DEVICE)
+    slots = torch.tensor([5, 0, -1, 17], device=DEVICE)
+    cos, sin = rope.cos_cache.to(DEVICE), rope.sin_cache.to(DEVICE)
+
+    def split(t):
+        q, k, v = t.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
+        return q.view(4, heads, d), k.view(4, kv_heads, d), v.view(4, kv_heads, d)
+
+    want_qkv, want_cache = qkv.clone(), torch.zeros(2, 8, block_size, kv_heads, d, device=DEVICE)
+    q, k, v = split(want_qkv)
+    rotary_embedding(positions, q, k, cos, sin)
+    store_kvcache(k, v, want_cache, slots)
+    got_qkv, got_cache = qkv.clone(), torch.zeros_like(want_cache)
+    q, k, v = split(got_qkv)
+    rotary_embedding(positions, q, k, cos, sin, v=v, kv_cache=got_cache, slot_mapping=slots)
+    torch.testing.assert_close(got_cache, want_cache, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_qkv[:, : heads * d], want_qkv[:, : heads * d], atol=1e-5, rtol=1e-5)
+    assert got_cache.abs().sum() > 0
+
+
+def test_prefill_tile_shape_does_not_change_the_result():
+    """128-row tiles and 8 warps (a tuning choice) compute the same causal attention as the default."""
+    gen = torch.Generator().manual_seed(8)
+    meta = _metadata([37, 20], [37, 45], 4, 64, gen)
+    cache = torch.randn(2, 64, 4, 2, 16, generator=gen).to(DEVICE)
+    q = torch.randn(57, 8, 16, generator=gen).to(DEVICE)
+    args = (q, cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, 37, 0.25)
+    torch.testing.assert_close(paged_attention(*args, block_m=128, num_warps=8), paged_attention(*args),
+                               atol=1e-5, rtol=1e-5)

@@ -6,6 +6,12 @@ one KV head, stacked into the M dimension of the tile, and walks the request's K
 softmax of FlashAttention (Dao et al. 2022, Algorithm 1). Query ``j`` of a request whose context is
 ``seq_len`` tokens long sits at position ``seq_len - q_len + j`` and sees keys up to it (causal).
 
+Decode at small batch has too few (request, KV head) programs to fill the GPU, and each would walk the
+whole context alone. There the context is split into ``num_kv_splits`` ranges walked by separate
+programs, each writing its unnormalised output with its running max and sum, and a second kernel merges
+them with the log-sum-exp rescaling of Flash-Decoding (Dao et al. 2023, "Flash-Decoding for long-context
+inference"; vLLM's and SGLang's split-KV decode kernels).
+
 Cache layout (see :mod:`shardserve.model_executor.layers.attention`): one tensor per layer of shape
 ``(2, num_blocks, block_size, num_kv_heads, head_dim)``, keys at index 0, values at 1.
 """
@@ -55,17 +61,22 @@ def store_kvcache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot
 
 @triton.jit
 def _paged_attention_kernel(
-    Q, KC, VC, O, BLOCK_TABLES, SEQ_LENS, QUERY_START_LOC,
+    Q, KC, VC, O, BLOCK_TABLES, SEQ_LENS, QUERY_START_LOC, PART_ACC, PART_ML,
     scale,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cb, stride_cs, stride_ch, stride_bt,
-    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
+    NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, NUM_SPLITS: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
-    qb = tl.program_id(2)
+    if NUM_SPLITS == 1:
+        qb = tl.program_id(2)
+        split = 0
+    else:  # decode: one query tile, the third axis walks ranges of the context
+        qb = 0
+        split = tl.program_id(2)
     q_start = tl.load(QUERY_START_LOC + seq)
     q_len = tl.load(QUERY_START_LOC + seq + 1) - q_start
     if qb * BLOCK_Q >= q_len:
@@ -86,11 +97,16 @@ def _paged_attention_kernel(
     q = tl.load(q_ptrs, mask=m_valid[:, None] & d_valid[None, :], other=0.0)
     q_pos = ctx + tok
     kv_len = tl.minimum(seq_len, ctx + (qb + 1) * BLOCK_Q)  # keys the tile's last query sees
+    kv_start = 0
+    if NUM_SPLITS > 1:  # this program's range: whole BLOCK_N tiles, the last range may be short or empty
+        chunk = tl.cdiv(tl.cdiv(kv_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        kv_start = split * chunk
+        kv_len = tl.minimum(kv_len, kv_start + chunk)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
-    for start in range(0, kv_len, BLOCK_N):
+    for start in range(kv_start, kv_len, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         n_valid = offs_n < kv_len
         block = tl.load(BLOCK_TABLES + seq * stride_bt + offs_n // BLOCK_SIZE, mask=n_valid, other=0)
@@ -114,9 +130,54 @@ def _paged_attention_kernel(
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
+    if NUM_SPLITS > 1:  # partial results, merged by _merge_splits_kernel
+        part = ((q_start + tok).to(tl.int64) * NUM_HEADS + head) * NUM_SPLITS + split
+        tl.store(PART_ACC + part[:, None] * HEAD_DIM_PAD + offs_d[None, :], acc, mask=m_valid[:, None])
+        tl.store(PART_ML + 2 * part, m_i, mask=m_valid)
+        tl.store(PART_ML + 2 * part + 1, l_i, mask=m_valid)
+        return
     acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # rows with no key (padding) give 0
     o_ptrs = O + (q_start + tok)[:, None].to(tl.int64) * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
     tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
+
+
+@triton.jit
+def _merge_splits_kernel(
+    PART_ACC, PART_ML, O, stride_ot, stride_oh,
+    NUM_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+):
+    t = tl.program_id(0)
+    head = tl.program_id(1)
+    offs_s = tl.arange(0, SPLITS_PAD)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    part = (t.to(tl.int64) * NUM_HEADS + head) * NUM_SPLITS + offs_s
+    s_valid = offs_s < NUM_SPLITS
+    m = tl.load(PART_ML + 2 * part, mask=s_valid, other=float("-inf"))
+    l = tl.load(PART_ML + 2 * part + 1, mask=s_valid, other=0.0)
+    m_max = tl.max(m, 0)
+    w = tl.exp(m - tl.where(m_max == float("-inf"), 0.0, m_max))  # empty ranges: exp(-inf) = 0
+    acc = tl.load(PART_ACC + part[:, None] * HEAD_DIM_PAD + offs_d[None, :], mask=s_valid[:, None], other=0.0)
+    denom = tl.sum(w * l, 0)
+    out = tl.sum(acc * w[:, None], 0) / tl.where(denom == 0.0, 1.0, denom)
+    tl.store(O + t * stride_ot + head * stride_oh + offs_d, out.to(O.dtype.element_ty), mask=offs_d < HEAD_DIM)
+
+
+_NUM_SMS: dict[int, int] = {}
+
+
+def num_kv_splits_for(num_seqs: int, num_kv_heads: int, device: torch.device) -> int:
+    """Context ranges per (request, KV head) for a decode step: enough programs for two per SM, at most 16.
+
+    CPU tensors (Triton's interpreter) get 1.
+    """
+    if device.type != "cuda":
+        return 1
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _NUM_SMS:
+        _NUM_SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    programs = max(1, num_seqs * num_kv_heads)
+    return max(1, min(16, -(-2 * _NUM_SMS[index] // programs)))
 
 
 def paged_attention(
@@ -128,6 +189,9 @@ def paged_attention(
     max_query_len: int,
     scale: float,
     out: torch.Tensor | None = None,
+    num_kv_splits: int | None = None,
+    block_m: int | None = None,
+    num_warps: int = 4,
 ) -> torch.Tensor:
     """Causal attention of each request's new queries over its whole context in the paged cache.
 
@@ -142,6 +206,10 @@ def paged_attention(
         max_query_len: the longest request's new tokens (host int: sets the launch grid).
         scale: softmax scale, usually ``head_dim ** -0.5``.
         out: optional ``(num_tokens, num_heads, head_dim)`` output buffer.
+        num_kv_splits: context ranges per (request, KV head) for decode steps (``max_query_len <= 1``);
+            ``None`` picks by the GPU's SM count (:func:`num_kv_splits_for`). Ignored for prefill.
+        block_m: rows of a tile (query tokens x query heads of one KV head, padded to a power of two);
+            default 16 for decode, 64 for prefill. ``num_warps``: Triton warps per program.
 
     Returns:
         ``(num_tokens, num_heads, head_dim)`` in ``q``'s dtype.
@@ -151,19 +219,37 @@ def paged_attention(
     group = num_heads // num_kv_heads
     group_pad = triton.next_power_of_2(group)
     # tl.dot wants M >= 16: decode packs several query tokens' worth of rows, prefill takes 64-row tiles.
-    block_q = max(1, (16 if max_query_len <= 1 else 64) // group_pad)
+    if block_m is None:
+        block_m = 16 if max_query_len <= 1 else 64
+    block_q = max(1, block_m // group_pad)
     if out is None:
         out = torch.empty_like(q)
     num_seqs = seq_lens.shape[0]
     kc, vc = kv_cache[0], kv_cache[1]
-    grid = (num_seqs, num_kv_heads, triton.cdiv(max(max_query_len, 1), block_q))
+    head_dim_pad = max(16, triton.next_power_of_2(head_dim))
+    splits = 1
+    if max_query_len <= 1:
+        splits = num_kv_splits if num_kv_splits is not None else num_kv_splits_for(num_seqs, num_kv_heads, q.device)
+    part_acc = part_ml = out  # unused unless split
+    if splits > 1:
+        part_acc = torch.empty((num_tokens, num_heads, splits, head_dim_pad), dtype=torch.float32, device=q.device)
+        part_ml = torch.empty((num_tokens, num_heads, splits, 2), dtype=torch.float32, device=q.device)
+        grid = (num_seqs, num_kv_heads, splits)
+    else:
+        grid = (num_seqs, num_kv_heads, triton.cdiv(max(max_query_len, 1), block_q))
     _paged_attention_kernel[grid](
-        q, kc, vc, out, block_tables, seq_lens, query_start_loc, scale,
+        q, kc, vc, out, block_tables, seq_lens, query_start_loc, part_acc, part_ml, scale,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         kc.stride(0), kc.stride(1), kc.stride(2), block_tables.stride(0),
-        GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q,
-        HEAD_DIM=head_dim, HEAD_DIM_PAD=max(16, triton.next_power_of_2(head_dim)),
+        NUM_HEADS=num_heads, GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q,
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
         BLOCK_SIZE=block_size, BLOCK_N=64 if head_dim <= 128 else 32, IEEE=q.dtype == torch.float32,
-        num_warps=4,
+        NUM_SPLITS=splits, num_warps=num_warps,
     )
+    if splits > 1:
+        _merge_splits_kernel[(num_tokens, num_heads)](
+            part_acc, part_ml, out, out.stride(0), out.stride(1),
+            NUM_HEADS=num_heads, NUM_SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits),
+            HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, num_warps=4,
+        )
     return out

@@ -73,50 +73,87 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _rotate_heads(base, stride_h, heads, cos, sin, HEADS_PAD: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr):
+def _rotate_heads(
+    src, stride_h, dst, dst_stride_h, heads, cos, sin,
+    HEADS_PAD: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
+):
     offs_h = tl.arange(0, HEADS_PAD)
     offs_d = tl.arange(0, HALF_PAD)
     mask = (offs_h < heads)[:, None] & (offs_d < HALF)[None, :]
-    p1 = base + offs_h[:, None] * stride_h + offs_d[None, :]
+    p1 = src + offs_h[:, None] * stride_h + offs_d[None, :]
     x1 = tl.load(p1, mask=mask, other=0.0)
     x2 = tl.load(p1 + HALF, mask=mask, other=0.0)
     a, b = x1.to(tl.float32), x2.to(tl.float32)
-    tl.store(p1, (a * cos - b * sin).to(x1.dtype), mask=mask)
-    tl.store(p1 + HALF, (b * cos + a * sin).to(x1.dtype), mask=mask)
+    d1 = dst + offs_h[:, None] * dst_stride_h + offs_d[None, :]
+    tl.store(d1, (a * cos - b * sin).to(dst.dtype.element_ty), mask=mask)
+    tl.store(d1 + HALF, (b * cos + a * sin).to(dst.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _rotary_kernel(
-    Q, K, POS, COS, SIN,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_cache,
+    Q, K, V, POS, COS, SIN, KC, VC, SLOTS,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cache,
     NUM_Q_HEADS: tl.constexpr, NUM_K_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr,
-    HALF: tl.constexpr, HALF_PAD: tl.constexpr,
+    HALF: tl.constexpr, HALF_PAD: tl.constexpr, STORE_KV: tl.constexpr,
 ):
     t = tl.program_id(0)
     pos = tl.load(POS + t)
     offs_d = tl.arange(0, HALF_PAD)
     cos = tl.load(COS + pos * stride_cache + offs_d, mask=offs_d < HALF, other=0.0)[None, :]
     sin = tl.load(SIN + pos * stride_cache + offs_d, mask=offs_d < HALF, other=0.0)[None, :]
-    _rotate_heads(Q + t * stride_qt, stride_qh, NUM_Q_HEADS, cos, sin, HEADS_PAD, HALF, HALF_PAD)
-    _rotate_heads(K + t * stride_kt, stride_kh, NUM_K_HEADS, cos, sin, HEADS_PAD, HALF, HALF_PAD)
+    _rotate_heads(Q + t * stride_qt, stride_qh, Q + t * stride_qt, stride_qh, NUM_Q_HEADS, cos, sin,
+                  HEADS_PAD, HALF, HALF_PAD)
+    if STORE_KV:  # rotated K and V straight into the token's cache slot (skipped for slot < 0: padding)
+        slot = tl.load(SLOTS + t)
+        if slot >= 0:
+            width: tl.constexpr = NUM_K_HEADS * 2 * HALF
+            _rotate_heads(K + t * stride_kt, stride_kh, KC + slot * width, 2 * HALF, NUM_K_HEADS, cos, sin,
+                          HEADS_PAD, HALF, HALF_PAD)
+            offs_h = tl.arange(0, HEADS_PAD)
+            offs_e = tl.arange(0, 2 * HALF_PAD)
+            mask = (offs_h < NUM_K_HEADS)[:, None] & (offs_e < 2 * HALF)[None, :]
+            v = tl.load(V + t * stride_vt + offs_h[:, None] * stride_vh + offs_e[None, :], mask=mask)
+            tl.store(VC + slot * width + offs_h[:, None] * (2 * HALF) + offs_e[None, :],
+                     v.to(VC.dtype.element_ty), mask=mask)
+    else:
+        _rotate_heads(K + t * stride_kt, stride_kh, K + t * stride_kt, stride_kh, NUM_K_HEADS, cos, sin,
+                      HEADS_PAD, HALF, HALF_PAD)
 
 
 def rotary_embedding(
-    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos_cache: torch.Tensor,
+    sin_cache: torch.Tensor,
+    v: torch.Tensor | None = None,
+    kv_cache: torch.Tensor | None = None,
+    slot_mapping: torch.Tensor | None = None,
 ) -> None:
-    """Rotate ``q`` and ``k`` in place with RoPE in the rotate-half (GPT-NeoX) form (Su et al. 2021).
+    """Rotate ``q`` and ``k`` with RoPE in the rotate-half (GPT-NeoX) form (Su et al. 2021).
+
+    Without ``kv_cache``, ``q`` and ``k`` are rotated in place. With it (and ``v``, ``slot_mapping``),
+    ``q`` is rotated in place and the rotated ``k`` and ``v`` go straight into each token's cache slot,
+    which replaces a separate KV-store kernel (``k`` is left as it was); slots < 0 are skipped.
 
     Args:
         positions: ``(num_tokens,)`` int64.
-        q: ``(num_tokens, num_heads, head_dim)``; k: ``(num_tokens, num_kv_heads, head_dim)``; the last
+        q: ``(num_tokens, num_heads, head_dim)``; k, v: ``(num_tokens, num_kv_heads, head_dim)``; the last
             dimension contiguous (they may be views into the fused QKV output).
         cos_cache, sin_cache: ``(max_position, head_dim)`` fp32, each frequency repeated for both halves.
+        kv_cache: ``(2, num_blocks, block_size, num_kv_heads, head_dim)``, contiguous.
+        slot_mapping: ``(num_tokens,)`` int64, ``block_id * block_size + offset`` or -1.
     """
     n, hq, d = q.shape
     hk = k.shape[1]
+    store = kv_cache is not None
+    if store and (v is None or slot_mapping is None or not kv_cache.is_contiguous()):
+        raise ValueError("rotary_embedding with kv_cache needs v, slot_mapping and a contiguous cache")
+    v_ = v if store else k
+    kc, vc = (kv_cache[0], kv_cache[1]) if store else (k, k)
     _rotary_kernel[(n,)](
-        q, k, positions, cos_cache, sin_cache,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_cache.stride(0),
+        q, k, v_, positions, cos_cache, sin_cache, kc, vc, slot_mapping if store else positions,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v_.stride(0), v_.stride(1), cos_cache.stride(0),
         NUM_Q_HEADS=hq, NUM_K_HEADS=hk, HEADS_PAD=triton.next_power_of_2(max(hq, hk)),
-        HALF=d // 2, HALF_PAD=triton.next_power_of_2(d // 2),
+        HALF=d // 2, HALF_PAD=triton.next_power_of_2(d // 2), STORE_KV=store,
     )

@@ -54,27 +54,45 @@ class AttentionMetadata:
 class Attention(nn.Module):
     """Scaled dot-product attention of this rank's heads against the paged KV cache.
 
-    ``kv_cache`` is bound by the model runner after the cache is allocated.
+    ``kv_cache`` is bound by the model runner after the cache is allocated. With ``rotary_emb`` the layer
+    applies RoPE to the new queries and keys itself: on the GPU one kernel rotates them and writes K and V
+    into the cache.
     """
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
+    def __init__(
+        self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, rotary_emb: nn.Module | None = None
+    ):
         super().__init__()
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = scale
+        self.rotary_emb = rotary_emb
         self.kv_cache: torch.Tensor | None = None
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        meta: AttentionMetadata,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Attend the new tokens' queries over their requests' whole contexts.
 
         Args:
-            q: ``(num_tokens, num_heads * head_dim)``.
-            k, v: ``(num_tokens, num_kv_heads * head_dim)``.
+            q: ``(num_tokens, num_heads * head_dim)`` (or already split into heads); may be a view into a
+                fused QKV output, and is rotated in place on the GPU path.
+            k, v: ``(num_tokens, num_kv_heads * head_dim)`` (or split into heads).
             meta: positions of the tokens in the batch and the cache.
+            positions: ``(num_tokens,)`` int64 token positions, for ``rotary_emb``.
 
         Returns:
             ``(num_tokens, num_heads * head_dim)``.
+
+        Raises:
+            RuntimeError: the KV cache is not bound yet.
+            ValueError: ``positions`` missing for a layer with ``rotary_emb``.
         """
         n = q.shape[0]
         q = q.view(n, self.num_heads, self.head_dim)
@@ -82,16 +100,26 @@ class Attention(nn.Module):
         v = v.view(n, self.num_kv_heads, self.head_dim)
         if self.kv_cache is None:
             raise RuntimeError("Attention.kv_cache is unbound: the model runner allocates it before the first step")
+        rope = self.rotary_emb
+        if rope is not None and positions is None:
+            raise ValueError("this attention layer applies RoPE and needs the token positions")
         if use_triton(q):
             from shardserve.model_executor.kernels.attention import paged_attention, store_kvcache
+            from shardserve.model_executor.kernels.elementwise import rotary_embedding
 
-            store_kvcache(k, v, self.kv_cache, meta.slot_mapping)
+            if rope is not None:
+                rotary_embedding(positions, q, k, rope.cos_cache, rope.sin_cache, v=v, kv_cache=self.kv_cache,
+                                 slot_mapping=meta.slot_mapping)  # fmt: skip
+            else:
+                store_kvcache(k, v, self.kv_cache, meta.slot_mapping)
             out = torch.empty((n, self.num_heads, self.head_dim), dtype=q.dtype, device=q.device)
             paged_attention(
                 q, self.kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, meta.max_query_len,
                 self.scale, out,
             )
             return out.view(n, self.num_heads * self.head_dim)
+        if rope is not None:
+            q, k = rope(positions, q, k)
         self._store(k, v, meta.slot_mapping)
         if meta.is_decode_only:
             out = self._decode(q, meta)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shardserve.distributed.parallel_state import get_tp_group
-from shardserve.model_executor.layers.linear import copy_checked, load_slice, source_shape
+from shardserve.model_executor.layers.linear import copy_checked, linear, load_slice, source_shape
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -73,7 +73,7 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``(num_seqs, hidden)`` -> ``(num_seqs, vocab_size)`` fp32 logits."""
-        logits = F.linear(hidden, self.weight)
+        logits = linear(hidden, self.weight)
         logits = self.tp.all_gather(logits, dim=-1)
         return logits[..., : self.num_embeddings].float()
 

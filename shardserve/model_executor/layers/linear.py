@@ -16,6 +16,29 @@ import torch.nn.functional as F
 from torch import nn
 
 from shardserve.distributed.parallel_state import get_tp_group
+from shardserve.model_executor.kernels import use_triton
+
+
+def use_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``x @ weight.T`` runs as our GEMV (:mod:`..kernels.gemv`): a decode batch of at most
+    ``MAX_ROWS`` rows on the GPU, contiguous along K."""
+    if not (use_triton(x) and x.dim() == 2 and x.stride(-1) == 1 and weight.stride(-1) == 1):
+        return False
+    from shardserve.model_executor.kernels.gemv import MAX_ROWS
+
+    return x.shape[0] <= MAX_ROWS
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``, or our GEMV where :func:`use_gemv`.
+
+    ``x`` is ``(num_tokens, in_features)``, ``weight`` ``(out_features, in_features)``.
+    """
+    if use_gemv(x, weight):
+        from shardserve.model_executor.kernels.gemv import gemv
+
+        return gemv(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 def load_slice(source: Any, dim: int | None = None, start: int = 0, size: int | None = None) -> torch.Tensor:
@@ -105,7 +128,7 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(num_tokens, input_size)`` -> ``(num_tokens, output_size / tp)`` (or full when gathering)."""
-        y = F.linear(x, self.weight, self.bias)
+        y = linear(x, self.weight, self.bias)
         if self.gather_output:
             y = self.tp.all_gather(y, dim=-1)
         return y
@@ -235,7 +258,7 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(num_tokens, input_size / tp)`` -> ``(num_tokens, output_size)``, summed over TP ranks."""
-        y = F.linear(x, self.weight)
+        y = linear(x, self.weight)
         if self.reduce_results:
             y = self.tp.all_reduce(y)
         if self.bias is not None and (self.reduce_results or self.tp_rank == 0):

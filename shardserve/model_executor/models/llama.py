@@ -30,6 +30,7 @@ from shardserve.model_executor.layers.linear import (
     RowParallelLinear,
     copy_checked,
     load_slice,
+    use_gemv,
 )
 from shardserve.model_executor.layers.rotary_embedding import RotaryEmbedding
 
@@ -78,19 +79,18 @@ class LlamaAttention(nn.Module):
         if config.qk_norm:
             self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
-        self.rotary_emb = rotary
-        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, scale=self.head_dim**-0.5)
+        self.attn = Attention(
+            self.num_heads, self.num_kv_heads, self.head_dim, scale=self.head_dim**-0.5, rotary_emb=rotary
+        )
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """``(num_tokens, hidden_size)`` -> ``(num_tokens, hidden_size)`` (all-reduced in ``o_proj``)."""
         n = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.reshape(n, self.num_heads, self.head_dim)
-        k = k.reshape(n, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary_emb(positions, q, k)
-        out = self.attn(q.reshape(n, -1), k.reshape(n, -1), v, meta)
+            q = self.q_norm(q.reshape(n, self.num_heads, self.head_dim))
+            k = self.k_norm(k.reshape(n, self.num_kv_heads, self.head_dim))
+        out = self.attn(q, k, v, meta, positions)  # RoPE inside, fused with the KV-cache write on the GPU
         return self.o_proj(out)
 
 
@@ -105,6 +105,12 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowParallelLinear(size, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(num_tokens, hidden_size)`` -> ``(num_tokens, hidden_size)`` (all-reduced in ``down_proj``)."""
+        weight = self.gate_up_proj.weight
+        if self.gate_up_proj.bias is None and use_gemv(x, weight):  # decode batch: gate, up and SiLU in one kernel
+            from shardserve.model_executor.kernels.gemv import gemv
+
+            return self.down_proj(gemv(x, weight, silu_and_mul=True))
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))
 
 
