@@ -100,6 +100,13 @@ class BlockManager:
         self.hits += len(table.block_ids) * self.block_size
         return len(table.block_ids) * self.block_size
 
+    def has_new_full_blocks(self, request_id: str, num_computed: int) -> bool:
+        """Whether :meth:`register_full_blocks` would hash a block (lets callers skip building token lists)."""
+        table = self._tables.get(request_id)
+        if table is None or not self.enable_prefix_caching:
+            return False
+        return min(num_computed // self.block_size, len(table.block_ids)) > table.num_hashed
+
     def register_full_blocks(self, request_id: str, token_ids: list[int], num_computed: int) -> None:
         """Hash and publish the request's blocks that are full of computed tokens."""
         table = self._tables.get(request_id)

@@ -211,7 +211,8 @@ class Scheduler:
                 req.output_token_ids.append(token)
             # Blocks are full once every token in them is known and computed.
             known = min(req.num_computed_tokens, req.num_tokens)
-            self.block_manager.register_full_blocks(req.request_id, req.all_token_ids, known)
+            if self.block_manager.has_new_full_blocks(req.request_id, known):  # once per block_size tokens
+                self.block_manager.register_full_blocks(req.request_id, req.all_token_ids, known)
             if token is None:
                 continue
             events.append(TokenEvent(req, token, output.logprobs.get(s.request_id)))

@@ -6,6 +6,7 @@ import logging
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from shardserve.config import EngineConfig
@@ -252,12 +253,13 @@ class ModelRunner:
                 sample_idx.append(len(ids) - 1)
                 sample_ids.append(s.request_id)
         width = max(math.ceil(L / bs) for L in seq_lens)
-        table = torch.zeros(len(tables), width, dtype=torch.int32)
+        table_np = np.zeros((len(tables), width), dtype=np.int32)  # numpy: a row copy costs ~1 us, torch ~10
         for i, t in enumerate(tables):
-            t = t[:width]
-            table[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+            n_blocks = min(len(t), width)
+            table_np[i, :n_blocks] = t[:n_blocks]
+        table = torch.from_numpy(table_np)
         qsl = torch.zeros(len(q_lens) + 1, dtype=torch.int32)
-        qsl[1:] = torch.cumsum(torch.tensor(q_lens, dtype=torch.int32), 0)
+        qsl[1:] = torch.from_numpy(np.cumsum(np.asarray(q_lens, dtype=np.int32), dtype=np.int32))
         dev = self.device
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long).to(dev, non_blocking=True),
