@@ -4,8 +4,8 @@ At batch 1 a decoder layer's time is its weights streamed from memory once. On a
 with the weights cold in L2 (``benchmarks/bench_gemv.py``), cuBLAS reaches 0.80 of the copy bandwidth
 on Llama-3.1-8B's QKV projection and 0.67 on the 4096 x 4096 output projection. Here each program owns
 ``BLOCK_N`` weight rows and walks all of K, accumulating ``BLOCK_N x BLOCK_K`` products in registers and
-reducing across threads once at the end (the batch-1 GEMV layout of gpt-fast and TensorRT-LLM), with no
-split-K reduction kernel: 0.89 and 0.82 of copy there, 1.01 on the MLP's gate/up projection (L2 helps).
+reducing across threads once at the end (as batch-1 GEMV kernels such as llama.cpp's ``mul_mat_vec`` do),
+with no split-K reduction kernel: 0.89 and 0.82 of copy there, 1.01 on the MLP's gate/up projection (L2 helps).
 SwiGLU can be fused into the epilogue of the gate/up projection. At 4 rows cuBLAS is faster, so
 :data:`MAX_ROWS` is 2.
 """
