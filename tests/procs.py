@@ -5,11 +5,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -187,3 +189,43 @@ def kill_rank_mid_stream(url: str, launcher_pid: int, rank: int = 1) -> dict:
     when, error = stream.error_event()
     return {"error_after": when - killed_at, "error": error, "saw_503": saw_503, "back_after": back_after,
             "same_text": complete(url) == expected, "victim": victim}  # fmt: skip
+
+
+def netns_available() -> bool:
+    """Root and a working ``ip netns`` (CI runs as root; elsewhere the network-namespace tests skip)."""
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        return False
+    name = f"ssprobe{uuid.uuid4().hex[:6]}"
+    ok = subprocess.run(["ip", "netns", "add", name], capture_output=True).returncode == 0
+    subprocess.run(["ip", "netns", "del", name], capture_output=True)
+    return ok
+
+
+@contextlib.contextmanager
+def veth_namespaces(prefix: str, subnet: str) -> Iterator[tuple[list[str], list[str], list[str]]]:
+    """Two network namespaces joined by a veth pair: two test hosts for multi-node runs.
+
+    Yields ``(namespaces, addresses, veth names)``, host ``i`` at ``{subnet}.{i + 1}/24`` on ``veth[i]``
+    with loopback up. Both namespaces (and with them the veth pair) are deleted on exit.
+    """
+    tag = uuid.uuid4().hex[:5]
+    ns = [f"{prefix}A{tag}", f"{prefix}B{tag}"]
+    addrs = [f"{subnet}.1", f"{subnet}.2"]
+    veth = [f"v{prefix}A{tag}"[:15], f"v{prefix}B{tag}"[:15]]
+
+    def sh(*args: str) -> None:
+        subprocess.run(args, check=True, capture_output=True, timeout=20)
+
+    try:
+        for n in ns:
+            sh("ip", "netns", "add", n)
+        sh("ip", "link", "add", veth[0], "type", "veth", "peer", "name", veth[1])
+        for n, v, a in zip(ns, veth, addrs):
+            sh("ip", "link", "set", v, "netns", n)
+            sh("ip", "-n", n, "addr", "add", f"{a}/24", "dev", v)
+            sh("ip", "-n", n, "link", "set", v, "up")
+            sh("ip", "-n", n, "link", "set", "lo", "up")
+        yield ns, addrs, veth
+    finally:
+        for n in ns:  # deleting a namespace removes its end of the veth pair too
+            subprocess.run(["ip", "netns", "del", n], capture_output=True, timeout=20)

@@ -12,20 +12,20 @@ import json
 import subprocess
 import sys
 import time
-import uuid
 
 import pytest
 from procs import (
     REPO,
     TINY,
     kill_rank_mid_stream,
+    netns_available,
     pid_alive,
     serve,
     stop,
+    veth_namespaces,
     wait_healthy,
     wait_pid,
 )
-from test_two_nodes import _netns_ok
 
 from shardserve.distributed.rendezvous import free_port
 
@@ -74,38 +74,26 @@ def test_headless_worker_killed_then_head_killed_on_loopback(tiny_llama_dir, tmp
 
 
 @pytest.mark.netns
-@pytest.mark.skipif(not _netns_ok(), reason="needs root and ip netns")
+@pytest.mark.skipif(not netns_available(), reason="needs root and ip netns")
 def test_headless_worker_killed_in_network_namespaces(tiny_llama_dir, tmp_path):
-    tag = uuid.uuid4().hex[:5]
-    ns, addrs, veth = [f"srA{tag}", f"srB{tag}"], ["10.79.1.1", "10.79.1.2"], [f"rA{tag}", f"rB{tag}"]
-    sh = lambda *a: subprocess.run(a, check=True, capture_output=True)  # noqa: E731
     procs: list[subprocess.Popen] = []
-    try:
-        for n in ns:
-            sh("ip", "netns", "add", n)
-        sh("ip", "link", "add", veth[0], "type", "veth", "peer", "name", veth[1])
-        for n, v, a in zip(ns, veth, addrs):
-            sh("ip", "link", "set", v, "netns", n)
-            sh("ip", "-n", n, "addr", "add", f"{a}/24", "dev", v)
-            sh("ip", "-n", n, "link", "set", v, "up")
-            sh("ip", "-n", n, "link", "set", "lo", "up")
-        mport, hport = 29631, 8731
-        for rank, n in enumerate(ns):
-            args = node_args(tiny_llama_dir, addrs[0], mport, hport, rank, host=addrs[0] if rank == 0 else "127.0.0.1")
-            log = tmp_path / f"node{rank}.log"
-            cmd = ["ip", "netns", "exec", n, sys.executable, "-m", "shardserve", "serve", *args]
-            with open(log, "ab") as f:  # `ip netns exec` execs: the Popen pid is the launcher's
-                procs.append(subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT))
-        client = (f"import json,sys; sys.path.insert(0, {str(REPO / 'tests')!r}); "
-                  "from procs import kill_rank_mid_stream; "
-                  f"print(json.dumps(kill_rank_mid_stream('http://{addrs[0]}:{hport}', {procs[1].pid})))")  # fmt: skip
-        done = subprocess.run(["ip", "netns", "exec", ns[0], sys.executable, "-c", client], cwd=REPO,
-                              capture_output=True, text=True, timeout=400)  # fmt: skip
-        assert done.returncode == 0, done.stderr[-3000:]
-        check_recovery(json.loads(done.stdout.strip().splitlines()[-1]))
-        check_head_loss(procs[0], procs[1])
-        assert veth[1] in (tmp_path / "node1.log").read_text()  # node 1 reached the head over the veth
-    finally:
-        stop(procs)
-        for n in ns:
-            subprocess.run(["ip", "netns", "del", n], capture_output=True)
+    with veth_namespaces("sr", "10.79.1") as (ns, addrs, veth):
+        try:
+            mport, hport = 29631, 8731
+            for rank, n in enumerate(ns):
+                args = node_args(tiny_llama_dir, addrs[0], mport, hport, rank, host=addrs[0] if rank == 0 else "127.0.0.1")
+                log = tmp_path / f"node{rank}.log"
+                cmd = ["ip", "netns", "exec", n, sys.executable, "-m", "shardserve", "serve", *args]
+                with open(log, "ab") as f:  # `ip netns exec` execs: the Popen pid is the launcher's
+                    procs.append(subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT))
+            client = (f"import json,sys; sys.path.insert(0, {str(REPO / 'tests')!r}); "
+                      "from procs import kill_rank_mid_stream; "
+                      f"print(json.dumps(kill_rank_mid_stream('http://{addrs[0]}:{hport}', {procs[1].pid})))")  # fmt: skip
+            done = subprocess.run(["ip", "netns", "exec", ns[0], sys.executable, "-c", client], cwd=REPO,
+                                  capture_output=True, text=True, timeout=400)  # fmt: skip
+            assert done.returncode == 0, done.stderr[-3000:]
+            check_recovery(json.loads(done.stdout.strip().splitlines()[-1]))
+            check_head_loss(procs[0], procs[1])
+            assert veth[1] in (tmp_path / "node1.log").read_text()  # node 1 reached the head over the veth
+        finally:
+            stop(procs)

@@ -1,16 +1,13 @@
 """Two shardserve nodes (PP=2): on loopback, and in two network namespaces joined by veth."""
 
 import json
-import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
-import uuid
 
-import httpx
 import pytest
+from procs import netns_available, veth_namespaces, wait_healthy
 
 from shardserve.distributed.rendezvous import free_port
 
@@ -34,21 +31,6 @@ def expected_tokens(tiny_llama_dir):
     finally:
         llm.shutdown()
     return out[0].outputs[0].text
-
-
-def wait_healthy(url, procs, timeout=240):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for p in procs:
-            if p.poll() is not None:
-                raise AssertionError(f"a node exited early with {p.returncode}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise AssertionError("server did not become healthy in time")
 
 
 def stop_all(procs, timeout=30):
@@ -96,58 +78,35 @@ def test_head_without_second_node_fails_naming_it(tiny_llama_dir):
     assert "node rank(s) 1" in done.stderr
 
 
-def _netns_ok() -> bool:
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        return False
-    name = f"ssprobe{uuid.uuid4().hex[:6]}"
-    ok = subprocess.run(["ip", "netns", "add", name], capture_output=True).returncode == 0
-    subprocess.run(["ip", "netns", "del", name], capture_output=True)
-    return ok
-
-
 @pytest.mark.slow
 @pytest.mark.netns
-@pytest.mark.skipif(not _netns_ok(), reason="needs root and ip netns")
+@pytest.mark.skipif(not netns_available(), reason="needs root and ip netns")
 def test_two_nodes_in_network_namespaces(tiny_llama_dir, expected_tokens):
-    tag = uuid.uuid4().hex[:5]
-    ns = [f"ssA{tag}", f"ssB{tag}"]
-    addrs = ["10.79.0.1", "10.79.0.2"]
-    veth = [f"vA{tag}", f"vB{tag}"]
-    sh = lambda *a: subprocess.run(a, check=True, capture_output=True)  # noqa: E731
     procs = []
-    try:
-        for n in ns:
-            sh("ip", "netns", "add", n)
-        sh("ip", "link", "add", veth[0], "type", "veth", "peer", "name", veth[1])
-        for n, v, a in zip(ns, veth, addrs):
-            sh("ip", "link", "set", v, "netns", n)
-            sh("ip", "-n", n, "addr", "add", f"{a}/24", "dev", v)
-            sh("ip", "-n", n, "link", "set", v, "up")
-            sh("ip", "-n", n, "link", "set", "lo", "up")
-        mport, hport = 29611, 8711
-        for rank, n in enumerate(ns):
-            cmd = ["ip", "netns", "exec", n, *serve_cmd(tiny_llama_dir, rank, addrs[0], mport, hport, host=addrs[0] if rank == 0 else "127.0.0.1")]
-            procs.append(subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True))
-        client = (
-            "import json,sys,time,openai\n"
-            f"c=openai.OpenAI(base_url='http://{addrs[0]}:{hport}/v1',api_key='x',timeout=60,max_retries=0)\n"
-            "deadline=time.monotonic()+240\n"
-            "while True:\n"
-            "    try:\n"
-            f"        o=c.completions.create(model='{tiny_llama_dir}',prompt={PROMPT},max_tokens=12,temperature=0,extra_body={{'ignore_eos':True}}); break\n"
-            "    except Exception:\n"
-            "        if time.monotonic()>deadline: raise\n"
-            "        time.sleep(2)\n"
-            "print(json.dumps(o.choices[0].text))\n"
-        )
-        done = subprocess.run(["ip", "netns", "exec", ns[0], sys.executable, "-c", client],
-                              capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-2000:]
-        assert json.loads(done.stdout.strip().splitlines()[-1]) == expected_tokens
-    finally:
-        stop_all(procs)
-        logs = [p.stderr.read() if p.stderr else "" for p in procs]
-        for n in ns:
-            subprocess.run(["ip", "netns", "del", n], capture_output=True)
+    with veth_namespaces("ss", "10.79.0") as (ns, addrs, veth):
+        try:
+            mport, hport = 29611, 8711
+            for rank, n in enumerate(ns):
+                cmd = ["ip", "netns", "exec", n, *serve_cmd(tiny_llama_dir, rank, addrs[0], mport, hport, host=addrs[0] if rank == 0 else "127.0.0.1")]
+                procs.append(subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True))
+            client = (
+                "import json,sys,time,openai\n"
+                f"c=openai.OpenAI(base_url='http://{addrs[0]}:{hport}/v1',api_key='x',timeout=60,max_retries=0)\n"
+                "deadline=time.monotonic()+240\n"
+                "while True:\n"
+                "    try:\n"
+                f"        o=c.completions.create(model='{tiny_llama_dir}',prompt={PROMPT},max_tokens=12,temperature=0,extra_body={{'ignore_eos':True}}); break\n"
+                "    except Exception:\n"
+                "        if time.monotonic()>deadline: raise\n"
+                "        time.sleep(2)\n"
+                "print(json.dumps(o.choices[0].text))\n"
+            )
+            done = subprocess.run(["ip", "netns", "exec", ns[0], sys.executable, "-c", client],
+                                  capture_output=True, text=True, timeout=300)
+            assert done.returncode == 0, done.stderr[-2000:]
+            assert json.loads(done.stdout.strip().splitlines()[-1]) == expected_tokens
+        finally:
+            stop_all(procs)
+            logs = [p.stderr.read() if p.stderr else "" for p in procs]
     # The node in the second namespace used the veth, not loopback, to reach the head.
     assert f"={veth[1]}" in logs[1] or veth[1] in logs[1]

@@ -5,16 +5,15 @@ from __future__ import annotations
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
 import torch
 import typer
+from procs import netns_available, veth_namespaces
 from typer.testing import CliRunner
 
 from shardserve.distributed.launch import LaunchInfo
@@ -205,37 +204,14 @@ def test_two_nodes_on_loopback():
     assert node["ok"] is True and node["node_rank"] == 1
 
 
-def _netns_ok() -> bool:
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        return False
-    name = f"ssprobe{uuid.uuid4().hex[:6]}"
-    ok = subprocess.run(["ip", "netns", "add", name], capture_output=True).returncode == 0
-    subprocess.run(["ip", "netns", "del", name], capture_output=True)
-    return ok
-
-
 @pytest.mark.slow
 @pytest.mark.netns
-@pytest.mark.skipif(not _netns_ok(), reason="needs root and ip netns")
+@pytest.mark.skipif(not netns_available(), reason="needs root and ip netns")
 def test_two_nodes_in_network_namespaces():
-    tag = uuid.uuid4().hex[:5]
-    ns, addrs, veth = [f"sdA{tag}", f"sdB{tag}"], ["10.78.0.1", "10.78.0.2"], [f"dA{tag}", f"dB{tag}"]
-    sh = lambda *a: subprocess.run(a, check=True, capture_output=True, timeout=20)  # noqa: E731
-    try:
-        for n in ns:
-            sh("ip", "netns", "add", n)
-        sh("ip", "link", "add", veth[0], "type", "veth", "peer", "name", veth[1])
-        for n, v, a in zip(ns, veth, addrs):
-            sh("ip", "link", "set", v, "netns", n)
-            sh("ip", "-n", n, "addr", "add", f"{a}/24", "dev", v)
-            sh("ip", "-n", n, "link", "set", v, "up")
-            sh("ip", "-n", n, "link", "set", "lo", "up")
+    with veth_namespaces("sd", "10.78.0") as (ns, addrs, veth):
         port = 29641
         cmds = [["ip", "netns", "exec", n, *_doctor_cmd(rank, addrs[0], port)] for rank, n in enumerate(ns)]
         (rc0, head, err0), (rc1, _, err1) = _run_pair(cmds)
-    finally:
-        for n in ns:  # deleting a namespace removes its end of the veth pair too
-            subprocess.run(["ip", "netns", "del", n], capture_output=True, timeout=20)
     assert rc0 == 0, err0[-2000:]
     assert rc1 == 0, err1[-2000:]
     _assert_two_node_report(head)
