@@ -33,8 +33,11 @@ def layer_shapes(model: str, tp: int) -> dict[str, tuple[int, int]]:
     h, inter, heads = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_attention_heads"]
     kv, d = cfg.get("num_key_value_heads", heads), cfg.get("head_dim", h // heads)
     return {
-        "qkv_proj": ((heads + 2 * kv) * d // tp, h), "o_proj": (h, heads * d // tp),
-        "gate_up_proj": (2 * inter // tp, h), "down_proj": (h, inter // tp), "lm_head": (cfg["vocab_size"] // tp, h),
+        "qkv_proj": ((heads + 2 * kv) * d // tp, h),
+        "o_proj": (h, heads * d // tp),
+        "gate_up_proj": (2 * inter // tp, h),
+        "down_proj": (h, inter // tp),
+        "lm_head": (cfg["vocab_size"] // tp, h),
     }
 
 
@@ -60,9 +63,11 @@ def main() -> None:
             if name != "lm_head":
                 total[m][0] += t_cublas
                 total[m][1] += t_ours
-            print(f"{name:>12} ({n:6d}, {k:5d}) rows {m}: cuBLAS {t_cublas * 1e6:6.1f} us ({nbytes / t_cublas / bw:.2f} "
-                  f"of copy), ours {t_ours * 1e6:6.1f} us ({nbytes / t_ours / bw:.2f}) config {gemv_config(n, k)}; "
-                  f"ours/cuBLAS time {t_ours / t_cublas:.2f}; max rel err {err:.1e}")
+            print(
+                f"{name:>12} ({n:6d}, {k:5d}) rows {m}: cuBLAS {t_cublas * 1e6:6.1f} us ({nbytes / t_cublas / bw:.2f} "
+                f"of copy), ours {t_ours * 1e6:6.1f} us ({nbytes / t_ours / bw:.2f}) config {gemv_config(n, k)}; "
+                f"ours/cuBLAS time {t_ours / t_cublas:.2f}; max rel err {err:.1e}"
+            )
             if args.sweep:
                 results = []
                 for bn, bk, warps, stages in itertools.product((4, 8, 16), (256, 512, 1024), (4, 8), (2, 3, 4)):

@@ -82,8 +82,11 @@ def part_hw(args) -> dict:
     a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
     b = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
     t = _timed_cuda(lambda: a @ b, 10)
-    return {"copy_bandwidth_GBps": copy_bw / 1e9, "bf16_matmul_TFLOPs": 2 * 8192**3 / t / 1e12,
-            "device": torch.cuda.get_device_name()}
+    return {
+        "copy_bandwidth_GBps": copy_bw / 1e9,
+        "bf16_matmul_TFLOPs": 2 * 8192**3 / t / 1e12,
+        "device": torch.cuda.get_device_name(),
+    }
 
 
 def _random_prompts(num: int, length: int, vocab: int, seed: int) -> list[list[int]]:
@@ -95,10 +98,16 @@ def part_shardserve(args) -> dict:
     from shardserve import LLM, SamplingParams
 
     llm = LLM(
-        args.model_dir, load_format="dummy", dtype="bfloat16", tensor_parallel_size=args.tp,
-        pipeline_parallel_size=args.pp, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=4096,
-        enforce_eager=args.enforce_eager, disable_custom_all_reduce=args.disable_custom_all_reduce,
+        args.model_dir,
+        load_format="dummy",
+        dtype="bfloat16",
+        tensor_parallel_size=args.tp,
+        pipeline_parallel_size=args.pp,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=4096,
+        enforce_eager=args.enforce_eager,
+        disable_custom_all_reduce=args.disable_custom_all_reduce,
     )
     vocab = llm.engine.source.arch.vocab_size
     greedy = dict(temperature=0.0, ignore_eos=True)
@@ -120,7 +129,9 @@ def part_shardserve(args) -> dict:
     out = llm.generate(_random_prompts(1, 128, vocab, 3), SamplingParams(max_tokens=new, **greedy))
     total = time.perf_counter() - t0
     assert len(out[0].outputs[0].token_ids) == new
-    first = out[0].metrics.first_token_time - out[0].metrics.arrival_time if out[0].metrics else res["ttft_128_ms"] / 1e3
+    first = (
+        out[0].metrics.first_token_time - out[0].metrics.arrival_time if out[0].metrics else res["ttft_128_ms"] / 1e3
+    )
     res["batch1_decode_tok_s"] = (new - 1) / (total - first)
     res["batch1_tokens"] = out[0].outputs[0].token_ids[:32]
     runner = getattr(llm.engine.executor, "runner", None)
@@ -135,9 +146,12 @@ def part_shardserve(args) -> dict:
         outs = llm.generate(prompts, params)
         dt = time.perf_counter() - t0
         out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-        res.update(throughput_s=dt, output_tok_s=out_tokens / dt,
-                   total_tok_s=(out_tokens + args.num_requests * args.input_len) / dt,
-                   requests=args.num_requests)
+        res.update(
+            throughput_s=dt,
+            output_tok_s=out_tokens / dt,
+            total_tok_s=(out_tokens + args.num_requests * args.input_len) / dt,
+            requests=args.num_requests,
+        )
     llm.shutdown()
     return res
 
@@ -158,8 +172,14 @@ def part_transformers(args) -> dict:
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         with torch.inference_mode():
-            model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new,
-                           min_new_tokens=new, pad_token_id=0)
+            model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=new,
+                min_new_tokens=new,
+                pad_token_id=0,
+            )
         torch.cuda.synchronize()
         return time.perf_counter() - t0
 
@@ -214,7 +234,9 @@ def main() -> None:
         args.model_dir = str(write_model_dir(args.model, Path(tempfile.mkdtemp()) / args.model))
     results: dict = {"model": args.model, "tp": args.tp, "pp": args.pp}
     for part in args.parts.split(","):
-        cmd = [sys.executable, __file__, "--part", part, "--model-dir", args.model_dir] + _strip_opt(sys.argv[1:], "--parts")
+        cmd = [sys.executable, __file__, "--part", part, "--model-dir", args.model_dir] + _strip_opt(
+            sys.argv[1:], "--parts"
+        )
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
@@ -222,7 +244,7 @@ def main() -> None:
             print(proc.stdout[-3000:], proc.stderr[-6000:], file=sys.stderr)
             results[part] = {"error": f"exit {proc.returncode}"}
             continue
-        results[part] = json.loads(line[len("RESULT "):])
+        results[part] = json.loads(line[len("RESULT ") :])
         print(f"[{part} done in {time.perf_counter() - t0:.0f} s] {results[part]}", flush=True)
     report(results, args)
     if args.json_out:
@@ -249,31 +271,43 @@ def report(r: dict, args) -> None:
     params = arch.num_params()
     weight_bytes = 2 * params
     hw, ours, peer = r.get("hw", {}), r.get("shardserve", {}), r.get("transformers", {})
-    lines = [f"model {args.model} ({params / 1e9:.2f} B params, {weight_bytes / 1e9:.1f} GB bf16), TP={args.tp} PP={args.pp}"]
+    lines = [
+        f"model {args.model} ({params / 1e9:.2f} B params, {weight_bytes / 1e9:.1f} GB bf16), TP={args.tp} PP={args.pp}"
+    ]
     if "copy_bandwidth_GBps" in hw:
         bw = hw["copy_bandwidth_GBps"] * 1e9 * args.tp * args.pp
         bound = bw / weight_bytes
         compute = hw["bf16_matmul_TFLOPs"] * 1e12 * args.tp * args.pp / (2 * params)
-        lines.append(f"device {hw['device']}: copy {hw['copy_bandwidth_GBps']:.0f} GB/s, bf16 matmul "
-                     f"{hw['bf16_matmul_TFLOPs']:.0f} TFLOP/s per GPU")
+        lines.append(
+            f"device {hw['device']}: copy {hw['copy_bandwidth_GBps']:.0f} GB/s, bf16 matmul "
+            f"{hw['bf16_matmul_TFLOPs']:.0f} TFLOP/s per GPU"
+        )
         lines.append(f"batch-1 decode bound {bound:.1f} tok/s; compute bound {compute:.0f} tok/s")
         if "batch1_decode_tok_s" in ours:
-            lines.append(f"shardserve batch-1 decode {ours['batch1_decode_tok_s']:.1f} tok/s "
-                         f"= {ours['batch1_decode_tok_s'] / bound:.2f} of bound")
+            lines.append(
+                f"shardserve batch-1 decode {ours['batch1_decode_tok_s']:.1f} tok/s "
+                f"= {ours['batch1_decode_tok_s'] / bound:.2f} of bound"
+            )
         if "total_tok_s" in ours:
-            lines.append(f"shardserve throughput {ours['total_tok_s']:.0f} total tok/s "
-                         f"({ours['output_tok_s']:.0f} output) = {ours['total_tok_s'] / compute:.2f} of compute bound")
+            lines.append(
+                f"shardserve throughput {ours['total_tok_s']:.0f} total tok/s "
+                f"({ours['output_tok_s']:.0f} output) = {ours['total_tok_s'] / compute:.2f} of compute bound"
+            )
     for k in ("ttft_128_ms", "ttft_2048_ms"):
         if k in ours:
             lines.append(f"shardserve {k} {ours[k]:.1f}")
     if "batch1_decode_tok_s" in peer:
         lines.append(f"transformers batch-1 decode {peer['batch1_decode_tok_s']:.1f} tok/s")
         if "batch1_decode_tok_s" in ours:
-            lines.append(f"  ratio shardserve/transformers {ours['batch1_decode_tok_s'] / peer['batch1_decode_tok_s']:.2f}")
+            lines.append(
+                f"  ratio shardserve/transformers {ours['batch1_decode_tok_s'] / peer['batch1_decode_tok_s']:.2f}"
+            )
     if peer.get("best") and "total_tok_s" in ours:
         b = peer["best"]
-        lines.append(f"transformers best throughput {b['total_tok_s']:.0f} total tok/s at batch {b['batch_size']}; "
-                     f"ratio {ours['total_tok_s'] / b['total_tok_s']:.1f}x")
+        lines.append(
+            f"transformers best throughput {b['total_tok_s']:.0f} total tok/s at batch {b['batch_size']}; "
+            f"ratio {ours['total_tok_s'] / b['total_tok_s']:.1f}x"
+        )
     print("\n".join(lines))
 
 

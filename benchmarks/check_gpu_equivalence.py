@@ -26,19 +26,32 @@ def main() -> int:
     ap.add_argument("-pp", "--pp", type=int, default=1)
     ap.add_argument("--enforce-eager", action="store_true")
     args = ap.parse_args()
+    from model_shapes import write_tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from model_shapes import write_tokenizer
     from shardserve import LLM, SamplingParams
 
     torch.backends.cuda.matmul.allow_tf32 = False
     path = Path(tempfile.mkdtemp()) / "tiny-llama"
     cfg = LlamaConfig(
-        vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
-        num_key_value_heads=2, max_position_embeddings=2048, initializer_range=0.1, tie_word_embeddings=False,
-        bos_token_id=0, eos_token_id=1,
-        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                      "original_max_position_embeddings": 256},
+        vocab_size=1000,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        initializer_range=0.1,
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=1,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 256,
+        },
     )
     torch.manual_seed(0)
     ref = LlamaForCausalLM(cfg)
@@ -52,14 +65,27 @@ def main() -> int:
     with torch.inference_mode():
         for p in prompts:
             ids = torch.tensor([p], device="cuda")
-            out = ref.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new,
-                               min_new_tokens=new, pad_token_id=0)
-            expected.append(out[0, len(p):].tolist())
+            out = ref.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=new,
+                min_new_tokens=new,
+                pad_token_id=0,
+            )
+            expected.append(out[0, len(p) :].tolist())
     del ref
     torch.cuda.empty_cache()
-    llm = LLM(str(path), dtype="float32", device="cuda", tensor_parallel_size=args.tp,
-              pipeline_parallel_size=args.pp, max_num_seqs=16, enforce_eager=args.enforce_eager,
-              gpu_memory_utilization=0.3)
+    llm = LLM(
+        str(path),
+        dtype="float32",
+        device="cuda",
+        tensor_parallel_size=args.tp,
+        pipeline_parallel_size=args.pp,
+        max_num_seqs=16,
+        enforce_eager=args.enforce_eager,
+        gpu_memory_utilization=0.3,
+    )
     params = SamplingParams(temperature=0.0, max_tokens=new, ignore_eos=True)
     outs = llm.generate(prompts, params)
     # Alone too: decode at batch 1 and 2 takes the small-batch paths (GEMV, split-KV attention).

@@ -20,8 +20,8 @@ import argparse
 import collections
 import re
 import sys
-import time
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -96,9 +96,11 @@ def profile_offline(llm, num_requests: int, input_len: int, output_len: int) -> 
             by_name[ev.key] += ev.device_time_total / 1e6
     busy = sum(by_name.values())
     tokens = num_requests * (input_len + output_len)
-    print(f"== offline {num_requests} x {input_len} in / {output_len} out: wall {wall:.2f} s "
-          f"({tokens / wall:.0f} total tok/s under the profiler), kernels {busy:.2f} s, "
-          f"GPU idle {wall - busy:.2f} s ({(wall - busy) / wall:.0%})")
+    print(
+        f"== offline {num_requests} x {input_len} in / {output_len} out: wall {wall:.2f} s "
+        f"({tokens / wall:.0f} total tok/s under the profiler), kernels {busy:.2f} s, "
+        f"GPU idle {wall - busy:.2f} s ({(wall - busy) / wall:.0%})"
+    )
     totals = collections.defaultdict(float)
     for name, t in by_name.items():
         cat = next((c for c, rx in CATEGORIES if rx.search(name)), "other (sampling, copies, embedding)")
@@ -111,15 +113,18 @@ def profile_offline(llm, num_requests: int, input_len: int, output_len: int) -> 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="Llama-3.1-8B")
     ap.add_argument("--context", type=int, default=384)
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--offline", type=int, default=0, metavar="N",
-                    help="instead: profile N requests of the offline-throughput workload (1024 in / 256 out)")
+    ap.add_argument(
+        "--offline",
+        type=int,
+        default=0,
+        metavar="N",
+        help="instead: profile N requests of the offline-throughput workload (1024 in / 256 out)",
+    )
     args = ap.parse_args()
     if args.offline:
         from shardserve import LLM
@@ -141,9 +146,7 @@ def main() -> None:
         max_model_len=8192,
         max_num_seqs=64,
     )
-    llm.generate(
-        [[5] * 16], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
-    )
+    llm.generate([[5] * 16], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
     runner = llm.engine.executor.runner
     graphs = runner.graphs
     bs = next(s for s in graphs.sizes if s >= args.batch_size)
@@ -152,9 +155,7 @@ def main() -> None:
     step_ms = _timed_cuda(graph.replay, 100) * 1e3
     rows = kernel_table(graph.replay, args.reps)
     if not rows:  # this profiler does not see kernels inside graphs: profile the same step eagerly
-        print(
-            "(profiler sees no kernels inside the graph: eager forward of the same step)"
-        )
+        print("(profiler sees no kernels inside the graph: eager forward of the same step)")
         with torch.inference_mode():
             rows = kernel_table(lambda: graphs._forward(bs), args.reps)
     profiled = sum(r[1] for r in rows)
@@ -183,9 +184,7 @@ def main() -> None:
         bw = w.numel() * w.element_size() / t
         if name != "lm_head":
             per_layer_us += t * 1e6
-        print(
-            f"{name:>13} {tuple(w.shape)}: {t * 1e6:7.1f} us, {bw / 1e9:6.0f} GB/s = {bw / copy_bw:.2f} of copy"
-        )
+        print(f"{name:>13} {tuple(w.shape)}: {t * 1e6:7.1f} us, {bw / 1e9:6.0f} GB/s = {bw / copy_bw:.2f} of copy")
     layers = len(runner.model.model.layers)
     print(f"matmuls of {layers} layers: {per_layer_us * layers / 1e3:.3f} ms")
 
@@ -198,22 +197,14 @@ def main() -> None:
         blocks = -(-ctx // cache.shape[2])
         if blocks * bs > cache.shape[1]:
             break
-        q = torch.randn(
-            bs, attn.num_heads, attn.head_dim, dtype=cache.dtype, device=cache.device
-        )
-        tables = torch.arange(bs * blocks, dtype=torch.int32, device=cache.device).view(
-            bs, blocks
-        )
+        q = torch.randn(bs, attn.num_heads, attn.head_dim, dtype=cache.dtype, device=cache.device)
+        tables = torch.arange(bs * blocks, dtype=torch.int32, device=cache.device).view(bs, blocks)
         seq_lens = torch.full((bs,), ctx, dtype=torch.int32, device=cache.device)
         qsl = torch.arange(bs + 1, dtype=torch.int32, device=cache.device)
         args_ = (q, cache, tables, seq_lens, qsl, 1, attn.scale)
         t = _timed_graph(lambda a=args_: paged_attention(*a))
-        kv_bytes = (
-            2 * bs * ctx * attn.num_kv_heads * attn.head_dim * cache.element_size()
-        )
-        print(
-            f"context {ctx:5d}: {t * 1e6:6.1f} us/layer, KV {kv_bytes / t / 1e9:5.0f} GB/s"
-        )
+        kv_bytes = 2 * bs * ctx * attn.num_kv_heads * attn.head_dim * cache.element_size()
+        print(f"context {ctx:5d}: {t * 1e6:6.1f} us/layer, KV {kv_bytes / t / 1e9:5.0f} GB/s")
     print("== prefill attention alone: 8 prompts x 1024 tokens, tile rows x warps")
     n, ctx = 8, 1024
     blocks = -(-ctx // cache.shape[2])

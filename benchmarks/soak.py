@@ -160,7 +160,7 @@ def main() -> int:
     argv = sys.argv[1:]
     split = argv.index("--") if "--" in argv else len(argv)  # extra `shardserve serve` flags after --
     args = parser.parse_args(argv[:split])
-    args.serve_args = argv[split + 1:]
+    args.serve_args = argv[split + 1 :]
     port = free_port()
     proc = start_server(args, port)
     url = f"http://127.0.0.1:{port}"
@@ -168,8 +168,11 @@ def main() -> int:
         capacity = asyncio.run(measure_capacity(url, args))
         rss_start = rss_bytes(proc.pid)
         rate = args.overload * capacity
-        print(f"capacity {capacity:.2f} req/s ({args.max_tokens} tokens each); offering {rate:.2f} req/s "
-              f"({args.overload:.1f}x) for {args.seconds:.0f} s; server RSS {rss_start / 2**20:.0f} MiB", flush=True)
+        print(
+            f"capacity {capacity:.2f} req/s ({args.max_tokens} tokens each); offering {rate:.2f} req/s "
+            f"({args.overload:.1f}x) for {args.seconds:.0f} s; server RSS {rss_start / 2**20:.0f} MiB",
+            flush=True,
+        )
         start = time.monotonic()
         out = asyncio.run(soak(url, rate, args, proc.pid))
         elapsed = time.monotonic() - start
@@ -183,12 +186,18 @@ def main() -> int:
             code = None
     lost = sum(v for k, v in out.items() if k.startswith("lost"))
     goodput = out["completed"] / elapsed
-    print(f"sent {out['sent']}  completed {out['completed']}  refused {out['refused']}  hung {out['hung']}  "
-          f"lost {lost} {({k: v for k, v in out.items() if k.startswith('lost')})}")
-    print(f"goodput {goodput:.2f} req/s = {goodput / capacity:.2f}x capacity; "
-          f"refused {out['refused'] / max(out['sent'], 1):.0%} of requests")
-    print(f"server RSS start {rss_start / 2**20:.0f} MiB, end {rss_end / 2**20:.0f} MiB "
-          f"({(rss_end - rss_start) / 2**20:+.0f} MiB); exit code after SIGTERM: {code}")
+    print(
+        f"sent {out['sent']}  completed {out['completed']}  refused {out['refused']}  hung {out['hung']}  "
+        f"lost {lost} { ({k: v for k, v in out.items() if k.startswith('lost')}) }"
+    )
+    print(
+        f"goodput {goodput:.2f} req/s = {goodput / capacity:.2f}x capacity; "
+        f"refused {out['refused'] / max(out['sent'], 1):.0%} of requests"
+    )
+    print(
+        f"server RSS start {rss_start / 2**20:.0f} MiB, end {rss_end / 2**20:.0f} MiB "
+        f"({(rss_end - rss_start) / 2**20:+.0f} MiB); exit code after SIGTERM: {code}"
+    )
     ok = out["sent"] == out["completed"] + out["refused"] and out["hung"] == 0 and code == 0
     print("PASS" if ok else "FAIL: every request must complete or be refused, none may hang")
     return 0 if ok else 1

@@ -16,7 +16,9 @@ from shardserve.config import CacheConfig, EngineConfig, ModelConfig, ParallelCo
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Serve one LLM sharded over GPUs and nodes.")
 logger = logging.getLogger("shardserve")
 
-ModelArg = Annotated[Optional[str], typer.Argument(help="GGUF file, HF directory or hub id; default: embedded SmolLM2-135M")]
+ModelArg = Annotated[
+    Optional[str], typer.Argument(help="GGUF file, HF directory or hub id; default: embedded SmolLM2-135M")
+]
 TP = Annotated[int, typer.Option("--tensor-parallel-size", "-tp", help="TP ranks per stage")]
 PP = Annotated[int, typer.Option("--pipeline-parallel-size", "-pp", help="Pipeline stages")]
 
@@ -89,7 +91,12 @@ def build_engine_config(
     """Flags to typed config; ``ValueError`` messages name the flag."""
     return EngineConfig(
         model=ModelConfig(
-            model=model, dtype=dtype, load_format=load_format, max_model_len=max_model_len, seed=seed, device=device,
+            model=model,
+            dtype=dtype,
+            load_format=load_format,
+            max_model_len=max_model_len,
+            seed=seed,
+            device=device,
             enforce_eager=enforce_eager,
         ),
         parallel=ParallelConfig(
@@ -114,8 +121,10 @@ def build_engine_config(
             enable_prefix_caching=enable_prefix_caching,
         ),
         scheduler=SchedulerConfig(
-            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, max_queue_len=max_queue_len,
-            async_scheduling=async_scheduling
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            max_queue_len=max_queue_len,
+            async_scheduling=async_scheduling,
         ),
     )
 
@@ -142,24 +151,34 @@ def serve(
     load_format: Annotated[str, typer.Option(help="auto, gguf, safetensors, dummy")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed for dummy weights")] = 0,
     device: Annotated[str, typer.Option(help="auto, cuda, cpu")] = "auto",
-    nnodes: Annotated[Optional[int], typer.Option(help="Nodes in the launch (default: from the scheduler's env)")] = None,
+    nnodes: Annotated[
+        Optional[int], typer.Option(help="Nodes in the launch (default: from the scheduler's env)")
+    ] = None,
     node_rank: Annotated[Optional[int], typer.Option(help="This node's rank; 0 serves HTTP")] = None,
     master_addr: Annotated[Optional[str], typer.Option(help="Head node address")] = None,
     master_port: Annotated[Optional[int], typer.Option(help="Head node rendezvous port")] = None,
     rendezvous_timeout: Annotated[float, typer.Option(help="Seconds to wait for every node")] = 300.0,
     dry_run: Annotated[bool, typer.Option(help="Print what was discovered and exit")] = False,
-    watchdog_timeout: Annotated[float, typer.Option(help="Seconds a step may stall before every rank is restarted")] = 120.0,
+    watchdog_timeout: Annotated[
+        float, typer.Option(help="Seconds a step may stall before every rank is restarted")
+    ] = 120.0,
     max_restarts: Annotated[int, typer.Option(help="Restarts after a rank fails; then exit non-zero")] = 3,
     api_key: Annotated[Optional[str], typer.Option(help="Bearer token required on /v1 and /generate")] = None,
     protect_metrics: Annotated[bool, typer.Option("--protect-metrics", help="Require the API key on /metrics")] = False,
-    allowed_origins: Annotated[Optional[list[str]], typer.Option(help='CORS origins (repeat, comma list or JSON ["*"])')] = None,
+    allowed_origins: Annotated[
+        Optional[list[str]], typer.Option(help='CORS origins (repeat, comma list or JSON ["*"])')
+    ] = None,
     allowed_methods: Annotated[Optional[list[str]], typer.Option(help="CORS methods (default *)")] = None,
     allowed_headers: Annotated[Optional[list[str]], typer.Option(help="CORS headers (default *)")] = None,
     allow_credentials: Annotated[bool, typer.Option("--allow-credentials", help="CORS: allow credentials")] = False,
-    max_request_body_bytes: Annotated[int, typer.Option(help="Largest request body (bytes); 413 past it")] = 8 * 1024 * 1024,
+    max_request_body_bytes: Annotated[int, typer.Option(help="Largest request body (bytes); 413 past it")] = 8
+    * 1024
+    * 1024,
     request_timeout: Annotated[Optional[float], typer.Option(help="Seconds before a request is ended (504)")] = None,
     shutdown_timeout: Annotated[float, typer.Option(help="Seconds SIGTERM waits for running requests")] = 30.0,
-    pp_partition_by_memory: Annotated[bool, typer.Option(help="Split layers over stages by free device memory")] = False,
+    pp_partition_by_memory: Annotated[
+        bool, typer.Option(help="Split layers over stages by free device memory")
+    ] = False,
     enforce_eager: Annotated[bool, typer.Option(help="No CUDA graphs for decode")] = False,
     disable_custom_all_reduce: Annotated[bool, typer.Option(help="NCCL for every TP all-reduce")] = False,
     async_scheduling: Annotated[bool, typer.Option(help="Prepare step N+1 while step N runs (TP=PP=1)")] = True,
@@ -174,23 +193,48 @@ def serve(
             os.environ, nnodes=nnodes, node_rank=node_rank, master_addr=master_addr, master_port=master_port
         )
         config = build_engine_config(
-            model, tp=tensor_parallel_size, pp=pipeline_parallel_size, pp_layer_partition=pp_layer_partition,
-            dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens, max_queue_len=max_queue_len, block_size=block_size,
-            gpu_memory_utilization=gpu_memory_utilization, num_kv_blocks=num_kv_blocks,
-            cpu_kv_cache_gib=cpu_kv_cache_gib, enable_prefix_caching=enable_prefix_caching, load_format=load_format,
-            seed=seed, device=device, nnodes=launch.nnodes, node_rank=launch.node_rank,
-            master_addr=launch.master_addr, master_port=launch.master_port, rendezvous_timeout=rendezvous_timeout,
-            watchdog_timeout=watchdog_timeout, max_restarts=max_restarts, pp_partition_by_memory=pp_partition_by_memory,
-            enforce_eager=enforce_eager, disable_custom_all_reduce=disable_custom_all_reduce,
+            model,
+            tp=tensor_parallel_size,
+            pp=pipeline_parallel_size,
+            pp_layer_partition=pp_layer_partition,
+            dtype=dtype,
+            max_model_len=max_model_len,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            max_queue_len=max_queue_len,
+            block_size=block_size,
+            gpu_memory_utilization=gpu_memory_utilization,
+            num_kv_blocks=num_kv_blocks,
+            cpu_kv_cache_gib=cpu_kv_cache_gib,
+            enable_prefix_caching=enable_prefix_caching,
+            load_format=load_format,
+            seed=seed,
+            device=device,
+            nnodes=launch.nnodes,
+            node_rank=launch.node_rank,
+            master_addr=launch.master_addr,
+            master_port=launch.master_port,
+            rendezvous_timeout=rendezvous_timeout,
+            watchdog_timeout=watchdog_timeout,
+            max_restarts=max_restarts,
+            pp_partition_by_memory=pp_partition_by_memory,
+            enforce_eager=enforce_eager,
+            disable_custom_all_reduce=disable_custom_all_reduce,
             async_scheduling=async_scheduling,
         )
         server = ServerConfig(
-            host=host, port=port, served_model_name=served_model_name, api_key=api_key,
-            protect_metrics=protect_metrics, allowed_origins=_string_list(allowed_origins),
-            allowed_methods=_string_list(allowed_methods) or ["*"], allowed_headers=_string_list(allowed_headers) or ["*"],
-            allow_credentials=allow_credentials, max_request_body_bytes=max_request_body_bytes,
-            request_timeout=request_timeout, shutdown_timeout=shutdown_timeout,
+            host=host,
+            port=port,
+            served_model_name=served_model_name,
+            api_key=api_key,
+            protect_metrics=protect_metrics,
+            allowed_origins=_string_list(allowed_origins),
+            allowed_methods=_string_list(allowed_methods) or ["*"],
+            allowed_headers=_string_list(allowed_headers) or ["*"],
+            allow_credentials=allow_credentials,
+            max_request_body_bytes=max_request_body_bytes,
+            request_timeout=request_timeout,
+            shutdown_timeout=shutdown_timeout,
         )
     except ValueError as e:
         typer.echo(f"error: {e}", err=True)
@@ -224,8 +268,12 @@ def generate(
 
     try:
         llm = LLM(
-            model, tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size,
-            dtype=dtype, load_format=load_format, device=device,
+            model,
+            tensor_parallel_size=tensor_parallel_size,
+            pipeline_parallel_size=pipeline_parallel_size,
+            dtype=dtype,
+            load_format=load_format,
+            device=device,
         )
     except ValueError as e:
         typer.echo(f"error: {e}", err=True)

@@ -72,8 +72,7 @@ class ModelArchConfig:
     def __post_init__(self) -> None:
         if self.architecture not in self.SUPPORTED:
             raise ValueError(
-                f"unsupported architecture {self.architecture!r}; shardserve serves "
-                f"{', '.join(self.SUPPORTED)}"
+                f"unsupported architecture {self.architecture!r}; shardserve serves {', '.join(self.SUPPORTED)}"
             )
 
     @classmethod
@@ -205,9 +204,7 @@ class ParallelConfig:
         if not 0 <= self.node_rank < self.nnodes:
             raise ValueError(f"--node-rank {self.node_rank} out of range for --nnodes {self.nnodes}")
         if self.world_size % self.nnodes:
-            raise ValueError(
-                f"world size TP x PP = {self.world_size} is not divisible by --nnodes {self.nnodes}"
-            )
+            raise ValueError(f"world size TP x PP = {self.world_size} is not divisible by --nnodes {self.nnodes}")
         if self.watchdog_timeout <= 0:
             raise ValueError(f"--watchdog-timeout must be positive seconds, got {self.watchdog_timeout}")
         if self.max_restarts < 0:

@@ -37,7 +37,9 @@ def run_node(config: EngineConfig, server: ServerConfig, launch: LaunchInfo) -> 
     par = config.parallel
     net_env, notes = network_env(par.master_addr, os.environ)
     if not launch.is_node_leader:
-        logger.info("local rank %d: node %d is driven by its local rank 0; nothing to do", launch.local_rank, launch.node_rank)
+        logger.info(
+            "local rank %d: node %d is driven by its local rank 0; nothing to do", launch.local_rank, launch.node_rank
+        )
         return 0
     for line in notes:
         logger.info("network: %s", line)
@@ -48,7 +50,11 @@ def run_node(config: EngineConfig, server: ServerConfig, launch: LaunchInfo) -> 
         ranks = launch.global_ranks(par.world_size)
         try:
             node_rendezvous(
-                par.master_addr, par.master_port, par.nnodes, par.node_rank, par.rendezvous_timeout,
+                par.master_addr,
+                par.master_port,
+                par.nnodes,
+                par.node_rank,
+                par.rendezvous_timeout,
                 node_info(par.node_rank, ranks),
             )
         except RendezvousError as e:
@@ -82,7 +88,10 @@ def run_headless(config: EngineConfig) -> int:
     first = par.node_rank * rpn
     logger.info(
         "node %d is headless: it runs ranks %d..%d; HTTP is served by the head at %s",
-        par.node_rank, first, first + rpn - 1, par.master_addr,
+        par.node_rank,
+        first,
+        first + rpn - 1,
+        par.master_addr,
     )
     try:
         store = open_store(par.master_addr, par.master_port + 1, False, par.rendezvous_timeout)

@@ -53,7 +53,9 @@ class ServerMetrics:
         self.kv_cache_usage_perc = Gauge(
             PREFIX + "kv_cache_usage_perc", "Fraction of KV cache blocks in use (1 = full).", labels, registry=r
         )
-        self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens of finished requests.", labels, registry=r)
+        self.prompt_tokens = Counter(
+            PREFIX + "prompt_tokens", "Prompt tokens of finished requests.", labels, registry=r
+        )
         self.generation_tokens = Counter(
             PREFIX + "generation_tokens", "Generated tokens of finished requests.", labels, registry=r
         )

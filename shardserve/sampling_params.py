@@ -67,9 +67,21 @@ class SamplingParams:
             (self.top_k == -1 or self.top_k >= 1, "top_k", f"must be -1 (all) or at least 1, got {self.top_k}"),
             (0.0 <= self.min_p <= 1.0, "min_p", f"must be in [0, 1], got {self.min_p}"),
             (self.repetition_penalty > 0.0, "repetition_penalty", f"must be positive, got {self.repetition_penalty}"),
-            (-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", f"must be in [-2, 2], got {self.presence_penalty}"),
-            (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", f"must be in [-2, 2], got {self.frequency_penalty}"),
-            (self.max_tokens is None or self.max_tokens >= 1, "max_tokens", f"must be at least 1, got {self.max_tokens}"),
+            (
+                -2.0 <= self.presence_penalty <= 2.0,
+                "presence_penalty",
+                f"must be in [-2, 2], got {self.presence_penalty}",
+            ),
+            (
+                -2.0 <= self.frequency_penalty <= 2.0,
+                "frequency_penalty",
+                f"must be in [-2, 2], got {self.frequency_penalty}",
+            ),
+            (
+                self.max_tokens is None or self.max_tokens >= 1,
+                "max_tokens",
+                f"must be at least 1, got {self.max_tokens}",
+            ),
             (self.min_tokens >= 0, "min_tokens", f"must be non-negative, got {self.min_tokens}"),
             (
                 self.logprobs is None or 0 <= self.logprobs <= self.MAX_LOGPROBS,

@@ -21,7 +21,18 @@ from shardserve.distributed.rendezvous import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = [1, 520, 3327, 314, 4649, 3135]
-TINY = ["--dtype", "float32", "--device", "cpu", "--num-kv-blocks", "64", "--max-model-len", "256", "--log-level", "info"]
+TINY = [
+    "--dtype",
+    "float32",
+    "--device",
+    "cpu",
+    "--num-kv-blocks",
+    "64",
+    "--max-model-len",
+    "256",
+    "--log-level",
+    "info",
+]
 
 
 def serve(args: list[str], log: Path) -> subprocess.Popen:
@@ -133,7 +144,7 @@ class Stream(threading.Thread):
             with httpx.stream("POST", self.url + "/v1/completions", json=body, timeout=120) as resp:
                 for line in resp.iter_lines():
                     if line.startswith("data: "):
-                        self.events.append((time.monotonic(), line[len("data: "):]))
+                        self.events.append((time.monotonic(), line[len("data: ") :]))
         except httpx.HTTPError as e:
             self.error = e
 

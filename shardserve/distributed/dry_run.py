@@ -5,9 +5,7 @@ from __future__ import annotations
 from shardserve.distributed.launch import LaunchInfo, check_topology
 
 
-def describe_launch(
-    launch: LaunchInfo, tp: int, pp: int, net_env: dict[str, str], net_notes: list[str]
-) -> str:
+def describe_launch(launch: LaunchInfo, tp: int, pp: int, net_env: dict[str, str], net_notes: list[str]) -> str:
     """Report of the launch as this node sees it.
 
     Lists world size, ranks per node, this node's global ranks with their (PP stage, TP rank),

@@ -170,8 +170,12 @@ def _single(env: Mapping[str, str]) -> LaunchInfo:
             f"processes (torchrun) or nodes (Kubeflow/RunAI): ignored; pass --nnodes/--node-rank"
         )
     return LaunchInfo(
-        nnodes=1, node_rank=0, master_addr="127.0.0.1", master_port=_int_or_none(env, "MASTER_PORT"),
-        source="single", notes=notes,
+        nnodes=1,
+        node_rank=0,
+        master_addr="127.0.0.1",
+        master_port=_int_or_none(env, "MASTER_PORT"),
+        source="single",
+        notes=notes,
     )
 
 
@@ -202,9 +206,15 @@ def _from_torchrun(env: Mapping[str, str]) -> LaunchInfo | None:
     if local_rank != 0:
         notes.append(f"torchrun: LOCAL_RANK={local_rank} is not the node leader; local rank 0 launches this node")
     return LaunchInfo(
-        nnodes=world // local_size, node_rank=node_rank,
-        master_addr=env.get("MASTER_ADDR", "127.0.0.1"), master_port=port, source="torchrun",
-        procs_per_node_hint=local_size if local_size > 1 else None, notes=notes, is_node_leader=local_rank == 0, local_rank=local_rank,
+        nnodes=world // local_size,
+        node_rank=node_rank,
+        master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+        master_port=port,
+        source="torchrun",
+        procs_per_node_hint=local_size if local_size > 1 else None,
+        notes=notes,
+        is_node_leader=local_rank == 0,
+        local_rank=local_rank,
     )
 
 
@@ -226,10 +236,15 @@ def _from_openmpi(env: Mapping[str, str]) -> LaunchInfo | None:
     if local_rank != 0:
         notes.append(f"Open MPI: local rank {local_rank} is not the node leader")
     return LaunchInfo(
-        nnodes=nnodes, node_rank=rank // local_size, master_addr=env.get("MASTER_ADDR", ""),
-        master_port=_int_or_none(env, "MASTER_PORT"), source="openmpi",
-        procs_per_node_hint=local_size if local_size > 1 else None, notes=notes,
-        is_node_leader=local_rank == 0, local_rank=local_rank,
+        nnodes=nnodes,
+        node_rank=rank // local_size,
+        master_addr=env.get("MASTER_ADDR", ""),
+        master_port=_int_or_none(env, "MASTER_PORT"),
+        source="openmpi",
+        procs_per_node_hint=local_size if local_size > 1 else None,
+        notes=notes,
+        is_node_leader=local_rank == 0,
+        local_rank=local_rank,
     )
 
 
@@ -265,9 +280,15 @@ def _from_slurm(env: Mapping[str, str]) -> LaunchInfo | None:
     if local_rank != 0:
         notes.append(f"Slurm: SLURM_LOCALID={local_rank} is not the node leader")
     return LaunchInfo(
-        nnodes=nnodes, node_rank=_int(env, "SLURM_NODEID"), master_addr=master, master_port=port,
-        source="slurm", procs_per_node_hint=tasks_per_node if tasks_per_node > 1 else None,
-        notes=notes, is_node_leader=local_rank == 0, local_rank=local_rank,
+        nnodes=nnodes,
+        node_rank=_int(env, "SLURM_NODEID"),
+        master_addr=master,
+        master_port=port,
+        source="slurm",
+        procs_per_node_hint=tasks_per_node if tasks_per_node > 1 else None,
+        notes=notes,
+        is_node_leader=local_rank == 0,
+        local_rank=local_rank,
     )
 
 
@@ -295,8 +316,12 @@ def _from_lws(env: Mapping[str, str]) -> LaunchInfo | None:
     node_rank = int(env.get("LWS_WORKER_INDEX", "0"))
     notes = [f"LeaderWorkerSet: group of {nnodes} pod(s), worker index {node_rank}, leader {env['LWS_LEADER_ADDRESS']}"]
     return LaunchInfo(
-        nnodes=nnodes, node_rank=node_rank, master_addr=env["LWS_LEADER_ADDRESS"],
-        master_port=_int_or_none(env, "MASTER_PORT"), source="lws", notes=notes,
+        nnodes=nnodes,
+        node_rank=node_rank,
+        master_addr=env["LWS_LEADER_ADDRESS"],
+        master_port=_int_or_none(env, "MASTER_PORT"),
+        source="lws",
+        notes=notes,
     )
 
 
@@ -349,8 +374,12 @@ def _apply_flags(
     master_port: int | None,
 ) -> LaunchInfo:
     detected = launch.source != "single"
-    for name, flag in (("nnodes", nnodes), ("node_rank", node_rank), ("master_addr", master_addr),
-                       ("master_port", master_port)):
+    for name, flag in (
+        ("nnodes", nnodes),
+        ("node_rank", node_rank),
+        ("master_addr", master_addr),
+        ("master_port", master_port),
+    ):
         if flag is None:
             continue
         old = getattr(launch, name)
@@ -360,9 +389,7 @@ def _apply_flags(
     if nnodes is not None:
         launch.source = "flags"
         if node_rank is None and not detected and nnodes > 1:
-            raise ValueError(
-                f"--nnodes {nnodes} needs --node-rank (0 on the head node, 1..{nnodes - 1} on the others)"
-            )
+            raise ValueError(f"--nnodes {nnodes} needs --node-rank (0 on the head node, 1..{nnodes - 1} on the others)")
     if launch.nnodes > 1 and (not launch.master_addr or (not detected and master_addr is None)):
         # A single-node default of 127.0.0.1 would be wrong for the other nodes.
         launch.master_addr = env.get("MASTER_ADDR", "")
@@ -451,7 +478,7 @@ def _expand_item(item: str) -> Iterator[str]:
     if match is None:
         yield item
         return
-    head, tail = item[: match.start()], item[match.end():]
+    head, tail = item[: match.start()], item[match.end() :]
     for part in match.group(1).split(","):
         for value in _expand_range(part.strip(), item):
             yield from _expand_item(head + value + tail)

@@ -213,8 +213,12 @@ def initialize_model_parallel(
         return
     _STATE = _State(world=world_group, tp=tp, pp=pp)
     logger.info(
-        "rank %d: tp rank %d/%d, pp stage %d/%d", rank, tp.rank_in_group, tp.world_size,
-        pp.rank_in_group, pp.world_size,
+        "rank %d: tp rank %d/%d, pp stage %d/%d",
+        rank,
+        tp.rank_in_group,
+        tp.world_size,
+        pp.rank_in_group,
+        pp.world_size,
     )
 
 

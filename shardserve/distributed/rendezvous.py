@@ -126,9 +126,7 @@ def _run_head(
     addr: str, port: int, nnodes: int, record: dict, deadline: float, timeout_s: float, where: str
 ) -> dict[int, dict]:
     try:
-        store = dist.TCPStore(
-            addr, port, None, True, timedelta(seconds=max(timeout_s, 1.0)), wait_for_workers=False
-        )
+        store = dist.TCPStore(addr, port, None, True, timedelta(seconds=max(timeout_s, 1.0)), wait_for_workers=False)
     except _STORE_ERRORS as exc:
         raise RendezvousError(
             f"head could not listen on {where}: {exc}; pick a free port with --master-port and check "

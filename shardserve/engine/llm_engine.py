@@ -63,11 +63,17 @@ class LLMEngine:
         self.max_model_len = self.max_model_len or self._max_model_len(num_blocks * bs)
         logger.info(
             "KV cache: %d blocks of %d tokens = %d tokens; max concurrency at %d tokens per request: %.1fx",
-            num_blocks, bs, num_blocks * bs, self.max_model_len, num_blocks * bs / self.max_model_len,
+            num_blocks,
+            bs,
+            num_blocks * bs,
+            self.max_model_len,
+            num_blocks * bs / self.max_model_len,
         )
         self.block_manager = BlockManager(num_blocks, bs, self.config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(
-            self.config.scheduler, self.block_manager, self.max_model_len,
+            self.config.scheduler,
+            self.block_manager,
+            self.max_model_len,
             async_scheduling=self.executor.supports_async_scheduling,
         )
         self.scheduler.eos_token_ids = frozenset(self.tokenizer.eos_token_ids)
@@ -76,9 +82,7 @@ class LLMEngine:
         arch = self.source.arch
         wanted = self.config.model.max_model_len or min(arch.max_position_embeddings, DEFAULT_MAX_MODEL_LEN)
         if wanted > kv_capacity_tokens:
-            logger.warning(
-                "max_model_len %d exceeds the KV cache (%d tokens); capping it", wanted, kv_capacity_tokens
-            )
+            logger.warning("max_model_len %d exceeds the KV cache (%d tokens); capping it", wanted, kv_capacity_tokens)
             return kv_capacity_tokens
         return wanted
 
@@ -121,7 +125,8 @@ class LLMEngine:
             return [self.make_request(request_id, prompt, params)]
         return [
             self.make_request(
-                f"{request_id}-{i}", prompt,
+                f"{request_id}-{i}",
+                prompt,
                 dataclasses.replace(params, n=1, seed=None if params.seed is None else params.seed + i),
             )
             for i in range(params.n)

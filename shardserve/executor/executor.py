@@ -257,9 +257,7 @@ class MultiprocExecutor(Executor):
         par = self.config.parallel
         self._steps: deque[int] = deque()
         self._broken = False
-        self.workers = spawn_local_workers(
-            self.config, 0, self.store_host, self.store_port, self.generation, self.env
-        )
+        self.workers = spawn_local_workers(self.config, 0, self.store_host, self.store_port, self.generation, self.env)
         self._io = IOThread(f"shardserve-gloo-gen{self.generation}")
         logger.info("generation %d: waiting for %d ranks to join the process group", self.generation, par.world_size)
         backend = "nccl" if self.config.model.resolved_device() == "cuda" else "gloo"
@@ -291,7 +289,7 @@ class MultiprocExecutor(Executor):
             logger.warning("a gloo call of generation %d is still blocked; abandoning its thread", self.generation - 1)
         try:
             ps.destroy_model_parallel()
-        except Exception:  # noqa: BLE001 - the group is broken already
+        except Exception:
             logger.debug("destroy_process_group failed", exc_info=True)
 
     # -- bounded calls -------------------------------------------------------------------------
@@ -409,5 +407,5 @@ class MultiprocExecutor(Executor):
         self._io.stop(timeout=1)
         try:
             ps.destroy_model_parallel()
-        except Exception:  # noqa: BLE001 - shutting down anyway
+        except Exception:
             logger.debug("destroy_process_group failed", exc_info=True)

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 
 from shardserve.sampling_params import SamplingParams
 
-
 PLACEHOLDER_TOKEN_ID = -1
 """Input id of a token that an in-flight step is sampling; the model runner fills it in on the device."""
 

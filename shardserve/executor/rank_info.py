@@ -62,10 +62,21 @@ def describe_rank(runner: ModelRunner, rank: int, ranks_per_node: int) -> RankIn
     used, total, kind = memory_use(runner.device)
     start, end = runner.layer_range
     return RankInfo(
-        rank=rank, node_rank=rank // max(1, ranks_per_node), host=socket.gethostname(), pid=os.getpid(),
-        device=str(runner.device), tp_rank=runner.tp.rank_in_group, tp_size=runner.tp.world_size,
-        pp_rank=runner.pp.rank_in_group, pp_size=runner.pp.world_size, layer_start=start, layer_end=end,
-        num_kv_blocks=runner.num_blocks, memory_used_bytes=used, memory_total_bytes=total, memory_kind=kind,
+        rank=rank,
+        node_rank=rank // max(1, ranks_per_node),
+        host=socket.gethostname(),
+        pid=os.getpid(),
+        device=str(runner.device),
+        tp_rank=runner.tp.rank_in_group,
+        tp_size=runner.tp.world_size,
+        pp_rank=runner.pp.rank_in_group,
+        pp_size=runner.pp.world_size,
+        layer_start=start,
+        layer_end=end,
+        num_kv_blocks=runner.num_blocks,
+        memory_used_bytes=used,
+        memory_total_bytes=total,
+        memory_kind=kind,
         reported_at=time.time(),
     )
 

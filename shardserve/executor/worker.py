@@ -57,9 +57,7 @@ def head_rank(config: EngineConfig) -> int:
 
 def open_store(host: str, port: int, is_master: bool, timeout_s: float) -> dist.TCPStore:
     """The TCPStore of the launch: hosted by the head, joined by every worker process."""
-    return dist.TCPStore(
-        host, port, is_master=is_master, timeout=timedelta(seconds=timeout_s), wait_for_workers=False
-    )
+    return dist.TCPStore(host, port, is_master=is_master, timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
 
 
 def join_world(config: EngineConfig, rank: int, store: dist.TCPStore, generation: int) -> None:

@@ -101,7 +101,9 @@ class DecodeGraphs:
         torch.cuda.synchronize()
         logger.info(
             "captured CUDA graphs for %d decode batch sizes (1..%d) in %.1f s",
-            len(self.sizes), self.max_batch_size, time.perf_counter() - start,
+            len(self.sizes),
+            self.max_batch_size,
+            time.perf_counter() - start,
         )
 
     def can_run(self, meta: AttentionMetadata) -> bool:

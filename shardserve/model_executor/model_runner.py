@@ -60,8 +60,14 @@ class PendingOutput:
         event: recorded after that copy.
     """
 
-    def __init__(self, runner: "ModelRunner", output: ModelRunnerOutput, request_ids: list[str],
-                 tokens: torch.Tensor | None, event: torch.cuda.Event | None):
+    def __init__(
+        self,
+        runner: ModelRunner,
+        output: ModelRunnerOutput,
+        request_ids: list[str],
+        tokens: torch.Tensor | None,
+        event: torch.cuda.Event | None,
+    ):
         self.runner, self.output, self.request_ids, self.tokens, self.event = runner, output, request_ids, tokens, event
 
     def result(self) -> ModelRunnerOutput:

@@ -40,21 +40,33 @@ def register(app: typer.Typer) -> None:
 
 
 def plan_command(
-    model: str = typer.Argument(..., help="Built-in name (llama-3.1-70b), .gguf file, HF directory, or hub id in the local HF cache."),
+    model: str = typer.Argument(
+        ..., help="Built-in name (llama-3.1-70b), .gguf file, HF directory, or hub id in the local HF cache."
+    ),
     gpu_memory: Optional[str] = typer.Option(None, help="Memory per GPU, e.g. 80GB or 24GiB (default: from --gpu)."),
     gpus_per_node: int = typer.Option(8, help="GPUs in each node."),
     nodes: Optional[int] = typer.Option(None, help="Nodes available (default: search up to 16)."),
     max_model_len: int = typer.Option(8192, help="Tokens each sequence must reach (prompt + output)."),
     max_num_seqs: int = typer.Option(64, help="Concurrent sequences wanted at --max-model-len."),
     dtype: str = typer.Option("bf16", help="Activation and KV cache dtype (bf16, fp16, fp32, fp8)."),
-    weight_dtype: Optional[str] = typer.Option(None, help="Weight dtype or GGML quant type (q4_k, q8_0) for config models (default: --dtype)."),
-    gpu: Optional[str] = typer.Option(None, help="GPU model for memory and HBM bandwidth: H100, H200, A100-80, L40S, RTX 4090, RTX 3090 Ti."),
+    weight_dtype: Optional[str] = typer.Option(
+        None, help="Weight dtype or GGML quant type (q4_k, q8_0) for config models (default: --dtype)."
+    ),
+    gpu: Optional[str] = typer.Option(
+        None, help="GPU model for memory and HBM bandwidth: H100, H200, A100-80, L40S, RTX 4090, RTX 3090 Ti."
+    ),
     hbm_bandwidth: Optional[float] = typer.Option(None, help="HBM bandwidth in TB/s (overrides --gpu)."),
     gpu_memory_utilization: float = typer.Option(0.9, help="Fraction of GPU memory shardserve may use."),
     max_num_batched_tokens: int = typer.Option(2048, help="Tokens per forward, for the activation estimate."),
-    activation_reserve: Optional[str] = typer.Option(None, help="Per-GPU reserve for activations and runtime, e.g. 2GB (default: estimated)."),
-    netbench_json: Optional[Path] = typer.Option(None, help="Output of `shardserve netbench --json` for communication times."),
-    inter_node_gbps: Optional[float] = typer.Option(None, help="Inter-node bandwidth in Gb/s (default: from --netbench-json)."),
+    activation_reserve: Optional[str] = typer.Option(
+        None, help="Per-GPU reserve for activations and runtime, e.g. 2GB (default: estimated)."
+    ),
+    netbench_json: Optional[Path] = typer.Option(
+        None, help="Output of `shardserve netbench --json` for communication times."
+    ),
+    inter_node_gbps: Optional[float] = typer.Option(
+        None, help="Inter-node bandwidth in Gb/s (default: from --netbench-json)."
+    ),
     tp: Optional[int] = typer.Option(None, help="Also evaluate this tensor-parallel size."),
     pp: Optional[int] = typer.Option(None, help="Also evaluate this pipeline-parallel size."),
     json_out: bool = typer.Option(False, "--json", help="Print the plan as JSON instead of tables."),
@@ -98,15 +110,28 @@ def _gb(n: float) -> str:
     return f"{n / 1e9:.1f}"
 
 
-def _render_plan(console: Console, report) -> None:  # noqa: ANN001 - PlanReport, imported lazily
+def _render_plan(console: Console, report) -> None:
     from shardserve.tools.plan import recommendation_key
 
     fitting = sorted((p for p in report.layouts if p.fits), key=recommendation_key)
     rows = fitting or sorted(report.layouts, key=lambda p: -p.kv_cache_bytes_per_rank)[:8]
     if report.chosen is not None and report.chosen not in rows:
         rows = [report.chosen, *rows]
-    table = Table(title=f"{report.model}: weights {_gb(report.weight_bytes)} GB, KV {report.kv_bytes_per_token} B/token")
-    for col in ("TP", "PP", "GPUs", "nodes", "weights/GPU GB", "KV/GPU GB", "seqs", "decode tok/s", "comm ms/tok", "note"):
+    table = Table(
+        title=f"{report.model}: weights {_gb(report.weight_bytes)} GB, KV {report.kv_bytes_per_token} B/token"
+    )
+    for col in (
+        "TP",
+        "PP",
+        "GPUs",
+        "nodes",
+        "weights/GPU GB",
+        "KV/GPU GB",
+        "seqs",
+        "decode tok/s",
+        "comm ms/tok",
+        "note",
+    ):
         table.add_column(col, justify="left" if col == "note" else "right")
     for p in rows[:MAX_TABLE_ROWS]:
         notes = []
@@ -122,8 +147,13 @@ def _render_plan(console: Console, report) -> None:  # noqa: ANN001 - PlanReport
             notes.append("[red]does not fit[/]")
         comm = (p.allreduce_s_per_token or 0) + (p.p2p_s_per_token or 0)
         table.add_row(
-            str(p.tp), str(p.pp), str(p.num_gpus), str(p.num_nodes), _gb(p.max_weight_bytes_per_rank),
-            _gb(max(0, p.kv_cache_bytes_per_rank)), str(p.max_concurrent_seqs),
+            str(p.tp),
+            str(p.pp),
+            str(p.num_gpus),
+            str(p.num_nodes),
+            _gb(p.max_weight_bytes_per_rank),
+            _gb(max(0, p.kv_cache_bytes_per_rank)),
+            str(p.max_concurrent_seqs),
             f"{1 / p.decode_s_per_token:.1f}" if p.decode_s_per_token else "-",
             f"{comm * 1e3:.2f}" if p.allreduce_s_per_token is not None or p.p2p_s_per_token is not None else "-",
             ", ".join(notes),
@@ -154,7 +184,9 @@ def _size(text: str) -> int:
 
 
 def netbench_command(
-    nproc: Optional[int] = typer.Option(None, help="Local processes, one GPU each on CUDA (default: all GPUs, or 2 on CPU)."),
+    nproc: Optional[int] = typer.Option(
+        None, help="Local processes, one GPU each on CUDA (default: all GPUs, or 2 on CPU)."
+    ),
     device: str = typer.Option("auto", help="auto, cuda (NCCL) or cpu (gloo)."),
     min_bytes: str = typer.Option("8", help="Smallest message (bytes, or e.g. 1KiB)."),
     max_bytes: Optional[str] = typer.Option(None, help="Largest message (default 1GiB on GPU, 64MiB on CPU)."),
@@ -174,8 +206,13 @@ def netbench_command(
         nproc = max(2, nb.torch.cuda.device_count()) if device != "cpu" else 2
     try:
         launch = nb.LocalLaunch(
-            nproc=nproc, device=device, ops=tuple(o.strip() for o in ops.split(",") if o.strip()), iters=iters,
-            warmup=warmup, simulated_nodes=simulated_nodes, init_timeout_s=init_timeout,
+            nproc=nproc,
+            device=device,
+            ops=tuple(o.strip() for o in ops.split(",") if o.strip()),
+            iters=iters,
+            warmup=warmup,
+            simulated_nodes=simulated_nodes,
+            init_timeout_s=init_timeout,
         )
         default_max = nb.DEFAULT_MAX_BYTES_GPU if launch.resolved_device() == "cuda" else nb.DEFAULT_MAX_BYTES_CPU
         launch.sizes = tuple(nb.message_sizes(_size(min_bytes), _size(max_bytes) if max_bytes else default_max, factor))
@@ -189,7 +226,7 @@ def netbench_command(
         nb.save_plot(report, plot)
 
 
-def _render_netbench(console: Console, report) -> None:  # noqa: ANN001 - NetbenchReport
+def _render_netbench(console: Console, report) -> None:
     from shardserve.tools.netbench import format_size
 
     table = Table(
@@ -200,7 +237,15 @@ def _render_netbench(console: Console, report) -> None:  # noqa: ANN001 - Netben
     for col in ("group", "op", "n", "size", "time", "algbw", "busbw"):
         table.add_column(col, justify="left" if col in ("group", "op") else "right", no_wrap=True)
     for r in report.results:
-        table.add_row(r.group, r.op, str(r.group_size), format_size(r.size_bytes), f"{r.time_us:.1f}", f"{r.algbw_gb_s:.3f}", f"{r.busbw_gb_s:.3f}")
+        table.add_row(
+            r.group,
+            r.op,
+            str(r.group_size),
+            format_size(r.size_bytes),
+            f"{r.time_us:.1f}",
+            f"{r.algbw_gb_s:.3f}",
+            f"{r.busbw_gb_s:.3f}",
+        )
     console.print(table)
     console.print("busbw as defined in https://github.com/NVIDIA/nccl-tests/blob/master/doc/PERFORMANCE.md")
 
@@ -211,15 +256,23 @@ _STATUS_STYLE = {"PASS": "green", "WARN": "yellow", "FAIL": "bold red"}
 
 
 def doctor_command(
-    model: Optional[str] = typer.Argument(None, help="As for serve: GGUF file, HF directory or hub id (default: embedded model)."),
-    tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", "-tp", help="TP ranks per stage, as for serve."),
-    pipeline_parallel_size: Optional[int] = typer.Option(None, "--pipeline-parallel-size", "-pp", help="Pipeline stages (default: one per node)."),
+    model: Optional[str] = typer.Argument(
+        None, help="As for serve: GGUF file, HF directory or hub id (default: embedded model)."
+    ),
+    tensor_parallel_size: int = typer.Option(
+        1, "--tensor-parallel-size", "-tp", help="TP ranks per stage, as for serve."
+    ),
+    pipeline_parallel_size: Optional[int] = typer.Option(
+        None, "--pipeline-parallel-size", "-pp", help="Pipeline stages (default: one per node)."
+    ),
     device: str = typer.Option("auto", help="auto, cuda or cpu, as for serve."),
     nnodes: Optional[int] = typer.Option(None, help="Nodes in the launch (default: from the scheduler's env)."),
     node_rank: Optional[int] = typer.Option(None, help="This node's rank; 0 is the head."),
     master_addr: Optional[str] = typer.Option(None, help="Head node address."),
     master_port: Optional[int] = typer.Option(None, help="Head node rendezvous port (the next port is used too)."),
-    timeout: float = typer.Option(60.0, help="Seconds each cross-node step may wait (reaching the head, rendezvous, all-reduce)."),
+    timeout: float = typer.Option(
+        60.0, help="Seconds each cross-node step may wait (reaching the head, rendezvous, all-reduce)."
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON instead of a table."),
 ) -> None:
     """Check this node (or, run on every node with the same flags, the whole launch) before `serve`."""
@@ -230,7 +283,9 @@ def doctor_command(
     from shardserve.tools.doctor_cluster import run_doctor
 
     try:
-        launch = discover_launch(os.environ, nnodes=nnodes, node_rank=node_rank, master_addr=master_addr, master_port=master_port)
+        launch = discover_launch(
+            os.environ, nnodes=nnodes, node_rank=node_rank, master_addr=master_addr, master_port=master_port
+        )
         if device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"--device must be auto, cpu or cuda, got {device!r}")
         if timeout <= 0 or tensor_parallel_size < 1 or (pipeline_parallel_size or 1) < 1:
@@ -247,7 +302,7 @@ def doctor_command(
         raise typer.Exit(1)
 
 
-def _render_doctor(console: Console, report) -> None:  # noqa: ANN001 - DoctorReport, imported lazily
+def _render_doctor(console: Console, report) -> None:
     table = Table(
         title=f"shardserve doctor: node {report.node_rank} of {report.nnodes}, TP {report.tp} x PP {report.pp}",
         box=box.SIMPLE_HEAD,

@@ -299,7 +299,9 @@ def model_digest(path: Path) -> tuple[str, int]:
                 h.update(f.read(HASH_CHUNK_BYTES))
         return h.hexdigest(), size
     total = 0
-    files = sorted(p for p in path.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.relative_to(path).parts))
+    files = sorted(
+        p for p in path.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.relative_to(path).parts)
+    )
     for p in files:
         size = p.stat().st_size
         total += size
@@ -382,16 +384,25 @@ def local_checks(facts: NodeFacts, plan: Plan) -> list[Check]:
 def launch_check(plan: Plan) -> Check:
     """TP x PP over the nodes with every TP group inside a node (:func:`check_topology`)."""
     la = plan.launch
-    where = f"node {la.node_rank} of {la.nnodes} ({la.source}), master {la.master_addr}:{la.master_port or '<free port>'}"
+    where = (
+        f"node {la.node_rank} of {la.nnodes} ({la.source}), master {la.master_addr}:{la.master_port or '<free port>'}"
+    )
     try:
         notes = check_topology(la, plan.tp, plan.pp)
     except ValueError as e:
-        return Check("launch", FAIL, f"TP {plan.tp} x PP {plan.pp}: {e}", "pass -tp/-pp that fit the nodes (see detail)")
+        return Check(
+            "launch", FAIL, f"TP {plan.tp} x PP {plan.pp}: {e}", "pass -tp/-pp that fit the nodes (see detail)"
+        )
     notes = [*la.notes, *notes]
     detail = f"{where}; TP {plan.tp} x PP {plan.pp}, {plan.ranks_per_node} rank(s) per node"
     loopback = [n for n in notes if "loopback" in n]
     if loopback:
-        return Check("launch", WARN, f"{detail}; {loopback[0]}", "give --master-addr an address of node 0 that the other nodes reach")
+        return Check(
+            "launch",
+            WARN,
+            f"{detail}; {loopback[0]}",
+            "give --master-addr an address of node 0 that the other nodes reach",
+        )
     return Check("launch", PASS, "; ".join([detail, *notes]))
 
 
@@ -399,7 +410,9 @@ def versions_check(f: NodeFacts) -> Check:
     detail = (f"Python {f.python}, torch {f.torch}, CUDA {f.cuda or 'n/a'}, driver {f.driver or 'n/a'}, "
               f"NCCL {f.nccl or 'n/a'}")  # fmt: skip
     if f.cuda and f.driver is None and f.gpus:
-        return Check("versions", WARN, detail + "; nvidia-smi not found", "install the NVIDIA driver utilities (nvidia-smi)")
+        return Check(
+            "versions", WARN, detail + "; nvidia-smi not found", "install the NVIDIA driver utilities (nvidia-smi)"
+        )
     return Check("versions", PASS, detail)
 
 
@@ -469,7 +482,9 @@ def interface_check(f: NodeFacts, plan: Plan) -> Check:
                      f"check that --master-addr {master} resolves and is routed from this node (ip route get {master})")  # fmt: skip
     gloo = f.net_env.get("GLOO_SOCKET_IFNAME", "?")
     nccl = f.net_env.get("NCCL_SOCKET_IFNAME", "?")
-    return Check("network interface", PASS, f"gloo {gloo}, NCCL {nccl}; local address {f.address} toward master {master}")
+    return Check(
+        "network interface", PASS, f"gloo {gloo}, NCCL {nccl}; local address {f.address} toward master {master}"
+    )
 
 
 def rdma_check(f: NodeFacts, plan: Plan) -> Check:
@@ -489,7 +504,9 @@ def port_range_check(f: NodeFacts) -> Check:
     low, high = f.port_range
     detail = f"{low}-{high} ({high - low + 1} ports): gloo and NCCL listen on random ports in it"
     if high - low + 1 < SMALL_PORT_RANGE:
-        return Check("ephemeral port range", WARN, detail, "widen net.ipv4.ip_local_port_range (sysctl) to a few thousand ports")
+        return Check(
+            "ephemeral port range", WARN, detail, "widen net.ipv4.ip_local_port_range (sysctl) to a few thousand ports"
+        )
     return Check("ephemeral port range", PASS, detail)
 
 
@@ -510,7 +527,9 @@ def versions_match_check(table: dict[int, NodeFacts]) -> Check:
         f = next(iter(table.values()))
         same = f"torch {f.torch}, Python {f.python}, CUDA {f.cuda or 'n/a'}, NCCL {f.nccl or 'n/a'}"
         return Check("versions match", PASS, f"same on {len(table)} nodes: {same}")
-    detail = "; ".join(f"{name}: " + ", ".join(f"node {r} {v}" for r, v in sorted(vals.items())) for name, vals in differ.items())
+    detail = "; ".join(
+        f"{name}: " + ", ".join(f"node {r} {v}" for r, v in sorted(vals.items())) for name, vals in differ.items()
+    )
     status = FAIL if any(name in _MUST_MATCH for name in differ) else WARN
     return Check("versions match", status, detail, "install the same versions on every node (the same container image)")
 

@@ -199,7 +199,12 @@ def probe_ports_check(table: dict[int, NodeFacts], me: int, timeout_s: float = _
         return Check("ephemeral ports reachable", FAIL, f"node {me} could not connect to " + ", ".join(failed),
                      "allow TCP between the nodes on the whole ephemeral range (cat /proc/sys/net/ipv4/ip_local_port_range): "
                      "gloo and NCCL listen on random ports in it", me)  # fmt: skip
-    return Check("ephemeral ports reachable", PASS, f"node {me} connected to {reached} sampled port(s) of the other nodes", node=me)
+    return Check(
+        "ephemeral ports reachable",
+        PASS,
+        f"node {me} connected to {reached} sampled port(s) of the other nodes",
+        node=me,
+    )
 
 
 def _control_store(plan: Plan) -> dist.Store:
@@ -255,8 +260,12 @@ def all_reduce_check(store_factory: StoreFactory, plan: Plan, facts: NodeFacts) 
     results: dict[int, str | float] = {}
     with _env(facts.net_env):
         threads = [
-            threading.Thread(target=_rank_all_reduce, name=f"doctor-rank{node * rpn + i}", daemon=True,
-                             args=(store_factory, node * rpn + i, i, world, backends, plan.timeout_s, results))  # fmt: skip
+            threading.Thread(
+                target=_rank_all_reduce,
+                name=f"doctor-rank{node * rpn + i}",
+                daemon=True,
+                args=(store_factory, node * rpn + i, i, world, backends, plan.timeout_s, results),
+            )  # fmt: skip
             for i in range(rpn)
         ]
         for t in threads:

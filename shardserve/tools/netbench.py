@@ -27,10 +27,11 @@ import math
 import socket
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -364,7 +365,9 @@ class LocalLaunch:
             ValueError: nproc not divisible by simulated_nodes.
         """
         if self.nproc < 1 or self.simulated_nodes < 1 or self.nproc % self.simulated_nodes:
-            raise ValueError(f"--nproc {self.nproc} must be a positive multiple of --simulated-nodes {self.simulated_nodes}")
+            raise ValueError(
+                f"--nproc {self.nproc} must be a positive multiple of --simulated-nodes {self.simulated_nodes}"
+            )
         per_node = self.nproc // self.simulated_nodes
         return [r // per_node for r in range(self.nproc)]
 
@@ -394,7 +397,14 @@ def _local_worker(rank: int, launch: LocalLaunch, device_type: str, port: int, o
     )
     try:
         results = run_netbench(
-            rank, launch.nproc, device, list(launch.sizes), launch.ops, launch.iters, launch.warmup, launch.node_of_rank()
+            rank,
+            launch.nproc,
+            device,
+            list(launch.sizes),
+            launch.ops,
+            launch.iters,
+            launch.warmup,
+            launch.node_of_rank(),
         )
         if rank == 0:
             Path(out_path).write_text(json.dumps([asdict(r) for r in results]))
@@ -478,11 +488,18 @@ def save_plot(report: NetbenchReport, path: str | Path) -> None:
         for op in OPS:
             rows = report.curve(op, group)
             if rows:
-                ax.plot([r.size_bytes for r in rows], [r.busbw_gb_s for r in rows], marker=".", label=f"{op} ({group}, n={rows[0].group_size})")
+                ax.plot(
+                    [r.size_bytes for r in rows],
+                    [r.busbw_gb_s for r in rows],
+                    marker=".",
+                    label=f"{op} ({group}, n={rows[0].group_size})",
+                )
     ax.set_xscale("log", base=2)
     ax.set_xlabel("message size (bytes)")
     ax.set_ylabel("bus bandwidth (GB/s)")
-    ax.set_title(f"shardserve netbench: {report.backend} on {report.device}, {report.world_size} ranks, {report.nnodes} node(s)")
+    ax.set_title(
+        f"shardserve netbench: {report.backend} on {report.device}, {report.world_size} ranks, {report.nnodes} node(s)"
+    )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize="small")
     fig.tight_layout()
@@ -512,6 +529,8 @@ def interpolate_busbw(rows: list[Result], size_bytes: float) -> float:
         return rows[0].busbw_gb_s
     for lo, hi in zip(rows, rows[1:]):
         if size_bytes <= hi.size_bytes:
-            w = (math.log2(size_bytes) - math.log2(lo.size_bytes)) / (math.log2(hi.size_bytes) - math.log2(lo.size_bytes))
+            w = (math.log2(size_bytes) - math.log2(lo.size_bytes)) / (
+                math.log2(hi.size_bytes) - math.log2(lo.size_bytes)
+            )
             return lo.busbw_gb_s + w * (hi.busbw_gb_s - lo.busbw_gb_s)
     return rows[-1].busbw_gb_s

@@ -36,14 +36,31 @@ from shardserve.tools.netbench import BUSBW_FACTORS, NetbenchReport, interpolate
 logger = logging.getLogger(__name__)
 
 DTYPE_BYTES: dict[str, float] = {
-    "float32": 4, "fp32": 4, "float16": 2, "fp16": 2, "half": 2, "bfloat16": 2, "bf16": 2,
-    "fp8": 1, "float8": 1, "int8": 1, "int4": 0.5,
+    "float32": 4,
+    "fp32": 4,
+    "float16": 2,
+    "fp16": 2,
+    "half": 2,
+    "bfloat16": 2,
+    "bf16": 2,
+    "fp8": 1,
+    "float8": 1,
+    "int8": 1,
+    "int4": 0.5,
 }
 """Bytes per element of unquantised dtypes (int4 as packed pairs)."""
 
 _UNITS = {
-    "": 1e9, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+    "": 1e9,
+    "b": 1,
+    "kb": 1e3,
+    "mb": 1e6,
+    "gb": 1e9,
+    "tb": 1e12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
 }
 MIN_INTER_NODE_GBPS = 400.0
 """Below this inter-node bandwidth (Gb/s) multi-node serving is flagged (one 400G NIC per GPU is usual)."""
@@ -94,7 +111,9 @@ def find_gpu(name: str) -> GpuSpec:
             return spec
     if wanted in aliases:
         return GPUS[aliases[wanted]]
-    raise ValueError(f"unknown GPU {name!r}; known: {', '.join(s.name for s in GPUS.values())} (or pass --hbm-bandwidth)")
+    raise ValueError(
+        f"unknown GPU {name!r}; known: {', '.join(s.name for s in GPUS.values())} (or pass --hbm-bandwidth)"
+    )
 
 
 def parse_bytes(text: str | float | int) -> int:
@@ -204,7 +223,11 @@ def arch_tensors(arch: ModelArchConfig, weight_dtype: str = "bf16") -> list[Weig
             ("mlp.down_proj.weight", h * i, "tp"),
         ]
         if arch.attention_bias:
-            shapes += [("self_attn.q_proj.bias", q, "tp"), ("self_attn.k_proj.bias", kv, "kv"), ("self_attn.v_proj.bias", kv, "kv")]
+            shapes += [
+                ("self_attn.q_proj.bias", q, "tp"),
+                ("self_attn.k_proj.bias", kv, "kv"),
+                ("self_attn.v_proj.bias", kv, "kv"),
+            ]
         if arch.qk_norm:
             shapes += [("self_attn.q_norm.weight", d, "replicated"), ("self_attn.k_norm.weight", d, "replicated")]
         out += [t(p + name, numel, "layer", split, n) for name, numel, split in shapes]
@@ -279,7 +302,9 @@ def load_model_weights(model: str, weight_dtype: str = "bf16") -> ModelWeights:
     try:
         source = resolve_model(model)
     except ValueError as e:
-        raise ValueError(f"cannot resolve model {model!r}: {e}; built-in names: {', '.join(known_model_names())}") from e
+        raise ValueError(
+            f"cannot resolve model {model!r}: {e}; built-in names: {', '.join(known_model_names())}"
+        ) from e
     if source.format == "gguf":
         return weights_from_gguf(source.path)
     return weights_from_arch(source.name, source.arch, weight_dtype)
@@ -570,7 +595,9 @@ def inter_node_gbps(inputs: PlanInputs) -> float | None:
         return inputs.inter_node_gbps
     if inputs.netbench is None:
         return None
-    rows = _curve(inputs.netbench, "sendrecv", ("inter-node",)) or _curve(inputs.netbench, "all_reduce", ("inter-node",))
+    rows = _curve(inputs.netbench, "sendrecv", ("inter-node",)) or _curve(
+        inputs.netbench, "all_reduce", ("inter-node",)
+    )
     return max(r.busbw_gb_s for r in rows) * 8 if rows else None
 
 
@@ -677,7 +704,11 @@ def _explain(report: PlanReport, inputs: PlanInputs) -> None:
     r = report.reasoning
     r.append(
         f"weights {_gb(report.weight_bytes)} ({report.source}: "
-        + ("tensor bytes of the GGUF file" if report.source == "gguf" else f"{report.num_params / 1e9:.2f}e9 params x {report.weight_dtype}")
+        + (
+            "tensor bytes of the GGUF file"
+            if report.source == "gguf"
+            else f"{report.num_params / 1e9:.2f}e9 params x {report.weight_dtype}"
+        )
         + f"); KV cache {report.kv_bytes_per_token} B/token ({inputs.dtype}); "
         f"usable per GPU {_gb(usable)} ({inputs.gpu_memory_utilization:.0%} of {_gb(inputs.gpu_memory_bytes)})"
     )
@@ -716,7 +747,9 @@ def _explain(report: PlanReport, inputs: PlanInputs) -> None:
                 f"TP={full.tp} PP={full.pp} ({full.num_gpus} GPUs, {full.num_nodes} node(s)) holds {full.max_concurrent_seqs}"
             )
         if rec.decode_s_per_token is not None:
-            r.append(f"batch-1 decode bound ~{1 / rec.decode_s_per_token:.1f} tokens/s ({rec.decode_s_per_token * 1e3:.2f} ms/token)")
+            r.append(
+                f"batch-1 decode bound ~{1 / rec.decode_s_per_token:.1f} tokens/s ({rec.decode_s_per_token * 1e3:.2f} ms/token)"
+            )
         _warn_network(report, inputs, rec)
     if report.chosen is not None:
         c = report.chosen
@@ -726,7 +759,9 @@ def _explain(report: PlanReport, inputs: PlanInputs) -> None:
                 "the inter-node network; keep TP <= GPUs per node and use PP across nodes"
             )
         if not c.fits:
-            report.warnings.append(f"the chosen layout TP={c.tp} PP={c.pp} does not fit one {inputs.max_model_len}-token sequence")
+            report.warnings.append(
+                f"the chosen layout TP={c.tp} PP={c.pp} does not fit one {inputs.max_model_len}-token sequence"
+            )
         if c.num_nodes > 1 and (rec is None or rec.num_nodes == 1):
             _warn_network(report, inputs, c)
 
@@ -736,7 +771,9 @@ def _warn_network(report: PlanReport, inputs: PlanInputs, plan: LayoutPlan) -> N
         return
     gbps = report.inter_node_gbps
     if gbps is None:
-        report.reasoning.append("inter-node bandwidth unknown: run `shardserve netbench` on the nodes and pass --netbench-json")
+        report.reasoning.append(
+            "inter-node bandwidth unknown: run `shardserve netbench` on the nodes and pass --netbench-json"
+        )
     elif gbps < MIN_INTER_NODE_GBPS:
         report.warnings.append(
             f"inter-node bandwidth {gbps:.0f} Gb/s is below {MIN_INTER_NODE_GBPS:.0f} Gb/s: pipeline stages will "

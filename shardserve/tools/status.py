@@ -99,7 +99,9 @@ def render_status(console: Console, s: dict[str, Any], url: str = "") -> None:
     console.print("[bold]Requests[/]")
     console.print(f" {req['running']} running, {req['waiting']} waiting")
     console.print(f"[bold]Throughput[/] (last {tp['window_s']:g} s)")
-    console.print(f" prompt {tp['prompt_tokens_per_s']:.1f} tokens/s, generation {tp['generation_tokens_per_s']:.1f} tokens/s")
+    console.print(
+        f" prompt {tp['prompt_tokens_per_s']:.1f} tokens/s, generation {tp['generation_tokens_per_s']:.1f} tokens/s"
+    )
 
 
 def status_command(

@@ -47,8 +47,9 @@ def _raise_exception(message: str) -> None:
     raise TemplateError(message)
 
 
-def _tojson(x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None,
-            sort_keys: bool = False) -> str:
+def _tojson(
+    x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None, sort_keys: bool = False
+) -> str:
     # Jinja's own tojson escapes <, >, & and ' for HTML; chat templates want plain JSON.
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
@@ -181,5 +182,5 @@ def render_chat_template(
         raise ValueError(f"chat template tried an operation the sandbox forbids: {e}") from e
     except TemplateError as e:
         raise ValueError(f"chat template raised an error: {e}") from e
-    except Exception as e:  # noqa: BLE001 - templates are user code; any failure is a bad request
+    except Exception as e:
         raise ValueError(f"chat template failed while rendering: {type(e).__name__}: {e}") from e

@@ -31,7 +31,7 @@ class IncrementalDetokenizer:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         # Only the prompt tail matters: ``_INITIAL_PREFIX_TOKENS`` of context (+2 as vLLM keeps).
-        self._ids: list[int] = list(prompt_token_ids[-(_INITIAL_PREFIX_TOKENS + 2):])
+        self._ids: list[int] = list(prompt_token_ids[-(_INITIAL_PREFIX_TOKENS + 2) :])
         self._read_offset = len(self._ids)
         self._prefix_offset = max(self._read_offset - _INITIAL_PREFIX_TOKENS, 0)
         self._chunks: list[str] = []
@@ -55,7 +55,7 @@ class IncrementalDetokenizer:
     def _add_one(self, token_id: int) -> str:
         self._ids.append(token_id)
         decode = self.tokenizer.decode
-        window = self._ids[self._prefix_offset:]
+        window = self._ids[self._prefix_offset :]
         prefix_text = decode(window[: self._read_offset - self._prefix_offset], self.skip_special_tokens)
         new_text = decode(window, self.skip_special_tokens)
         if len(new_text) <= len(prefix_text) or new_text.endswith(_REPLACEMENT_CHAR):
@@ -63,7 +63,7 @@ class IncrementalDetokenizer:
         # Drop ids left of the new prefix so the list (and the window) stays bounded.
         del self._ids[: self._read_offset]
         self._prefix_offset, self._read_offset = 0, len(self._ids)
-        return new_text[len(prefix_text):]
+        return new_text[len(prefix_text) :]
 
 
 class StopStringChecker:
@@ -104,7 +104,7 @@ class StopStringChecker:
             self._held, self._stopped = "", True
             return text[:index], stop
         keep = self._partial_stop_len(text)
-        self._held = text[len(text) - keep:] if keep else ""
+        self._held = text[len(text) - keep :] if keep else ""
         return text[: len(text) - keep], None
 
     def flush(self) -> str:

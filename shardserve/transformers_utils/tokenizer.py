@@ -71,8 +71,19 @@ _GPT4O_SPLIT = (
 )
 GGUF_PRE_TOKENIZER_SPLITS: dict[str, str] = {
     **dict.fromkeys(
-        ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
-         "jina-v5-nano", "dbrx", "smaug-bpe"),
+        (
+            "llama3",
+            "llama-v3",
+            "llama-bpe",
+            "falcon3",
+            "falcon-h1",
+            "pixtral",
+            "midm-2.0",
+            "lfm2",
+            "jina-v5-nano",
+            "dbrx",
+            "smaug-bpe",
+        ),
         _LLAMA3_SPLIT,
     ),
     **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez"), _QWEN2_SPLIT),
@@ -192,11 +203,19 @@ class Tokenizer:
                 "this model has no chat template (no tokenizer.chat_template in the GGUF, no chat_template in "
                 "tokenizer_config.json or chat_template.jinja); use the completions API with a raw prompt"
             )
-        special = {"bos_token": self.bos_token, "eos_token": self.eos_token,
-                   "unk_token": self.unk_token, "pad_token": self.pad_token}
+        special = {
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            "unk_token": self.unk_token,
+            "pad_token": self.pad_token,
+        }
         return render_chat_template(
-            template, messages, add_generation_prompt=add_generation_prompt, tools=tools,
-            special_tokens=special, **kwargs,
+            template,
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            tools=tools,
+            special_tokens=special,
+            **kwargs,
         )
 
 
@@ -305,7 +324,7 @@ def tokenizer_from_gguf_metadata(
         backend, add_bos = _transformers_gguf_backend(model_type, gguf_path)
     templates = {"default": meta.get("tokenizer.chat_template")}
     prefix = "tokenizer.chat_template."
-    templates.update({k[len(prefix):]: v for k, v in meta.items() if k.startswith(prefix)})
+    templates.update({k[len(prefix) :]: v for k, v in meta.items() if k.startswith(prefix)})
     extra = list(extra_eos_token_ids)
     extra += [meta[k] for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id") if k in meta]
     return Tokenizer(
@@ -318,8 +337,12 @@ def tokenizer_from_gguf_metadata(
 
 
 def _gguf_named_tokens(meta: Mapping[str, Any], tokens: list[str]) -> dict[str, str | None]:
-    keys = {"bos_token": "bos_token_id", "eos_token": "eos_token_id",
-            "unk_token": "unknown_token_id", "pad_token": "padding_token_id"}
+    keys = {
+        "bos_token": "bos_token_id",
+        "eos_token": "eos_token_id",
+        "unk_token": "unknown_token_id",
+        "pad_token": "padding_token_id",
+    }
     named: dict[str, str | None] = {}
     for name, key in keys.items():
         token_id = meta.get(f"tokenizer.ggml.{key}")
@@ -354,16 +377,26 @@ def _byte_level_bpe_backend(meta: Mapping[str, Any]) -> BackendTokenizer:
         for i, tok in enumerate(tokens)
     }
     merges = [tuple(m.split(" ")) for m in meta.get("tokenizer.ggml.merges", [])]
-    backend = BackendTokenizer(BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
-                                   end_of_word_suffix="", fuse_unk=False))
+    backend = BackendTokenizer(
+        BPE(
+            vocab=vocab,
+            merges=merges,
+            dropout=None,
+            continuing_subword_prefix="",
+            end_of_word_suffix="",
+            fuse_unk=False,
+        )
+    )
     split = GGUF_PRE_TOKENIZER_SPLITS.get(meta.get("tokenizer.ggml.pre", ""))
     if split is None:
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     else:
-        backend.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(split), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ])
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
     backend.decoder = decoders.ByteLevel()
     _add_gguf_added_tokens(backend, meta, alphabet)
     return backend
@@ -470,10 +503,14 @@ def _mark_config_special_tokens(backend: BackendTokenizer, config: Mapping[str, 
     for index, entry in (config.get("added_tokens_decoder") or {}).items():
         if int(index) in known or not isinstance(entry, dict):
             continue
-        token = AddedToken(entry["content"], single_word=entry.get("single_word", False),
-                           lstrip=entry.get("lstrip", False), rstrip=entry.get("rstrip", False),
-                           normalized=entry.get("normalized", not entry.get("special", False)),
-                           special=entry.get("special", False))
+        token = AddedToken(
+            entry["content"],
+            single_word=entry.get("single_word", False),
+            lstrip=entry.get("lstrip", False),
+            rstrip=entry.get("rstrip", False),
+            normalized=entry.get("normalized", not entry.get("special", False)),
+            special=entry.get("special", False),
+        )
         if token.special:
             backend.add_special_tokens([token])
         else:

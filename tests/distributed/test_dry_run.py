@@ -12,8 +12,13 @@ def launch_for(env, **flags):
 
 def test_report_lists_this_nodes_ranks_and_settings():
     launch = launch_for({}, nnodes=2, node_rank=1, master_addr="10.0.0.1", master_port=29555)
-    report = describe_launch(launch, tp=4, pp=2, net_env={"NCCL_SOCKET_IFNAME": "=eth0"},
-                             net_notes=["route to master 10.0.0.1 leaves through eth0"])
+    report = describe_launch(
+        launch,
+        tp=4,
+        pp=2,
+        net_env={"NCCL_SOCKET_IFNAME": "=eth0"},
+        net_notes=["route to master 10.0.0.1 leaves through eth0"],
+    )
     assert "10.0.0.1:29555" in report
     assert "world size:        8 = TP 4 x PP 2" in report
     assert "ranks per node:    4" in report and "this node's ranks: 4..7" in report
@@ -24,8 +29,15 @@ def test_report_lists_this_nodes_ranks_and_settings():
 
 
 def test_report_shows_problems_and_non_leaders_instead_of_raising():
-    env = {"RANK": "3", "LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "4", "WORLD_SIZE": "8", "GROUP_RANK": "0",
-           "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"}
+    env = {
+        "RANK": "3",
+        "LOCAL_RANK": "3",
+        "LOCAL_WORLD_SIZE": "4",
+        "WORLD_SIZE": "8",
+        "GROUP_RANK": "0",
+        "MASTER_ADDR": "10.0.0.1",
+        "MASTER_PORT": "29500",
+    }
     report = describe_launch(launch_for(env), tp=4, pp=1, net_env={}, net_notes=[])
     assert "PROBLEM:" in report and "inside a node" in report
     assert "not the node leader" in report

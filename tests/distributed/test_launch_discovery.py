@@ -25,12 +25,22 @@ def discover(env: dict[str, str], **flags) -> LaunchInfo:
 def torchrun_env(rank: int, local_rank: int, nnodes: int, nproc: int, agent_store: bool = False) -> dict[str, str]:
     """What torch.distributed.elastic's LocalElasticAgent puts in each worker's environment."""
     return {
-        "RANK": str(rank), "LOCAL_RANK": str(local_rank), "GROUP_RANK": str(rank // nproc),
-        "ROLE_RANK": str(rank), "ROLE_NAME": "default", "LOCAL_WORLD_SIZE": str(nproc),
-        "WORLD_SIZE": str(nnodes * nproc), "GROUP_WORLD_SIZE": str(nnodes), "ROLE_WORLD_SIZE": str(nnodes * nproc),
-        "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29400", "TORCHELASTIC_RUN_ID": "job42",
-        "TORCHELASTIC_RESTART_COUNT": "0", "TORCHELASTIC_MAX_RESTARTS": "0",
-        "TORCHELASTIC_USE_AGENT_STORE": str(agent_store), "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
+        "RANK": str(rank),
+        "LOCAL_RANK": str(local_rank),
+        "GROUP_RANK": str(rank // nproc),
+        "ROLE_RANK": str(rank),
+        "ROLE_NAME": "default",
+        "LOCAL_WORLD_SIZE": str(nproc),
+        "WORLD_SIZE": str(nnodes * nproc),
+        "GROUP_WORLD_SIZE": str(nnodes),
+        "ROLE_WORLD_SIZE": str(nnodes * nproc),
+        "MASTER_ADDR": "10.0.0.1",
+        "MASTER_PORT": "29400",
+        "TORCHELASTIC_RUN_ID": "job42",
+        "TORCHELASTIC_RESTART_COUNT": "0",
+        "TORCHELASTIC_MAX_RESTARTS": "0",
+        "TORCHELASTIC_USE_AGENT_STORE": str(agent_store),
+        "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
     }
 
 
@@ -88,13 +98,21 @@ def test_torchrun_uneven_world_raises():
 def slurm_env(nodeid: int, localid: int = 0, nnodes: int = 2, tasks_per_node: int = 1) -> dict[str, str]:
     ntasks = nnodes * tasks_per_node
     return {
-        "SLURM_JOB_ID": "734512", "SLURM_JOBID": "734512", "SLURM_STEP_ID": "0",
-        "SLURM_PROCID": str(nodeid * tasks_per_node + localid), "SLURM_LOCALID": str(localid),
-        "SLURM_NODEID": str(nodeid), "SLURM_NNODES": str(nnodes), "SLURM_JOB_NUM_NODES": str(nnodes),
-        "SLURM_NTASKS": str(ntasks), "SLURM_NPROCS": str(ntasks),
+        "SLURM_JOB_ID": "734512",
+        "SLURM_JOBID": "734512",
+        "SLURM_STEP_ID": "0",
+        "SLURM_PROCID": str(nodeid * tasks_per_node + localid),
+        "SLURM_LOCALID": str(localid),
+        "SLURM_NODEID": str(nodeid),
+        "SLURM_NNODES": str(nnodes),
+        "SLURM_JOB_NUM_NODES": str(nnodes),
+        "SLURM_NTASKS": str(ntasks),
+        "SLURM_NPROCS": str(ntasks),
         "SLURM_TASKS_PER_NODE": f"{tasks_per_node}(x{nnodes})",
-        "SLURM_JOB_NODELIST": "gpu[01-04,07]", "SLURM_NODELIST": "gpu[01-04,07]",
-        "SLURM_STEP_NODELIST": "gpu[01-02]", "SLURMD_NODENAME": f"gpu0{nodeid + 1}",
+        "SLURM_JOB_NODELIST": "gpu[01-04,07]",
+        "SLURM_NODELIST": "gpu[01-04,07]",
+        "SLURM_STEP_NODELIST": "gpu[01-02]",
+        "SLURMD_NODENAME": f"gpu0{nodeid + 1}",
     }
 
 
@@ -166,9 +184,12 @@ def test_expand_hostlist_rejects_malformed(bad):
 
 def ompi_env(rank: int, size: int, local_size: int) -> dict[str, str]:
     return {
-        "OMPI_COMM_WORLD_RANK": str(rank), "OMPI_COMM_WORLD_SIZE": str(size),
-        "OMPI_COMM_WORLD_LOCAL_RANK": str(rank % local_size), "OMPI_COMM_WORLD_LOCAL_SIZE": str(local_size),
-        "OMPI_COMM_WORLD_NODE_RANK": str(rank // local_size), "OMPI_UNIVERSE_SIZE": str(size),
+        "OMPI_COMM_WORLD_RANK": str(rank),
+        "OMPI_COMM_WORLD_SIZE": str(size),
+        "OMPI_COMM_WORLD_LOCAL_RANK": str(rank % local_size),
+        "OMPI_COMM_WORLD_LOCAL_SIZE": str(local_size),
+        "OMPI_COMM_WORLD_NODE_RANK": str(rank // local_size),
+        "OMPI_UNIVERSE_SIZE": str(size),
         "PMIX_RANK": str(rank),
     }
 
@@ -193,8 +214,14 @@ def test_openmpi_one_per_node_needs_a_master():
 
 def test_kubeflow_pytorchjob_world_size_counts_pods():
     # training-operator < 1.7: WORLD_SIZE = replicas (pods), RANK = pod index (worker i -> i + 1).
-    env = {**K8S, "PYTHONUNBUFFERED": "0", "MASTER_ADDR": "llm-master-0", "MASTER_PORT": "23456",
-           "WORLD_SIZE": "3", "RANK": "2"}
+    env = {
+        **K8S,
+        "PYTHONUNBUFFERED": "0",
+        "MASTER_ADDR": "llm-master-0",
+        "MASTER_PORT": "23456",
+        "WORLD_SIZE": "3",
+        "RANK": "2",
+    }
     info = discover(env)
     assert (info.source, info.nnodes, info.node_rank) == ("kubeflow", 3, 2)
     assert (info.master_addr, info.master_port, info.is_node_leader) == ("llm-master-0", 23456, True)
@@ -202,8 +229,16 @@ def test_kubeflow_pytorchjob_world_size_counts_pods():
 
 def test_kubeflow_new_operator_uses_pet_variables():
     # training-operator >= 1.7 with nprocPerNode=4: WORLD_SIZE = pods x nproc, RANK = pod index.
-    env = {**K8S, "MASTER_ADDR": "llm-master-0", "MASTER_PORT": "23456", "WORLD_SIZE": "8", "RANK": "1",
-           "PET_NPROC_PER_NODE": "4", "PET_NODE_RANK": "1", "PET_NNODES": "2"}
+    env = {
+        **K8S,
+        "MASTER_ADDR": "llm-master-0",
+        "MASTER_PORT": "23456",
+        "WORLD_SIZE": "8",
+        "RANK": "1",
+        "PET_NPROC_PER_NODE": "4",
+        "PET_NODE_RANK": "1",
+        "PET_NNODES": "2",
+    }
     info = discover(env)
     assert (info.source, info.nnodes, info.node_rank) == ("kubeflow", 2, 1)
 
@@ -218,9 +253,15 @@ def test_kubeflow_elastic_range_needs_fixed_nnodes():
 
 def test_runai_submit_dist_world_size_4_rank_2_means_pod_2_of_4():
     # RCP guide: "WORLD_SIZE: Number of pods ... RANK: Rank of the pod".
-    env = {**K8S, "RUNAI_JOB_NAME": "my_first_distributed_app", "JOB_UUID": "4f1c",
-           "MASTER_ADDR": "my-first-distributed-app-master-0", "MASTER_PORT": "23456",
-           "WORLD_SIZE": "4", "RANK": "2"}
+    env = {
+        **K8S,
+        "RUNAI_JOB_NAME": "my_first_distributed_app",
+        "JOB_UUID": "4f1c",
+        "MASTER_ADDR": "my-first-distributed-app-master-0",
+        "MASTER_PORT": "23456",
+        "WORLD_SIZE": "4",
+        "RANK": "2",
+    }
     info = discover(env)
     assert (info.source, info.nnodes, info.node_rank) == ("runai", 4, 2)
     assert info.master_addr == "my-first-distributed-app-master-0"
@@ -243,7 +284,12 @@ def test_lws_leader_and_worker():
 def test_flags_override_environment():
     info = discover(slurm_env(nodeid=1), nnodes=4, node_rank=2, master_addr="10.1.1.1", master_port=1234)
     assert (info.source, info.nnodes, info.node_rank, info.master_addr, info.master_port) == (
-        "flags", 4, 2, "10.1.1.1", 1234)
+        "flags",
+        4,
+        2,
+        "10.1.1.1",
+        1234,
+    )
     assert any("--nnodes 4 overrides 2" in note for note in info.notes)
 
 

@@ -17,8 +17,9 @@ IPV4_MAPPED = "0000:0000:0000:0000:0000:ffff:0a00:0002"  # ::ffff:10.0.0.2
 UNUSED = "0000:0000:0000:0000:0000:0000:0000:0000"
 
 
-def make_port(root: Path, dev: str, port: int, gids: list[tuple[str, str | None]], state="4: ACTIVE",
-              link_layer="Ethernet") -> None:
+def make_port(
+    root: Path, dev: str, port: int, gids: list[tuple[str, str | None]], state="4: ACTIVE", link_layer="Ethernet"
+) -> None:
     port_dir = root / dev / "ports" / str(port)
     (port_dir / "gids").mkdir(parents=True)
     (port_dir / "gid_attrs" / "types").mkdir(parents=True)
@@ -47,8 +48,7 @@ def test_rdma_picks_ipv4_mapped_roce_v2_gid(tmp_path):
 
 def test_rdma_order_of_gids_does_not_matter(tmp_path):
     # IPv4-mapped v2 GID listed first, before a link-local v2 one: still the IPv4-mapped index.
-    make_port(tmp_path, "mlx5_0", 1, [(IPV4_MAPPED, "IB/RoCE v1"), (LINK_LOCAL, "RoCE v2"),
-                                      (IPV4_MAPPED, "RoCE v2")])
+    make_port(tmp_path, "mlx5_0", 1, [(IPV4_MAPPED, "IB/RoCE v1"), (LINK_LOCAL, "RoCE v2"), (IPV4_MAPPED, "RoCE v2")])
     assert rdma_settings(tmp_path)["NCCL_IB_GID_INDEX"] == "2"
 
 
@@ -63,14 +63,14 @@ def test_rdma_skips_inactive_ports_and_exact_matches_prefix_names(tmp_path):
 
 
 def test_rdma_roce_without_ipv4_gid_is_not_used(tmp_path):
-    make_port(tmp_path, "mlx5_0", 1, [(LINK_LOCAL, "IB/RoCE v1"), (LINK_LOCAL, "RoCE v2"),
-                                      (IPV4_MAPPED, "IB/RoCE v1")])
+    make_port(tmp_path, "mlx5_0", 1, [(LINK_LOCAL, "IB/RoCE v1"), (LINK_LOCAL, "RoCE v2"), (IPV4_MAPPED, "IB/RoCE v1")])
     assert rdma_settings(tmp_path) == {}
 
 
 def test_rdma_infiniband_needs_no_gid_index(tmp_path):
-    make_port(tmp_path, "mlx5_0", 1, [("fe80:0000:0000:0000:0002:c903:0001:0001", "IB/RoCE v1")],
-              link_layer="InfiniBand")
+    make_port(
+        tmp_path, "mlx5_0", 1, [("fe80:0000:0000:0000:0002:c903:0001:0001", "IB/RoCE v1")], link_layer="InfiniBand"
+    )
     assert rdma_settings(tmp_path) == {"NCCL_IB_HCA": "mlx5_0"}
 
 

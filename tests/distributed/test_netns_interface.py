@@ -68,8 +68,7 @@ def _env() -> dict[str, str]:
 
 def _interface_in(ns: str, addr: str, no_iproute2: bool = False) -> list[str]:
     patch = "netconf._run_ip = lambda *a: None;" if no_iproute2 else ""
-    code = (f"from shardserve.distributed import netconf;{patch}"
-            f"print(*netconf.interface_for({addr!r}))")
+    code = f"from shardserve.distributed import netconf;{patch}print(*netconf.interface_for({addr!r}))"
     done = subprocess.run(_in_ns(ns, code), capture_output=True, text=True, timeout=60, env=_env(), check=True)
     return done.stdout.split()
 
@@ -104,8 +103,10 @@ print(json.dumps(table))
 def test_two_namespaces_rendezvous_over_the_veth(veth_pair):
     # Two "nodes" that only share the veth link: each finds its interface toward the head and they meet.
     ns1, veth1, ns2, veth2 = veth_pair
-    procs = [subprocess.Popen(_in_ns(ns, NODE.format(rank=rank)), stdout=subprocess.PIPE, text=True, env=_env())
-             for ns, rank in ((ns2, 1), (ns1, 0))]
+    procs = [
+        subprocess.Popen(_in_ns(ns, NODE.format(rank=rank)), stdout=subprocess.PIPE, text=True, env=_env())
+        for ns, rank in ((ns2, 1), (ns1, 0))
+    ]
     try:
         outs = [p.communicate(timeout=60)[0] for p in procs]
     finally:

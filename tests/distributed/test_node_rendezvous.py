@@ -21,8 +21,14 @@ from shardserve.distributed.rendezvous import (
 HOST = "127.0.0.1"
 
 
-def run_nodes(port: int, nnodes: int, ranks: list[int], timeout_s: float, start_gap_s: float = 0.0,
-              nnodes_of: dict[int, int] | None = None) -> dict[int, object]:
+def run_nodes(
+    port: int,
+    nnodes: int,
+    ranks: list[int],
+    timeout_s: float,
+    start_gap_s: float = 0.0,
+    nnodes_of: dict[int, int] | None = None,
+) -> dict[int, object]:
     """Run node_rendezvous for each rank in a thread; returns rank -> table or exception."""
     results: dict[int, object] = {}
 
@@ -30,7 +36,7 @@ def run_nodes(port: int, nnodes: int, ranks: list[int], timeout_s: float, start_
         try:
             n = (nnodes_of or {}).get(rank, nnodes)
             results[rank] = node_rendezvous(HOST, port, n, rank, timeout_s, node_info(rank, [rank], tag=f"n{rank}"))
-        except Exception as exc:  # noqa: BLE001 - handed back to the test
+        except Exception as exc:
             results[rank] = exc
 
     threads = [threading.Thread(target=node, args=(r,)) for r in ranks]
@@ -91,7 +97,7 @@ def test_duplicate_node_rank_is_reported():
     def node(name: str, rank: int) -> None:
         try:
             results[name] = node_rendezvous(HOST, port, 3, rank, 3.0, {"hostname": name})
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             results[name] = exc
 
     threads = [threading.Thread(target=node, args=args) for args in (("head", 0), ("a", 1), ("b", 1))]

@@ -24,7 +24,9 @@ def req(rid, n_prompt, max_tokens=8, **kw):
 
 
 def finish(s, step, token):
-    s.update_from_output(step, ModelRunnerOutput(step.step_id, sampled={r.request_id: token for r in step.scheduled if r.sample}))
+    s.update_from_output(
+        step, ModelRunnerOutput(step.step_id, sampled={r.request_id: token for r in step.scheduled if r.sample})
+    )
 
 
 def test_decode_is_scheduled_with_a_placeholder_while_the_prefill_is_in_flight():
@@ -75,7 +77,8 @@ def test_penalties_wait_for_the_previous_token():
 
 @pytest.mark.parametrize("max_tokens", [1, 2, 7])
 def test_llm_tokens_match_with_and_without_async_scheduling(tiny_llama_dir, max_tokens):
-    from shardserve import LLM, SamplingParams as SP
+    from shardserve import LLM
+    from shardserve import SamplingParams as SP
 
     prompts = [[1, 520, 3327, 314], [1, 17, 99, 42, 8, 1000, 77]]
     results = []

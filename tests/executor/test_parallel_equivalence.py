@@ -10,8 +10,16 @@ PARAMS = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True, logprob
 
 
 def run(model, tp, pp, **kw):
-    llm = LLM(str(model), tensor_parallel_size=tp, pipeline_parallel_size=pp, dtype="float32",
-              num_kv_blocks=64, block_size=8, max_num_batched_tokens=64, **kw)
+    llm = LLM(
+        str(model),
+        tensor_parallel_size=tp,
+        pipeline_parallel_size=pp,
+        dtype="float32",
+        num_kv_blocks=64,
+        block_size=8,
+        max_num_batched_tokens=64,
+        **kw,
+    )
     try:
         return llm.generate(PROMPTS, PARAMS)
     finally:
@@ -44,8 +52,15 @@ def test_tp_async_scheduling_samples_as_one_process(tiny_llama_dir):
     params = [SamplingParams(temperature=1.0, max_tokens=24, ignore_eos=True, seed=s) for s in (1, 2, 3)]
 
     def tokens(tp, **kw):
-        llm = LLM(str(tiny_llama_dir), tensor_parallel_size=tp, dtype="float32", num_kv_blocks=64, block_size=8,
-                  max_num_batched_tokens=64, **kw)
+        llm = LLM(
+            str(tiny_llama_dir),
+            tensor_parallel_size=tp,
+            dtype="float32",
+            num_kv_blocks=64,
+            block_size=8,
+            max_num_batched_tokens=64,
+            **kw,
+        )
         try:
             executor, placeholder_steps = llm.engine.executor, []
             submit = executor.submit
@@ -94,8 +109,7 @@ def test_embedded_model_answers_as_one_process(tp, pp):
     params = SamplingParams(temperature=0.0, max_tokens=12)
 
     def answer(tp_size, pp_size):
-        llm = LLM(None, tensor_parallel_size=tp_size, pipeline_parallel_size=pp_size, dtype="float32",
-                  num_kv_blocks=64)
+        llm = LLM(None, tensor_parallel_size=tp_size, pipeline_parallel_size=pp_size, dtype="float32", num_kv_blocks=64)
         try:
             return llm.chat(messages, params)[0].outputs[0]
         finally:

@@ -82,7 +82,9 @@ def test_killed_rank_fails_stream_restarts_and_keeps_waiting_request(server):
     stream.join(10)
     when, error = stream.error_event()
     assert when - killed_at < 10
-    assert error["code"] == "engine_dead" and f"rank 1 (node 0, pid {victim}) was killed by signal 9" in error["message"]
+    assert (
+        error["code"] == "engine_dead" and f"rank 1 (node 0, pid {victim}) was killed by signal 9" in error["message"]
+    )
     assert saw_503 and back_after is not None and back_after < 60
     queued.join(60)
     assert waiting.get("text") == expected  # it had not started: kept, and served by the new generation

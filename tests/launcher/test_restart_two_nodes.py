@@ -81,7 +81,9 @@ def test_headless_worker_killed_in_network_namespaces(tiny_llama_dir, tmp_path):
         try:
             mport, hport = 29631, 8731
             for rank, n in enumerate(ns):
-                args = node_args(tiny_llama_dir, addrs[0], mport, hport, rank, host=addrs[0] if rank == 0 else "127.0.0.1")
+                args = node_args(
+                    tiny_llama_dir, addrs[0], mport, hport, rank, host=addrs[0] if rank == 0 else "127.0.0.1"
+                )
                 log = tmp_path / f"node{rank}.log"
                 cmd = ["ip", "netns", "exec", n, sys.executable, "-m", "shardserve", "serve", *args]
                 with open(log, "ab") as f:  # `ip netns exec` execs: the Popen pid is the launcher's

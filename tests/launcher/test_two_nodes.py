@@ -12,13 +12,45 @@ from procs import netns_available, veth_namespaces, wait_healthy
 from shardserve.distributed.rendezvous import free_port
 
 PROMPT = [1, 520, 3327, 314, 4649, 3135]
-COMMON = ["-pp", "2", "--nnodes", "2", "--dtype", "float32", "--device", "cpu", "--num-kv-blocks", "64",
-          "--max-model-len", "256", "--rendezvous-timeout", "120", "--log-level", "info"]
+COMMON = [
+    "-pp",
+    "2",
+    "--nnodes",
+    "2",
+    "--dtype",
+    "float32",
+    "--device",
+    "cpu",
+    "--num-kv-blocks",
+    "64",
+    "--max-model-len",
+    "256",
+    "--rendezvous-timeout",
+    "120",
+    "--log-level",
+    "info",
+]
 
 
 def serve_cmd(model, node_rank, master, master_port, http_port, host="127.0.0.1"):
-    return [sys.executable, "-m", "shardserve", "serve", str(model), *COMMON, "--node-rank", str(node_rank),
-            "--master-addr", master, "--master-port", str(master_port), "--host", host, "--port", str(http_port)]
+    return [
+        sys.executable,
+        "-m",
+        "shardserve",
+        "serve",
+        str(model),
+        *COMMON,
+        "--node-rank",
+        str(node_rank),
+        "--master-addr",
+        master,
+        "--master-port",
+        str(master_port),
+        "--host",
+        host,
+        "--port",
+        str(http_port),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +119,15 @@ def test_two_nodes_in_network_namespaces(tiny_llama_dir, expected_tokens):
         try:
             mport, hport = 29611, 8711
             for rank, n in enumerate(ns):
-                cmd = ["ip", "netns", "exec", n, *serve_cmd(tiny_llama_dir, rank, addrs[0], mport, hport, host=addrs[0] if rank == 0 else "127.0.0.1")]
+                cmd = [
+                    "ip",
+                    "netns",
+                    "exec",
+                    n,
+                    *serve_cmd(
+                        tiny_llama_dir, rank, addrs[0], mport, hport, host=addrs[0] if rank == 0 else "127.0.0.1"
+                    ),
+                ]
                 procs.append(subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True))
             client = (
                 "import json,sys,time,openai\n"
@@ -101,8 +141,12 @@ def test_two_nodes_in_network_namespaces(tiny_llama_dir, expected_tokens):
                 "        time.sleep(2)\n"
                 "print(json.dumps(o.choices[0].text))\n"
             )
-            done = subprocess.run(["ip", "netns", "exec", ns[0], sys.executable, "-c", client],
-                                  capture_output=True, text=True, timeout=300)
+            done = subprocess.run(
+                ["ip", "netns", "exec", ns[0], sys.executable, "-c", client],
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
             assert done.returncode == 0, done.stderr[-2000:]
             assert json.loads(done.stdout.strip().splitlines()[-1]) == expected_tokens
         finally:

@@ -145,19 +145,37 @@ def test_tiny_gguf_model_matches_transformers(tmp_path, arch):
     from shardserve.distributed import parallel_state as ps
     from shardserve.model_executor.loader import load_model
 
-    kw = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, rms_norm_eps=1e-5,
-              rope_theta=5000.0)
+    kw = dict(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-5,
+        rope_theta=5000.0,
+    )
     cfg = transformers.LlamaConfig(**kw) if arch == "llama" else transformers.Qwen3Config(**kw, head_dim=16)
     torch.manual_seed(0)
     hf = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
     with torch.no_grad():
         for name, p in hf.named_parameters():
             p.copy_(1 + 0.2 * torch.randn(p.shape) if "norm" in name else 0.15 * torch.randn(p.shape))
-    names = {"embed_tokens": "token_embd", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-             "q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
-             "q_norm": "attn_q_norm", "k_norm": "attn_k_norm", "gate_proj": "ffn_gate", "up_proj": "ffn_up",
-             "down_proj": "ffn_down"}
+    names = {
+        "embed_tokens": "token_embd",
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "ffn_norm",
+        "q_proj": "attn_q",
+        "k_proj": "attn_k",
+        "v_proj": "attn_v",
+        "o_proj": "attn_output",
+        "q_norm": "attn_q_norm",
+        "k_norm": "attn_k_norm",
+        "gate_proj": "ffn_gate",
+        "up_proj": "ffn_up",
+        "down_proj": "ffn_down",
+    }
     tensors = {}
     for name, p in hf.state_dict().items():
         w = p.detach().clone()
@@ -169,14 +187,27 @@ def test_tiny_gguf_model_matches_transformers(tmp_path, arch):
             gname = "output.weight"
         else:
             parts = name.split(".")
-            gname = ".".join(["blk", parts[2], names[parts[-2]], parts[-1]]) if parts[1] == "layers" \
+            gname = (
+                ".".join(["blk", parts[2], names[parts[-2]], parts[-1]])
+                if parts[1] == "layers"
                 else f"{names[parts[1]]}.weight"
+            )
         tensors[gname] = (w.numpy(), T.F32 if w.dim() == 1 or arch == "qwen3" else T.F16)
-    meta = {f"{arch}.{k}": v for k, v in {
-        "embedding_length": 64, "feed_forward_length": 96, "block_count": 2, "attention.head_count": 4,
-        "attention.head_count_kv": 2, "attention.layer_norm_rms_epsilon": 1e-5, "rope.freq_base": 5000.0,
-        "context_length": 64, "vocab_size": 128, "attention.key_length": 16,
-    }.items()}
+    meta = {
+        f"{arch}.{k}": v
+        for k, v in {
+            "embedding_length": 64,
+            "feed_forward_length": 96,
+            "block_count": 2,
+            "attention.head_count": 4,
+            "attention.head_count_kv": 2,
+            "attention.layer_norm_rms_epsilon": 1e-5,
+            "rope.freq_base": 5000.0,
+            "context_length": 64,
+            "vocab_size": 128,
+            "attention.key_length": 16,
+        }.items()
+    }
     path = tmp_path / f"tiny-{arch}.F16.gguf"
     _write(path, {k: (v.astype(np.float16) if q == T.F16 else v, q) for k, (v, q) in tensors.items()}, arch, meta)
     if arch == "llama":  # compare against the fp16-rounded weights that went into the file

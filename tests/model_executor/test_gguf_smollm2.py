@@ -61,7 +61,10 @@ def test_metadata(models):
     arch = source.arch
     cfg = hf.config
     assert (arch.hidden_size, arch.num_hidden_layers, arch.num_attention_heads, arch.num_key_value_heads) == (
-        cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads,
+        cfg.hidden_size,
+        cfg.num_hidden_layers,
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
     )
     assert arch.vocab_size == cfg.vocab_size and arch.intermediate_size == cfg.intermediate_size
     assert arch.tie_word_embeddings == cfg.tie_word_embeddings

@@ -7,14 +7,14 @@ import torch
 
 pytest.importorskip("triton")
 
-from shardserve.model_executor.kernels import TRITON_INTERPRET  # noqa: E402
-from shardserve.model_executor.kernels.attention import paged_attention, store_kvcache  # noqa: E402
-from shardserve.model_executor.kernels.elementwise import rms_norm, rotary_embedding, silu_and_mul  # noqa: E402
-from shardserve.model_executor.kernels.gemv import KERNEL_MAX_ROWS, gemv  # noqa: E402
-from shardserve.model_executor.layers.activation import SiluAndMul  # noqa: E402
-from shardserve.model_executor.layers.attention import Attention, AttentionMetadata  # noqa: E402
-from shardserve.model_executor.layers.layernorm import RMSNorm  # noqa: E402
-from shardserve.model_executor.layers.rotary_embedding import RotaryEmbedding  # noqa: E402
+from shardserve.model_executor.kernels import TRITON_INTERPRET
+from shardserve.model_executor.kernels.attention import paged_attention, store_kvcache
+from shardserve.model_executor.kernels.elementwise import rms_norm, rotary_embedding, silu_and_mul
+from shardserve.model_executor.kernels.gemv import KERNEL_MAX_ROWS, gemv
+from shardserve.model_executor.layers.activation import SiluAndMul
+from shardserve.model_executor.layers.attention import Attention, AttentionMetadata
+from shardserve.model_executor.layers.layernorm import RMSNorm
+from shardserve.model_executor.layers.rotary_embedding import RotaryEmbedding
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and not TRITON_INTERPRET:
@@ -68,14 +68,22 @@ def test_paged_attention_matches_torch_path(num_heads, num_kv_heads, head_dim, q
     ref = Attention(num_heads, num_kv_heads, head_dim, scale=head_dim**-0.5)
     ref.kv_cache = cache.clone()
     ref._store(k.view(n, num_kv_heads, head_dim), v.view(n, num_kv_heads, head_dim), meta.slot_mapping)
-    expected = ref._varlen(q.view(n, num_heads, head_dim), k.view(n, num_kv_heads, head_dim),
-                           v.view(n, num_kv_heads, head_dim), meta)
+    expected = ref._varlen(
+        q.view(n, num_heads, head_dim), k.view(n, num_kv_heads, head_dim), v.view(n, num_kv_heads, head_dim), meta
+    )
 
     got_cache = cache.clone()
     store_kvcache(k.view(n, num_kv_heads, head_dim), v.view(n, num_kv_heads, head_dim), got_cache, meta.slot_mapping)
     torch.testing.assert_close(got_cache, ref.kv_cache)
-    got = paged_attention(q.view(n, num_heads, head_dim), got_cache, meta.block_tables, meta.seq_lens,
-                          meta.query_start_loc, meta.max_query_len, head_dim**-0.5)
+    got = paged_attention(
+        q.view(n, num_heads, head_dim),
+        got_cache,
+        meta.block_tables,
+        meta.seq_lens,
+        meta.query_start_loc,
+        meta.max_query_len,
+        head_dim**-0.5,
+    )
     torch.testing.assert_close(got, expected.view(n, num_heads, head_dim), atol=1e-4, rtol=1e-4)
 
 
@@ -106,9 +114,15 @@ def test_padding_rows_are_skipped():
     store_kvcache(k, k, cache, torch.tensor([5, -1], device=DEVICE))
     assert cache.view(2, -1, 2, 16)[:, 5].eq(1).all() and cache.sum() == 2 * 16 * 2  # one token: 2 heads x 16, K and V
     q = torch.ones(2, 4, 16, device=DEVICE)
-    out = paged_attention(q, cache, torch.tensor([[1], [0]], dtype=torch.int32, device=DEVICE),
-                          torch.tensor([2, 0], dtype=torch.int32, device=DEVICE),
-                          torch.tensor([0, 1, 2], dtype=torch.int32, device=DEVICE), 1, 0.25)
+    out = paged_attention(
+        q,
+        cache,
+        torch.tensor([[1], [0]], dtype=torch.int32, device=DEVICE),
+        torch.tensor([2, 0], dtype=torch.int32, device=DEVICE),
+        torch.tensor([0, 1, 2], dtype=torch.int32, device=DEVICE),
+        1,
+        0.25,
+    )
     assert out[1].abs().sum() == 0
     assert out[0].isfinite().all()
 
@@ -153,13 +167,16 @@ def test_rotary_matches_torch_on_fused_qkv_views():
     torch.testing.assert_close(gv.cpu(), qkv[:, (heads + kv_heads) * d :])  # V untouched
 
 
-@pytest.mark.parametrize("rows,n,k,bias,config", [
-    (1, 64, 1024, False, None),  # even: unmasked loads
-    (1, 37, 300, True, None),  # ragged N and K, bias
-    (2, 40, 1024, False, (8, 256, 4, 2)),  # several rows share each weight tile
-    (3, 40, 1024, False, (8, 256, 4, 2)),
-    (KERNEL_MAX_ROWS, 13, 77, True, (4, 64, 4, 1)),
-])
+@pytest.mark.parametrize(
+    "rows,n,k,bias,config",
+    [
+        (1, 64, 1024, False, None),  # even: unmasked loads
+        (1, 37, 300, True, None),  # ragged N and K, bias
+        (2, 40, 1024, False, (8, 256, 4, 2)),  # several rows share each weight tile
+        (3, 40, 1024, False, (8, 256, 4, 2)),
+        (KERNEL_MAX_ROWS, 13, 77, True, (4, 64, 4, 1)),
+    ],
+)
 def test_gemv_matches_linear(rows, n, k, bias, config):
     gen = torch.Generator().manual_seed(5)
     x, w = torch.randn(rows, k, generator=gen), torch.randn(n, k, generator=gen)
@@ -168,7 +185,9 @@ def test_gemv_matches_linear(rows, n, k, bias, config):
     torch.testing.assert_close(got.cpu(), torch.nn.functional.linear(x, w, b), atol=1e-3, rtol=1e-4)
 
 
-@pytest.mark.parametrize("rows,inter,k,config", [(1, 64, 512, None), (2, 20, 300, (8, 128, 4, 1)), (3, 48, 256, (4, 256, 4, 2))])
+@pytest.mark.parametrize(
+    "rows,inter,k,config", [(1, 64, 512, None), (2, 20, 300, (8, 128, 4, 1)), (3, 48, 256, (4, 256, 4, 2))]
+)
 def test_gemv_fused_silu_and_mul_matches_unfused(rows, inter, k, config):
     gen = torch.Generator().manual_seed(6)
     x, w = torch.randn(rows, k, generator=gen), torch.randn(2 * inter, k, generator=gen) * 0.1
@@ -215,5 +234,6 @@ def test_prefill_tile_shape_does_not_change_the_result():
     cache = torch.randn(2, 64, 4, 2, 16, generator=gen).to(DEVICE)
     q = torch.randn(57, 8, 16, generator=gen).to(DEVICE)
     args = (q, cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, 37, 0.25)
-    torch.testing.assert_close(paged_attention(*args, block_m=128, num_warps=8), paged_attention(*args),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        paged_attention(*args, block_m=128, num_warps=8), paged_attention(*args), atol=1e-5, rtol=1e-5
+    )

@@ -25,10 +25,21 @@ def groups():
 def test_llama3_inv_freq_matches_transformers():
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    scaling = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 8192}
-    cfg = transformers.LlamaConfig(hidden_size=2048, num_attention_heads=32, head_dim=64,
-                                   rope_theta=500000.0, rope_scaling=scaling, max_position_embeddings=131072)
+    scaling = {
+        "rope_type": "llama3",
+        "factor": 32.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+    cfg = transformers.LlamaConfig(
+        hidden_size=2048,
+        num_attention_heads=32,
+        head_dim=64,
+        rope_theta=500000.0,
+        rope_scaling=scaling,
+        max_position_embeddings=131072,
+    )
     ref, attention_factor = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
     ours = compute_inv_freq(64, 500000.0, scaling)
     assert attention_factor == 1.0

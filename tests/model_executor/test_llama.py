@@ -18,8 +18,14 @@ from shardserve.model_executor.loader.resolve import resolve_model  # noqa: E402
 from shardserve.model_executor.models.llama import IntermediateTensors  # noqa: E402
 
 TINY = dict(
-    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-    vocab_size=256, max_position_embeddings=128, rms_norm_eps=1e-6,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=256,
+    max_position_embeddings=128,
+    rms_norm_eps=1e-6,
 )
 PROMPT = [5, 17, 200, 3, 99, 42, 7, 150, 18, 255, 64, 1]
 DECODED = [77, 131]
@@ -27,7 +33,10 @@ CONFIGS = {
     "llama3": lambda: transformers.LlamaConfig(
         **TINY,
         rope_scaling={
-            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
             "original_max_position_embeddings": 32,
         },
     ),
@@ -202,8 +211,10 @@ def test_tensor_parallel_2_matches_single_process(checkpoints, tmp_path):
     bad = resolve_model(str(checkpoints["llama_3heads"][0]))
     bad_dir = tmp_path / "bad"
     bad_dir.mkdir()
-    cfg = (checkpoints["llama_3heads"][0] / "config.json").read_text().replace(
-        '"num_attention_heads": 2', '"num_attention_heads": 3'
+    cfg = (
+        (checkpoints["llama_3heads"][0] / "config.json")
+        .read_text()
+        .replace('"num_attention_heads": 2', '"num_attention_heads": 3')
     )
     (bad_dir / "config.json").write_text(cfg)
     assert bad.arch.num_attention_heads == 2

@@ -89,8 +89,14 @@ def test_bad_paths(tmp_path):
 
 def _tiny_config(**extra) -> dict:
     return {
-        "model_type": "llama", "vocab_size": 32, "hidden_size": 16, "intermediate_size": 32,
-        "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1, **extra,
+        "model_type": "llama",
+        "vocab_size": 32,
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        **extra,
     }
 
 
@@ -101,13 +107,23 @@ def test_unknown_architecture(tmp_path):
 
 
 def test_config_fields_overrides_and_generation_config(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps(_tiny_config(
-        rope_parameters={"rope_theta": 500000.0, "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-    )))
-    (tmp_path / "generation_config.json").write_text(json.dumps(
-        {"temperature": 0.6, "top_p": 0.9, "eos_token_id": [1, 2], "transformers_version": "x"}
-    ))
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            _tiny_config(
+                rope_parameters={
+                    "rope_theta": 500000.0,
+                    "rope_type": "llama3",
+                    "factor": 8.0,
+                    "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 8192,
+                },
+            )
+        )
+    )
+    (tmp_path / "generation_config.json").write_text(
+        json.dumps({"temperature": 0.6, "top_p": 0.9, "eos_token_id": [1, 2], "transformers_version": "x"})
+    )
     source = resolve_model(str(tmp_path), hf_overrides={"num_hidden_layers": 3})
     assert source.format == "hf" and source.name == tmp_path.name
     assert source.arch.rope_theta == 500000.0 and source.arch.rope_scaling["rope_type"] == "llama3"
@@ -143,8 +159,9 @@ def test_sharded_safetensors_slices(tmp_path):
     a, b = torch.randn(6, 4), torch.randn(3, 10)
     save_file({"a": a}, str(tmp_path / "model-00001-of-00002.safetensors"))
     save_file({"b": b}, str(tmp_path / "model-00002-of-00002.safetensors"))
-    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
-        "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}})
+    )
     sources = dict(iter_safetensors(tmp_path))
     assert sources["a"].shape == (6, 4) and sources["b"].shape == (3, 10)
     assert torch.equal(sources["a"].load(), a)

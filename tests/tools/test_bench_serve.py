@@ -52,7 +52,12 @@ def test_summarize_matches_numpy_definitions():
     assert s["p90_ttft_ms"] == pytest.approx(76.0)
     assert s["p99_ttft_ms"] == pytest.approx(97.6)
     assert s["p99.9_ttft_ms"] == pytest.approx(99.76)
-    assert summarize("itl", [], (99,)) == {"mean_itl_ms": 0.0, "median_itl_ms": 0.0, "std_itl_ms": 0.0, "p99_itl_ms": 0.0}
+    assert summarize("itl", [], (99,)) == {
+        "mean_itl_ms": 0.0,
+        "median_itl_ms": 0.0,
+        "std_itl_ms": 0.0,
+        "p99_itl_ms": 0.0,
+    }
 
 
 def _result(start: float, chunk_times: list[float], output_tokens: int, prompt_len: int = 10) -> RequestResult:

@@ -54,8 +54,23 @@ def test_interpolation_is_linear_in_log_size():
 def test_cli_four_gloo_processes(tmp_path):
     json_path, png_path = tmp_path / "nb.json", tmp_path / "nb.png"
     args = [
-        "netbench", "--nproc", "4", "--device", "cpu", "--min-bytes", "8", "--max-bytes", "64KiB",
-        "--iters", "2", "--warmup", "1", "--json", str(json_path), "--plot", str(png_path),
+        "netbench",
+        "--nproc",
+        "4",
+        "--device",
+        "cpu",
+        "--min-bytes",
+        "8",
+        "--max-bytes",
+        "64KiB",
+        "--iters",
+        "2",
+        "--warmup",
+        "1",
+        "--json",
+        str(json_path),
+        "--plot",
+        str(png_path),
     ]
     result = CliRunner().invoke(_app(), args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
@@ -83,7 +98,9 @@ def test_cli_four_gloo_processes(tmp_path):
 @pytest.mark.slow
 def test_intra_and_inter_node_groups():
     """Four processes as two pretend nodes: groups of the node's 2 ranks, of the 2 node leaders, and all 4."""
-    launch = LocalLaunch(nproc=4, device="cpu", sizes=(64, 4096), ops=("all_reduce", "sendrecv"), iters=2, warmup=1, simulated_nodes=2)
+    launch = LocalLaunch(
+        nproc=4, device="cpu", sizes=(64, 4096), ops=("all_reduce", "sendrecv"), iters=2, warmup=1, simulated_nodes=2
+    )
     assert launch.node_of_rank() == [0, 0, 1, 1]
     report = launch_local(launch)
     sizes = {(r.group, r.op): [] for r in report.results}

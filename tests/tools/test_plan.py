@@ -110,7 +110,15 @@ def test_gguf_tensor_bytes_against_file():
     assert q.nbytes == 576 * 576 // 32 * 20  # Q4_1: 32 weights in 20 bytes
     assert weights.tied
     known = find_known_model("SmolLM2-135M").arch()
-    for field in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size"):
+    for field in (
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "vocab_size",
+    ):
         assert getattr(weights.arch, field) == getattr(known, field)
     assert sum(int(t.n_elements) for t in reader.tensors) == known.num_params()
     # one rank holds everything; a second stage holds the tied embedding again as its LM head
@@ -143,8 +151,13 @@ def test_concurrency_by_hand():
     tiny = ModelArchConfig("llama", 256, 64, 128, 2, 8, 2, 8)
     w = weights_from_arch("tiny", tiny, "fp32")
     inputs = PlanInputs(
-        gpu_memory_bytes=10_000_000, gpus_per_node=1, max_model_len=100, max_num_seqs=4,
-        dtype="fp32", gpu_memory_utilization=0.5, activation_reserve_bytes=1_000_000,
+        gpu_memory_bytes=10_000_000,
+        gpus_per_node=1,
+        max_model_len=100,
+        max_num_seqs=4,
+        dtype="fp32",
+        gpu_memory_utilization=0.5,
+        activation_reserve_bytes=1_000_000,
     )
     plan = evaluate_layout(w, inputs, 1, 1)
     kv_per_token = 2 * 2 * 2 * 8 * 4
@@ -156,8 +169,13 @@ def test_concurrency_by_hand():
 def _seed002_inputs(**kw) -> PlanInputs:
     # 24 GB cards of which ~22 GB are usable (seed 002), one GPU per machine
     return PlanInputs(
-        gpu_memory_bytes=parse_bytes("24GB"), gpus_per_node=1, max_model_len=4096, max_num_seqs=1,
-        gpu_memory_utilization=22 / 24, hbm_bandwidth=find_gpu("RTX 3090 Ti").hbm_bandwidth, **kw,
+        gpu_memory_bytes=parse_bytes("24GB"),
+        gpus_per_node=1,
+        max_model_len=4096,
+        max_num_seqs=1,
+        gpu_memory_utilization=22 / 24,
+        hbm_bandwidth=find_gpu("RTX 3090 Ti").hbm_bandwidth,
+        **kw,
     )
 
 
@@ -177,7 +195,9 @@ def test_seed002_40gb_model_needs_two_machines():
 
 def test_seed001_405b_tp_in_node_pp_across_nodes():
     w = load_model_weights("meta-llama/Meta-Llama-3.1-405B-Instruct", "bf16")
-    inputs = PlanInputs(gpu_memory_bytes=parse_bytes("80GB"), gpus_per_node=8, nodes=4, max_model_len=8192, max_num_seqs=16)
+    inputs = PlanInputs(
+        gpu_memory_bytes=parse_bytes("80GB"), gpus_per_node=8, nodes=4, max_model_len=8192, max_num_seqs=16
+    )
     report = make_plan(w, inputs)
     rec = report.recommended
     assert (rec.tp, rec.pp, rec.num_nodes, rec.num_gpus) == (8, 2, 2, 16)
@@ -191,7 +211,9 @@ def test_seed001_405b_tp_in_node_pp_across_nodes():
     assert any("does not fit" in x for x in one.warnings)
     # fp8 weights fit one node with TP=8
     w8 = load_model_weights("llama-3.1-405b", "fp8")
-    rec8 = make_plan(w8, PlanInputs(gpu_memory_bytes=parse_bytes("80GB"), gpus_per_node=8, max_model_len=8192, max_num_seqs=1)).recommended
+    rec8 = make_plan(
+        w8, PlanInputs(gpu_memory_bytes=parse_bytes("80GB"), gpus_per_node=8, max_model_len=8192, max_num_seqs=1)
+    ).recommended
     assert (rec8.tp, rec8.pp) == (8, 1)
 
 
@@ -213,7 +235,12 @@ def test_tp_crossing_nodes_warns():
 def test_single_node_fewest_gpus_and_decode_bound():
     w = load_model_weights("llama-3.1-8b")
     h100 = find_gpu("nvidia h100")
-    report = make_plan(w, PlanInputs(gpu_memory_bytes=h100.memory_bytes, gpus_per_node=8, max_num_seqs=8, hbm_bandwidth=h100.hbm_bandwidth))
+    report = make_plan(
+        w,
+        PlanInputs(
+            gpu_memory_bytes=h100.memory_bytes, gpus_per_node=8, max_num_seqs=8, hbm_bandwidth=h100.hbm_bandwidth
+        ),
+    )
     rec = report.recommended
     assert (rec.tp, rec.pp) == (1, 1)
     assert rec.decode_s_per_token == pytest.approx(16_060_522_496 / 3.35e12)
@@ -273,10 +300,27 @@ def _app() -> typer.Typer:
 
 def test_cli_plan_table_and_json():
     runner = CliRunner()
-    result = runner.invoke(_app(), ["plan", "llama-3.1-405b", "--gpu", "H100", "--gpus-per-node", "8", "--max-model-len", "8192", "--max-num-seqs", "16"])
+    result = runner.invoke(
+        _app(),
+        [
+            "plan",
+            "llama-3.1-405b",
+            "--gpu",
+            "H100",
+            "--gpus-per-node",
+            "8",
+            "--max-model-len",
+            "8192",
+            "--max-num-seqs",
+            "16",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "Recommendation" in result.output and "--tensor-parallel-size 8 --pipeline-parallel-size 2" in result.output
-    result = runner.invoke(_app(), ["plan", "smollm2-135m", "--gpu-memory", "1GB", "--gpus-per-node", "1", "--max-model-len", "2048", "--json"])
+    result = runner.invoke(
+        _app(),
+        ["plan", "smollm2-135m", "--gpu-memory", "1GB", "--gpus-per-node", "1", "--max-model-len", "2048", "--json"],
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
     assert data["source"] == "config" and data["weight_bytes"] == 2 * 134_515_008

@@ -67,7 +67,9 @@ def test_status_lists_both_pipeline_ranks(pp2_server):
     assert status["requests"] == {"running": 0, "waiting": 0}
     assert status["throughput"]["generation_tokens_per_s"] > 0  # the 8 tokens above, inside the window
 
-    rendered = runner.invoke(app, ["status", "--url", url, "--api-key", API_KEY], catch_exceptions=False, terminal_width=200)
+    rendered = runner.invoke(
+        app, ["status", "--url", url, "--api-key", API_KEY], catch_exceptions=False, terminal_width=200
+    )
     assert rendered.exit_code == 0, rendered.output
     text = rendered.stdout
     for line in ("rank 0", "rank 1", "layers [0, 2)", "layers [2, 4)", "KV blocks", "Nodes", "Requests", "Throughput"):

@@ -37,9 +37,19 @@ def hf_tokenizer(gguf_path: Path):
     return transformers.AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
 
 
-def _write_tokenizer_gguf(path: Path, tokens: list[str], types: list[int], *, model: str, pre: str | None = None,
-                          merges: list[str] | None = None, scores: list[float] | None = None, bos: int, eos: int,
-                          add_bos: bool) -> None:
+def _write_tokenizer_gguf(
+    path: Path,
+    tokens: list[str],
+    types: list[int],
+    *,
+    model: str,
+    pre: str | None = None,
+    merges: list[str] | None = None,
+    scores: list[float] | None = None,
+    bos: int,
+    eos: int,
+    add_bos: bool,
+) -> None:
     """A GGUF with Llama architecture fields (for transformers' config) and only tokenizer metadata."""
     import gguf
 

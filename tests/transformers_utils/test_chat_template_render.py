@@ -36,8 +36,12 @@ RICH_TEMPLATE = """{{ bos_token }}
 {%- if add_generation_prompt %}<ASSISTANT>{% endif %}"""
 
 WEATHER_PARAMETERS = {"type": "object", "properties": {"city": {"type": "string"}}}
-TOOLS = [{"type": "function",
-          "function": {"name": "get_weather", "description": "Weather <now>", "parameters": WEATHER_PARAMETERS}}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {"name": "get_weather", "description": "Weather <now>", "parameters": WEATHER_PARAMETERS},
+    }
+]
 
 
 @pytest.mark.parametrize("messages", CONVERSATIONS)
@@ -61,7 +65,10 @@ def test_rich_template_matches_transformers(tokenizer: Tokenizer, hf_tokenizer, 
         messages, chat_template=RICH_TEMPLATE, tools=tools, tokenize=False, add_generation_prompt=True
     )
     ours = render_chat_template(
-        RICH_TEMPLATE, messages, add_generation_prompt=True, tools=tools,
+        RICH_TEMPLATE,
+        messages,
+        add_generation_prompt=True,
+        tools=tools,
         special_tokens={"bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token},
     )
     assert ours == reference

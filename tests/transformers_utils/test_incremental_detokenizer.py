@@ -31,7 +31,7 @@ class _DecodeSpy:
 
 
 def _stream(detok: IncrementalDetokenizer, ids: list[int], step: int) -> list[str]:
-    return [detok.add(ids[i:i + step]) for i in range(0, len(ids), step)]
+    return [detok.add(ids[i : i + step]) for i in range(0, len(ids), step)]
 
 
 @pytest.mark.parametrize("text", TEXTS)
@@ -90,5 +90,5 @@ def test_sentencepiece_leading_spaces(spm_gguf_path: Path) -> None:
     detok = IncrementalDetokenizer(spm, prompt)
     chunks = _stream(detok, ids, 1)
     full = spm.decode(prompt + ids)
-    assert "".join(chunks) == full[len(spm.decode(prompt)):]
+    assert "".join(chunks) == full[len(spm.decode(prompt)) :]
     assert chunks[0].startswith(" ")

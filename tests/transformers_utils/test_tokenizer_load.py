@@ -132,8 +132,9 @@ def test_synthetic_byte_level_gguf_matches_transformers(tmp_path: Path, pre: str
     tokens = list(bytes_to_unicode().values()) + [m.replace(" ", "") for m in merges] + special
     types = [1] * (len(tokens) - 4) + [3, 3, 4, 1]
     bos, eos = len(tokens) - 4, len(tokens) - 3
-    write_tokenizer_gguf(tmp_path / "tiny.gguf", tokens, types, model="gpt2", pre=pre, merges=merges,
-                          bos=bos, eos=eos, add_bos=True)
+    write_tokenizer_gguf(
+        tmp_path / "tiny.gguf", tokens, types, model="gpt2", pre=pre, merges=merges, bos=bos, eos=eos, add_bos=True
+    )
     reference = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="tiny.gguf")
     ours = load_tokenizer(tmp_path / "tiny.gguf", "gguf")
     assert ours.add_bos_token and ours.bos_token_id == bos

@@ -64,5 +64,7 @@ def warn_if_open(config: ServerConfig) -> None:
     if config.api_key is None and not is_loopback(config.host):
         logger.warning(
             "listening on %s without --api-key: anyone who can reach port %d can use the model; "
-            "set --api-key or bind 127.0.0.1", config.host, config.port,
+            "set --api-key or bind 127.0.0.1",
+            config.host,
+            config.port,
         )

@@ -160,7 +160,7 @@ def _add_routes(app: FastAPI, state: ServerState, metrics: ServerMetrics) -> Non
         if state.engine is not None:
             try:
                 stats = state.engine.stats()
-            except Exception:  # noqa: BLE001 - a dead engine must not break scraping
+            except Exception:
                 logger.warning("engine.stats() failed", exc_info=True)
         return Response(metrics.render(stats), media_type=CONTENT_TYPE)
 
@@ -168,7 +168,9 @@ def _add_routes(app: FastAPI, state: ServerState, metrics: ServerMetrics) -> Non
     async def list_models(request: Request) -> Response:
         ctx = context(request)
         root = ctx.engine.model_name
-        cards = [ModelCard(id=name, root=root, max_model_len=ctx.engine.max_model_len) for name in ctx.served_model_names]
+        cards = [
+            ModelCard(id=name, root=root, max_model_len=ctx.engine.max_model_len) for name in ctx.served_model_names
+        ]
         return JSONResponse(ModelList(data=cards).model_dump(mode="json"))
 
     @app.post("/v1/completions", openapi_extra=request_body(CompletionRequest))
@@ -342,7 +344,7 @@ async def _load_engine(state: ServerState) -> None:
     threading.Thread(target=work, name="shardserve-load-engine", daemon=True).start()
     try:
         engine = await future
-    except Exception as exc:  # noqa: BLE001 - reported through /health and the hook
+    except Exception as exc:
         state.error = f"engine failed to load: {type(exc).__name__}: {exc}"
         logger.exception("engine failed to load", exc_info=exc)
         if state.on_load_error is not None:

@@ -81,7 +81,9 @@ class ServingContext:
                 raise InvalidRequestError(f"token id {token_id} is out of the vocabulary", param=param)
         return list(prompt)
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> AsyncIterator[RequestOutput]:
+    async def generate(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str
+    ) -> AsyncIterator[RequestOutput]:
         """The engine's output stream for one prompt, with metrics, timeout and a guaranteed close.
 
         Raises:
@@ -119,7 +121,7 @@ class ServingContext:
         # The engine aborts on close already; this covers a stream that ended without `finished`.
         try:
             await self.engine.abort(request_id)
-        except Exception:  # noqa: BLE001 - cleanup must not mask the original error
+        except Exception:
             logger.debug("abort of %s failed", request_id, exc_info=True)
 
 
@@ -283,4 +285,3 @@ def streaming_response(events: AsyncIterator[str]) -> StreamingResponse:
 def timestamp() -> int:
     """Unix seconds for ``created`` fields."""
     return int(time.time())
-

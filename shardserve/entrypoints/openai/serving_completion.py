@@ -106,12 +106,16 @@ class CompletionServer:
     def _echo_text(self, prompt: str | list[int]) -> str:
         return prompt if isinstance(prompt, str) else self.ctx.engine.tokenizer.decode(prompt)
 
-    def _logprobs(self, body: CompletionRequest, c: CompletionOutput, full: bool, offset: int) -> CompletionLogprobs | None:
+    def _logprobs(
+        self, body: CompletionRequest, c: CompletionOutput, full: bool, offset: int
+    ) -> CompletionLogprobs | None:
         if body.logprobs is None:
             return None
         token_ids = c.token_ids if full else c.delta_token_ids
         logprobs = (c.logprobs if full else c.delta_logprobs) or []
-        return completion_logprobs(token_ids, logprobs, body.logprobs, offset, self.ctx.engine.tokenizer.id_to_piece_text)
+        return completion_logprobs(
+            token_ids, logprobs, body.logprobs, offset, self.ctx.engine.tokenizer.id_to_piece_text
+        )
 
     def _response(
         self, body: CompletionRequest, model: str, request_id: str, finals: list[RequestOutput], echoes: list[str]

@@ -56,7 +56,10 @@ class GenerateServer:
         engine = ctx.engine
         prompt_ids = [ctx.tokenize(p, param="input_ids") for p in body.prompts()]
         sampling = body.sampling_params
-        params = [sampling.to_sampling_params(engine.generation_defaults, len(ids), engine.max_model_len) for ids in prompt_ids]
+        params = [
+            sampling.to_sampling_params(engine.generation_defaults, len(ids), engine.max_model_len)
+            for ids in prompt_ids
+        ]
         base_id = body.rid or uuid.uuid4().hex
         ids = [base_id if len(prompt_ids) == 1 else f"{base_id}-{i}" for i in range(len(prompt_ids))]
         streams = [ctx.generate(p, sp, rid) for p, sp, rid in zip(prompt_ids, params, ids)]

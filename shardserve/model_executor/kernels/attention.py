@@ -25,9 +25,15 @@ import triton.language as tl
 
 @triton.jit
 def _store_kv_kernel(
-    K, V, KC, VC, SLOTS,
-    stride_k, stride_v,
-    WIDTH: tl.constexpr, BLOCK: tl.constexpr,
+    K,
+    V,
+    KC,
+    VC,
+    SLOTS,
+    stride_k,
+    stride_v,
+    WIDTH: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     t = tl.program_id(0)
     slot = tl.load(SLOTS + t)
@@ -54,20 +60,48 @@ def store_kvcache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot
     if k.stride(2) != 1 or k.stride(1) != d or v.stride(2) != 1 or v.stride(1) != d:
         raise ValueError("store_kvcache needs each token's K/V heads contiguous")
     _store_kv_kernel[(n,)](
-        k, v, kv_cache[0], kv_cache[1], slot_mapping, k.stride(0), v.stride(0),
-        WIDTH=width, BLOCK=triton.next_power_of_2(width),
+        k,
+        v,
+        kv_cache[0],
+        kv_cache[1],
+        slot_mapping,
+        k.stride(0),
+        v.stride(0),
+        WIDTH=width,
+        BLOCK=triton.next_power_of_2(width),
     )
 
 
 @triton.jit
 def _paged_attention_kernel(
-    Q, KC, VC, O, BLOCK_TABLES, SEQ_LENS, QUERY_START_LOC, PART_ACC, PART_ML,
+    Q,
+    KC,
+    VC,
+    OUT,
+    BLOCK_TABLES,
+    SEQ_LENS,
+    QUERY_START_LOC,
+    PART_ACC,
+    PART_ML,
     scale,
-    stride_qt, stride_qh, stride_ot, stride_oh,
-    stride_cb, stride_cs, stride_ch, stride_bt,
-    NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_cb,
+    stride_cs,
+    stride_ch,
+    stride_bt,
+    NUM_HEADS: tl.constexpr,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    IEEE: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -137,15 +171,22 @@ def _paged_attention_kernel(
         tl.store(PART_ML + 2 * part + 1, l_i, mask=m_valid)
         return
     acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # rows with no key (padding) give 0
-    o_ptrs = O + (q_start + tok)[:, None].to(tl.int64) * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
-    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
+    o_ptrs = OUT + (q_start + tok)[:, None].to(tl.int64) * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
+    tl.store(o_ptrs, acc.to(OUT.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
 
 
 @triton.jit
 def _merge_splits_kernel(
-    PART_ACC, PART_ML, O, stride_ot, stride_oh,
-    NUM_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    PART_ACC,
+    PART_ML,
+    OUT,
+    stride_ot,
+    stride_oh,
+    NUM_HEADS: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
 ):
     t = tl.program_id(0)
     head = tl.program_id(1)
@@ -154,13 +195,13 @@ def _merge_splits_kernel(
     part = (t.to(tl.int64) * NUM_HEADS + head) * NUM_SPLITS + offs_s
     s_valid = offs_s < NUM_SPLITS
     m = tl.load(PART_ML + 2 * part, mask=s_valid, other=float("-inf"))
-    l = tl.load(PART_ML + 2 * part + 1, mask=s_valid, other=0.0)
+    l_sum = tl.load(PART_ML + 2 * part + 1, mask=s_valid, other=0.0)
     m_max = tl.max(m, 0)
     w = tl.exp(m - tl.where(m_max == float("-inf"), 0.0, m_max))  # empty ranges: exp(-inf) = 0
     acc = tl.load(PART_ACC + part[:, None] * HEAD_DIM_PAD + offs_d[None, :], mask=s_valid[:, None], other=0.0)
-    denom = tl.sum(w * l, 0)
+    denom = tl.sum(w * l_sum, 0)
     out = tl.sum(acc * w[:, None], 0) / tl.where(denom == 0.0, 1.0, denom)
-    tl.store(O + t * stride_ot + head * stride_oh + offs_d, out.to(O.dtype.element_ty), mask=offs_d < HEAD_DIM)
+    tl.store(OUT + t * stride_ot + head * stride_oh + offs_d, out.to(OUT.dtype.element_ty), mask=offs_d < HEAD_DIM)
 
 
 _NUM_SMS: dict[int, int] = {}
@@ -238,18 +279,48 @@ def paged_attention(
     else:
         grid = (num_seqs, num_kv_heads, triton.cdiv(max(max_query_len, 1), block_q))
     _paged_attention_kernel[grid](
-        q, kc, vc, out, block_tables, seq_lens, query_start_loc, part_acc, part_ml, scale,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        kc.stride(0), kc.stride(1), kc.stride(2), block_tables.stride(0),
-        NUM_HEADS=num_heads, GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q,
-        HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
-        BLOCK_SIZE=block_size, BLOCK_N=64 if head_dim <= 128 else 32, IEEE=q.dtype == torch.float32,
-        NUM_SPLITS=splits, num_warps=num_warps,
+        q,
+        kc,
+        vc,
+        out,
+        block_tables,
+        seq_lens,
+        query_start_loc,
+        part_acc,
+        part_ml,
+        scale,
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        kc.stride(0),
+        kc.stride(1),
+        kc.stride(2),
+        block_tables.stride(0),
+        NUM_HEADS=num_heads,
+        GROUP=group,
+        GROUP_PAD=group_pad,
+        BLOCK_Q=block_q,
+        HEAD_DIM=head_dim,
+        HEAD_DIM_PAD=head_dim_pad,
+        BLOCK_SIZE=block_size,
+        BLOCK_N=64 if head_dim <= 128 else 32,
+        IEEE=q.dtype == torch.float32,
+        NUM_SPLITS=splits,
+        num_warps=num_warps,
     )
     if splits > 1:
         _merge_splits_kernel[(num_tokens, num_heads)](
-            part_acc, part_ml, out, out.stride(0), out.stride(1),
-            NUM_HEADS=num_heads, NUM_SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits),
-            HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, num_warps=4,
+            part_acc,
+            part_ml,
+            out,
+            out.stride(0),
+            out.stride(1),
+            NUM_HEADS=num_heads,
+            NUM_SPLITS=splits,
+            SPLITS_PAD=triton.next_power_of_2(splits),
+            HEAD_DIM=head_dim,
+            HEAD_DIM_PAD=head_dim_pad,
+            num_warps=4,
         )
     return out

@@ -14,8 +14,17 @@ import triton.language as tl
 
 @triton.jit
 def _rms_norm_kernel(
-    X, R, W, Y, stride_x, stride_r, stride_y, N, eps,
-    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+    X,
+    R,
+    W,
+    Y,
+    stride_x,
+    stride_r,
+    stride_y,
+    N,
+    eps,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
@@ -44,8 +53,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     y = torch.empty((n, hidden), dtype=x.dtype, device=x.device)
     r = residual if residual is not None else x
     _rms_norm_kernel[(n,)](
-        x, r, weight, y, x.stride(0), r.stride(0), y.stride(0), hidden, eps,
-        HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(hidden), num_warps=8 if hidden >= 4096 else 4,
+        x,
+        r,
+        weight,
+        y,
+        x.stride(0),
+        r.stride(0),
+        y.stride(0),
+        hidden,
+        eps,
+        HAS_RESIDUAL=residual is not None,
+        BLOCK=triton.next_power_of_2(hidden),
+        num_warps=8 if hidden >= 4096 else 4,
     )
     return y
 
@@ -74,8 +93,16 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 @triton.jit
 def _rotate_heads(
-    src, stride_h, dst, dst_stride_h, heads, cos, sin,
-    HEADS_PAD: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
+    src,
+    stride_h,
+    dst,
+    dst_stride_h,
+    heads,
+    cos,
+    sin,
+    HEADS_PAD: tl.constexpr,
+    HALF: tl.constexpr,
+    HALF_PAD: tl.constexpr,
 ):
     offs_h = tl.arange(0, HEADS_PAD)
     offs_d = tl.arange(0, HALF_PAD)
@@ -91,33 +118,64 @@ def _rotate_heads(
 
 @triton.jit
 def _rotary_kernel(
-    Q, K, V, POS, COS, SIN, KC, VC, SLOTS,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cache,
-    NUM_Q_HEADS: tl.constexpr, NUM_K_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr,
-    HALF: tl.constexpr, HALF_PAD: tl.constexpr, STORE_KV: tl.constexpr,
+    Q,
+    K,
+    V,
+    POS,
+    COS,
+    SIN,
+    KC,
+    VC,
+    SLOTS,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_cache,
+    NUM_Q_HEADS: tl.constexpr,
+    NUM_K_HEADS: tl.constexpr,
+    HEADS_PAD: tl.constexpr,
+    HALF: tl.constexpr,
+    HALF_PAD: tl.constexpr,
+    STORE_KV: tl.constexpr,
 ):
     t = tl.program_id(0)
     pos = tl.load(POS + t)
     offs_d = tl.arange(0, HALF_PAD)
     cos = tl.load(COS + pos * stride_cache + offs_d, mask=offs_d < HALF, other=0.0)[None, :]
     sin = tl.load(SIN + pos * stride_cache + offs_d, mask=offs_d < HALF, other=0.0)[None, :]
-    _rotate_heads(Q + t * stride_qt, stride_qh, Q + t * stride_qt, stride_qh, NUM_Q_HEADS, cos, sin,
-                  HEADS_PAD, HALF, HALF_PAD)
+    _rotate_heads(
+        Q + t * stride_qt, stride_qh, Q + t * stride_qt, stride_qh, NUM_Q_HEADS, cos, sin, HEADS_PAD, HALF, HALF_PAD
+    )
     if STORE_KV:  # rotated K and V straight into the token's cache slot (skipped for slot < 0: padding)
         slot = tl.load(SLOTS + t)
         if slot >= 0:
             width: tl.constexpr = NUM_K_HEADS * 2 * HALF
-            _rotate_heads(K + t * stride_kt, stride_kh, KC + slot * width, 2 * HALF, NUM_K_HEADS, cos, sin,
-                          HEADS_PAD, HALF, HALF_PAD)
+            _rotate_heads(
+                K + t * stride_kt,
+                stride_kh,
+                KC + slot * width,
+                2 * HALF,
+                NUM_K_HEADS,
+                cos,
+                sin,
+                HEADS_PAD,
+                HALF,
+                HALF_PAD,
+            )
             offs_h = tl.arange(0, HEADS_PAD)
             offs_e = tl.arange(0, 2 * HALF_PAD)
             mask = (offs_h < NUM_K_HEADS)[:, None] & (offs_e < 2 * HALF)[None, :]
             v = tl.load(V + t * stride_vt + offs_h[:, None] * stride_vh + offs_e[None, :], mask=mask)
-            tl.store(VC + slot * width + offs_h[:, None] * (2 * HALF) + offs_e[None, :],
-                     v.to(VC.dtype.element_ty), mask=mask)
+            tl.store(
+                VC + slot * width + offs_h[:, None] * (2 * HALF) + offs_e[None, :], v.to(VC.dtype.element_ty), mask=mask
+            )
     else:
-        _rotate_heads(K + t * stride_kt, stride_kh, K + t * stride_kt, stride_kh, NUM_K_HEADS, cos, sin,
-                      HEADS_PAD, HALF, HALF_PAD)
+        _rotate_heads(
+            K + t * stride_kt, stride_kh, K + t * stride_kt, stride_kh, NUM_K_HEADS, cos, sin, HEADS_PAD, HALF, HALF_PAD
+        )
 
 
 def rotary_embedding(
@@ -152,8 +210,26 @@ def rotary_embedding(
     v_ = v if store else k
     kc, vc = (kv_cache[0], kv_cache[1]) if store else (k, k)
     _rotary_kernel[(n,)](
-        q, k, v_, positions, cos_cache, sin_cache, kc, vc, slot_mapping if store else positions,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v_.stride(0), v_.stride(1), cos_cache.stride(0),
-        NUM_Q_HEADS=hq, NUM_K_HEADS=hk, HEADS_PAD=triton.next_power_of_2(max(hq, hk)),
-        HALF=d // 2, HALF_PAD=triton.next_power_of_2(d // 2), STORE_KV=store,
+        q,
+        k,
+        v_,
+        positions,
+        cos_cache,
+        sin_cache,
+        kc,
+        vc,
+        slot_mapping if store else positions,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v_.stride(0),
+        v_.stride(1),
+        cos_cache.stride(0),
+        NUM_Q_HEADS=hq,
+        NUM_K_HEADS=hk,
+        HEADS_PAD=triton.next_power_of_2(max(hq, hk)),
+        HALF=d // 2,
+        HALF_PAD=triton.next_power_of_2(d // 2),
+        STORE_KV=store,
     )

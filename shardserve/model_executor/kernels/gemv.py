@@ -37,9 +37,22 @@ def _row_output(acc, bias, OUT_DTYPE: tl.constexpr, SILU_MUL: tl.constexpr, HALF
 
 @triton.jit
 def _gemv_kernel(
-    X, W, B, Y, M, N, K, stride_xm, stride_wn, stride_ym,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    EVEN: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr,
+    X,
+    W,
+    B,
+    Y,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_wn,
+    stride_ym,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EVEN: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SILU_MUL: tl.constexpr,
 ):
     # A program owns BLOCK_N weight rows: output features [pid * BLOCK_N, +BLOCK_N), or with SILU_MUL the
     # gate rows and the up rows (N further down) of output features [pid * HALF, +HALF).
@@ -134,9 +147,23 @@ def gemv(
     per_program = block_n // 2 if silu_and_mul else block_n
     y = torch.empty((m, out_n), dtype=x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(out_n, per_program),)](
-        x, weight, bias if bias is not None else weight, y, m, out_n, k, x.stride(0), weight.stride(0), y.stride(0),
-        BLOCK_M=triton.next_power_of_2(m), BLOCK_N=block_n, BLOCK_K=block_k,
-        EVEN=out_n % per_program == 0 and k % block_k == 0, HAS_BIAS=bias is not None, SILU_MUL=silu_and_mul,
-        num_warps=warps, num_stages=stages,
+        x,
+        weight,
+        bias if bias is not None else weight,
+        y,
+        m,
+        out_n,
+        k,
+        x.stride(0),
+        weight.stride(0),
+        y.stride(0),
+        BLOCK_M=triton.next_power_of_2(m),
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        EVEN=out_n % per_program == 0 and k % block_k == 0,
+        HAS_BIAS=bias is not None,
+        SILU_MUL=silu_and_mul,
+        num_warps=warps,
+        num_stages=stages,
     )
     return y

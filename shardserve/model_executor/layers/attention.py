@@ -114,8 +114,14 @@ class Attention(nn.Module):
                 store_kvcache(k, v, self.kv_cache, meta.slot_mapping)
             out = torch.empty((n, self.num_heads, self.head_dim), dtype=q.dtype, device=q.device)
             paged_attention(
-                q, self.kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, meta.max_query_len,
-                self.scale, out,
+                q,
+                self.kv_cache,
+                meta.block_tables,
+                meta.seq_lens,
+                meta.query_start_loc,
+                meta.max_query_len,
+                self.scale,
+                out,
             )
             return out.view(n, self.num_heads * self.head_dim)
         if rope is not None:
@@ -159,9 +165,7 @@ class Attention(nn.Module):
             # Query j sits at absolute position seq_len - q_len + j and sees keys up to it.
             pos_q = torch.arange(seq_len - q_len, seq_len, device=q.device)
             mask = pos_q[:, None] >= torch.arange(seq_len, device=q.device)[None, :]
-            o = self._sdpa(
-                q[start:end].transpose(0, 1)[None], ks.transpose(0, 1)[None], vs.transpose(0, 1)[None], mask
-            )
+            o = self._sdpa(q[start:end].transpose(0, 1)[None], ks.transpose(0, 1)[None], vs.transpose(0, 1)[None], mask)
             out[start:end] = o[0].transpose(0, 1)
             start = end
         return out

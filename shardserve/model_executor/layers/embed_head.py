@@ -45,9 +45,7 @@ class VocabParallelEmbedding(nn.Module):
         """
         shape = source_shape(loaded_weight)
         if shape != (self.num_embeddings, self.embedding_dim):
-            raise ValueError(
-                f"embedding table has shape {shape}, expected {(self.num_embeddings, self.embedding_dim)}"
-            )
+            raise ValueError(f"embedding table has shape {shape}, expected {(self.num_embeddings, self.embedding_dim)}")
         n = max(0, min(self.vocab_end, self.num_embeddings) - self.vocab_start)
         param.data.zero_()
         if n:

@@ -38,8 +38,10 @@ class RMSNorm(nn.Module):
             from shardserve.model_executor.kernels.elementwise import rms_norm
 
             # The fused kernel writes x + residual into ``residual`` in place.
-            return rms_norm(x, self.weight, self.eps) if residual is None else (
-                rms_norm(x, self.weight, self.eps, residual), residual
+            return (
+                rms_norm(x, self.weight, self.eps)
+                if residual is None
+                else (rms_norm(x, self.weight, self.eps, residual), residual)
             )
         if residual is None:
             return self._norm(x)

@@ -107,9 +107,7 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos_cache", emb.cos(), persistent=False)
         self.register_buffer("sin_cache", emb.sin(), persistent=False)
 
-    def forward(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotate ``q`` ``(num_tokens, num_heads, head_dim)`` and ``k`` ``(num_tokens, num_kv_heads, head_dim)``.
 
         ``positions`` is ``(num_tokens,)`` int64. cos/sin are cast to the activation dtype before the

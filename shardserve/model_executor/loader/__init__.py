@@ -19,9 +19,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["ModelSource", "WeightSource", "iter_weights", "load_model", "pp_layer_range", "pp_partition_by_memory"]
 
 
-def pp_layer_range(
-    num_layers: int, pp_size: int, pp_rank: int, partition: list[int] | None = None
-) -> tuple[int, int]:
+def pp_layer_range(num_layers: int, pp_size: int, pp_rank: int, partition: list[int] | None = None) -> tuple[int, int]:
     """Decoder layers ``[start, end)`` of pipeline stage ``pp_rank``.
 
     Without ``partition`` the layers are split evenly and the remainder goes one each to the LAST
@@ -129,7 +127,11 @@ def load_model(
             model.load_weights(_with_progress(_owned(model, iter_weights(source)), source.name))
     logger.info(
         "loaded %s layers [%d, %d) on %s (%s, %s)",
-        source.name, *layer_range, device, dtype, "dummy weights" if dummy else source.format,
+        source.name,
+        *layer_range,
+        device,
+        dtype,
+        "dummy weights" if dummy else source.format,
     )
     return model.eval()
 

@@ -81,7 +81,9 @@ class FakeAsyncLLM:
             alt += 1
         return out
 
-    async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str) -> AsyncIterator[RequestOutput]:
+    async def generate(
+        self, prompt: str | list[int], params: SamplingParams, request_id: str
+    ) -> AsyncIterator[RequestOutput]:
         from shardserve.engine.async_llm import EngineDeadError, EngineOverloadedError
 
         if self.dead:
@@ -96,7 +98,9 @@ class FakeAsyncLLM:
             raise ValueError(f"context {self.max_model_len}, prompt {len(ids)}, completion {max_tokens}")
         self.seen_params.append(params)
         self.active.add(request_id)
-        outs = [CompletionOutput(index=j, logprobs=[] if params.logprobs is not None else None) for j in range(params.n)]
+        outs = [
+            CompletionOutput(index=j, logprobs=[] if params.logprobs is not None else None) for j in range(params.n)
+        ]
         finished = False
         try:
             for step in range(max_tokens):
@@ -104,7 +108,7 @@ class FakeAsyncLLM:
                 for j, out in enumerate(outs):
                     token = ids[(step + j) % len(ids)]
                     text = self.tokenizer.decode(out.token_ids + [token])
-                    out.delta_text, out.text = text[len(out.text):], text
+                    out.delta_text, out.text = text[len(out.text) :], text
                     out.token_ids = out.token_ids + [token]
                     out.delta_token_ids = [token]
                     if params.logprobs is not None:

@@ -12,12 +12,11 @@ import time
 
 import httpx
 import pytest
+from conftest import FakeAsyncLLM
 
 from shardserve.config import ServerConfig
 from shardserve.entrypoints.openai.access import is_loopback, warn_if_open
 from shardserve.entrypoints.openai.api_server import ServerState
-
-from conftest import FakeAsyncLLM
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -36,7 +35,7 @@ def start(serve_app, fake, **config) -> str:
 
 
 def sse_data(resp: httpx.Response) -> list[str]:
-    return [line[len("data: "):] for line in resp.iter_lines() if line.startswith("data: ")]
+    return [line[len("data: ") :] for line in resp.iter_lines() if line.startswith("data: ")]
 
 
 @pytest.mark.parametrize(
@@ -72,7 +71,9 @@ def test_cors_preflight_only_when_configured(serve_app, fake):
     assert r.status_code == 200
     assert r.headers["access-control-allow-origin"] == "https://app.example"
     assert r.headers["access-control-allow-credentials"] == "true"
-    other = httpx.options(url + "/v1/chat/completions", headers={**preflight, "Origin": "https://evil.example"}, timeout=30)
+    other = httpx.options(
+        url + "/v1/chat/completions", headers={**preflight, "Origin": "https://evil.example"}, timeout=30
+    )
     assert "access-control-allow-origin" not in other.headers
     plain = start(serve_app, fake)
     r = httpx.options(plain + "/v1/chat/completions", headers=preflight, timeout=30)
@@ -125,7 +126,9 @@ def wait_for(predicate, timeout: float = 10.0) -> bool:
 
 def test_drain_refuses_new_requests_and_finishes_running_ones(serve_app, fake):
     fake.step_s = 0.02
-    server = serve_app(ServerState(engine=fake, served_model_names=["fake-model"], config=ServerConfig(shutdown_timeout=30)))
+    server = serve_app(
+        ServerState(engine=fake, served_model_names=["fake-model"], config=ServerConfig(shutdown_timeout=30))
+    )
     out: dict = {}
     thread = stream_in_thread(server.url, {**COMPLETION, "max_tokens": 100, "stream": True}, out)
     assert wait_for(lambda: fake.active)
@@ -144,7 +147,9 @@ def test_drain_aborts_what_outlives_the_shutdown_timeout(serve_app, fake, monkey
     fake.step_s = 0.05
     aborted_reasons = []
     fake.abort_all = aborted_reasons.append  # the real AsyncLLM ends its streams; the fake is closed by the server
-    server = serve_app(ServerState(engine=fake, served_model_names=["fake-model"], config=ServerConfig(shutdown_timeout=0.5)))
+    server = serve_app(
+        ServerState(engine=fake, served_model_names=["fake-model"], config=ServerConfig(shutdown_timeout=0.5))
+    )
     monkeypatch.setattr("shardserve.entrypoints.openai.lifecycle.ABORT_GRACE_S", 0.5)
     out: dict = {}
     thread = stream_in_thread(server.url, {**COMPLETION, "max_tokens": 200, "stream": True}, out)

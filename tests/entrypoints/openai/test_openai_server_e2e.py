@@ -16,9 +16,8 @@ import time
 import httpx
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-
 from conftest import free_port
+from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -122,7 +121,9 @@ def test_n_and_logprobs_shapes(client, model):
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 3
     assert "".join(lp.tokens) == comp.choices[0].text
     # Greedy: the chosen token is the most likely one.
-    assert all(max(top.values()) == pytest.approx(tok_lp, abs=1e-4) for top, tok_lp in zip(lp.top_logprobs, lp.token_logprobs))
+    assert all(
+        max(top.values()) == pytest.approx(tok_lp, abs=1e-4) for top, tok_lp in zip(lp.top_logprobs, lp.token_logprobs)
+    )
 
 
 def test_errors(server_url, client, model):
@@ -206,4 +207,4 @@ def test_stream_chunks_are_sse_framed(server_url, model):
     events = raw.split("\n\n")
     assert events[-1] == "" and events[-2] == "data: [DONE]"
     assert all(e.startswith("data: ") for e in events[:-1])
-    assert json.loads(events[0][len("data: "):])["choices"][0]["delta"]["role"] == "assistant"
+    assert json.loads(events[0][len("data: ") :])["choices"][0]["delta"]["role"] == "assistant"

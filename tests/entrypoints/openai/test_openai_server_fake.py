@@ -11,12 +11,11 @@ import time
 import httpx
 import openai
 import pytest
+from conftest import FakeAsyncLLM
 from prometheus_client.parser import text_string_to_metric_families
 
 from shardserve.config import ServerConfig
 from shardserve.entrypoints.openai.api_server import ServerState
-
-from conftest import FakeAsyncLLM
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -41,7 +40,7 @@ def copied_text(tokenizer, prompt_ids, n_tokens, shift=0):
 
 
 def sse_events(response: httpx.Response) -> list[str]:
-    return [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
+    return [line[len("data: ") :] for line in response.iter_lines() if line.startswith("data: ")]
 
 
 def assert_openai_error(resp: httpx.Response, status: int, param=None, code=None):
@@ -120,7 +119,12 @@ def test_chat_non_stream_matches_stream(client):
 @pytest.mark.parametrize(
     "path, body, status, param",
     [
-        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "temperature": -1}, 400, "temperature"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "x"}], "temperature": -1},
+            400,
+            "temperature",
+        ),
         ("/v1/chat/completions", {"messages": "nope"}, 400, "messages"),
         ("/v1/chat/completions", {"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}, 404, "model"),
         ("/v1/completions", {"prompt": "x", "max_tokens": "many"}, 400, "max_tokens"),
@@ -175,7 +179,9 @@ def test_body_limit_and_api_key(fake, serve_app):
 
 def test_request_timeout_aborts(fake, serve_app):
     fake.step_s = 0.05
-    srv = serve_app(ServerState(engine=fake, served_model_names=["fake-model"], config=ServerConfig(request_timeout=0.3)))
+    srv = serve_app(
+        ServerState(engine=fake, served_model_names=["fake-model"], config=ServerConfig(request_timeout=0.3))
+    )
     r = httpx.post(srv.url + "/v1/completions", json={"prompt": "a b c", "max_tokens": 100}, timeout=30)
     assert_openai_error(r, 504, code="request_timeout")
     assert len(fake.aborted) == 1 and not fake.active
@@ -216,12 +222,16 @@ def test_models_generate_metrics_version(server, fake, smollm_tokenizer):
     assert [m["id"] for m in models["data"]] == ["fake-model", "alias"]
     assert models["data"][0]["max_model_len"] == fake.max_model_len and models["object"] == "list"
     ids = smollm_tokenizer.encode("tea and cake")
-    gen = httpx.post(server.url + "/generate", json={"input_ids": ids, "sampling_params": {"max_new_tokens": 4}}, timeout=30)
+    gen = httpx.post(
+        server.url + "/generate", json={"input_ids": ids, "sampling_params": {"max_new_tokens": 4}}, timeout=30
+    )
     out = gen.json()
     assert out["text"] == copied_text(smollm_tokenizer, ids, 4)
     assert out["meta_info"]["finish_reason"] == {"type": "length", "length": 4}
     assert (out["meta_info"]["prompt_tokens"], out["meta_info"]["completion_tokens"]) == (len(ids), 4)
-    batch = httpx.post(server.url + "/generate", json={"text": ["a", "b"], "sampling_params": {"max_new_tokens": 2}}, timeout=30)
+    batch = httpx.post(
+        server.url + "/generate", json={"text": ["a", "b"], "sampling_params": {"max_new_tokens": 2}}, timeout=30
+    )
     assert len(batch.json()) == 2
     families = {f.name: f for f in text_string_to_metric_families(httpx.get(server.url + "/metrics", timeout=30).text)}
     assert families["shardserve:generation_tokens"].samples[0].value == 4 + 2 * 2

@@ -80,6 +80,8 @@ def test_generated_requests_never_get_a_server_error(engine, serve_app):
             assert mode is schemathesis.GenerationMode.NEGATIVE and op.method.upper() == "GET"
     print(f"schemathesis: {sum(calls.values())} calls: {calls}")
     assert not failures, "\n".join(failures[:10])
-    assert len(calls) == len(operations) and all(calls[op.label] >= 10 for op in operations if op.method.upper() == "POST")
+    assert len(calls) == len(operations) and all(
+        calls[op.label] >= 10 for op in operations if op.method.upper() == "POST"
+    )
     stats = engine.stats()
     assert stats.num_free_blocks == stats.num_total_blocks or stats.num_running > 0

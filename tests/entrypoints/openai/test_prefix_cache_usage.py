@@ -68,7 +68,10 @@ def test_completions_report_cached_tokens_and_metrics(server_url, client, model)
                                        stream_options={"include_usage": True})  # fmt: skip
     chunks = list(stream)
     usage = chunks[-1].usage
-    assert usage is not None and usage.prompt_tokens_details.cached_tokens == second.usage.prompt_tokens_details.cached_tokens
+    assert (
+        usage is not None
+        and usage.prompt_tokens_details.cached_tokens == second.usage.prompt_tokens_details.cached_tokens
+    )
     assert "".join(c.choices[0].text for c in chunks if c.choices) == first.choices[0].text
 
 
