@@ -11,7 +11,18 @@ from typing import Annotated, Optional
 
 import typer
 
-from shardserve.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig, ServerConfig
+from shardserve.config import (
+    CacheConfig,
+    EngineConfig,
+    FaultInjection,
+    ModelConfig,
+    ParallelConfig,
+    SchedulerConfig,
+    ServerConfig,
+)
+
+FAULT_INJECTION_ENV = "SHARDSERVE_FAULT_INJECTION"
+"""Testing only: ``add_request:RANK:TOKEN`` (see :class:`shardserve.config.FaultInjection`)."""
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Serve one LLM sharded over GPUs and nodes.")
 logger = logging.getLogger("shardserve")
@@ -87,9 +98,11 @@ def build_engine_config(
     enforce_eager: bool = False,
     disable_custom_all_reduce: bool = False,
     async_scheduling: bool = True,
+    fault_injection: str | None = None,
 ) -> EngineConfig:
     """Flags to typed config; ``ValueError`` messages name the flag."""
     return EngineConfig(
+        fault_injection=FaultInjection.parse(fault_injection) if fault_injection else None,
         model=ModelConfig(
             model=model,
             dtype=dtype,
@@ -221,6 +234,7 @@ def serve(
             enforce_eager=enforce_eager,
             disable_custom_all_reduce=disable_custom_all_reduce,
             async_scheduling=async_scheduling,
+            fault_injection=os.environ.get(FAULT_INJECTION_ENV),
         )
         server = ServerConfig(
             host=host,

@@ -315,6 +315,38 @@ class ServerConfig:
             raise ValueError(f"--shutdown-timeout must be >= 0 seconds, got {self.shutdown_timeout}")
 
 
+@dataclass(frozen=True)
+class FaultInjection:
+    """Testing only: rank ``rank`` fails to add (``where = "add_request"``) every request whose prompt holds
+    ``token_id``. Set with ``SHARDSERVE_FAULT_INJECTION=add_request:RANK:TOKEN`` (read by the CLI)."""
+
+    where: str
+    rank: int
+    token_id: int
+
+    @classmethod
+    def parse(cls, spec: str) -> FaultInjection:
+        """``where:rank:token_id``.
+
+        Raises:
+            ValueError: not three fields, or not integers where integers belong.
+        """
+        try:
+            where, rank, token = spec.split(":")
+            return cls(where, int(rank), int(token))
+        except ValueError:
+            raise ValueError(f"fault injection spec {spec!r} is not where:rank:token_id") from None
+
+    def check(self, where: str, rank: int, prompt_token_ids) -> None:
+        """Raise the injected fault when it applies.
+
+        Raises:
+            RuntimeError: this is the rank and place named, and the prompt holds the token.
+        """
+        if where == self.where and rank == self.rank and self.token_id in prompt_token_ids:
+            raise RuntimeError(f"injected fault: rank {rank} refuses prompts with token {self.token_id}")
+
+
 @dataclass
 class EngineConfig:
     """Everything the engine needs, composed from the parts above."""
@@ -323,6 +355,8 @@ class EngineConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    fault_injection: FaultInjection | None = None
+    """Testing only (see :class:`FaultInjection`)."""
 
     def replace(self, **parts: Any) -> EngineConfig:
         """A copy with some parts swapped."""

@@ -106,15 +106,24 @@ def run_headless(config: EngineConfig) -> int:
 
 
 def _run_generation(config: EngineConfig, store, generation: int) -> tuple[int | None, int]:
-    """Start and watch one generation of this node's workers.
+    """Start and watch one generation of this node's workers, fed by this node's control relay.
 
     Returns ``(exit code, generation)``, or ``(None, next generation)`` when the head restarts the group.
     """
+    from shardserve.executor.channel import NodeRelay, read_addresses
     from shardserve.executor.executor import spawn_local_workers
     from shardserve.executor.supervisor import read_generation, report_failures
 
     par = config.parallel
-    workers = spawn_local_workers(config, par.node_rank, par.master_addr, par.master_port + 1, generation)
+    try:
+        addresses = read_addresses(store, generation)
+    except RuntimeError as e:
+        logger.error("node %d: no control channel for generation %d from the head: %s", par.node_rank, generation, e)
+        return 1, generation
+    relay = NodeRelay(addresses.nodes[par.node_rank], par.ranks_per_node)
+    workers = spawn_local_workers(
+        config, par.node_rank, par.master_addr, par.master_port + 1, generation, relay.ring_spec
+    )
     reported_at = None
     try:
         while True:
@@ -134,6 +143,10 @@ def _run_generation(config: EngineConfig, store, generation: int) -> tuple[int |
                                par.node_rank, current)  # fmt: skip
                 return None, current
             failed = [f for f in exited if f.exitcode != 0]
+            if relay.error is not None and reported_at is None:
+                logger.error("node %d: the control relay failed: %s", par.node_rank, relay.error)
+                workers.kill()
+                failed = failed or workers.failures()
             if failed and reported_at is None:
                 report_failures(store, generation, par.node_rank, failed)
                 logger.error("node %d: %s; reported to the head, waiting for it to restart the group",
@@ -148,3 +161,4 @@ def _run_generation(config: EngineConfig, store, generation: int) -> tuple[int |
         return 0, generation
     finally:
         workers.kill()
+        relay.close()

@@ -139,7 +139,7 @@ class RequestTracker:
                 if last is not None:
                     m.inter_token_latency.labels(m.model_name).observe(now - last)
                 self._last_token_time[completion.index] = now
-            self._num_tokens[completion.index] = len(completion.token_ids)
+            self._num_tokens[completion.index] = completion.num_output_tokens
             if completion.finish_reason is not None:
                 self._finish_reasons[completion.index] = completion.finish_reason
 

@@ -1,4 +1,10 @@
-"""What the engine hands back to its callers (offline API and HTTP server)."""
+"""What the engine hands back to its callers (offline API and HTTP server).
+
+A request's outputs come as its :class:`~shardserve.sampling_params.RequestOutputKind` asks (vLLM's
+names): ``DELTA`` streams carry only what is new in each output (``delta_*``; the cumulative ``text``,
+``token_ids`` and ``logprobs`` stay empty), so their cost per token does not grow with the request's
+length; ``FINAL_ONLY`` delivers one output at the end with everything filled in.
+"""
 
 from __future__ import annotations
 
@@ -24,21 +30,25 @@ class CompletionOutput:
     index: int
     """Which of the ``n`` completions this is."""
     text: str = ""
-    """All text generated so far (stop strings removed)."""
+    """All text generated (stop strings removed); FINAL_ONLY outputs only."""
     token_ids: list[int] = field(default_factory=list)
-    """All tokens generated so far."""
+    """All tokens generated; FINAL_ONLY outputs only."""
     delta_text: str = ""
     """Text added since the previous output of this completion."""
     delta_token_ids: list[int] = field(default_factory=list)
     """Tokens added since the previous output of this completion."""
     logprobs: list[dict[int, Logprob]] | None = None
-    """Per generated token: the sampled token and the top alternatives, when requested."""
+    """Per generated token: the sampled token and the top alternatives, when requested (FINAL_ONLY outputs)."""
     delta_logprobs: list[dict[int, Logprob]] | None = None
     """The ``logprobs`` entries of ``delta_token_ids``."""
     finish_reason: str | None = None
     """None while running; ``stop``, ``length`` or ``abort`` when done."""
     stop_reason: str | int | None = None
     """The stop string or stop token id that ended the completion, if any."""
+    num_output_tokens: int = 0
+    """Tokens generated so far (every output kind)."""
+    error: str | None = None
+    """Why the completion failed (``finish_reason == "error"``): a rank could not prepare or sample it."""
 
     @property
     def finished(self) -> bool:

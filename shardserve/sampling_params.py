@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 
 _GREEDY_EPS = 1e-5
+
+
+class RequestOutputKind(enum.Enum):
+    """What each output of a request carries (vLLM's names)."""
+
+    DELTA = enum.auto()
+    """Only what is new since the previous output (streaming)."""
+    FINAL_ONLY = enum.auto()
+    """One output when the request ends, with the whole text, tokens and logprobs."""
 
 
 @dataclass
@@ -47,6 +57,8 @@ class SamplingParams:
     """Return the log-probability of each sampled token and this many top alternatives."""
     skip_special_tokens: bool = True
     """Leave special tokens out of the detokenized text."""
+    output_kind: RequestOutputKind = RequestOutputKind.DELTA
+    """What each output carries: deltas (streams) or one final output."""
 
     MAX_LOGPROBS = 20
 

@@ -8,16 +8,37 @@ CPU control messages.
 
 from __future__ import annotations
 
+import functools
 import logging
-import pickle
+import time
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
 
 import torch
 import torch.distributed as dist
 
 logger = logging.getLogger(__name__)
+
+
+class CollectiveClock:
+    """Host seconds this process spent inside collectives and point-to-point calls (benchmarks read it).
+
+    On CUDA that is launch time (NCCL returns once the work is queued); on gloo it includes the transfer.
+    """
+
+    seconds = 0.0
+
+    @classmethod
+    def timed(cls, fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                cls.seconds += time.perf_counter() - start
+
+        return wrapper
 
 
 def rank_grid(tensor_parallel_size: int, pipeline_parallel_size: int) -> torch.Tensor:
@@ -99,6 +120,7 @@ class GroupCoordinator:
         logger.info("one-shot all-reduce over peer memory for messages up to %d KiB", self.ONE_SHOT_MAX_BYTES // 1024)
         return True
 
+    @CollectiveClock.timed
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum ``x`` over the group; returns the sum (``x`` itself, reduced in place, on the NCCL/gloo path)."""
         if self.world_size == 1:
@@ -112,6 +134,7 @@ class GroupCoordinator:
         dist.all_reduce(x, group=self.device_group)
         return x
 
+    @CollectiveClock.timed
     def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
         """Concatenate each rank's ``x`` along ``dim`` in rank order."""
         if self.world_size == 1:
@@ -120,12 +143,14 @@ class GroupCoordinator:
         dist.all_gather(parts, x.contiguous(), group=self.device_group)
         return torch.cat(parts, dim=dim)
 
+    @CollectiveClock.timed
     def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
         """Broadcast ``x`` in place from group rank ``src`` over the device group; returns ``x``."""
         if self.world_size > 1:
             dist.broadcast(x, src=self.ranks[src], group=self.device_group)
         return x
 
+    @CollectiveClock.timed
     def all_reduce_min_cpu(self, value: float) -> float:
         """Minimum of a host number over the group (gloo control group)."""
         if self.world_size == 1:
@@ -134,6 +159,7 @@ class GroupCoordinator:
         dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.cpu_group)
         return float(t.item())
 
+    @CollectiveClock.timed
     def all_gather_cpu(self, value: float) -> list[float]:
         """Each member's host number, in group order (gloo control group)."""
         if self.world_size == 1:
@@ -142,37 +168,33 @@ class GroupCoordinator:
         dist.all_gather(parts, torch.tensor([value], dtype=torch.float64), group=self.cpu_group)
         return [float(p.item()) for p in parts]
 
+    @CollectiveClock.timed
     def send(self, x: torch.Tensor, dst: int) -> None:
         """Send a tensor to global rank ``dst`` on the device group."""
         dist.send(x.contiguous(), dst=dst, group=self.device_group)
 
+    @CollectiveClock.timed
     def recv(self, shape: tuple[int, ...], dtype: torch.dtype, src: int) -> torch.Tensor:
         """Receive a tensor of known shape from global rank ``src`` on the device group."""
         x = torch.empty(shape, dtype=dtype, device=self.device)
         dist.recv(x, src=src, group=self.device_group)
         return x
 
-    def send_object(self, obj: Any, dst: int) -> None:
-        """Pickle ``obj`` and send it to global rank ``dst`` over the gloo group."""
-        data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
-        dist.send(torch.tensor([data.numel()], dtype=torch.int64), dst=dst, group=self.cpu_group)
-        dist.send(data, dst=dst, group=self.cpu_group)
+    @CollectiveClock.timed
+    def isend(self, x: torch.Tensor, dst: int) -> dist.Work | None:
+        """Start sending a tensor to global rank ``dst`` on the device group; keep ``x`` alive until the work is done.
 
-    def recv_object(self, src: int) -> Any:
-        """Receive an object sent with :meth:`send_object` from global rank ``src``."""
-        size = torch.empty(1, dtype=torch.int64)
-        dist.recv(size, src=src, group=self.cpu_group)
-        data = torch.empty(int(size.item()), dtype=torch.uint8)
-        dist.recv(data, src=src, group=self.cpu_group)
-        return pickle.loads(data.numpy().tobytes())
+        On NCCL the current stream does not wait for the transfer (the host never blocks on it).
+        """
+        return dist.isend(x.contiguous(), dst=dst, group=self.device_group)
 
-    def broadcast_object(self, obj: Any = None, src: int = 0) -> Any:
-        """Broadcast a picklable object from group rank ``src`` over the gloo group."""
-        if self.world_size == 1:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=self.ranks[src], group=self.cpu_group)
-        return box[0]
+    @CollectiveClock.timed
+    def irecv(self, x: torch.Tensor, src: int) -> dist.Work | None:
+        """Start receiving into ``x`` from global rank ``src``; ``wait()`` the work before reading ``x``.
+
+        On NCCL ``wait()`` only makes the current stream wait (the host goes on); on gloo it blocks.
+        """
+        return dist.irecv(x, src=src, group=self.device_group)
 
 
 @dataclass
@@ -180,6 +202,8 @@ class _State:
     world: GroupCoordinator
     tp: GroupCoordinator
     pp: GroupCoordinator
+    token: GroupCoordinator | None
+    """Output rank <-> first-stage TP rank 0 (PP > 1 only): the sampled tokens the first stage embeds next."""
 
 
 _STATE: _State | None = None
@@ -192,16 +216,17 @@ def initialize_model_parallel(
     device: torch.device,
     backend: str | None = None,
 ) -> None:
-    """Create the world, TP and PP groups for this rank.
+    """Create the world, TP, PP and token groups for this rank of the ``(pp, tp)`` grid.
 
-    ``torch.distributed`` must already be initialised when the world size exceeds one.
-    ``dist.new_group`` is collective: every rank builds every group, in the same order; the head
-    (a rank outside the grid) calls this too and keeps no group.
+    ``torch.distributed`` must already be initialised (world = the TP x PP ranks) when the world size
+    exceeds one. ``dist.new_group`` is collective: every rank builds every group, in the same order.
+    With PP > 1 a two-rank token group joins the output rank (last stage, TP rank 0) and global rank 0
+    (first stage, TP rank 0): the first stage receives each step's sampled tokens on it, on a
+    communicator of its own so that it never queues behind the stages' hidden-state transfers.
     """
     global _STATE
     grid = rank_grid(tensor_parallel_size, pipeline_parallel_size)
-    world = list(range(grid.numel()))
-    world_group = _make_group(world, rank, device, backend)
+    world_group = _make_group(list(range(grid.numel())), rank, device, backend)
     tp = pp = None
     for ranks in (row.tolist() for row in grid):
         group = _make_group(ranks, rank, device, backend)
@@ -209,17 +234,14 @@ def initialize_model_parallel(
     for ranks in (col.tolist() for col in grid.t()):
         group = _make_group(ranks, rank, device, backend)
         pp = group if rank in ranks else pp
-    if rank not in world:  # the head: it took part in creating the groups, and holds none
-        return
-    _STATE = _State(world=world_group, tp=tp, pp=pp)
+    token = None
+    if pipeline_parallel_size > 1:
+        token = _make_group([0, int(grid[-1, 0])], rank, device, backend)
+    _STATE = _State(world=world_group, tp=tp, pp=pp, token=token)
     logger.info(
-        "rank %d: tp rank %d/%d, pp stage %d/%d",
-        rank,
-        tp.rank_in_group,
-        tp.world_size,
-        pp.rank_in_group,
-        pp.world_size,
-    )
+        "rank %d: tp rank %d/%d, pp stage %d/%d", rank, tp.rank_in_group, tp.world_size,
+        pp.rank_in_group, pp.world_size,
+    )  # fmt: skip
 
 
 def _make_group(ranks: list[int], rank: int, device: torch.device, backend: str | None) -> GroupCoordinator | None:
@@ -258,6 +280,11 @@ def get_tp_group() -> GroupCoordinator:
 
 def get_pp_group() -> GroupCoordinator:
     return _state().pp
+
+
+def get_token_group() -> GroupCoordinator | None:
+    """The output rank <-> first-stage group (None with PP = 1 or on ranks outside it)."""
+    return _state().token
 
 
 def destroy_model_parallel() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import struct
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -107,14 +108,21 @@ class BlockManager:
             return False
         return min(num_computed // self.block_size, len(table.block_ids)) > table.num_hashed
 
-    def register_full_blocks(self, request_id: str, token_ids: list[int], num_computed: int) -> None:
-        """Hash and publish the request's blocks that are full of computed tokens."""
+    def register_full_blocks(
+        self, request_id: str, token_slice: Callable[[int, int], list[int]], num_computed: int
+    ) -> None:
+        """Hash and publish the request's blocks that are full of computed tokens.
+
+        Args:
+            token_slice: ``(start, end) -> token ids`` of the request (only the new blocks are read, so the
+                cost per block does not grow with the request's length).
+        """
         table = self._tables.get(request_id)
         if table is None or not self.enable_prefix_caching:
             return
         num_full = min(num_computed // self.block_size, len(table.block_ids))
         for i in range(table.num_hashed, num_full):
-            h = hash_block(table.last_hash, token_ids[i * self.block_size : (i + 1) * self.block_size])
+            h = hash_block(table.last_hash, token_slice(i * self.block_size, (i + 1) * self.block_size))
             block = self.blocks[table.block_ids[i]]
             if block.block_hash is None and h not in self._cached:
                 block.block_hash = h

@@ -1,37 +1,29 @@
-"""The synchronous engine: requests in, one step at a time, outputs out."""
+"""The synchronous engine core: requests in, one step at a time, per-request token deltas out.
+
+Text (detokenization, stop strings, logprob formatting) is not done here: the engine emits
+:class:`~shardserve.engine.output_processor.EngineCoreOutput` s, and an
+:class:`~shardserve.engine.output_processor.OutputProcessor` on the caller's side turns them into
+request outputs, so that the step loop does no work per character.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from collections import deque
-from dataclasses import dataclass
 
 from shardserve.config import EngineConfig
 from shardserve.engine.block_manager import BlockManager
+from shardserve.engine.output_processor import EngineCoreOutput
 from shardserve.engine.request import Request, RequestStatus
-from shardserve.engine.scheduler import Scheduler, TokenEvent
+from shardserve.engine.scheduler import Scheduler, SchedulerOutput
+from shardserve.engine.throughput import TokenThroughput
 from shardserve.executor.executor import Executor
-from shardserve.executor.messages import SchedulerOutput
-from shardserve.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from shardserve.sampling_params import SamplingParams
-from shardserve.transformers_utils.detokenizer import IncrementalDetokenizer, StopStringChecker
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_MODEL_LEN = 8192
-
-
-@dataclass
-class _OutputState:
-    """Text-side state of one request: detokenizer, stop strings, what was emitted."""
-
-    detokenizer: IncrementalDetokenizer
-    stops: StopStringChecker
-    output: CompletionOutput
-    metrics: RequestMetrics
-    prompt: str | None
 
 
 class LLMEngine:
@@ -51,30 +43,27 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(self.source.path, self.source.format, self.source.generation_config)
         self.executor: Executor = (executor_factory or make_executor)(config, self.source)
         self.max_model_len = 0
+        self.throughput = TokenThroughput()
         self._init_kv_cache()
-        self._states: dict[str, _OutputState] = {}
         self._in_flight: deque[SchedulerOutput] = deque()
 
     def _init_kv_cache(self) -> None:
         """Size the KV cache on every rank and start a fresh block pool and scheduler."""
         num_blocks = self.executor.determine_num_blocks()
-        self.executor.init_kv_cache(num_blocks)
         bs = self.config.cache.block_size
         self.max_model_len = self.max_model_len or self._max_model_len(num_blocks * bs)
+        self.executor.init_kv_cache(num_blocks, self.max_model_len)
         logger.info(
             "KV cache: %d blocks of %d tokens = %d tokens; max concurrency at %d tokens per request: %.1fx",
-            num_blocks,
-            bs,
-            num_blocks * bs,
-            self.max_model_len,
-            num_blocks * bs / self.max_model_len,
-        )
+            num_blocks, bs, num_blocks * bs, self.max_model_len, num_blocks * bs / self.max_model_len,
+        )  # fmt: skip
         self.block_manager = BlockManager(num_blocks, bs, self.config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(
             self.config.scheduler,
             self.block_manager,
             self.max_model_len,
-            async_scheduling=self.executor.supports_async_scheduling,
+            async_scheduling=self.executor.async_scheduling,
+            pipeline_parallel_size=self.config.parallel.pipeline_parallel_size,
         )
         self.scheduler.eos_token_ids = frozenset(self.tokenizer.eos_token_ids)
 
@@ -132,23 +121,14 @@ class LLMEngine:
             for i in range(params.n)
         ]
 
-    def add_request(self, request: Request, prompt: str | None = None) -> None:
-        if request.request_id in self._states:
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.scheduler.requests:
             raise ValueError(f"request id {request.request_id!r} is already running")
-        p = request.params
-        self._states[request.request_id] = _OutputState(
-            detokenizer=IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, p.skip_special_tokens),
-            stops=StopStringChecker(p.stop),
-            output=CompletionOutput(index=0, logprobs=[] if p.logprobs is not None else None),
-            metrics=RequestMetrics(arrival_time=request.arrival_time),
-            prompt=prompt,
-        )
         self.scheduler.add_request(request)
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request and free its KV blocks at once."""
         self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
-        self._states.pop(request_id, None)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.scheduler.requests) or bool(self._in_flight)
@@ -164,9 +144,10 @@ class LLMEngine:
         Returns their ids; requests that were still waiting with nothing computed are kept.
         """
         started = [
-            rid for rid, r in self.scheduler.requests.items()
+            rid
+            for rid, r in self.scheduler.requests.items()
             if r.status is not RequestStatus.WAITING or r.num_output_tokens or r.in_flight
-        ]  # fmt: skip
+        ]
         for rid in started:
             self.abort_request(rid)
         return started
@@ -185,68 +166,38 @@ class LLMEngine:
             self.scheduler.add_request(req)
 
     # -- steps ---------------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
-        """Submit steps until ``max_in_flight`` are going, then finish the oldest."""
-        while len(self._in_flight) < self.executor.max_in_flight and self.scheduler.has_work():
-            sched = self.scheduler.schedule()
+    def step(self) -> list[EngineCoreOutput]:
+        """Submit steps until ``max_in_flight`` are going, then finish the oldest; returns its token deltas."""
+        scheduler = self.scheduler
+        while len(self._in_flight) < self.executor.max_in_flight and scheduler.has_work():
+            sched = scheduler.schedule()
             if sched.is_empty:
                 break
-            self.executor.submit(sched)
+            self.executor.submit(sched.to_message(self.block_manager))
             self._in_flight.append(sched)
         if not self._in_flight:
             return []
         sched = self._in_flight.popleft()
         result = self.executor.collect()
-        events = self.scheduler.update_from_output(sched, result)
-        return [o for o in (self._process(e) for e in events) if o is not None]
-
-    def _process(self, event: TokenEvent) -> RequestOutput | None:
-        req = event.request
-        state = self._states.get(req.request_id)
-        if state is None:
-            return None
-        now = time.monotonic()
-        m = state.metrics
-        m.first_token_time = m.first_token_time or now
-        m.last_token_time = now
-        out = state.output
-        new_text = state.detokenizer.add([event.token_id])
-        text, stop = state.stops.process(new_text)
-        if stop is not None:
-            self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED, stop)
-        if req.status.finished and stop is None:
-            text += state.stops.flush()
-        out.delta_token_ids = [event.token_id]
-        out.token_ids.append(event.token_id)
-        out.delta_text = text
-        out.text += text
-        out.delta_logprobs = None
-        if out.logprobs is not None and event.logprob is not None:
-            entry = self._logprob_entry(event.token_id, event.logprob)
-            out.logprobs.append(entry)
-            out.delta_logprobs = [entry]
-        out.finish_reason = req.status.finish_reason
-        out.stop_reason = req.stop_reason
-        if req.status.finished:
-            m.finished_time = now
-            self._states.pop(req.request_id, None)
-        return RequestOutput(
-            request_id=req.request_id,
-            prompt=state.prompt,
-            prompt_token_ids=req.prompt_token_ids,
-            outputs=[_snapshot(out)],
-            finished=req.status.finished,
-            num_cached_tokens=req.num_cached_tokens,
-            metrics=m,
-        )
-
-    def _logprob_entry(self, token_id: int, lp: tuple[float, int, list[tuple[int, float]]]) -> dict[int, Logprob]:
-        chosen, rank, top = lp
-        piece = self.tokenizer.id_to_piece_text
-        entry = {token_id: Logprob(chosen, rank, piece(token_id))}
-        for r, (tid, val) in enumerate(top, start=1):
-            entry.setdefault(tid, Logprob(val, r, piece(tid)))
-        return entry
+        failed = scheduler.fail_requests(list(result.failures) + self.executor.take_failures())
+        events = scheduler.update_from_output(sched, result)
+        prefill = sum(s.num_tokens for s in sched.scheduled if s.start_position < s.request.num_prompt_tokens)
+        self.throughput.add(prefill, len(events))
+        outputs = [
+            EngineCoreOutput(
+                request_id=e.request.request_id,
+                new_token_ids=[e.token_id],
+                new_logprobs=[e.logprob] if e.logprob is not None else None,
+                finish_reason=e.request.status.finish_reason,
+                stop_reason=e.request.stop_reason,
+                num_cached_tokens=e.request.num_cached_tokens,
+            )
+            for e in events
+        ]
+        for req in failed:
+            logger.error("request %s failed on a rank: %s", req.request_id, req.error)
+            outputs.append(EngineCoreOutput(req.request_id, [], finish_reason="error", error=req.error))
+        return outputs
 
     def stats(self) -> tuple[int, int, float]:
         """(running, waiting, KV usage 0..1)."""
@@ -254,18 +205,3 @@ class LLMEngine:
 
     def shutdown(self) -> None:
         self.executor.shutdown()
-
-
-def _snapshot(out: CompletionOutput) -> CompletionOutput:
-    """A copy the caller may keep while the engine goes on updating ``out``."""
-    return CompletionOutput(
-        index=out.index,
-        text=out.text,
-        token_ids=list(out.token_ids),
-        delta_text=out.delta_text,
-        delta_token_ids=list(out.delta_token_ids),
-        logprobs=list(out.logprobs) if out.logprobs is not None else None,
-        delta_logprobs=out.delta_logprobs,
-        finish_reason=out.finish_reason,
-        stop_reason=out.stop_reason,
-    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import time
 
-from shardserve.executor.messages import PLACEHOLDER_TOKEN_ID
+from shardserve.executor.messages import i32
 from shardserve.sampling_params import SamplingParams
 
 
@@ -15,10 +15,12 @@ class RequestStatus(enum.Enum):
     FINISHED_STOPPED = enum.auto()
     FINISHED_LENGTH = enum.auto()
     FINISHED_ABORTED = enum.auto()
+    FINISHED_ERROR = enum.auto()
+    """A rank could not prepare or sample it; the client gets an error, the engine goes on."""
 
     @property
     def finished(self) -> bool:
-        return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED)
+        return self not in (RequestStatus.WAITING, RequestStatus.RUNNING)
 
     @property
     def finish_reason(self) -> str | None:
@@ -26,6 +28,7 @@ class RequestStatus(enum.Enum):
             RequestStatus.FINISHED_STOPPED: "stop",
             RequestStatus.FINISHED_LENGTH: "length",
             RequestStatus.FINISHED_ABORTED: "abort",
+            RequestStatus.FINISHED_ERROR: "error",
         }.get(self)
 
 
@@ -48,19 +51,27 @@ class Request:
         self.num_cached_tokens = 0
         """Prompt tokens found in the prefix cache at admission."""
         self.status = RequestStatus.WAITING
+        self.row: int | None = None
+        """Row of the ranks' persistent batch while running (assigned by the scheduler)."""
         self.num_in_flight_steps = 0
         """Steps computing this request that were sent and whose output is not back yet."""
         self.num_pending_tokens = 0
         """Tokens that in-flight steps will sample for this request (their values are not known yet)."""
+        self.last_sample_step = -1
+        """Id of the latest step that samples this request (PP: the first stage receives its tokens)."""
         self.num_preemptions = 0
         self.arrival_time = time.monotonic()
         self.stop_reason: str | int | None = None
+        self.error: str | None = None
+        """Why the request failed (``FINISHED_ERROR``)."""
+        self._prompt_bytes: bytes | None = None
 
     def reset_progress(self) -> None:
         """Back to waiting with nothing in the KV cache (after the cache was lost with a restart)."""
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0
+        self.row = None
         self.in_flight = False
 
     @property
@@ -74,6 +85,13 @@ class Request:
             raise ValueError("in_flight is set by scheduling a step; only clearing it is allowed")
         self.num_in_flight_steps = 0
         self.num_pending_tokens = 0
+
+    @property
+    def prompt_bytes(self) -> bytes:
+        """The prompt as int32 bytes (what a new request carries to the ranks), encoded once."""
+        if self._prompt_bytes is None:
+            self._prompt_bytes = i32(self.prompt_token_ids)
+        return self._prompt_bytes
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -91,14 +109,11 @@ class Request:
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
 
-    def token_ids_slice(self, start: int, end: int) -> list[int]:
-        """Tokens ``[start, end)`` of prompt + output; positions of pending tokens are ``PLACEHOLDER_TOKEN_ID``."""
-        known = min(end, self.num_tokens)
+    def token_slice(self, start: int, end: int) -> list[int]:
+        """Tokens ``[start, end)`` of prompt + output, without building the whole list."""
         p = self.num_prompt_tokens
-        if known <= p:
-            ids = self.prompt_token_ids[start:known]
-        elif start >= p:
-            ids = self.output_token_ids[start - p : known - p]
-        else:
-            ids = self.prompt_token_ids[start:] + self.output_token_ids[: known - p]
-        return ids + [PLACEHOLDER_TOKEN_ID] * (end - max(known, start))
+        if end <= p:
+            return self.prompt_token_ids[start:end]
+        if start >= p:
+            return self.output_token_ids[start - p : end - p]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: end - p]

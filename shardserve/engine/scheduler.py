@@ -4,10 +4,13 @@ One rule covers prefill, chunked prefill, prefix hits and decode (vLLM v1): ever
 request ``min(num_tokens - num_computed_tokens, budget)`` tokens under a per-step token budget.
 Requests whose step is still in flight (pipeline parallelism keeps several steps going) wait for
 its output before they are scheduled again, except under async scheduling: there a decoding request
-whose one in-flight step will sample its next token is scheduled again at once with a placeholder input
-(``PLACEHOLDER_TOKEN_ID``) that the model runner fills from that step's sample on the device, so that the
-host prepares step N+1 while the GPU computes step N (vLLM v1's async scheduling). Plain Python:
-unit-tested without torch.
+whose one in-flight step will sample its next token is scheduled again at once; its input is that
+sample, which the ranks take on the device (vLLM v1's async scheduling), so that the host prepares
+step N+1 while the GPU computes step N. With PP > 1 a step takes at most a 1/PP share of the running
+requests, so that the stages work on balanced micro-batches.
+
+Each running request holds a row of the ranks' persistent batch; a step tells the ranks only what is
+new (:meth:`SchedulerOutput.to_message`). Plain Python and numpy: unit-tested without torch.
 """
 
 from __future__ import annotations
@@ -15,14 +18,100 @@ from __future__ import annotations
 import itertools
 import logging
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import numpy as np
 
 from shardserve.config import SchedulerConfig
 from shardserve.engine.block_manager import BlockManager
 from shardserve.engine.request import Request, RequestStatus
-from shardserve.executor.messages import ModelRunnerOutput, NewRequestData, ScheduledRequest, SchedulerOutput
+from shardserve.executor.messages import (
+    INT32,
+    NewRequest,
+    RequestFailure,
+    SamplingOptions,
+    Step,
+    StepOutput,
+    as_f32,
+    as_i32,
+    i32,
+)
 
 logger = logging.getLogger(__name__)
+
+Logprob = tuple[float, int, list[tuple[int, float]]]
+"""(logprob of the sampled token, its rank, [(token id, logprob)] top alternatives, best first)."""
+
+
+@dataclass
+class ScheduledRequest:
+    """One request's share of a step (head side)."""
+
+    request: Request
+    num_tokens: int
+    """Tokens computed this step (a prefill chunk, or the one token of a decode)."""
+    start_position: int
+    """Position of the first of them (= num_computed_tokens before the step)."""
+    sample: bool
+    """This step reaches the end of the known tokens: sample the next one."""
+    input_pending: bool
+    """The last input token is the sample of a step still in flight (async scheduling)."""
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+
+@dataclass
+class SchedulerOutput:
+    """One step as the head sees it; :meth:`to_message` is what the ranks get."""
+
+    step_id: int
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    new_requests: list[tuple[Request, int]] = field(default_factory=list)
+    """Requests the ranks have not seen, with their computed tokens before this step (prefix-cache hits)."""
+    freed_rows: list[int] = field(default_factory=list)
+    block_rows: list[int] = field(default_factory=list)
+    block_ids: list[int] = field(default_factory=list)
+    tokens_until: int = -1
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+    def to_message(self, block_manager: BlockManager) -> Step:
+        """The wire message: new requests in full, diffs for the others."""
+        new = [
+            NewRequest(
+                request_id=r.request_id,
+                row=r.row,
+                prompt_token_ids=r.prompt_bytes,
+                output_token_ids=i32(r.output_token_ids) if r.output_token_ids else b"",
+                sampling=SamplingOptions.of(r.params),
+                block_ids=i32(block_manager.block_ids(r.request_id)),
+                num_computed_tokens=computed,
+            )
+            for r, computed in self.new_requests
+        ]
+        n = len(self.scheduled)
+        rows = np.fromiter((s.request.row for s in self.scheduled), INT32, n)
+        counts = np.fromiter((s.num_tokens for s in self.scheduled), INT32, n)
+        sample = np.fromiter((s.sample for s in self.scheduled), np.uint8, n)
+        return Step(
+            step_id=self.step_id,
+            new_requests=new,
+            freed_rows=i32(self.freed_rows) if self.freed_rows else b"",
+            rows=rows.tobytes(),
+            num_new_tokens=counts.tobytes(),
+            sample=sample.tobytes(),
+            block_rows=i32(self.block_rows) if self.block_rows else b"",
+            block_ids=i32(self.block_ids) if self.block_ids else b"",
+            tokens_until=self.tokens_until,
+        )
 
 
 @dataclass
@@ -31,24 +120,38 @@ class TokenEvent:
 
     request: Request
     token_id: int
-    logprob: tuple[float, int, list[tuple[int, float]]] | None
+    logprob: Logprob | None
 
 
 class Scheduler:
-    """Decides, step by step, which requests compute which tokens."""
+    """Decides, step by step, which requests compute which tokens.
+
+    Args:
+        pipeline_parallel_size: stages; with more than one, a step takes a 1/PP share of the running requests.
+    """
 
     def __init__(
-        self, config: SchedulerConfig, block_manager: BlockManager, max_model_len: int, async_scheduling: bool = False
+        self,
+        config: SchedulerConfig,
+        block_manager: BlockManager,
+        max_model_len: int,
+        async_scheduling: bool = False,
+        pipeline_parallel_size: int = 1,
     ):
         self.config = config
         self.async_scheduling = async_scheduling
+        self.pipeline_parallel_size = pipeline_parallel_size
         self.block_manager = block_manager
         self.max_model_len = max_model_len
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
-        self._finished_ids: list[str] = []
+        self._free_rows = list(range(config.max_num_seqs - 1, -1, -1))
+        self._freed_rows: list[int] = []
         self._step_ids = itertools.count()
+        self._drain_floor = -1
+        """PP: the first stage must take the tokens of steps up to here before a freed row is reused."""
+        self.last_collected_step = -1
         self.num_preemptions = 0
 
     # -- requests ----------------------------------------------------------------------------
@@ -57,7 +160,7 @@ class Scheduler:
         self.waiting.append(request)
 
     def finish_request(self, request_id: str, status: RequestStatus, stop_reason: str | int | None = None) -> None:
-        """End a request (stop string, abort); frees its blocks at once."""
+        """End a request (stop string, abort, error); frees its blocks and its row at once."""
         req = self.requests.pop(request_id, None)
         if req is None:
             return
@@ -71,7 +174,15 @@ class Scheduler:
             except ValueError:
                 pass
         self.block_manager.free(request_id)
-        self._finished_ids.append(request_id)
+        self._release_row(req)
+
+    def _release_row(self, req: Request) -> None:
+        if req.row is None:
+            return
+        self._freed_rows.append(req.row)
+        self._free_rows.append(req.row)
+        self._drain_floor = max(self._drain_floor, req.last_sample_step)
+        req.row = None
 
     @property
     def num_running(self) -> int:
@@ -93,7 +204,6 @@ class Scheduler:
             and req.num_in_flight_steps == 1
             and req.num_pending_tokens == 1
             and req.num_computed_tokens == req.num_tokens  # prompt done: the next input is the pending token
-            and not req.params.has_penalties  # penalties need the previous token on the host
             and req.num_output_tokens + 1 < req.max_tokens  # the pending token does not end it by length
             and req.num_tokens + 1 < self.max_model_len
         )
@@ -107,28 +217,38 @@ class Scheduler:
         if not preempted:
             self._schedule_waiting(out, budget)
         if out.scheduled:  # an empty step is not sent; its news waits for the next one
-            out.finished_request_ids, self._finished_ids = self._finished_ids, []
+            out.freed_rows, self._freed_rows = self._freed_rows, []
+            pending = [s.request.last_sample_step for s in out.scheduled if s.input_pending]
+            out.tokens_until = max(self.last_collected_step, self._drain_floor, *pending)
+            for s in out.scheduled:
+                if s.sample:
+                    s.request.last_sample_step = out.step_id
         return out
+
+    def _running_order(self) -> list[Request]:
+        """Requests not in flight first, then those async scheduling lets go again; at most a 1/PP share."""
+        idle = [r for r in self.running if not r.in_flight]
+        ready = idle + [r for r in self.running if r.in_flight and self._can_schedule(r)]
+        if self.pipeline_parallel_size > 1:
+            ready = ready[: max(1, -(-len(self.running) // self.pipeline_parallel_size))]
+        return ready
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> tuple[int, bool]:
         preempted = False
-        i = 0
-        while i < len(self.running) and budget > 0:
-            req = self.running[i]
-            if not self._can_schedule(req):
-                i += 1
+        for req in self._running_order():
+            if budget <= 0:
+                break
+            if req not in self.running:  # preempted to make room for an earlier one
                 continue
             n = min(req.num_tokens + req.num_pending_tokens - req.num_computed_tokens, budget)
             if not self._make_room(req, req.num_computed_tokens + n):
                 preempted = True
-                if req not in self.running:  # the request itself was preempted
-                    continue
-                i += 1
                 continue
             new_blocks = self.block_manager.allocate(req.request_id, req.num_computed_tokens + n)
-            out.scheduled.append(self._scheduled(req, n, new_blocks))
+            out.block_rows += [req.row] * len(new_blocks)
+            out.block_ids += new_blocks
+            out.scheduled.append(self._scheduled(req, n))
             budget -= n
-            i += 1
         return budget, preempted
 
     def _make_room(self, req: Request, num_tokens: int) -> bool:
@@ -146,11 +266,11 @@ class Scheduler:
         logger.info("preempting %s (recompute): KV cache is full", req.request_id)
         self.running.remove(req)
         self.block_manager.free(req.request_id)
+        self._release_row(req)
         req.status = RequestStatus.WAITING
         req.num_computed_tokens = 0
         req.num_preemptions += 1
         self.num_preemptions += 1
-        self._finished_ids.append(req.request_id)
         self.waiting.appendleft(req)
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
@@ -168,58 +288,72 @@ class Scheduler:
             bm.allocate(req.request_id, req.num_computed_tokens + n)
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
+            req.row = self._free_rows.pop()
             self.running.append(req)
-            out.new_requests.append(
-                NewRequestData(
-                    request_id=req.request_id,
-                    prompt_token_ids=req.prompt_token_ids,
-                    output_token_ids=list(req.output_token_ids),
-                    params=req.params,
-                    block_ids=list(bm.block_ids(req.request_id)),
-                    num_computed_tokens=req.num_computed_tokens,
-                )
-            )
-            out.scheduled.append(self._scheduled(req, n, []))
+            out.new_requests.append((req, req.num_computed_tokens))  # its whole block table travels with it
+            out.scheduled.append(self._scheduled(req, n))
             budget -= n
 
-    def _scheduled(self, req: Request, n: int, new_blocks: list[int]) -> ScheduledRequest:
+    def _scheduled(self, req: Request, n: int) -> ScheduledRequest:
         start = req.num_computed_tokens
+        pending = req.num_pending_tokens > 0
         req.num_computed_tokens += n
         req.num_in_flight_steps += 1
         sample = req.num_computed_tokens == req.num_tokens + req.num_pending_tokens
         req.num_pending_tokens += sample
-        return ScheduledRequest(
-            request_id=req.request_id,
-            token_ids=req.token_ids_slice(start, start + n),
-            start_position=start,
-            new_block_ids=new_blocks,
-            sample=sample,
-        )
+        return ScheduledRequest(req, n, start, sample, pending)
 
     # -- outputs -----------------------------------------------------------------------------
-    def update_from_output(self, step: SchedulerOutput, output: ModelRunnerOutput) -> list[TokenEvent]:
-        """Append sampled tokens, apply token-level stops; returns what each request got."""
+    def update_from_output(self, step: SchedulerOutput, output: StepOutput) -> list[TokenEvent]:
+        """Append sampled tokens, apply token-level stops; returns what each request got.
+
+        Raises:
+            ValueError: the output does not have one token per sampling request of the step.
+        """
+        self.last_collected_step = max(self.last_collected_step, step.step_id)
+        tokens = as_i32(output.sampled)
+        num_sampling = sum(s.sample for s in step.scheduled)
+        if len(tokens) != num_sampling:
+            raise ValueError(f"step {step.step_id}: {len(tokens)} tokens for {num_sampling} sampling requests")
+        logprobs = _logprobs_by_index(output)
+        tokens = tokens.tolist()
         events = []
+        j = -1
         for s in step.scheduled:
-            req = self.requests.get(s.request_id)
-            if req is None:  # finished or aborted while the step was in flight
+            j += s.sample
+            req = s.request
+            if self.requests.get(req.request_id) is not req:  # finished or aborted while the step was in flight
                 continue
             req.num_in_flight_steps -= 1
             req.num_pending_tokens -= s.sample
-            token = output.sampled.get(s.request_id)
-            if token is not None:
-                req.output_token_ids.append(token)
+            if s.sample:
+                req.output_token_ids.append(tokens[j])
             # Blocks are full once every token in them is known and computed.
             known = min(req.num_computed_tokens, req.num_tokens)
             if self.block_manager.has_new_full_blocks(req.request_id, known):  # once per block_size tokens
-                self.block_manager.register_full_blocks(req.request_id, req.all_token_ids, known)
-            if token is None:
+                self.block_manager.register_full_blocks(req.request_id, req.token_slice, known)
+            if not s.sample:
                 continue
-            events.append(TokenEvent(req, token, output.logprobs.get(s.request_id)))
-            status = self._check_stop(req, token)
+            lp = logprobs.get(j)
+            if lp is not None and req.params.logprobs is not None:
+                lp = (lp[0], lp[1], lp[2][: req.params.logprobs])
+            events.append(TokenEvent(req, tokens[j], lp))
+            status = self._check_stop(req, tokens[j])
             if status is not None:
                 self.finish_request(req.request_id, status)
         return events
+
+    def fail_requests(self, failures: list[RequestFailure]) -> list[Request]:
+        """End the requests a rank could not serve (``FINISHED_ERROR``); returns them."""
+        failed = []
+        for f in failures:
+            req = self.requests.get(f.request_id)
+            if req is None or req.row != f.row:  # already ended, or the row was reused since
+                continue
+            req.error = f.message
+            self.finish_request(f.request_id, RequestStatus.FINISHED_ERROR)
+            failed.append(req)
+        return failed
 
     def _check_stop(self, req: Request, token: int) -> RequestStatus | None:
         p = req.params
@@ -235,3 +369,18 @@ class Scheduler:
 
     eos_token_ids: frozenset[int] = frozenset()
     """End-of-sequence ids; set by the engine from the tokenizer."""
+
+
+def _logprobs_by_index(output: StepOutput) -> dict[int, Logprob]:
+    """The step's logprobs by index into its sampled tokens."""
+    if not output.logprob_rows:
+        return {}
+    rows = as_i32(output.logprob_rows).tolist()
+    chosen = as_f32(output.chosen_logprobs).tolist()
+    ranks = as_i32(output.chosen_ranks).tolist()
+    k = output.num_top
+    top_ids = as_i32(output.top_ids).reshape(len(rows), k).tolist()
+    top_vals = as_f32(output.top_logprobs).reshape(len(rows), k).tolist()
+    return {
+        row: (chosen[i], ranks[i], list(zip(top_ids[i], top_vals[i]))) for i, row in enumerate(rows)
+    }

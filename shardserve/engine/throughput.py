@@ -1,4 +1,4 @@
-"""Token throughput over a sliding window, fed from the engine's output stream."""
+"""Token throughput over a sliding window, fed by the engine loop once per step."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from shardserve.outputs import RequestOutput
 
 DEFAULT_WINDOW_S = 10.0
 
@@ -15,10 +14,9 @@ DEFAULT_WINDOW_S = 10.0
 class TokenThroughput:
     """Prompt and generation tokens per second over the last ``window_s`` seconds.
 
-    Prompt tokens are counted when a request's first token comes out (its prefill is done), less
-    the prefix-cached ones (they were not computed), as vLLM's "prompt throughput" counts computed
-    prefill tokens. Generation tokens are the output tokens of every step. Thread-safe: the engine
-    thread calls :meth:`observe`, the HTTP thread :meth:`rates`.
+    Prompt tokens are the prefill tokens each step computed (prefix-cache hits are not computed, so they
+    do not count), as vLLM's "prompt throughput" counts them; generation tokens are the tokens each step
+    sampled. Thread-safe: the engine thread calls :meth:`add`, the HTTP thread :meth:`rates`.
     """
 
     def __init__(self, window_s: float = DEFAULT_WINDOW_S, clock: Callable[[], float] = time.monotonic):
@@ -28,15 +26,10 @@ class TokenThroughput:
         self._events: deque[tuple[float, int, int]] = deque()
         self._lock = threading.Lock()
 
-    def observe(self, output: RequestOutput) -> None:
-        """Count the new tokens of one engine output."""
-        generated = sum(len(c.delta_token_ids) for c in output.outputs)
-        first = any(c.token_ids and len(c.token_ids) == len(c.delta_token_ids) for c in output.outputs)
-        prompt = max(0, len(output.prompt_token_ids) - (output.num_cached_tokens or 0)) if first else 0
-        if generated or prompt:
-            self.add(prompt, generated)
-
     def add(self, prompt_tokens: int, generation_tokens: int) -> None:
+        """Count one step's computed prompt tokens and sampled tokens."""
+        if not (prompt_tokens or generation_tokens):
+            return
         now = self._clock()
         with self._lock:
             self._events.append((now, prompt_tokens, generation_tokens))

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import time
 from dataclasses import replace
 from typing import Any
 
 from shardserve.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
 from shardserve.engine.llm_engine import LLMEngine
+from shardserve.engine.output_processor import OutputProcessor
 from shardserve.outputs import RequestOutput
-from shardserve.sampling_params import SamplingParams
+from shardserve.sampling_params import RequestOutputKind, SamplingParams
+
+logger = logging.getLogger(__name__)
 
 Prompt = str | list[int]
 
@@ -51,6 +57,7 @@ class LLM:
         )
         self.engine = LLMEngine(self.config)
         self.tokenizer = self.engine.tokenizer
+        self.processor = OutputProcessor(self.tokenizer)
         self._next_id = 0
 
     def generate(
@@ -73,16 +80,23 @@ class LLM:
         for prompt, p in zip(prompts, params_list):
             rid = str(self._next_id)
             self._next_id += 1
+            p = dataclasses.replace(p, output_kind=RequestOutputKind.FINAL_ONLY)
             children = self.engine.make_requests(rid, prompt, p)
             groups.append((rid, prompt, children))
         for _, prompt, children in groups:
             for req in children:
-                self.engine.add_request(req, prompt if isinstance(prompt, str) else None)
+                text = prompt if isinstance(prompt, str) else None
+                self.processor.add_request(req.request_id, text, req.prompt_token_ids, req.params, req.arrival_time)
+                self.engine.add_request(req)
         final: dict[str, RequestOutput] = {}
         while self.engine.has_unfinished_requests():
-            for out in self.engine.step():
-                if out.finished:
-                    final[out.request_id] = out
+            results, stopped = self.processor.process(self.engine.step(), time.monotonic())
+            for rid in stopped:
+                self.engine.abort_request(rid)
+            for out in results:
+                final[out.request_id] = out
+                if out.outputs[0].finish_reason == "error":
+                    logger.error("request %s failed: %s", out.request_id, out.outputs[0].error)
         return [self._merge(rid, children, final) for rid, _, children in groups]
 
     @staticmethod

@@ -1,10 +1,10 @@
 """Executors: how the head reaches the model ranks.
 
-``UniProcExecutor`` runs the single rank in the head process (TP = PP = 1).
-``MultiprocExecutor`` spawns this node's worker processes and drives every rank of the launch
-over the control world (see ``shardserve.executor.worker``). Steps are submitted and collected in
-order; up to ``max_in_flight`` steps may be in flight: PP of them so that pipeline stages overlap, or
-with PP = 1 two (async scheduling), so that the head schedules step N+1 while step N runs.
+``UniProcExecutor`` runs the single rank in the head process (TP = PP = 1). ``MultiprocExecutor`` spawns
+this node's worker processes and drives every rank of the launch over the control channel
+(:mod:`shardserve.executor.channel`). Steps are submitted and collected in order; up to
+``max_in_flight`` may be in flight: PP of them so that the stages overlap, plus one with async
+scheduling, so that the head schedules step N+1 while step N runs.
 """
 
 from __future__ import annotations
@@ -14,41 +14,23 @@ import multiprocessing as mp
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
-import torch.distributed as dist
 
 from shardserve.config import EngineConfig
 from shardserve.distributed import parallel_state as ps
-from shardserve.executor.messages import (
-    FlushOutputs,
-    InitKVCache,
-    ModelRunnerOutput,
-    ProfileRequest,
-    SchedulerOutput,
-    Shutdown,
-)
+from shardserve.distributed.shm_ring import RingTimeoutError
+from shardserve.executor import messages as m
+from shardserve.executor.channel import HeadChannel, RingSpec, publish_addresses
 from shardserve.executor.rank_info import RankInfo, describe_rank, read_rank_info
 from shardserve.executor.supervisor import (
     GENERATION_KEY,
     EngineDeadError,
-    IOThread,
     WorkerFailure,
     read_failure_reports,
     root_causes,
 )
-from shardserve.executor.worker import (
-    WorkerArgs,
-    async_scheduling_enabled,
-    head_rank,
-    join_world,
-    open_store,
-    worker_main,
-)
-
-if TYPE_CHECKING:
-    from shardserve.model_executor.model_runner import PendingOutput
+from shardserve.executor.worker import WorkerArgs, open_store, worker_main
 
 logger = logging.getLogger(__name__)
 
@@ -58,30 +40,42 @@ RANK_INFO_TIMEOUT_S = 5.0
 __all__ = ["EngineDeadError", "Executor", "LocalWorkers", "MultiprocExecutor", "UniProcExecutor", "spawn_local_workers"]
 
 
+def max_steps_in_flight(config: EngineConfig) -> int:
+    """Steps the head keeps going: one per pipeline stage, and one more with async scheduling.
+
+    This is the one place that turns ``--async-scheduling`` on or off for every executor.
+    """
+    return config.parallel.pipeline_parallel_size + (1 if config.scheduler.async_scheduling else 0)
+
+
 class Executor:
     """Interface shared by the executors."""
 
     max_in_flight: int = 1
-    supports_async_scheduling: bool = False
-    """Whether steps may carry placeholder inputs that the rank fills from its previous sample."""
+    async_scheduling: bool = False
+    """Whether steps may be scheduled before the previous step's sample is back (the ranks fill it in)."""
 
     def determine_num_blocks(self) -> int:
         """KV blocks every rank can hold (the minimum over ranks)."""
         raise NotImplementedError
 
-    def init_kv_cache(self, num_blocks: int) -> None:
+    def init_kv_cache(self, num_blocks: int, max_model_len: int) -> None:
         raise NotImplementedError
 
-    def submit(self, step: SchedulerOutput) -> None:
+    def submit(self, step: m.Step) -> None:
         raise NotImplementedError
 
-    def collect(self) -> ModelRunnerOutput:
+    def collect(self) -> m.StepOutput:
         """Output of the oldest submitted step (blocks until it is ready).
 
         Raises:
             EngineDeadError: a rank died, or the step took longer than ``--watchdog-timeout``.
         """
         raise NotImplementedError
+
+    def take_failures(self) -> list[m.RequestFailure]:
+        """Requests that ranks other than the output rank reported failed since the last call."""
+        return []
 
     def check_health(self) -> None:
         """Raise :class:`EngineDeadError` if a rank is known to be dead (cheap; called while idle)."""
@@ -93,6 +87,10 @@ class Executor:
             EngineDeadError: the executor cannot restart, or the new generation failed too.
         """
         raise EngineDeadError(f"{type(self).__name__} cannot restart its model ranks")
+
+    def worker_stats(self) -> list[m.WorkerStats]:
+        """Each rank's host timings so far (benchmarks)."""
+        return []
 
     def shutdown(self) -> None:
         pass
@@ -111,23 +109,26 @@ class UniProcExecutor(Executor):
         device = torch.device(config.model.resolved_device())
         ps.init_single_process(device)
         self.runner = ModelRunner(config, source, device)
-        self._outputs: deque[PendingOutput | ModelRunnerOutput | None] = deque()
-        # Async scheduling: step N+1 is prepared and launched while step N runs on the device.
-        self.supports_async_scheduling = config.scheduler.async_scheduling
-        self.max_in_flight = 2 if self.supports_async_scheduling else 1
+        self._pending: deque = deque()
+        self.async_scheduling = config.scheduler.async_scheduling
+        self.max_in_flight = max_steps_in_flight(config)
 
     def determine_num_blocks(self) -> int:
         return self.runner.available_kv_blocks()
 
-    def init_kv_cache(self, num_blocks: int) -> None:
-        self.runner.init_kv_cache(num_blocks)
+    def init_kv_cache(self, num_blocks: int, max_model_len: int) -> None:
+        self.runner.init_kv_cache(num_blocks, max_model_len)
 
-    def submit(self, step: SchedulerOutput) -> None:
-        self._outputs.append(self.runner.execute_async(step))
+    def submit(self, step: m.Step) -> None:
+        self._pending.append(self.runner.execute(step))
 
-    def collect(self) -> ModelRunnerOutput:
-        out = self._outputs.popleft()
-        return out.result() if hasattr(out, "result") else out  # PendingOutput
+    def collect(self) -> m.StepOutput:
+        return self._pending.popleft().result()
+
+    def worker_stats(self) -> list[m.WorkerStats]:
+        t = self.runner.times
+        return [m.WorkerStats(0, t.num_steps, 0.0, t.prepare_s, t.forward_s, ps.CollectiveClock.seconds,
+                              t.sample_s, 0.0)]  # fmt: skip
 
     def shutdown(self) -> None:
         ps.destroy_model_parallel()
@@ -183,9 +184,14 @@ def spawn_local_workers(
     store_host: str,
     store_port: int,
     generation: int,
+    ring: RingSpec,
     env: dict[str, str] | None = None,
 ) -> LocalWorkers:
-    """Start the worker processes of ``node_rank``: global ranks ``[node_rank * rpn, (node_rank + 1) * rpn)``."""
+    """Start the worker processes of ``node_rank``: global ranks ``[node_rank * rpn, (node_rank + 1) * rpn)``.
+
+    Raises:
+        ValueError: the node has fewer GPUs than ranks.
+    """
     rpn = config.parallel.ranks_per_node
     device_type = config.model.resolved_device()
     if device_type == "cuda" and torch.cuda.device_count() < rpn:
@@ -204,6 +210,7 @@ def spawn_local_workers(
             store_port=store_port,
             generation=generation,
             device_type=device_type,
+            ring=ring,
             log_level=logging.getLogger().getEffectiveLevel(),
             env=env,
         )
@@ -218,15 +225,16 @@ def spawn_local_workers(
 class MultiprocExecutor(Executor):
     """The head's side of a multi-process launch: it schedules, the workers compute.
 
-    Every gloo call runs on an :class:`IOThread` and is waited for in slices with liveness checks;
-    a step's output that takes longer than ``--watchdog-timeout`` marks the group as stalled.
-    :meth:`restart` starts a new generation of every rank (headless nodes follow the store key).
+    Every wait on the channel is bounded and checks liveness every ``POLL_S``: the head's own worker
+    processes, and the failure reports other nodes leave in the store; a step's output that takes longer
+    than ``--watchdog-timeout`` marks the group as stalled. :meth:`restart` starts a new generation of
+    every rank (headless nodes follow the store key).
     """
 
     REMOTE_CHECK_S = 0.5
     """How often the store is asked for failure reports of other nodes (seconds)."""
     DIAGNOSE_S = 2.0
-    """How long to look for the root cause after a gloo call failed (seconds)."""
+    """How long to look for a root cause elsewhere when the failures seen are only knock-on exits (seconds)."""
 
     def __init__(
         self,
@@ -238,45 +246,47 @@ class MultiprocExecutor(Executor):
     ):
         self.config = config
         par = config.parallel
-        # PP: one step per stage in flight. PP = 1: async scheduling, step N+1 is sent while N runs.
-        self.supports_async_scheduling = async_scheduling_enabled(config)
-        self.max_in_flight = 2 if self.supports_async_scheduling else par.pipeline_parallel_size
-        self.head = head_rank(config)
+        self.async_scheduling = config.scheduler.async_scheduling
+        self.max_in_flight = max_steps_in_flight(config)
         self.output_rank = (par.pipeline_parallel_size - 1) * par.tensor_parallel_size
         self.store_host, self.store_port, self.env = store_host, store_port, env
         self.generation = generation
         self.store = open_store(store_host, store_port, True, par.rendezvous_timeout)
         self.store.set(GENERATION_KEY, str(generation))
-        # A client of its own for failure reports: a store call blocked in the join must not hold up the checks.
+        # A client of its own for failure reports, so that a status request never waits behind the engine.
         self._reports = open_store(store_host, store_port, False, par.rendezvous_timeout) if par.nnodes > 1 else None
         self._next_remote_check = 0.0
+        self.channel: HeadChannel | None = None
         self._start()
 
     # -- generations ---------------------------------------------------------------------------
     def _start(self) -> None:
         par = self.config.parallel
         self._steps: deque[int] = deque()
+        self._outputs: dict[int, m.StepOutput] = {}
+        self._failures: list[m.RequestFailure] = []
+        self._errors: dict[int, str] = {}
         self._broken = False
-        self.workers = spawn_local_workers(self.config, 0, self.store_host, self.store_port, self.generation, self.env)
-        self._io = IOThread(f"shardserve-gloo-gen{self.generation}")
-        logger.info("generation %d: waiting for %d ranks to join the process group", self.generation, par.world_size)
-        backend = "nccl" if self.config.model.resolved_device() == "cuda" else "gloo"
-        if par.distributed_backend != "auto":
-            backend = par.distributed_backend
-
-        def join() -> None:
-            join_world(self.config, self.head, self.store, self.generation)
-            ps.initialize_model_parallel(
-                par.tensor_parallel_size, par.pipeline_parallel_size, self.head, torch.device("cpu"), backend
+        base_port = par.master_port if par.nnodes > 1 else None
+        self.channel = HeadChannel(par.master_addr, par.ranks_per_node, list(range(1, par.nnodes)), base_port)
+        self.workers = LocalWorkers()
+        try:
+            publish_addresses(self.store, self.generation, self.channel.addresses)
+            self.workers = spawn_local_workers(
+                self.config, 0, self.store_host, self.store_port, self.generation, self.channel.ring_spec, self.env
             )
-
-        self._call(join, "joining the process group", par.rendezvous_timeout)
-        logger.info("generation %d: all %d ranks joined", self.generation, par.world_size)
+            logger.info("generation %d: waiting for %d ranks to connect", self.generation, par.world_size)
+            hosts = self._gather(m.Hello, "waiting for the ranks to connect", par.rendezvous_timeout)
+        except BaseException:
+            self._teardown()
+            raise
+        logger.info("generation %d: all %d ranks connected (%s)", self.generation, par.world_size,
+                    ", ".join(sorted({h.host for h in hosts})))  # fmt: skip
 
     def restart(self) -> None:
         old = self.generation
         self.generation += 1
-        # Bump the key first: headless nodes kill their workers, which unblocks any gloo call still pending.
+        # Bump the key first: headless nodes kill their workers and start the new generation.
         self.store.set(GENERATION_KEY, str(self.generation))
         self._teardown()
         logger.warning("restarting every rank: generation %d -> %d", old, self.generation)
@@ -285,32 +295,12 @@ class MultiprocExecutor(Executor):
     def _teardown(self) -> None:
         self._broken = True
         self.workers.kill()
-        if not self._io.stop(timeout=10):
-            logger.warning("a gloo call of generation %d is still blocked; abandoning its thread", self.generation - 1)
-        try:
-            ps.destroy_model_parallel()
-        except Exception:
-            logger.debug("destroy_process_group failed", exc_info=True)
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
 
-    # -- bounded calls -------------------------------------------------------------------------
-    def _call(self, fn, doing: str, timeout: float | None):
-        """Run a gloo call with a bound and liveness checks; failures become :class:`EngineDeadError`."""
-
-        def stalled() -> EngineDeadError:
-            self._broken = True
-            msg = f"generation {self.generation}: no progress for {timeout:.0f} s while {doing} (--watchdog-timeout)"
-            logger.error("%s", msg)
-            return EngineDeadError(msg)
-
-        try:
-            return self._io.call(fn, timeout, lambda: self._check(doing), stalled)
-        except EngineDeadError:
-            raise
-        except Exception as e:  # gloo raises RuntimeError subclasses when a peer goes away
-            self._broken = True
-            raise self._diagnose(doing, e) from e
-
-    def _failures(self) -> list[WorkerFailure]:
+    # -- liveness ------------------------------------------------------------------------------
+    def _failures_now(self) -> list[WorkerFailure]:
         failures = self.workers.failures()
         if self._reports is not None and time.monotonic() >= self._next_remote_check:
             self._next_remote_check = time.monotonic() + self.REMOTE_CHECK_S
@@ -318,29 +308,47 @@ class MultiprocExecutor(Executor):
         return failures
 
     def _check(self, doing: str) -> None:
-        failures = self._failures()
-        if failures:
-            self._broken = True
-            raise self._dead_error(failures, doing)
+        """Raise :class:`EngineDeadError` naming the failed rank (and its error) if any rank is gone."""
+        failures = self._failures_now()
+        if not failures:
+            return
+        self._broken = True
+        if self.config.parallel.nnodes > 1:
+            failures = self._wait_for_root_cause(failures)
+        self._drain_errors()
+        raise self._dead_error(failures, doing)
 
-    def _diagnose(self, doing: str, cause: BaseException) -> EngineDeadError:
-        """Name the rank that failed: wait briefly for a dead process or a node's report."""
+    def _wait_for_root_cause(self, failures: list[WorkerFailure]) -> list[WorkerFailure]:
+        """Ranks that exited with an error after losing a peer are knock-on failures: give the other nodes'
+        reports ``DIAGNOSE_S`` to name a rank that was killed or stopped answering."""
+        seen = {(f.rank, f.pid): f for f in failures}
         deadline = time.monotonic() + self.DIAGNOSE_S
-        while time.monotonic() < deadline:
-            self._next_remote_check = 0.0
-            failures = self._failures()
-            if failures:
-                return self._dead_error(failures, doing)
+        while time.monotonic() < deadline and all(f.exitcode is not None and f.exitcode >= 0 for f in seen.values()):
             time.sleep(0.1)
-        msg = f"generation {self.generation}: the control group failed while {doing}: {cause}"
-        logger.error("%s", msg)
-        return EngineDeadError(msg)
+            self._next_remote_check = 0.0
+            seen.update({(f.rank, f.pid): f for f in self._failures_now()})
+        return list(seen.values())
+
+    def _drain_errors(self) -> None:
+        """Take the WorkerErrors already sent (a dying rank sends its error just before it exits)."""
+        deadline = time.monotonic() + 0.3
+        while self.channel is not None and time.monotonic() < deadline:
+            try:
+                msg = self.channel.recv(timeout=0.05, check=lambda: None)
+            except RingTimeoutError:
+                continue
+            self._file(msg)
 
     def _dead_error(self, failures: list[WorkerFailure], doing: str) -> EngineDeadError:
         ordered = root_causes(failures)
-        msg = f"{ordered[0].describe()} while the head was {doing} (generation {self.generation})"
+
+        def describe(f: WorkerFailure) -> str:
+            error = self._errors.get(f.rank)
+            return f.describe() + (f": {error}" if error else "")
+
+        msg = f"{describe(ordered[0])} while the head was {doing} (generation {self.generation})"
         if len(ordered) > 1:
-            msg += "; also " + ", ".join(f.describe() for f in ordered[1:])
+            msg += "; also " + ", ".join(describe(f) for f in ordered[1:])
         logger.error("worker failure: %s", msg)
         return EngineDeadError(msg)
 
@@ -350,46 +358,98 @@ class MultiprocExecutor(Executor):
         self._check("idle")
 
     # -- messages ------------------------------------------------------------------------------
-    def _broadcast(self, obj) -> None:
-        dist.broadcast_object_list([obj], src=self.head)
+    def _file(self, msg: m.RankMessage) -> m.RankMessage | None:
+        """Keep what does not answer the current wait (outputs of later steps, failures, errors)."""
+        if isinstance(msg, m.StepOutput):
+            self._outputs[msg.step_id] = msg
+            return None
+        if isinstance(msg, m.RequestFailed):
+            self._failures += msg.failures
+            return None
+        if isinstance(msg, m.WorkerError):
+            self._errors[msg.rank] = msg.message
+            return None
+        return msg
 
-    def _recv(self, src: int):
-        box = [None]
-        dist.recv_object_list(box, src=src)
-        return box[0]
+    def _wait(self, doing: str, timeout: float | None, done, take=None) -> None:
+        """Receive replies until ``done()``, handing the ones :meth:`_file` does not keep to ``take``.
+
+        Raises:
+            EngineDeadError: a rank sent a WorkerError or died, or nothing came for ``timeout`` seconds.
+        """
+        start = time.monotonic()
+        while not done():
+            if self._errors:
+                self._broken = True
+                self._check(doing)  # names the process too once it has exited
+                rank, error = next(iter(self._errors.items()))
+                raise EngineDeadError(
+                    f"rank {rank} failed while the head was {doing} (generation {self.generation}): {error}"
+                )
+            left = None if timeout is None else max(0.0, timeout - (time.monotonic() - start))
+            try:
+                msg = self.channel.recv(left, lambda: self._check(doing))
+            except RingTimeoutError:
+                self._broken = True
+                text = f"generation {self.generation}: no progress for {timeout:.0f} s while {doing} (--watchdog-timeout)"
+                logger.error("%s", text)
+                raise EngineDeadError(text) from None
+            rest = self._file(msg)
+            if rest is not None and take is not None:
+                take(rest)
+
+    def _gather(self, kind: type, doing: str, timeout: float | None) -> list:
+        """One message of ``kind`` from every rank, by rank."""
+        got: dict[int, object] = {}
+
+        def take(msg) -> None:
+            if isinstance(msg, kind):
+                got[msg.rank] = msg
+
+        self._wait(doing, timeout, lambda: len(got) == self.config.parallel.world_size, take)
+        return [got[r] for r in sorted(got)]
+
+    def _send(self, message: m.HeadMessage, doing: str) -> None:
+        timeout = self.config.parallel.watchdog_timeout
+        try:
+            self.channel.send(message, timeout, lambda: self._check(doing))
+        except RingTimeoutError:
+            self._broken = True
+            raise EngineDeadError(f"generation {self.generation}: the ranks read nothing for {timeout:.0f} s "
+                                  f"while the head was {doing} (--watchdog-timeout)") from None  # fmt: skip
 
     def determine_num_blocks(self) -> int:
-        world = self.config.parallel.world_size
-
-        def profile() -> list[int]:
-            self._broadcast(ProfileRequest())
-            return [self._recv(r) for r in range(world)]
-
+        self._send(m.ProfileRequest(), "asking for the KV-cache capacity")
         # Workers load the model before they answer: liveness is checked, but no deadline is set.
-        counts = self._call(profile, "waiting for the ranks to load the model and size the KV cache", None)
+        counts = [c.num_blocks for c in self._gather(m.KVCapacity, "waiting for the ranks to load the model", None)]
         logger.info("KV blocks per rank: %s; using the minimum", counts)
         return min(counts)
 
-    def init_kv_cache(self, num_blocks: int) -> None:
-        self._call(lambda: self._broadcast(InitKVCache(num_blocks)), "allocating the KV cache",
-                   self.config.parallel.watchdog_timeout)  # fmt: skip
+    def init_kv_cache(self, num_blocks: int, max_model_len: int) -> None:
+        self._send(m.InitKVCache(num_blocks, max_model_len), "allocating the KV cache")
+        self._gather(m.Ready, "waiting for the ranks to allocate the KV cache", None)
 
-    def submit(self, step: SchedulerOutput) -> None:
-        self._call(lambda: self._broadcast(step), f"sending step {step.step_id}", self.config.parallel.watchdog_timeout)
+    def submit(self, step: m.Step) -> None:
+        self._send(step, f"sending step {step.step_id}")
         self._steps.append(step.step_id)
 
-    def collect(self) -> ModelRunnerOutput:
+    def collect(self) -> m.StepOutput:
         step_id = self._steps[0]
-        if self.supports_async_scheduling and len(self._steps) == 1:  # no later step released it
-            self._call(lambda: self._broadcast(FlushOutputs()), f"asking for step {step_id}",
-                       self.config.parallel.watchdog_timeout)  # fmt: skip
-        doing = f"waiting for step {step_id} from rank {self.output_rank} (node {self._node_of(self.output_rank)})"
-        out = self._call(lambda: self._recv(self.output_rank), doing, self.config.parallel.watchdog_timeout)
+        if self.async_scheduling and len(self._steps) == 1 and step_id not in self._outputs:
+            self._send(m.FlushOutputs(), f"asking for step {step_id}")  # no later step released it
+        node = self.output_rank // self.config.parallel.ranks_per_node
+        doing = f"waiting for step {step_id} from rank {self.output_rank} (node {node})"
+        self._wait(doing, self.config.parallel.watchdog_timeout, lambda: step_id in self._outputs)
         self._steps.popleft()
-        return out
+        return self._outputs.pop(step_id)
 
-    def _node_of(self, rank: int) -> int:
-        return rank // self.config.parallel.ranks_per_node
+    def take_failures(self) -> list[m.RequestFailure]:
+        failures, self._failures = self._failures, []
+        return failures
+
+    def worker_stats(self) -> list[m.WorkerStats]:
+        self._send(m.StatsRequest(), "asking for worker stats")
+        return self._gather(m.WorkerStats, "waiting for worker stats", self.config.parallel.watchdog_timeout)
 
     def rank_info(self) -> list[RankInfo]:
         """What the workers of the current generation last wrote to the store (a client of its own,
@@ -398,14 +458,12 @@ class MultiprocExecutor(Executor):
         return read_rank_info(store, self.generation, self.config.parallel.world_size)
 
     def shutdown(self) -> None:
-        if not self._broken and self.workers.alive():
+        if not self._broken and self.workers.alive() and self.channel is not None:
             try:
-                self._call(lambda: self._broadcast(Shutdown()), "shutting down", 10.0)
+                self._send(m.Shutdown(), "shutting down")
             except EngineDeadError:
                 pass
         self.workers.stop(timeout=10)
-        self._io.stop(timeout=1)
-        try:
-            ps.destroy_model_parallel()
-        except Exception:
-            logger.debug("destroy_process_group failed", exc_info=True)
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None

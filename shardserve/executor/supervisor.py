@@ -1,10 +1,8 @@
 """Supervision of the worker processes: bounded waits, failure reports and restart generations.
 
-The head never blocks on a gloo call without a bound: each call runs on an :class:`IOThread` and
-the head waits for it in short slices, checking between slices that every rank is still alive
-(its own processes through ``LocalWorkers``, the other nodes' through the reports their launchers
-leave in the launch's TCPStore). A timed-out gloo ``wait`` closes the connection it waited on, so a
-slice cannot be a gloo timeout.
+The head never waits on a rank without a bound: every wait on the control channel is cut into short
+slices, and between slices the head checks that every rank is still alive (its own processes through
+``LocalWorkers``, the other nodes' through the reports their launchers leave in the launch's TCPStore).
 
 A restart bumps :data:`GENERATION_KEY` in the store. Headless nodes watch that key: they kill their
 workers and start the new generation, whose process group lives under its own store prefix
@@ -13,15 +11,9 @@ workers and start the new generation, whose process group lives under its own st
 
 from __future__ import annotations
 
-import concurrent.futures
 import json
 import logging
-import queue
-import threading
-import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
 
 import torch.distributed as dist
 
@@ -29,8 +21,6 @@ logger = logging.getLogger(__name__)
 
 GENERATION_KEY = "shardserve/generation"
 """Store key holding the current restart generation (decimal text), set by the head."""
-POLL_S = 0.2
-"""Slice of a bounded wait: how often liveness is checked while a gloo call is pending (seconds)."""
 
 
 class EngineDeadError(RuntimeError):
@@ -91,60 +81,3 @@ def read_generation(store: dist.Store) -> int:
         RuntimeError: the store is unreachable (the head is gone) or the key never appeared.
     """
     return int(store.get(GENERATION_KEY))
-
-
-class IOThread:
-    """Runs blocking calls one at a time on a daemon thread so that the caller can wait with a bound.
-
-    A call still blocked when the launch is torn down is abandoned with its thread (daemon, so it does
-    not hold up the exit); the next generation gets a new IOThread.
-    """
-
-    def __init__(self, name: str):
-        self._calls: queue.Queue = queue.Queue()
-        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        while True:
-            item = self._calls.get()
-            if item is None:
-                return
-            fn, future = item
-            if future.set_running_or_notify_cancel():
-                try:
-                    future.set_result(fn())
-                except BaseException as e:  # noqa: BLE001 - handed to the waiting caller
-                    future.set_exception(e)
-
-    def call(
-        self,
-        fn: Callable[[], Any],
-        timeout: float | None,
-        check: Callable[[], None],
-        on_timeout: Callable[[], BaseException],
-    ) -> Any:
-        """Run ``fn`` on the thread and wait for its result.
-
-        Every :data:`POLL_S` seconds ``check()`` runs (it raises to give up, e.g. on a dead worker).
-
-        Raises:
-            whatever ``fn`` or ``check`` raises; ``on_timeout()`` after ``timeout`` seconds (None: no bound).
-        """
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        self._calls.put((fn, future))
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            try:
-                return future.result(timeout=POLL_S)
-            except concurrent.futures.TimeoutError:
-                pass
-            check()
-            if deadline is not None and time.monotonic() > deadline:
-                raise on_timeout()
-
-    def stop(self, timeout: float) -> bool:
-        """Let the thread finish its current call and exit; False if it is still blocked after ``timeout`` s."""
-        self._calls.put(None)
-        self._thread.join(timeout)
-        return not self._thread.is_alive()

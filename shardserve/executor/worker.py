@@ -1,9 +1,11 @@
 """A worker process: one rank of the TP x PP grid.
 
-The head (scheduler + HTTP) joins ``torch.distributed`` as one extra rank, ``world_size`` = TP x PP,
-with no device; workers are ranks ``0 .. TP x PP - 1`` on the rank grid. Control messages travel on
-the default gloo group (head broadcasts each step; the output rank sends results to the head);
-tensors travel on the TP and PP device groups (NCCL on CUDA, gloo on CPU).
+Workers are ranks ``0 .. TP x PP - 1`` of their own ``torch.distributed`` world (NCCL on CUDA, gloo on
+CPU), which carries only the model's tensors (TP collectives, PP hidden states, sampled tokens). The
+head is not part of it: it drives the ranks over the control channel (:mod:`shardserve.executor.channel`),
+whose typed messages the worker reads from its node's shared-memory ring and answers on its reply
+socket. Any exception that stops the worker is sent to the head as a :class:`WorkerError` first, so the
+head can quote it.
 """
 
 from __future__ import annotations
@@ -11,9 +13,11 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
+import traceback
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,7 +28,8 @@ import torch.distributed as dist
 
 from shardserve.config import EngineConfig
 from shardserve.distributed import parallel_state as ps
-from shardserve.executor.messages import FlushOutputs, InitKVCache, ProfileRequest, SchedulerOutput, Shutdown
+from shardserve.executor import messages as m
+from shardserve.executor.channel import RingSpec, WorkerChannel, read_addresses
 from shardserve.executor.rank_info import describe_rank, publish_rank_info
 
 logger = logging.getLogger(__name__)
@@ -38,21 +43,18 @@ class WorkerArgs:
     rank: int
     """Global rank on the grid (0 .. TP x PP - 1)."""
     local_rank: int
-    """Index of this worker's device on its node."""
+    """Index of this worker's device on its node, and its reader slot in the node's ring."""
     store_host: str
     store_port: int
     generation: int
     """Restart generation: each (re)start forms a fresh process group under its own store prefix."""
     device_type: str
     """cuda or cpu."""
+    ring: RingSpec
+    """The node's control ring (created by the head on its node, by the node's relay elsewhere)."""
     log_level: int = logging.INFO
     env: dict[str, str] | None = None
     """Variables to set before torch.distributed starts (NCCL_SOCKET_IFNAME, ...)."""
-
-
-def head_rank(config: EngineConfig) -> int:
-    """Global rank of the head in the control world (one past the last worker)."""
-    return config.parallel.world_size
 
 
 def open_store(host: str, port: int, is_master: bool, timeout_s: float) -> dist.TCPStore:
@@ -60,26 +62,15 @@ def open_store(host: str, port: int, is_master: bool, timeout_s: float) -> dist.
     return dist.TCPStore(host, port, is_master=is_master, timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
 
 
-def join_world(config: EngineConfig, rank: int, store: dist.TCPStore, generation: int) -> None:
-    """Join the control world (workers + head, gloo) of one restart generation."""
+def join_world(config: EngineConfig, rank: int, store: dist.Store, generation: int) -> None:
+    """Join the ranks' world (TP x PP processes) of one restart generation."""
     dist.init_process_group(
-        backend="gloo",
+        backend=device_backend(config, "cuda" if config.model.resolved_device() == "cuda" else "cpu"),
         store=dist.PrefixStore(f"shardserve/gen{generation}", store),
         rank=rank,
-        world_size=config.parallel.world_size + 1,
+        world_size=config.parallel.world_size,
         timeout=timedelta(seconds=config.parallel.rendezvous_timeout),
     )
-
-
-def async_scheduling_enabled(config: EngineConfig) -> bool:
-    """Whether a multi-process launch schedules step N+1 while N runs: asked for, and PP = 1 (the first
-    stage could not fill the next step's inputs from a sample taken on the last)."""
-    return config.scheduler.async_scheduling and config.parallel.pipeline_parallel_size == 1
-
-
-def _result(out):
-    """A step's :class:`ModelRunnerOutput`, waiting for its tokens if they are still being copied."""
-    return out.result() if hasattr(out, "result") else out
 
 
 def device_backend(config: EngineConfig, device_type: str) -> str:
@@ -89,8 +80,15 @@ def device_backend(config: EngineConfig, device_type: str) -> str:
     return backend
 
 
+def describe_exception(e: BaseException) -> str:
+    """``Type: message`` and the innermost frames, for the head's error line."""
+    frames = traceback.extract_tb(e.__traceback__)[-3:]
+    where = "; ".join(f"{os.path.basename(f.filename)}:{f.lineno} in {f.name}" for f in frames)
+    return f"{type(e).__name__}: {e}" + (f" (at {where})" if where else "")
+
+
 def _watch_parent(rank: int) -> None:
-    """Name the process ``shardserve-r{rank}`` (as ``ps`` shows it), exit when its launcher is gone, ignore SIGINT/SIGTERM.
+    """Name the process ``shardserve-r{rank}``, exit when its launcher is gone, ignore SIGINT/SIGTERM.
 
     A launcher killed with SIGKILL cannot stop its children; the orphan notices that it was re-parented.
     (PR_SET_PDEATHSIG would fire when the spawning *thread* ends, which the head's loader thread does.)
@@ -119,16 +117,20 @@ def worker_main(args: WorkerArgs) -> None:
     """Entry point of a worker process."""
     _watch_parent(args.rank)
     os.environ.update(args.env or {})
-    logging.basicConfig(level=args.log_level, format=f"%(asctime)s rank{args.rank} %(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, args.config.parallel.ranks_per_node)))
-    if args.device_type == "cuda":
-        torch.cuda.set_device(args.local_rank)
-        device = torch.device("cuda", args.local_rank)
-    else:
-        device = torch.device("cpu")
+    fmt = f"%(asctime)s rank{args.rank} %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=args.log_level, format=fmt)
     store = open_store(args.store_host, args.store_port, False, args.config.parallel.rendezvous_timeout)
-    join_world(args.config, args.rank, store, args.generation)
+    addresses = read_addresses(store, args.generation)
+    channel = WorkerChannel(args.ring, args.local_rank, addresses.replies)
+    channel.send(m.Hello(args.rank, os.getpid(), socket.gethostname()))
     try:
+        if args.device_type == "cuda":
+            torch.cuda.set_device(args.local_rank)
+            device = torch.device("cuda", args.local_rank)
+        else:
+            device = torch.device("cpu")
+        if args.config.parallel.world_size > 1:
+            join_world(args.config, args.rank, store, args.generation)
         ps.initialize_model_parallel(
             args.config.parallel.tensor_parallel_size,
             args.config.parallel.pipeline_parallel_size,
@@ -136,64 +138,90 @@ def worker_main(args: WorkerArgs) -> None:
             device,
             backend=device_backend(args.config, args.device_type),
         )
-        worker = Worker(args.config, device)
+        worker = Worker(args.config, device, args.rank, channel)
+        ranks_per_node = args.config.parallel.ranks_per_node
         worker.on_status = lambda: publish_rank_info(  # for GET /cluster/status
-            store, args.generation, describe_rank(worker.runner, args.rank, args.config.parallel.ranks_per_node)
+            store, args.generation, describe_rank(worker.runner, args.rank, ranks_per_node)
         )
         worker.on_status()
         worker.loop()
+    except BaseException as e:
+        logger.exception("rank %d failed", args.rank)
+        channel.send(m.WorkerError(args.rank, describe_exception(e)))
+        raise
     finally:
+        channel.close()
         ps.destroy_model_parallel()
 
 
 class Worker:
-    """Receives the head's messages and answers them."""
+    """Receives the head's messages and answers them.
+
+    Args:
+        channel: anything with ``recv() -> HeadMessage`` and ``send(RankMessage)`` (tests pass a fake).
+    """
 
     on_status: Callable[[], None] = staticmethod(lambda: None)
     """Called after the model is loaded and after the KV cache is allocated (publishes the rank's status)."""
 
-    def __init__(self, config: EngineConfig, device: torch.device):
-        from shardserve.model_executor.loader.resolve import resolve_model
-        from shardserve.model_executor.model_runner import ModelRunner
-
+    def __init__(self, config: EngineConfig, device: torch.device, rank: int, channel, runner=None):
         self.config = config
-        self.head = head_rank(config)
-        source = resolve_model(config.model.model, config.model.hf_overrides)
-        self.runner = ModelRunner(config, source, device)
-        self.async_outputs = async_scheduling_enabled(config)
+        self.rank = rank
+        self.channel = channel
+        if runner is None:
+            from shardserve.model_executor.loader.resolve import resolve_model
+            from shardserve.model_executor.model_runner import ModelRunner
 
-    def _recv(self):
-        box = [None]
-        dist.broadcast_object_list(box, src=self.head)
-        return box[0]
+            source = resolve_model(config.model.model, config.model.hf_overrides)
+            runner = ModelRunner(config, source, device, rank)
+        self.runner = runner
+        self.async_outputs = config.scheduler.async_scheduling
+        self.recv_s = self.send_s = 0.0
 
-    def _send(self, obj) -> None:
-        dist.send_object_list([obj], dst=self.head)
+    def _send(self, message: m.RankMessage) -> None:
+        start = time.perf_counter()
+        self.channel.send(message)
+        self.send_s += time.perf_counter() - start
 
     def loop(self) -> None:
-        held = deque()  # async scheduling: results launched but not yet sent (output rank only)
+        """Answer messages until :class:`Shutdown`.
+
+        Raises:
+            MalformedMessageError: a message that is not a valid head message (the rank stops).
+        """
+        held: deque = deque()  # output rank, async scheduling: results launched but not yet sent
+        runner = self.runner
         while True:
-            msg = self._recv()
-            if isinstance(msg, SchedulerOutput):
-                if not self.async_outputs:
-                    out = self.runner.execute(msg)
-                    if out is not None:
-                        self._send(out)
+            start = time.perf_counter()
+            msg = self.channel.recv()
+            self.recv_s += time.perf_counter() - start
+            if isinstance(msg, m.Step):
+                pending = runner.execute(msg)
+                if pending is None:
+                    if runner.failures:
+                        self._send(m.RequestFailed(self.rank, msg.step_id, runner.failures))
                     continue
-                out = self.runner.execute_async(msg)
-                if out is not None:
-                    held.append(out)
-                while len(held) > 1:  # step N+1 is launched: N's tokens travel while it runs
-                    self._send(_result(held.popleft()))
-            elif isinstance(msg, FlushOutputs):
+                held.append(pending)
+                limit = 1 if self.async_outputs else 0
+                while len(held) > limit:  # step N+1 is launched: N's tokens travel while it runs
+                    self._send(held.popleft().result())
+            elif isinstance(msg, m.FlushOutputs):
                 while held:
-                    self._send(_result(held.popleft()))
-            elif isinstance(msg, ProfileRequest):
-                self._send(self.runner.available_kv_blocks())
-            elif isinstance(msg, InitKVCache):
-                self.runner.init_kv_cache(msg.num_blocks)
+                    self._send(held.popleft().result())
+            elif isinstance(msg, m.ProfileRequest):
+                self._send(m.KVCapacity(self.rank, runner.available_kv_blocks()))
+            elif isinstance(msg, m.InitKVCache):
+                runner.init_kv_cache(msg.num_blocks, msg.max_model_len)
                 self.on_status()
-            elif isinstance(msg, Shutdown):
+                self._send(m.Ready(self.rank))
+            elif isinstance(msg, m.StatsRequest):
+                self._send(self.stats())
+            elif isinstance(msg, m.Shutdown):
                 return
-            else:
-                raise TypeError(f"unknown control message {type(msg).__name__}")
+
+    def stats(self) -> m.WorkerStats:
+        t = self.runner.times
+        return m.WorkerStats(
+            self.rank, t.num_steps, self.recv_s, t.prepare_s, t.forward_s, ps.CollectiveClock.seconds, t.sample_s,
+            self.send_s,
+        )  # fmt: skip

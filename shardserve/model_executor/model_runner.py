@@ -1,101 +1,120 @@
-"""Runs one rank's share of a step: inputs from the scheduler's message, forward, sampling."""
+"""Runs one rank's share of a step: apply the step's diff to the persistent batch, forward, sample.
+
+Every rank applies the same steps in the same order, so its :class:`InputBatch` holds the same rows as
+every other rank's. Who needs the sampled tokens gets them on the device, never through the head:
+
+- the output rank (last stage, TP rank 0) samples and writes its rows' ``last_token``;
+- with PP = 1 it broadcasts the tokens to the other TP ranks (they embed the next step's inputs);
+- with PP > 1 it sends them on the token group to the first stage's TP rank 0, which broadcasts them to
+  its TP group; the first stage receives the tokens of every sampled step, in order, up to the step id
+  the head names in ``Step.tokens_until`` (steps whose outputs the head has, plus any step whose
+  sample a scheduled request is waiting for), so it never waits on the host and never falls behind.
+
+A request that fails on this rank while being added (its sampling state, say) is kept in the batch with
+greedy defaults so that every collective still sees the same shapes, and is reported to the head, which
+fails it alone (:class:`~shardserve.executor.messages.RequestFailure`).
+"""
 
 from __future__ import annotations
 
 import logging
 import math
+import os
+import time
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from shardserve.config import EngineConfig
-from shardserve.distributed.parallel_state import get_pp_group, get_tp_group
-from shardserve.executor.messages import PLACEHOLDER_TOKEN_ID, ModelRunnerOutput, SchedulerOutput
+from shardserve.distributed.parallel_state import get_pp_group, get_token_group, get_tp_group
+from shardserve.executor.messages import (
+    FLOAT32,
+    INT32,
+    RequestFailure,
+    SamplingOptions,
+    Step,
+    StepOutput,
+    as_i32,
+)
 from shardserve.model_executor.cuda_graph import DecodeGraphs
+from shardserve.model_executor.input_batch import InputBatch, StepInputs
 from shardserve.model_executor.layers.attention import AttentionMetadata
 from shardserve.model_executor.loader import load_model, pp_layer_range, pp_partition_by_memory
 from shardserve.model_executor.loader.resolve import ModelSource
 from shardserve.model_executor.models.llama import IntermediateTensors
-from shardserve.model_executor.sampler import SamplingRow, apply_penalties, compute_logprobs, sample
-from shardserve.sampling_params import SamplingParams
+from shardserve.model_executor.sampler import SamplingState, compute_logprobs
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class CachedRequestState:
-    """What a rank remembers of a running request between steps."""
+class StepTimes:
+    """Host seconds of this rank's steps, by phase (see :class:`~shardserve.executor.messages.WorkerStats`)."""
 
-    prompt_token_ids: list[int]
-    output_token_ids: list[int]
-    params: SamplingParams
-    block_ids: list[int]
-    generator: torch.Generator | None
-
-
-@dataclass
-class StepInputs:
-    input_ids: torch.Tensor
-    """``(num_tokens,)`` int64."""
-    positions: torch.Tensor
-    """``(num_tokens,)`` int64."""
-    meta: AttentionMetadata
-    sample_indices: torch.Tensor
-    """``(num_sampled,)`` rows of the batch whose hidden state is sampled (each request's last token)."""
-    sampled_ids: list[str]
-    """Request ids of those rows, in order."""
-    placeholders: list[tuple[int, str]]
-    """``(row of the batch, request id)`` of inputs that are the previous step's sample (async scheduling)."""
+    num_steps: int = 0
+    prepare_s: float = 0.0
+    forward_s: float = 0.0
+    sample_s: float = 0.0
 
 
 class PendingOutput:
-    """A step's sampled tokens on their way to the host: ``result()`` waits for the copy (async scheduling).
+    """A step's sampled tokens (and logprobs) on their way to the host; :meth:`result` waits for the copy.
 
     Args:
-        runner: the runner whose request states receive the tokens.
-        output: the step's output, ``sampled`` filled by ``result()``.
-        request_ids: ids of the sampled rows, in order.
-        tokens: ``(num_sampled,)`` int64 in pinned host memory, written by a non-blocking copy.
-        event: recorded after that copy.
+        step_id: the step.
+        host: pinned (CUDA) or plain host tensors filled by non-blocking copies: tokens ``(n,)`` int32, and
+            with logprobs the chosen logprobs, ranks, top logprobs and top ids.
+        logprob_rows: indices into the sampled rows that asked for logprobs.
+        event: recorded after the copies (None on the CPU).
+        failures: requests that failed on this rank in this step.
     """
 
-    def __init__(
-        self,
-        runner: ModelRunner,
-        output: ModelRunnerOutput,
-        request_ids: list[str],
-        tokens: torch.Tensor | None,
-        event: torch.cuda.Event | None,
-    ):
-        self.runner, self.output, self.request_ids, self.tokens, self.event = runner, output, request_ids, tokens, event
+    def __init__(self, step_id: int, host: list[torch.Tensor], logprob_rows: np.ndarray, num_top: int,
+                 event: torch.cuda.Event | None, failures: list[RequestFailure]):  # fmt: skip
+        self.step_id, self.host, self.logprob_rows, self.num_top = step_id, host, logprob_rows, num_top
+        self.event, self.failures = event, failures
 
-    def result(self) -> ModelRunnerOutput:
-        if self.tokens is None:
-            return self.output
+    def result(self) -> StepOutput:
         if self.event is not None:
             self.event.synchronize()
-        for rid, tok in zip(self.request_ids, self.tokens.tolist()):
-            state = self.runner.requests.get(rid)
-            if state is not None:
-                state.output_token_ids.append(tok)
-            self.output.sampled[rid] = tok
-        self.tokens = None
-        return self.output
+        tokens = self.host[0].numpy().astype(INT32, copy=False).tobytes()
+        if len(self.host) == 1:
+            return StepOutput(self.step_id, sampled=tokens, failures=self.failures)
+        chosen, ranks, top_vals, top_ids = (t.numpy() for t in self.host[1:])
+        return StepOutput(
+            self.step_id,
+            sampled=tokens,
+            logprob_rows=self.logprob_rows.astype(INT32).tobytes(),
+            chosen_logprobs=chosen.astype(FLOAT32, copy=False).tobytes(),
+            chosen_ranks=ranks.astype(INT32, copy=False).tobytes(),
+            num_top=self.num_top,
+            top_ids=top_ids.astype(INT32, copy=False).tobytes(),
+            top_logprobs=top_vals.astype(FLOAT32, copy=False).tobytes(),
+            failures=self.failures,
+        )
 
 
 class ModelRunner:
-    """One rank's model, KV cache and per-request state."""
+    """One rank's model, KV cache, persistent batch and sampling state."""
 
-    def __init__(self, config: EngineConfig, source: ModelSource, device: torch.device):
+    def __init__(self, config: EngineConfig, source: ModelSource, device: torch.device, rank: int = 0):
         self.config = config
         self.source = source
         self.arch = source.arch
         self.device = device
+        self.rank = rank
         self.dtype = config.model.torch_dtype()
         self.block_size = config.cache.block_size
+        self.max_rows = config.scheduler.max_num_seqs
         self.pp = get_pp_group()
         self.tp = get_tp_group()
+        self.token_group = get_token_group()
+        self.receives_tokens = self.pp.world_size > 1 and self.pp.is_first_rank
+        """First-stage ranks with PP > 1 take each step's sampled tokens from the output rank (see module doc)."""
+        if device.type == "cpu":
+            torch.set_num_threads(cpu_threads(self.arch.hidden_size, config.parallel.ranks_per_node))
         if not config.parallel.disable_custom_all_reduce:
             self.tp.init_custom_all_reduce(config.model.torch_dtype())
         partition = config.parallel.pp_layer_partition
@@ -112,13 +131,19 @@ class ModelRunner:
             dummy=config.model.load_format == "dummy",
             seed=config.model.seed,
         )
-        self.requests: dict[str, CachedRequestState] = {}
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
         self.graphs: DecodeGraphs | None = None
-        self._last_sampled: torch.Tensor | None = None
-        """``(num_sampled,)`` the previous step's sampled ids on the device."""
-        self._last_sampled_rows: dict[str, int] = {}
+        self.batch: InputBatch | None = None
+        self.sampling = SamplingState(self.max_rows, self.arch.vocab_size, device) if self.is_output_rank else None
+        self._token_steps: deque[tuple[int, torch.Tensor]] = deque()
+        """First stage with PP > 1: (step id, sampled rows) of steps whose tokens are still to be received."""
+        self._in_transit: deque = deque()
+        """Point-to-point sends still in flight, with the tensors they read (kept alive until done)."""
+        self.times = StepTimes()
+        self.fault = config.fault_injection
+        self.failures: list[RequestFailure] = []
+        """Requests that failed on this rank in the last step (the output rank sends them with its output)."""
 
     def _partition_by_memory(self) -> list[int]:
         """Agree on layers per stage from free memory: min over each TP group, then gathered along PP."""
@@ -131,6 +156,11 @@ class ModelRunner:
         logger.info("pipeline layers by free memory %s GiB: %s", [round(f / 2**30, 1) for f in stages_free], partition)
         return partition
 
+    @property
+    def is_output_rank(self) -> bool:
+        """The rank that samples and reports: last pipeline stage, TP rank 0."""
+        return self.pp.is_last_rank and self.tp.is_first_rank
+
     # -- KV cache ------------------------------------------------------------------------------
     def kv_block_bytes(self) -> int:
         """Bytes of one KV block over this rank's layers."""
@@ -142,13 +172,17 @@ class ModelRunner:
         return per_layer * len(layers)
 
     def available_kv_blocks(self) -> int:
-        """Blocks this rank can hold: from the CPU budget, or from free device memory after a profile run."""
+        """Blocks this rank can hold: from the CPU budget, or from free device memory after a profile run.
+
+        Raises:
+            ValueError: no room for a single block on the GPU (the message says what to change).
+        """
         cache = self.config.cache
         if cache.num_kv_blocks is not None:
             return cache.num_kv_blocks
         block_bytes = self.kv_block_bytes()
         if self.device.type != "cuda":
-            return max(1, int(cache.cpu_kv_cache_gib * 2**30 // block_bytes))
+            return max(1, int(cache.cpu_kv_cache_gib * 2**30 // max(block_bytes, 1)))
         free, total = torch.cuda.mem_get_info(self.device)
         peak = self._profile_peak_bytes()
         used_by_others = total - free - torch.cuda.memory_allocated(self.device)
@@ -174,8 +208,8 @@ class ModelRunner:
             query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=self.device),
             seq_lens=torch.tensor([n], dtype=torch.int32, device=self.device),
             block_tables=torch.zeros(1, math.ceil(n / self.block_size), dtype=torch.int32, device=self.device),
-            query_lens_cpu=[n],
-            seq_lens_cpu=[n],
+            query_lens_cpu=np.array([n]),
+            seq_lens_cpu=np.array([n]),
             block_size=self.block_size,
         )
         with torch.inference_mode():
@@ -194,15 +228,21 @@ class ModelRunner:
         torch.cuda.empty_cache()
         return peak
 
-    def init_kv_cache(self, num_blocks: int) -> None:
-        """Allocate the KV cache, then capture the decode CUDA graphs (on CUDA, unless eager)."""
+    def init_kv_cache(self, num_blocks: int, max_model_len: int) -> None:
+        """Allocate the KV cache and the persistent batch, then capture the decode CUDA graphs (CUDA, not eager).
+
+        Args:
+            num_blocks: KV blocks every rank agreed on.
+            max_model_len: the engine's context length (tokens), which sizes the block tables.
+        """
         self._allocate_kv_cache(num_blocks)
+        max_blocks = min(math.ceil(max_model_len / self.block_size), num_blocks)
+        self.batch = InputBatch(self.max_rows, max_blocks, self.block_size, num_blocks, self.device)
         if self.device.type == "cuda" and not self.config.model.enforce_eager:
-            limit = self.config.model.max_model_len or self.arch.max_position_embeddings
             self.graphs = DecodeGraphs(
                 self.model,
                 max_batch_size=min(self.config.scheduler.max_num_seqs, self.config.model.max_cuda_graph_batch_size),
-                max_blocks_per_seq=min(math.ceil(limit / self.block_size), num_blocks),
+                max_blocks_per_seq=max_blocks,
                 block_size=self.block_size,
                 hidden_size=self.arch.hidden_size,
                 dtype=self.dtype,
@@ -224,147 +264,156 @@ class ModelRunner:
             self.kv_caches.append(cache)
 
     # -- steps ---------------------------------------------------------------------------------
-    def _update_states(self, step: SchedulerOutput) -> None:
-        for rid in step.finished_request_ids:
-            self.requests.pop(rid, None)
+    def _apply_diff(self, step: Step) -> tuple[np.ndarray, np.ndarray, list[RequestFailure]]:
+        """Freed rows, new rows, appended blocks; returns the new block-table entries and the failures."""
+        batch = self.batch
+        if step.freed_rows:
+            batch.free(as_i32(step.freed_rows))
+        failures: list[RequestFailure] = []
+        add_rows, add_ids = [], []
         for new in step.new_requests:
-            gen = None
-            if new.params.seed is not None and not new.params.greedy:
-                gen = torch.Generator(device=self.device)
-                gen.manual_seed(new.params.seed)
-            self.requests[new.request_id] = CachedRequestState(
-                list(new.prompt_token_ids), list(new.output_token_ids), new.params, list(new.block_ids), gen
-            )
-        for s in step.scheduled:
-            self.requests[s.request_id].block_ids.extend(s.new_block_ids)
+            prompt, output = batch.add(new)
+            add_rows.append(np.full(len(new.block_ids) // 4, new.row, np.int64))
+            add_ids.append(as_i32(new.block_ids))
+            try:
+                self._add_request(new.row, new.request_id, new.sampling, prompt, output)
+            except Exception as e:  # noqa: BLE001 - one request's failure must not stop the rank
+                logger.exception("rank %d: cannot add request %s", self.rank, new.request_id)
+                failures.append(RequestFailure(new.request_id, new.row, f"{type(e).__name__}: {e}"))
+                if self.sampling is not None:  # keep the row's shapes: greedy, no penalties
+                    self.sampling.add(new.row, SamplingOptions(temperature=0.0), prompt, output)
+        block_rows = np.concatenate([*add_rows, as_i32(step.block_rows).astype(np.int64)])
+        block_ids = np.concatenate([*add_ids, as_i32(step.block_ids)]).astype(np.int32)
+        rows, cols = batch.append_blocks(block_rows, block_ids)
+        return rows, cols, failures
 
-    def prepare_inputs(self, step: SchedulerOutput) -> StepInputs:
-        """Flatten the step's tokens into one batch and say where each goes in the KV cache."""
-        bs = self.block_size
-        ids, pos, slots, q_lens, seq_lens, tables = [], [], [], [], [], []
-        sample_idx, sample_ids, placeholders = [], [], []
-        for s in step.scheduled:
-            state = self.requests[s.request_id]
-            n = len(s.token_ids)
-            if s.token_ids[-1] == PLACEHOLDER_TOKEN_ID:
-                placeholders.append((len(ids) + n - 1, s.request_id))
-            ids.extend(s.token_ids)
-            p = range(s.start_position, s.start_position + n)
-            pos.extend(p)
-            slots.extend(state.block_ids[i // bs] * bs + i % bs for i in p)
-            q_lens.append(n)
-            seq_lens.append(s.start_position + n)
-            tables.append(state.block_ids)
-            if s.sample:
-                sample_idx.append(len(ids) - 1)
-                sample_ids.append(s.request_id)
-        width = max(math.ceil(L / bs) for L in seq_lens)
-        table_np = np.zeros((len(tables), width), dtype=np.int32)  # numpy: a row copy costs ~1 us, torch ~10
-        for i, t in enumerate(tables):
-            n_blocks = min(len(t), width)
-            table_np[i, :n_blocks] = t[:n_blocks]
-        table = torch.from_numpy(table_np)
-        qsl = torch.zeros(len(q_lens) + 1, dtype=torch.int32)
-        qsl[1:] = torch.from_numpy(np.cumsum(np.asarray(q_lens, dtype=np.int32), dtype=np.int32))
-        dev = self.device
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long).to(dev, non_blocking=True),
-            query_start_loc=qsl.to(dev, non_blocking=True),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(dev, non_blocking=True),
-            block_tables=table.to(dev, non_blocking=True),
-            query_lens_cpu=q_lens,
-            seq_lens_cpu=seq_lens,
-            block_size=bs,
-        )
-        input_ids = torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True)
-        if placeholders:
-            rows = torch.tensor([r for r, _ in placeholders], dtype=torch.long).to(dev, non_blocking=True)
-            src = torch.tensor([self._last_sampled_rows[rid] for _, rid in placeholders], dtype=torch.long)
-            input_ids[rows] = self._last_sampled[src.to(dev, non_blocking=True)]
-        return StepInputs(
-            input_ids=input_ids,
-            positions=torch.tensor(pos, dtype=torch.long).to(dev, non_blocking=True),
-            meta=meta,
-            sample_indices=torch.tensor(sample_idx, dtype=torch.long).to(dev, non_blocking=True),
-            sampled_ids=sample_ids,
-            placeholders=placeholders,
-        )
-
-    def execute(self, step: SchedulerOutput) -> ModelRunnerOutput | None:
-        """Run this rank's layers for one step.
-
-        Returns the sampled tokens on the output rank (last stage, TP rank 0), None elsewhere.
-        """
-        pending = self.execute_async(step)
-        return pending.result() if isinstance(pending, PendingOutput) else pending
+    def _add_request(self, row: int, request_id: str, opts: SamplingOptions, prompt: np.ndarray,
+                     output: np.ndarray) -> None:  # fmt: skip
+        if self.fault is not None:
+            self.fault.check("add_request", self.rank, prompt)
+        if self.sampling is not None:
+            self.sampling.add(row, opts, prompt, output)
 
     @torch.inference_mode()
-    def execute_async(self, step: SchedulerOutput) -> PendingOutput | ModelRunnerOutput | None:
-        """Like :meth:`execute`, but the sampled tokens are still being copied to the host (async scheduling).
+    def execute(self, step: Step) -> PendingOutput | None:
+        """Run this rank's layers for one step.
 
-        Placeholder inputs (``PLACEHOLDER_TOKEN_ID``) take the previous step's sample on the device. With
-        TP the output rank broadcasts its sample to the other TP ranks on the device group for that; with
-        PP the first stage has no sample, so async scheduling runs with PP = 1.
+        Returns, on the output rank, the sampled tokens on their way to the host (call ``result()``);
+        None elsewhere.
+
+        Raises:
+            MalformedMessageError: the step does not fit this rank's batch (a head bug or a forged message).
         """
-        self._update_states(step)
-        if step.is_empty:
-            return ModelRunnerOutput(step.step_id) if self.is_output_rank else None
-        inputs = self.prepare_inputs(step)
+        t0 = time.perf_counter()
+        block_rows, block_cols, failures = self._apply_diff(step)
+        self.failures = failures
+        if self.receives_tokens:
+            self._receive_tokens(step.tokens_until)
+        inputs = self.batch.prepare(step, block_rows, block_cols)
+        if self.receives_tokens and len(inputs.sample_rows):
+            self._token_steps.append((step.step_id, inputs.sample_rows_device))
+        if self.sampling is not None:
+            self.sampling.flush()
+        t1 = time.perf_counter()
+        out = self._forward(inputs)
+        t2 = time.perf_counter()
+        self.times.num_steps += 1
+        self.times.prepare_s += t1 - t0
+        self.times.forward_s += t2 - t1
+        if not self.pp.is_last_rank:
+            self._send_intermediate(out)
+            return None
+        if not len(inputs.sample_rows):
+            if not self.is_output_rank:
+                return None
+            empty = [torch.zeros(0, dtype=torch.int32)]
+            return PendingOutput(step.step_id, empty, np.zeros(0, np.int64), 0, None, failures)
+        logits = self.model.compute_logits(out[inputs.sample_indices])
+        if not self.is_output_rank:
+            if self.pp.world_size == 1:  # the TP ranks embed the next step: take the output rank's tokens
+                tokens = self.tp.broadcast(torch.empty(len(inputs.sample_rows), dtype=torch.long, device=self.device))
+                self.batch.last_token[inputs.sample_rows_device] = tokens
+            return None
+        pending = self._sample(step.step_id, logits, inputs, failures)
+        self.times.sample_s += time.perf_counter() - t2
+        return pending
+
+    def _forward(self, inputs: StepInputs) -> torch.Tensor | IntermediateTensors:
         n = inputs.input_ids.shape[0]
         inter = None
         if not self.pp.is_first_rank:
             shape = (n, self.arch.hidden_size)
-            inter = IntermediateTensors(
-                self.pp.recv(shape, self.dtype, self.pp.prev_rank), self.pp.recv(shape, self.dtype, self.pp.prev_rank)
-            )
+            hidden = torch.empty(shape, dtype=self.dtype, device=self.device)
+            residual = torch.empty(shape, dtype=self.dtype, device=self.device)
+            works = [self.pp.irecv(hidden, self.pp.prev_rank), self.pp.irecv(residual, self.pp.prev_rank)]
+            for work in works:
+                work.wait()
+            inter = IntermediateTensors(hidden, residual)
         if self.graphs is not None and self.graphs.can_run(inputs.meta):
-            out = self.graphs.run(inputs.input_ids, inputs.positions, inputs.meta, inter)
+            return self.graphs.run(inputs.input_ids, inputs.positions, inputs.meta, inter)
+        return self.model(inputs.input_ids, inputs.positions, inputs.meta, inter)
+
+    def _send_intermediate(self, out: IntermediateTensors) -> None:
+        """Hand the stage's output to the next stage without waiting for the transfer."""
+        self._reap_sends()
+        for t in (out.hidden_states, out.residual):
+            t = t.contiguous()
+            self._in_transit.append((self.pp.isend(t, self.pp.next_rank), t))
+
+    def _reap_sends(self) -> None:
+        while self._in_transit and (self._in_transit[0][0] is None or self._in_transit[0][0].is_completed()):
+            self._in_transit.popleft()
+
+    def _receive_tokens(self, until: int) -> None:
+        """First stage, PP > 1: take the sampled tokens of the steps up to ``until`` into ``last_token``."""
+        while self._token_steps and self._token_steps[0][0] <= until:
+            _, rows = self._token_steps.popleft()
+            tokens = torch.empty(rows.shape[0], dtype=torch.long, device=self.device)
+            if self.tp.is_first_rank:
+                self.token_group.irecv(tokens, self.token_group.ranks[1]).wait()
+            self.batch.last_token[rows] = self.tp.broadcast(tokens, 0)
+
+    def _sample(self, step_id: int, logits: torch.Tensor, inputs: StepInputs,
+                failures: list[RequestFailure]) -> PendingOutput:  # fmt: skip
+        rows = inputs.sample_rows
+        num_top = self.sampling.num_logprobs[rows]
+        wants_logprobs = num_top >= 0
+        raw = logits.clone() if wants_logprobs.any() and self.sampling.penalized[rows].any() else logits
+        tokens = self.sampling.sample(logits, rows, inputs.sample_rows_device, inputs.sample_positions)
+        if self.pp.world_size == 1:
+            self.batch.last_token[inputs.sample_rows_device] = tokens
+            if self.tp.world_size > 1:
+                self.tp.broadcast(tokens, 0)
         else:
-            out = self.model(inputs.input_ids, inputs.positions, inputs.meta, inter)
-        if not self.pp.is_last_rank:
-            self.pp.send(out.hidden_states, self.pp.next_rank)
-            self.pp.send(out.residual, self.pp.next_rank)
-            return None
-        if not inputs.sampled_ids:
-            return ModelRunnerOutput(step.step_id) if self.is_output_rank else None
-        logits = self.model.compute_logits(out[inputs.sample_indices])
-        share = self.tp.world_size > 1 and self.config.scheduler.async_scheduling and self.pp.world_size == 1
-        if not self.is_output_rank:
-            if share:  # the next step's placeholders are this sample
-                tokens = torch.empty(len(inputs.sampled_ids), dtype=torch.long, device=self.device)
-                self._last_sampled = self.tp.broadcast(tokens, 0)
-                self._last_sampled_rows = {rid: i for i, rid in enumerate(inputs.sampled_ids)}
-            return None
-        pending = self._sample(step.step_id, logits, inputs.sampled_ids)
-        if share:
-            self.tp.broadcast(self._last_sampled, 0)
-        return pending
-
-    @property
-    def is_output_rank(self) -> bool:
-        """The rank that samples and reports: last pipeline stage, TP rank 0."""
-        return self.pp.is_last_rank and self.tp.is_first_rank
-
-    def _sample(self, step_id: int, logits: torch.Tensor, request_ids: list[str]) -> PendingOutput:
-        logits = logits.float()
-        states = [self.requests[r] for r in request_ids]
-        rows = [SamplingRow(s.params, s.generator, s.prompt_token_ids, s.output_token_ids) for s in states]
-        raw = logits.clone() if any(s.params.logprobs is not None for s in states) else logits
-        tokens = sample(apply_penalties(logits, rows), rows)
-        self._last_sampled = tokens
-        self._last_sampled_rows = {rid: i for i, rid in enumerate(request_ids)}
-        logprobs = compute_logprobs(raw, tokens, [s.params.logprobs for s in states])
-        out = ModelRunnerOutput(step_id)
-        for rid, lp in zip(request_ids, logprobs):
-            if lp is not None:
-                out.logprobs[rid] = lp
+            self._reap_sends()
+            self._in_transit.append((self.token_group.isend(tokens, self.token_group.ranks[0]), tokens))
+        device_out = [tokens.to(torch.int32)]
+        lp_rows = np.flatnonzero(wants_logprobs)
+        k = int(num_top.max()) if len(lp_rows) else 0
+        if len(lp_rows):
+            idx = torch.from_numpy(lp_rows).to(self.device)
+            device_out += list(compute_logprobs(raw[idx], tokens[idx], k))
         if tokens.is_cuda:
-            host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-            host.copy_(tokens, non_blocking=True)
+            host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in device_out]
+            for h, d in zip(host, device_out):
+                h.copy_(d, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
-            return PendingOutput(self, out, request_ids, host, event)
-        return PendingOutput(self, out, request_ids, tokens, None)
+            return PendingOutput(step_id, host, lp_rows, k, event, failures)
+        return PendingOutput(step_id, device_out, lp_rows, k, None, failures)
+
+
+SMALL_HIDDEN_SIZE = 256
+"""Up to this model width a CPU rank runs one intra-op thread (see :func:`cpu_threads`)."""
+
+
+def cpu_threads(hidden_size: int, ranks_per_node: int) -> int:
+    """Intra-op threads of a CPU rank: the node's cores shared among its ranks, or one for narrow models,
+    whose matmuls are too small to split and whose spinning OpenMP threads starve the engine (and every
+    other process) when the machine is busy."""
+    if hidden_size <= SMALL_HIDDEN_SIZE:
+        return 1
+    return max(1, (os.cpu_count() or 1) // max(1, ranks_per_node))
 
 
 def _mem_available_bytes() -> int:

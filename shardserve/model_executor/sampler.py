@@ -1,121 +1,209 @@
-"""Token sampling for a batch of requests, each with its own parameters."""
+"""Token sampling for a batch of requests, with every request's parameters kept in per-row device tensors.
+
+:class:`SamplingState` holds, per persistent-batch row, the sampling parameters as tensors (written once
+when the request is added) and, for rows with penalties, the output-token counts and prompt-token mask
+(updated on the device after each sample). :meth:`SamplingState.sample` is one batched pass with no
+per-row Python loop and no host synchronisation: penalties, temperature, top-k / top-p / min-p on the
+sorted probabilities, and the exponential-race draw ``argmax(probs / Exponential(1))`` (gpt-fast). Rows
+with a seed draw their exponentials from a counter-based hash of ``(seed, position, token)``, so a seeded
+request gives the same tokens whatever batch it runs in, on any rank, with or without async scheduling.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+import numpy as np
 import torch
 
-from shardserve.sampling_params import SamplingParams
+from shardserve.executor.messages import SamplingOptions
+
+_GREEDY_EPS = 1e-5
 
 
-@dataclass
-class SamplingRow:
-    """One request's row of a sampling batch."""
-
-    params: SamplingParams
-    generator: torch.Generator | None
-    """Per-request generator when the request has a seed."""
-    prompt_token_ids: list[int]
-    output_token_ids: list[int]
+def _signed(value: int) -> int:
+    """A 64-bit unsigned constant as the int64 with the same bits."""
+    return value - (1 << 64) if value >= 1 << 63 else value
 
 
-def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    """Repetition (CTRL, arXiv:1909.05858), presence and frequency penalties (OpenAI API docs).
-
-    Args:
-        logits: ``(num_seqs, vocab_size)`` float32, modified in place.
-    """
-    for i, row in enumerate(rows):
-        p = row.params
-        if not p.has_penalties:
-            continue
-        vocab = logits.shape[-1]
-        if p.repetition_penalty != 1.0:
-            seen = torch.tensor(sorted(set(row.prompt_token_ids + row.output_token_ids)), dtype=torch.long)
-            seen = seen[seen < vocab].to(logits.device)
-            vals = logits[i, seen]
-            logits[i, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
-        if row.output_token_ids and (p.presence_penalty or p.frequency_penalty):
-            counts = torch.bincount(torch.tensor(row.output_token_ids, dtype=torch.long), minlength=vocab)[:vocab]
-            counts = counts.to(logits.device, logits.dtype)
-            logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
-    return logits
+_MIX1, _MIX2 = _signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB)
+_GOLDEN, _POS = _signed(0x9E3779B97F4A7C15), _signed(0xD1B54A32D192ED03)
 
 
-def _filter(probs: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    """Zero the probabilities that top_k, top_p and min_p exclude. ``probs``: ``(vocab_size,)``."""
-    if p.top_k > 0 and p.top_k < probs.numel():
-        kth = torch.topk(probs, p.top_k).values[-1]
-        probs = torch.where(probs < kth, torch.zeros_like(probs), probs)
-    if p.min_p > 0.0:
-        probs = torch.where(probs < p.min_p * probs.max(), torch.zeros_like(probs), probs)
-    if p.top_p < 1.0:
-        sorted_probs, idx = torch.sort(probs, descending=True)
-        cum = torch.cumsum(sorted_probs, 0) / sorted_probs.sum()
-        drop = (cum - sorted_probs / sorted_probs.sum()) >= p.top_p  # keep the first token always
-        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter(0, idx, sorted_probs)
-    return probs
+def _shr(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 bits (``>>`` on int64 is arithmetic)."""
+    return (x >> k) & ((1 << (64 - k)) - 1)
 
 
-def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    """Pick one token per row.
-
-    Greedy rows take the argmax; the others divide by the temperature, filter, and sample with the
-    exponential-race trick ``argmax(probs / Exponential(1))`` (gpt-fast), which needs no host sync.
+def hash_uniform(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Uniform numbers in (0, 1) from SplitMix64 (Steele et al. 2014) of ``(seed, position, token id)``.
 
     Args:
-        logits: ``(num_seqs, vocab_size)`` float32 after penalties.
+        seeds: ``(n,)`` int64.
+        positions: ``(n,)`` int64, the position of the token being sampled.
+        vocab_size: columns.
 
     Returns:
-        ``(num_seqs,)`` int64 token ids.
+        ``(n, vocab_size)`` float32; int64 products wrap modulo 2**64 as the generator requires.
     """
-    tokens = logits.argmax(dim=-1)
-    random_rows = [i for i, row in enumerate(rows) if not row.params.greedy]
-    if not random_rows:
+    ids = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)
+    z = (seeds * _GOLDEN + positions * _POS)[:, None] + ids[None, :] * _GOLDEN
+    z = (z ^ _shr(z, 30)) * _MIX1
+    z = (z ^ _shr(z, 27)) * _MIX2
+    z = z ^ _shr(z, 31)
+    return (_shr(z, 40).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+
+
+class SamplingState:
+    """Per-row sampling parameters and penalty state on ``device``.
+
+    Args:
+        max_rows: rows of the persistent batch.
+        vocab_size: logits columns.
+    """
+
+    def __init__(self, max_rows: int, vocab_size: int, device: torch.device):
+        self.max_rows, self.vocab_size, self.device = max_rows, vocab_size, device
+        # Columns: temperature, top_p, min_p, repetition, presence and frequency penalty | top_k, seed.
+        self._floats_host = np.zeros((max_rows, 6), np.float32)
+        self._ints_host = np.zeros((max_rows, 2), np.int64)
+        self._floats = torch.zeros((max_rows, 6), dtype=torch.float32, device=device)
+        self._ints = torch.zeros((max_rows, 2), dtype=torch.int64, device=device)
+        self._dirty: list[int] = []
+        self.temperature, self.top_p, self.min_p = self._floats[:, 0], self._floats[:, 1], self._floats[:, 2]
+        self.repetition_penalty, self.presence_penalty = self._floats[:, 3], self._floats[:, 4]
+        self.frequency_penalty = self._floats[:, 5]
+        self.top_k, self.seed = self._ints[:, 0], self._ints[:, 1]
+        # Host mirrors of what decides the step's code path (no device read needed).
+        self.greedy = np.ones(max_rows, bool)
+        self.filtered = np.zeros(max_rows, bool)
+        self.seeded = np.zeros(max_rows, bool)
+        self.penalized = np.zeros(max_rows, bool)
+        self.num_logprobs = np.full(max_rows, -1, np.int64)
+        self.output_counts: torch.Tensor | None = None
+        """``(max_rows, vocab_size)`` int32 counts of each row's output tokens (rows with penalties)."""
+        self.prompt_mask: torch.Tensor | None = None
+        """``(max_rows, vocab_size)`` bool: token ids in each row's prompt (rows with penalties)."""
+
+    def add(self, row: int, opts: SamplingOptions, prompt: np.ndarray, output: np.ndarray) -> None:
+        """Take a new request's parameters for ``row`` (written to the device by :meth:`flush`)."""
+        greedy = opts.temperature < _GREEDY_EPS
+        top_k = opts.top_k if 0 < opts.top_k < self.vocab_size else self.vocab_size
+        self.greedy[row] = greedy
+        self.filtered[row] = not greedy and (top_k < self.vocab_size or opts.top_p < 1.0 or opts.min_p > 0.0)
+        self.seeded[row] = not greedy and opts.seed is not None
+        self.penalized[row] = opts.has_penalties
+        self.num_logprobs[row] = -1 if opts.logprobs is None else opts.logprobs
+        self._floats_host[row] = (opts.temperature, opts.top_p, opts.min_p, opts.repetition_penalty,
+                                  opts.presence_penalty, opts.frequency_penalty)  # fmt: skip
+        self._ints_host[row] = (top_k, _signed((opts.seed or 0) % (1 << 64)))
+        self._dirty.append(row)
+        if opts.has_penalties:
+            self._reset_penalty_row(row, prompt, output)
+
+    def flush(self) -> None:
+        """Copy the parameters of rows added since the last flush to the device (two transfers)."""
+        if not self._dirty:
+            return
+        rows = np.unique(np.asarray(self._dirty, dtype=np.int64))
+        self._dirty = []
+        index = torch.from_numpy(rows).to(self.device, non_blocking=True)
+        self._floats[index] = torch.from_numpy(self._floats_host[rows]).to(self.device, non_blocking=True)
+        self._ints[index] = torch.from_numpy(self._ints_host[rows]).to(self.device, non_blocking=True)
+
+    def _reset_penalty_row(self, row: int, prompt: np.ndarray, output: np.ndarray) -> None:
+        if self.output_counts is None:
+            shape = (self.max_rows, self.vocab_size)
+            self.output_counts = torch.zeros(shape, dtype=torch.int32, device=self.device)
+            self.prompt_mask = torch.zeros(shape, dtype=torch.bool, device=self.device)
+        v = self.vocab_size
+        prompt_ids = torch.from_numpy(prompt[(prompt >= 0) & (prompt < v)].astype(np.int64)).to(self.device)
+        output_ids = torch.from_numpy(output[(output >= 0) & (output < v)].astype(np.int64)).to(self.device)
+        self.prompt_mask[row].zero_()
+        self.prompt_mask[row, prompt_ids] = True
+        self.output_counts[row] = torch.bincount(output_ids, minlength=v)[:v].to(torch.int32)
+
+    # -- sampling ---------------------------------------------------------------------------------
+    def sample(
+        self, logits: torch.Tensor, rows: np.ndarray, rows_device: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
+        """One token per row.
+
+        Args:
+            logits: ``(n, vocab_size)`` float32, modified in place.
+            rows: ``(n,)`` persistent-batch rows of the logits rows (host).
+            rows_device: the same on the device (int64).
+            positions: ``(n,)`` int64 positions of the tokens being sampled (for seeded rows).
+
+        Returns:
+            ``(n,)`` int64 token ids (on the device; nothing is copied to the host here).
+        """
+        greedy = self.greedy[rows]
+        penalized = self.penalized[rows]
+        if penalized.any():
+            self._apply_penalties(logits, torch.from_numpy(np.flatnonzero(penalized)).to(self.device),
+                                  rows_device[torch.from_numpy(penalized).to(self.device)])  # fmt: skip
+        argmax = logits.argmax(dim=-1)
+        if greedy.all():
+            tokens = argmax
+        else:
+            temps = torch.where(self.temperature[rows_device] < _GREEDY_EPS, 1.0, self.temperature[rows_device])
+            probs = torch.softmax(logits / temps[:, None], dim=-1)
+            if self.filtered[rows].any():
+                probs = self._filter(probs, rows_device)
+            noise = torch.empty_like(probs).exponential_(1.0)
+            seeded = self.seeded[rows]
+            if seeded.any():
+                idx = torch.from_numpy(np.flatnonzero(seeded)).to(self.device)
+                noise[idx] = -torch.log(hash_uniform(self.seed[rows_device[idx]], positions[idx], probs.shape[-1]))
+            drawn = torch.argmax(probs / noise, dim=-1)
+            tokens = drawn if not greedy.any() else torch.where(torch.from_numpy(greedy).to(self.device), argmax, drawn)
+        if penalized.any():
+            self.output_counts.index_put_((rows_device, tokens), torch.ones_like(tokens, dtype=torch.int32),
+                                          accumulate=True)  # fmt: skip
         return tokens
-    # One batched softmax and noise draw for the random rows; per-row work only for filters and seeds.
-    idx = torch.tensor(random_rows, device=logits.device)
-    temps = torch.tensor([rows[i].params.temperature for i in random_rows], device=logits.device)
-    probs = torch.softmax(logits[idx] / temps[:, None], dim=-1)
-    noise = torch.empty_like(probs).exponential_(1.0)
-    for j, i in enumerate(random_rows):
-        p = rows[i].params
-        if p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0:
-            probs[j] = _filter(probs[j], p)
-        if rows[i].generator is not None:
-            noise[j].exponential_(1.0, generator=rows[i].generator)
-    tokens[idx] = torch.argmax(probs / noise, dim=-1)
-    return tokens
+
+    def _apply_penalties(self, logits: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor) -> None:
+        """Repetition (CTRL, arXiv:1909.05858) on prompt and output tokens; presence and frequency (OpenAI API
+        docs) on output tokens. ``idx``: logits rows to change; ``rows``: their batch rows."""
+        counts = self.output_counts[rows].to(logits.dtype)
+        seen = self.prompt_mask[rows] | (counts > 0)
+        rep = self.repetition_penalty[rows][:, None]
+        lg = logits[idx]
+        lg = torch.where(seen, torch.where(lg > 0, lg / rep, lg * rep), lg)
+        lg -= self.frequency_penalty[rows][:, None] * counts + self.presence_penalty[rows][:, None] * (counts > 0)
+        logits[idx] = lg
+
+    def _filter(self, probs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Zero what top-k, min-p and then top-p (over the renormalised rest) exclude; the best token stays."""
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        rank = torch.arange(probs.shape[-1], device=probs.device)[None, :]
+        keep = rank < self.top_k[rows][:, None]
+        keep &= sorted_p >= self.min_p[rows][:, None] * sorted_p[:, :1]
+        kept = sorted_p * keep
+        total = kept.sum(dim=-1, keepdim=True)
+        before = (kept.cumsum(dim=-1) - kept) / total
+        keep &= before < self.top_p[rows][:, None]
+        keep[:, 0] = True
+        return torch.zeros_like(probs).scatter_(-1, order, sorted_p * keep)
 
 
 def compute_logprobs(
-    logits: torch.Tensor, tokens: torch.Tensor, num_top: list[int | None]
-) -> list[tuple[float, int, list[tuple[int, float]]] | None]:
-    """Log-probabilities of the sampled tokens and the top alternatives, from the raw logits.
+    logits: torch.Tensor, tokens: torch.Tensor, num_top: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-probabilities of the sampled tokens and the best alternatives, from the raw logits, on the device.
 
     Args:
-        logits: ``(num_seqs, vocab_size)`` float32, before penalties and temperature (as vLLM v1 reports).
-        tokens: ``(num_seqs,)`` sampled ids.
-        num_top: per row, None (no logprobs) or how many alternatives to return.
+        logits: ``(n, vocab_size)`` float32, before penalties and temperature (what vLLM v1 reports).
+        tokens: ``(n,)`` sampled ids.
+        num_top: alternatives per row (the most any of the rows asked for).
 
     Returns:
-        Per row, None or (logprob of the sampled token, its rank (1 = most likely), [(id, logprob)] best first).
+        ``(chosen (n,) float32, rank (n,) int32 with 1 = most likely, top logprobs (n, num_top) float32,
+        top ids (n, num_top) int32)``.
     """
-    if all(k is None for k in num_top):
-        return [None] * len(num_top)
     logp = torch.log_softmax(logits, dim=-1)
-    k_max = max(k or 0 for k in num_top)
-    top_vals, top_ids = torch.topk(logp, max(k_max, 1), dim=-1)
-    chosen_t = logp.gather(1, tokens[:, None])
-    ranks = ((logp > chosen_t).sum(dim=-1) + 1).tolist()
-    chosen = chosen_t[:, 0].tolist()
-    top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
-    result: list[tuple[float, int, list[tuple[int, float]]] | None] = []
-    for i, k in enumerate(num_top):
-        if k is None:
-            result.append(None)
-        else:
-            result.append((chosen[i], ranks[i], list(zip(top_ids[i][:k], top_vals[i][:k]))))
-    return result
+    chosen = logp.gather(1, tokens[:, None])
+    ranks = (logp > chosen).sum(dim=-1) + 1
+    top_vals, top_ids = torch.topk(logp, max(num_top, 1), dim=-1)
+    if num_top == 0:
+        top_vals, top_ids = top_vals[:, :0], top_ids[:, :0]
+    return chosen[:, 0], ranks.to(torch.int32), top_vals, top_ids.to(torch.int32)

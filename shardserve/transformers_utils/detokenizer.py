@@ -66,6 +66,22 @@ class IncrementalDetokenizer:
         return new_text[len(prefix_text) :]
 
 
+def decode_completion(
+    tokenizer: Tokenizer, prompt_token_ids: list[int], token_ids: list[int], skip_special_tokens: bool = True
+) -> str:
+    """The text of a whole completion in one decode, as :class:`IncrementalDetokenizer` would emit it.
+
+    The last prompt tokens are the left context (so leading spaces come out right) and an unfinished
+    multi-byte character at the end is left out, as the incremental form holds it back.
+    """
+    context = list(prompt_token_ids[-_INITIAL_PREFIX_TOKENS:])
+    prefix = tokenizer.decode(context, skip_special_tokens) if context else ""
+    text = tokenizer.decode(context + list(token_ids), skip_special_tokens)
+    if not text.startswith(prefix):  # a tokenizer whose decode is not prefix-stable: decode the output alone
+        text, prefix = tokenizer.decode(list(token_ids), skip_special_tokens), ""
+    return text[len(prefix) :].rstrip(_REPLACEMENT_CHAR)
+
+
 class StopStringChecker:
     """Cut streamed text at the first stop string, never emitting any part of one.
 

@@ -6,7 +6,7 @@ from shardserve.config import SchedulerConfig
 from shardserve.engine.block_manager import BlockManager
 from shardserve.engine.request import Request, RequestStatus
 from shardserve.engine.scheduler import Scheduler
-from shardserve.executor.messages import PLACEHOLDER_TOKEN_ID, ModelRunnerOutput
+from shardserve.executor.messages import StepOutput, i32
 from shardserve.sampling_params import SamplingParams
 
 EOS = 0
@@ -24,9 +24,7 @@ def req(rid, n_prompt, max_tokens=8, **kw):
 
 
 def finish(s, step, token):
-    s.update_from_output(
-        step, ModelRunnerOutput(step.step_id, sampled={r.request_id: token for r in step.scheduled if r.sample})
-    )
+    s.update_from_output(step, StepOutput(step.step_id, sampled=i32([token for r in step.scheduled if r.sample])))
 
 
 def test_decode_is_scheduled_with_a_placeholder_while_the_prefill_is_in_flight():
@@ -35,14 +33,14 @@ def test_decode_is_scheduled_with_a_placeholder_while_the_prefill_is_in_flight()
     s.add_request(r)
     s0 = s.schedule()
     s1 = s.schedule()  # step 0 still in flight
-    assert s1.scheduled[0].token_ids == [PLACEHOLDER_TOKEN_ID]
+    assert s1.scheduled[0].input_pending and s1.scheduled[0].num_tokens == 1
     assert s1.scheduled[0].start_position == 5 and s1.scheduled[0].sample
     assert s.schedule().is_empty  # at most two steps of one request in flight
     finish(s, s0, 11)
     finish(s, s1, 12)
     assert r.output_token_ids == [11, 12] and r.num_computed_tokens == 6 and not r.in_flight
     s2 = s.schedule()
-    assert s2.scheduled[0].token_ids == [12] and s2.scheduled[0].start_position == 6
+    assert not s2.scheduled[0].input_pending and s2.scheduled[0].start_position == 6
 
 
 def test_pending_token_that_ends_the_request_by_length_gets_no_second_step():
@@ -68,11 +66,12 @@ def test_step_after_eos_is_discarded_and_blocks_are_freed():
     assert bm.usage == 0.0
 
 
-def test_penalties_wait_for_the_previous_token():
+def test_penalties_do_not_wait_for_the_previous_token():
+    """Penalty counts live on the device, so a request with penalties is scheduled ahead like any other."""
     s, _ = make()
     s.add_request(req("a", 3, repetition_penalty=1.2))
     s.schedule()
-    assert s.schedule().is_empty
+    assert s.schedule().scheduled[0].input_pending
 
 
 @pytest.mark.parametrize("max_tokens", [1, 2, 7])

@@ -3,7 +3,6 @@
 import pytest
 
 from shardserve import LLM, SamplingParams
-from shardserve.executor.messages import PLACEHOLDER_TOKEN_ID
 
 PROMPTS = [[1, 520, 3327, 314, 4649, 3135], [42, 7, 913, 2050], list(range(300, 340))]
 PARAMS = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True, logprobs=3)
@@ -47,14 +46,14 @@ def test_parallel_matches_single_process(tiny_llama_dir, reference, tp, pp):
 @pytest.mark.slow
 def test_tp_async_scheduling_samples_as_one_process(tiny_llama_dir):
     """TP=2 with async scheduling (step N+1 sent while N runs, its inputs filled on every TP rank from
-    the output rank's broadcast sample): seeded random sampling gives one process's tokens, with and
-    without async scheduling."""
+    the output rank's broadcast sample): seeded random sampling gives one process's tokens."""
     params = [SamplingParams(temperature=1.0, max_tokens=24, ignore_eos=True, seed=s) for s in (1, 2, 3)]
 
-    def tokens(tp, **kw):
+    def tokens(tp, pp=1, **kw):
         llm = LLM(
             str(tiny_llama_dir),
             tensor_parallel_size=tp,
+            pipeline_parallel_size=pp,
             dtype="float32",
             num_kv_blocks=64,
             block_size=8,
@@ -62,14 +61,15 @@ def test_tp_async_scheduling_samples_as_one_process(tiny_llama_dir):
             **kw,
         )
         try:
-            executor, placeholder_steps = llm.engine.executor, []
-            submit = executor.submit
+            scheduler, placeholder_steps = llm.engine.scheduler, []
+            schedule = scheduler.schedule
 
-            def counting_submit(step):
-                placeholder_steps.append(any(PLACEHOLDER_TOKEN_ID in r.token_ids for r in step.scheduled))
-                submit(step)
+            def counting_schedule():
+                step = schedule()
+                placeholder_steps.append(any(s.input_pending for s in step.scheduled))
+                return step
 
-            executor.submit = counting_submit
+            scheduler.schedule = counting_schedule
             outs = llm.generate(PROMPTS, params)
             return sum(placeholder_steps), [o.outputs[0].token_ids for o in outs]
         finally:
@@ -80,6 +80,9 @@ def test_tp_async_scheduling_samples_as_one_process(tiny_llama_dir):
     assert placeholder_steps > 10 and got == want
     placeholder_steps, got = tokens(2, async_scheduling=False)
     assert placeholder_steps == 0 and got == want
+    # PP and async scheduling together: the first stage takes each pending token from the last on the device.
+    placeholder_steps, got = tokens(1, pp=2)
+    assert placeholder_steps > 10 and got == want
     assert len({t for seq in want for t in seq}) > 10  # sampled, not a constant
 
 

@@ -1,73 +1,103 @@
+import numpy as np
 import pytest
 import torch
 
-from shardserve.model_executor.sampler import SamplingRow, apply_penalties, compute_logprobs, sample
-from shardserve.sampling_params import SamplingParams
+from shardserve.executor.messages import SamplingOptions
+from shardserve.model_executor.sampler import SamplingState, compute_logprobs, hash_uniform
 
 
-def row(gen_seed=None, prompt=(), output=(), **kw):
-    gen = None
-    if gen_seed is not None:
-        gen = torch.Generator().manual_seed(gen_seed)
-    return SamplingRow(SamplingParams(**kw), gen, list(prompt), list(output))
+def state(*rows: SamplingOptions, vocab: int, prompts=None, outputs=None) -> SamplingState:
+    """A sampling state with one row per options (row i = options i)."""
+    st = SamplingState(max_rows=len(rows) + 2, vocab_size=vocab, device=torch.device("cpu"))
+    for i, opts in enumerate(rows):
+        prompt = np.asarray(prompts[i] if prompts else [], dtype=np.int32)
+        output = np.asarray(outputs[i] if outputs else [], dtype=np.int32)
+        st.add(i, opts, prompt, output)
+    st.flush()
+    return st
+
+
+def draw(st: SamplingState, logits: torch.Tensor, positions=None) -> torch.Tensor:
+    n = logits.shape[0]
+    rows = np.arange(n)
+    pos = torch.zeros(n, dtype=torch.long) if positions is None else torch.as_tensor(positions)
+    return st.sample(logits.clone(), rows, torch.from_numpy(rows), pos)
 
 
 def test_greedy_is_argmax():
     logits = torch.randn(4, 50)
-    tokens = sample(logits.clone(), [row(temperature=0.0) for _ in range(4)])
-    assert torch.equal(tokens, logits.argmax(-1))
+    st = state(*[SamplingOptions(temperature=0.0)] * 4, vocab=50)
+    assert torch.equal(draw(st, logits), logits.argmax(-1))
 
 
-def test_top_k_one_and_tiny_top_p_are_argmax():
+def test_top_k_one_and_tiny_top_p_and_min_p_one_are_argmax():
     logits = torch.randn(3, 50)
-    rows = [row(temperature=1.0, top_k=1), row(temperature=1.0, top_p=1e-6), row(temperature=1.0, min_p=1.0)]
-    assert torch.equal(sample(logits.clone(), rows), logits.argmax(-1))
+    st = state(SamplingOptions(top_k=1), SamplingOptions(top_p=1e-6), SamplingOptions(min_p=1.0), vocab=50)
+    for _ in range(5):
+        assert torch.equal(draw(st, logits), logits.argmax(-1))
 
 
-def test_seeded_sampling_is_reproducible_and_varies_with_seed():
-    logits = torch.zeros(1, 1000)
-    r1, r2, r3 = row(gen_seed=1), row(gen_seed=1), row(gen_seed=2)
-    a = [sample(logits.clone(), [r1]).item() for _ in range(8)]
-    b = [sample(logits.clone(), [r2]).item() for _ in range(8)]
-    c = [sample(logits.clone(), [r3]).item() for _ in range(8)]
-    assert a == b and a != c
+def test_seeded_sampling_is_reproducible_varies_with_seed_and_position_and_ignores_the_batch():
+    logits = torch.zeros(3, 1000)
+    st = state(SamplingOptions(seed=1), SamplingOptions(seed=1), SamplingOptions(seed=2), vocab=1000)
+    pos = torch.tensor([5, 5, 5])
+    a = draw(st, logits, pos)
+    assert a[0] == a[1] and a[0] != a[2]
+    assert draw(st, logits, pos).tolist() == a.tolist()  # same seed and position: same token
+    assert draw(st, logits, pos + 1)[0] != a[0]  # the next position draws anew
+    alone = state(SamplingOptions(seed=2), vocab=1000)
+    assert draw(alone, logits[:1], pos[:1]).item() == a[2].item()  # another batch, same token
+
+
+def test_huge_seeds_wrap_instead_of_failing():
+    st = state(SamplingOptions(seed=2**64 + 7), SamplingOptions(seed=7), SamplingOptions(seed=-(2**63)), vocab=100)
+    tokens = draw(st, torch.zeros(3, 100), [3, 3, 3])
+    assert tokens[0] == tokens[1] and 0 <= int(tokens[2]) < 100
+
+
+def test_hash_uniform_is_uniform():
+    u = hash_uniform(torch.tensor([3, 4]), torch.tensor([0, 0]), 20000)
+    assert ((u > 0) & (u < 1)).all()
+    assert u.mean().item() == pytest.approx(0.5, abs=0.01) and u.std().item() == pytest.approx(12**-0.5, abs=0.01)
 
 
 def test_sampling_follows_the_distribution():
     probs = torch.tensor([0.5, 0.3, 0.2])
-    logits = probs.log()[None]
-    r = row(gen_seed=0)
-    counts = torch.zeros(3)
-    n = 3000
-    for _ in range(n):
-        counts[sample(logits.clone(), [r]).item()] += 1
-    assert torch.allclose(counts / n, probs, atol=0.04)
+    st = state(*[SamplingOptions(seed=s) for s in range(3000)], vocab=3)
+    logits = probs.log()[None].repeat(3000, 1)
+    counts = torch.bincount(draw(st, logits), minlength=3).float()
+    assert torch.allclose(counts / 3000, probs, atol=0.04)
 
 
 def test_top_k_restricts_support():
-    logits = torch.tensor([[5.0, 4.0, 3.0, 2.0, 1.0]])
-    r = row(gen_seed=0, top_k=2)
-    seen = {sample(logits.clone(), [r]).item() for _ in range(300)}
-    assert seen == {0, 1}
+    st = state(*[SamplingOptions(top_k=2, seed=s) for s in range(300)], vocab=5)
+    logits = torch.tensor([[5.0, 4.0, 3.0, 2.0, 1.0]]).repeat(300, 1)
+    assert set(draw(st, logits).tolist()) == {0, 1}
 
 
-def test_penalties():
+def test_penalties_apply_on_the_device_and_count_sampled_tokens():
     logits = torch.tensor([[2.0, -2.0, 1.0, 1.0]])
-    out = apply_penalties(logits.clone(), [row(prompt=[0, 1], repetition_penalty=2.0)])
-    assert out[0].tolist() == [1.0, -4.0, 1.0, 1.0]
-    out = apply_penalties(logits.clone(), [row(output=[2, 2, 3], frequency_penalty=0.5, presence_penalty=0.25)])
-    assert out[0, 2].item() == pytest.approx(1.0 - 1.0 - 0.25)
-    assert out[0, 3].item() == pytest.approx(1.0 - 0.5 - 0.25)
-    assert out[0, 0].item() == 2.0
+    st = state(SamplingOptions(temperature=0.0, repetition_penalty=2.0), vocab=4, prompts=[[0, 1]])
+    changed = logits.clone()
+    st._apply_penalties(changed, torch.tensor([0]), torch.tensor([0]))
+    assert changed[0].tolist() == [1.0, -4.0, 1.0, 1.0]
+    opts = SamplingOptions(temperature=0.0, frequency_penalty=0.5, presence_penalty=0.25)
+    st = state(opts, vocab=4, outputs=[[2, 2, 3]])
+    changed = logits.clone()
+    st._apply_penalties(changed, torch.tensor([0]), torch.tensor([0]))
+    assert changed[0, 2].item() == pytest.approx(1.0 - 1.0 - 0.25)
+    assert changed[0, 3].item() == pytest.approx(1.0 - 0.5 - 0.25)
+    assert changed[0, 0].item() == 2.0
+    token = draw(st, logits).item()  # greedy after penalties: token 0
+    assert token == 0 and st.output_counts[0].tolist() == [1, 0, 2, 1]
 
 
 def test_logprobs_match_log_softmax_with_rank():
     logits = torch.randn(2, 30)
     tokens = torch.tensor([3, int(logits[1].argmax())])
-    res = compute_logprobs(logits, tokens, [2, None])
+    chosen, rank, top_vals, top_ids = compute_logprobs(logits, tokens, 2)
     ref = torch.log_softmax(logits, -1)
-    chosen, rank, top = res[0]
-    assert chosen == pytest.approx(ref[0, 3].item(), abs=1e-6)
-    assert rank == int((ref[0] > ref[0, 3]).sum()) + 1
-    assert [t for t, _ in top] == ref[0].topk(2).indices.tolist()
-    assert res[1] is None
+    assert chosen[0].item() == pytest.approx(ref[0, 3].item(), abs=1e-6)
+    assert rank[0].item() == int((ref[0] > ref[0, 3]).sum()) + 1 and rank[1].item() == 1
+    assert top_ids[0].tolist() == ref[0].topk(2).indices.tolist()
+    assert top_vals.shape == (2, 2)

@@ -9,6 +9,7 @@ closes the engine stream (closing it makes the engine abort the request and free
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -23,10 +24,16 @@ from starlette.types import Receive, Scope, Send
 
 from shardserve.config import ServerConfig
 from shardserve.engine.async_llm import AsyncLLM, EngineDeadError
-from shardserve.entrypoints.openai.protocol import ErrorInfo, ErrorResponse, InvalidRequestError
+from shardserve.entrypoints.openai.protocol import (
+    ErrorInfo,
+    ErrorResponse,
+    InvalidRequestError,
+    PromptTokensDetails,
+    UsageInfo,
+)
 from shardserve.metrics import ServerMetrics
 from shardserve.outputs import RequestOutput
-from shardserve.sampling_params import SamplingParams
+from shardserve.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +98,8 @@ class ServingContext:
             RequestTimeoutError: ``config.request_timeout`` passed (the engine request is aborted).
         """
         tracker = self.metrics.track()
-        stream = self.engine.generate(prompt_ids, params, request_id)
+        kind = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY
+        stream = self.engine.generate(prompt_ids, dataclasses.replace(params, output_kind=kind), request_id)
         timeout = self.config.request_timeout
         deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
         finished = False
@@ -194,6 +202,31 @@ async def prime(stream: AsyncIterator[T]) -> AsyncIterator[T]:
             await stream.aclose()  # type: ignore[attr-defined]
 
     return chained()
+
+
+class UsageCounter:
+    """Token usage of a request's engine streams, fed every output (DELTA outputs included)."""
+
+    def __init__(self) -> None:
+        self._prompt: dict[int, int] = {}
+        self._cached: dict[int, int] = {}
+        self._completion: dict[tuple[int, int], int] = {}
+
+    def observe(self, stream: int, output: RequestOutput) -> None:
+        self._prompt[stream] = len(output.prompt_token_ids)
+        self._cached[stream] = output.num_cached_tokens
+        for c in output.outputs:
+            self._completion[(stream, c.index)] = c.num_output_tokens
+
+    def usage(self) -> UsageInfo:
+        """Prompt tokens once per prompt, completion tokens of every choice."""
+        prompt, completion = sum(self._prompt.values()), sum(self._completion.values())
+        return UsageInfo(
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            total_tokens=prompt + completion,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(self._cached.values())),
+        )
 
 
 def sse(payload: BaseModel | dict[str, Any]) -> str:

@@ -29,6 +29,7 @@ from shardserve.entrypoints.openai.protocol import (
 from shardserve.entrypoints.openai.serving import (
     SSE_DONE,
     ServingContext,
+    UsageCounter,
     merge_streams,
     prime,
     sse,
@@ -105,7 +106,7 @@ class ChatServer:
         prompt_ids = self.render_prompt(body)
         params = body.to_sampling_params(engine.generation_defaults, len(prompt_ids), engine.max_model_len, "messages")
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        merged = await prime(merge_streams([ctx.generate(prompt_ids, params, request_id)]))
+        merged = await prime(merge_streams([ctx.generate(prompt_ids, params, request_id, stream=body.stream)]))
         if body.stream:
             return streaming_response(self._stream(body, model, request_id, merged))
         final: RequestOutput | None = None
@@ -139,14 +140,13 @@ class ChatServer:
         def chunk(choices: list[ChatCompletionStreamChoice], **extra: object) -> str:
             return sse(ChatCompletionStreamResponse(id=request_id, model=model, choices=choices, **extra))
 
-        final: RequestOutput | None = None
+        usage = UsageCounter()
         try:
             for j in range(body.n):
                 role = DeltaMessage(role="assistant", content="")
                 yield chunk([ChatCompletionStreamChoice(index=j, delta=role)])
             async for _, output in merged:
-                if output.finished:
-                    final = output
+                usage.observe(0, output)
                 for c in output.outputs:
                     if not (c.delta_text or c.finished or (body.logprobs and c.delta_token_ids)):
                         continue
@@ -158,8 +158,8 @@ class ChatServer:
                         stop_reason=c.stop_reason,
                     )
                     yield chunk([choice])
-            if body.include_usage and final is not None:
-                yield chunk([], usage=usage_of([final]))
+            if body.include_usage:
+                yield chunk([], usage=usage.usage())
         except Exception as exc:  # noqa: BLE001 - headers are out; report in-band like vLLM
             yield stream_error_event(exc)
         finally:

@@ -24,6 +24,7 @@ from shardserve.entrypoints.openai.protocol import (
 from shardserve.entrypoints.openai.serving import (
     SSE_DONE,
     ServingContext,
+    UsageCounter,
     merge_streams,
     prime,
     sse,
@@ -90,7 +91,10 @@ class CompletionServer:
             body.to_sampling_params(engine.generation_defaults, len(ids), engine.max_model_len) for ids in prompt_ids
         ]
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        streams = [ctx.generate(ids, p, f"{request_id}-{i}") for i, (ids, p) in enumerate(zip(prompt_ids, params))]
+        streams = [
+            ctx.generate(ids, p, f"{request_id}-{i}", stream=body.stream)
+            for i, (ids, p) in enumerate(zip(prompt_ids, params))
+        ]
         echoes = [self._echo_text(p) for p in prompts] if body.echo else [""] * len(prompts)
         merged = await prime(merge_streams(streams))
         if body.stream:
@@ -142,12 +146,11 @@ class CompletionServer:
         merged: AsyncIterator[tuple[int, RequestOutput]],
         echoes: list[str],
     ) -> AsyncIterator[str]:
-        finals: dict[int, RequestOutput] = {}
+        usage = UsageCounter()
         offsets: dict[int, int] = {}  # characters sent so far per choice, for text_offset
         try:
             async for i, output in merged:
-                if output.finished:
-                    finals[i] = output
+                usage.observe(i, output)
                 for c in output.outputs:
                     index = i * body.n + c.index
                     if not (c.delta_text or c.finished or (body.logprobs is not None and c.delta_token_ids)):
@@ -165,8 +168,7 @@ class CompletionServer:
                     )
                     yield sse(CompletionResponseChunk(id=request_id, model=model, choices=[choice]))
             if body.include_usage:
-                ordered = [finals[i] for i in sorted(finals)]
-                yield sse(CompletionResponseChunk(id=request_id, model=model, choices=[], usage=usage_of(ordered)))
+                yield sse(CompletionResponseChunk(id=request_id, model=model, choices=[], usage=usage.usage()))
         except Exception as exc:  # noqa: BLE001 - headers are out; report in-band like vLLM
             yield stream_error_event(exc)
         finally:
@@ -180,7 +182,7 @@ CompletionResponseChunk = CompletionResponse  # OpenAI streams completions as "t
 def usage_of(finals: list[RequestOutput]) -> UsageInfo:
     """Token usage over finished requests: prompt tokens once per prompt, completion tokens of every choice."""
     prompt = sum(len(f.prompt_token_ids) for f in finals)
-    completion = sum(len(c.token_ids) for f in finals for c in f.outputs)
+    completion = sum(c.num_output_tokens for f in finals for c in f.outputs)
     cached = sum(f.num_cached_tokens for f in finals)
     return UsageInfo(
         prompt_tokens=prompt,

@@ -33,7 +33,7 @@ def finish_reason_info(c: CompletionOutput) -> dict[str, Any] | None:
     if c.finish_reason is None:
         return None
     if c.finish_reason == "length":
-        return {"type": "length", "length": len(c.token_ids)}
+        return {"type": "length", "length": c.num_output_tokens}
     if c.finish_reason == "stop":
         return {"type": "stop", "matched": c.stop_reason}
     return {"type": c.finish_reason}
@@ -62,7 +62,7 @@ class GenerateServer:
         ]
         base_id = body.rid or uuid.uuid4().hex
         ids = [base_id if len(prompt_ids) == 1 else f"{base_id}-{i}" for i in range(len(prompt_ids))]
-        streams = [ctx.generate(p, sp, rid) for p, sp, rid in zip(prompt_ids, params, ids)]
+        streams = [ctx.generate(p, sp, rid, stream=body.stream) for p, sp, rid in zip(prompt_ids, params, ids)]
         merged = await prime(merge_streams(streams))
         as_list = body.is_batch or sampling.n > 1
         if body.stream:
@@ -79,14 +79,18 @@ class GenerateServer:
         return JSONResponse(results if as_list else results[0])
 
     @staticmethod
-    def _result(output: RequestOutput, c: CompletionOutput, rid: str, n: int) -> dict[str, Any]:
+    def _result(
+        output: RequestOutput, c: CompletionOutput, rid: str, n: int, text: str | None = None,
+        token_ids: list[int] | None = None,
+    ) -> dict[str, Any]:  # fmt: skip
+        token_ids = c.token_ids if token_ids is None else token_ids
         return {
-            "text": c.text,
-            "output_ids": c.token_ids,
+            "text": c.text if text is None else text,
+            "output_ids": token_ids,
             "meta_info": {
                 "id": rid if n == 1 else f"{rid}-{c.index}",
                 "prompt_tokens": len(output.prompt_token_ids),
-                "completion_tokens": len(c.token_ids),
+                "completion_tokens": c.num_output_tokens,
                 "cached_tokens": output.num_cached_tokens,
                 "finish_reason": finish_reason_info(c),
             },
@@ -95,11 +99,16 @@ class GenerateServer:
     async def _stream(
         self, merged: AsyncIterator[tuple[int, RequestOutput]], ids: list[str], n: int
     ) -> AsyncIterator[str]:
+        texts: dict[int, list[str]] = {}  # SGLang streams the text so far: kept here from the deltas
+        tokens: dict[int, list[int]] = {}
         try:
             async for i, output in merged:
                 for c in output.outputs:
-                    result = self._result(output, c, ids[i], n)
-                    result["index"] = i * n + c.index
+                    index = i * n + c.index
+                    texts.setdefault(index, []).append(c.delta_text)
+                    tokens.setdefault(index, []).extend(c.delta_token_ids)
+                    result = self._result(output, c, ids[i], n, "".join(texts[index]), tokens[index])
+                    result["index"] = index
                     yield sse(result)
         except Exception as exc:  # noqa: BLE001 - headers are out; report in-band
             yield stream_error_event(exc)

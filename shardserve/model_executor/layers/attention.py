@@ -7,8 +7,9 @@ built by the model runner once per step and passed explicitly down the model (no
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -31,12 +32,21 @@ class AttentionMetadata:
     """``(num_seqs,)`` int32: context length of each request after this step (tokens)."""
     block_tables: torch.Tensor
     """``(num_seqs, max_num_blocks)`` int32: KV block ids of each request, padded with 0."""
-    query_lens_cpu: list[int]
-    """New tokens per request (host copy, used to split the batch)."""
-    seq_lens_cpu: list[int]
-    """Context length per request (host copy)."""
+    query_lens_cpu: np.ndarray
+    """``(num_seqs,)`` new tokens per request (host copy, used to split the batch)."""
+    seq_lens_cpu: np.ndarray
+    """``(num_seqs,)`` context length per request (host copy)."""
     block_size: int
     """Tokens per KV block."""
+    max_query_len: int = field(init=False)
+    """Most new tokens of any request this step (1 for a decode-only step)."""
+    rope_cos_sin: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, init=False)
+    """The eager CPU path's cos/sin rows of this step's positions, computed once for every layer."""
+
+    def __post_init__(self) -> None:
+        self.query_lens_cpu = np.asarray(self.query_lens_cpu)
+        self.seq_lens_cpu = np.asarray(self.seq_lens_cpu)
+        self.max_query_len = int(self.query_lens_cpu.max()) if len(self.query_lens_cpu) else 0
 
     @property
     def num_seqs(self) -> int:
@@ -44,11 +54,7 @@ class AttentionMetadata:
 
     @property
     def is_decode_only(self) -> bool:
-        return all(q == 1 for q in self.query_lens_cpu)
-
-    @property
-    def max_query_len(self) -> int:
-        return max(self.query_lens_cpu, default=0)
+        return self.max_query_len == 1
 
 
 class Attention(nn.Module):
@@ -125,7 +131,9 @@ class Attention(nn.Module):
             )
             return out.view(n, self.num_heads * self.head_dim)
         if rope is not None:
-            q, k = rope(positions, q, k)
+            if meta.rope_cos_sin is None:  # once per step, shared by every layer
+                meta.rope_cos_sin = rope.cos_sin(positions, q.dtype)
+            q, k = rope.apply(q, k, *meta.rope_cos_sin)
         self._store(k, v, meta.slot_mapping)
         if meta.is_decode_only:
             out = self._decode(q, meta)
@@ -146,12 +154,22 @@ class Attention(nn.Module):
         return kv[0, :seq_len], kv[1, :seq_len]
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        # q: (B, H, Lq, D); k, v: (B, Hkv, Lk, D). Repeat KV heads for GQA.
-        rep = self.num_heads // self.num_kv_heads
+        """``q`` ``(B, H, Lq, D)`` over ``k``, ``v`` ``(B, Hkv, Lk, D)``; ``mask`` ``(B or 1, 1, Lq, Lk)`` bool.
+
+        GQA without repeating K/V: the ``H / Hkv`` query heads of a KV head become extra query rows,
+        ``(B, Hkv, rep * Lq, D)``, so each K/V head is read once and nothing of size Lk is copied.
+        """
+        b, h, lq, d = q.shape
+        hkv = k.shape[1]
+        rep = h // hkv
+        if mask is not None and mask.dim() == 2:
+            mask = mask[None, None]
         if rep > 1:
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
-        return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=self.scale)
+            q = q.reshape(b, hkv, rep * lq, d)
+            if mask is not None:
+                mask = mask.expand(-1, -1, lq, -1).repeat(1, 1, rep, 1) if lq > 1 else mask
+        out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=self.scale)
+        return out.reshape(b, h, lq, d)
 
     def _varlen(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         out = torch.empty_like(q)

@@ -121,8 +121,15 @@ class RotaryEmbedding(nn.Module):
 
             rotary_embedding(positions, q, k, self.cos_cache, self.sin_cache)  # in place, in fp32
             return q, k
-        cos = self.cos_cache[positions].to(q.dtype).unsqueeze(1)
-        sin = self.sin_cache[positions].to(q.dtype).unsqueeze(1)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        return q, k
+        return self.apply(q, k, *self.cos_sin(positions, q.dtype))
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin rows of ``positions``, ``(num_tokens, 1, head_dim)`` in ``dtype`` (one gather per step)."""
+        return self.cos_cache[positions].to(dtype).unsqueeze(1), self.sin_cache[positions].to(dtype).unsqueeze(1)
+
+    @staticmethod
+    def apply(
+        q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotate ``q`` and ``k`` with rows from :meth:`cos_sin` (Hugging Face's ``apply_rotary_pos_emb``)."""
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
