@@ -92,8 +92,9 @@ class SamplingState:
         self.seeded[row] = not greedy and opts.seed is not None
         self.penalized[row] = opts.has_penalties
         self.num_logprobs[row] = -1 if opts.logprobs is None else opts.logprobs
-        self._floats_host[row] = (opts.temperature, opts.top_p, opts.min_p, opts.repetition_penalty,
-                                  opts.presence_penalty, opts.frequency_penalty)  # fmt: skip
+        with np.errstate(over="ignore"):  # a penalty past float32's range saturates to inf (still a penalty)
+            self._floats_host[row] = (opts.temperature, opts.top_p, opts.min_p, opts.repetition_penalty,
+                                      opts.presence_penalty, opts.frequency_penalty)  # fmt: skip
         self._ints_host[row] = (top_k, _signed((opts.seed or 0) % (1 << 64)))
         self._dirty.append(row)
         if opts.has_penalties:

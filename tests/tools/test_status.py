@@ -17,20 +17,32 @@ REPO = Path(__file__).resolve().parents[2]
 API_KEY = "status-test-key"
 
 
-def test_throughput_window_counts_prompt_once_and_forgets_old_tokens():
-    from shardserve.outputs import CompletionOutput, RequestOutput
-
+def test_throughput_window_counts_and_forgets_old_tokens():
     now = [100.0]
     meter = TokenThroughput(window_s=10.0, clock=lambda: now[0])
-    out = lambda ids, delta: RequestOutput(request_id="r", prompt=None, prompt_token_ids=[1] * 30,  # noqa: E731
-                                           outputs=[CompletionOutput(index=0, token_ids=ids, delta_token_ids=delta)],
-                                           finished=False, num_cached_tokens=10)  # fmt: skip
     now[0] = 110.0
-    meter.observe(out([5], [5]))  # first token: 30 - 10 cached prompt tokens were computed
-    meter.observe(out([5, 6], [6]))
+    meter.add(20, 1)  # a step that computed 20 prompt tokens and sampled one
+    meter.add(0, 1)
     assert meter.rates() == pytest.approx((20 / 10, 2 / 10))
     now[0] = 121.0
     assert meter.rates() == (0.0, 0.0)
+
+
+def test_engine_counts_computed_prompt_tokens_not_prefix_cache_hits(tiny_llama_dir):
+    from shardserve import LLM, SamplingParams
+
+    llm = LLM(str(tiny_llama_dir), dtype="float32", num_kv_blocks=32, block_size=4)
+    try:
+        prompt = list(range(100, 112))
+        params = SamplingParams(temperature=0.0, max_tokens=1)
+        llm.generate([prompt], params)
+        second = llm.generate([prompt], params)[0]
+        events = list(llm.engine.throughput._events)
+    finally:
+        llm.shutdown()
+    assert second.num_cached_tokens == 8  # two full blocks of 4; the last token is always computed
+    assert sum(e[1] for e in events) == 12 + (12 - 8)
+    assert sum(e[2] for e in events) == 2
 
 
 @pytest.fixture(scope="module")

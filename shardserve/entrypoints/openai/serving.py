@@ -89,9 +89,11 @@ class ServingContext:
         return list(prompt)
 
     async def generate(
-        self, prompt_ids: list[int], params: SamplingParams, request_id: str
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str, stream: bool = False
     ) -> AsyncIterator[RequestOutput]:
         """The engine's output stream for one prompt, with metrics, timeout and a guaranteed close.
+
+        ``stream`` asks for DELTA outputs (each holds what is new); otherwise one FINAL_ONLY output.
 
         Raises:
             ValueError, EngineOverloadedError, EngineDeadError: from the engine, before the first yield.
@@ -99,7 +101,7 @@ class ServingContext:
         """
         tracker = self.metrics.track()
         kind = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY
-        stream = self.engine.generate(prompt_ids, dataclasses.replace(params, output_kind=kind), request_id)
+        engine_stream = self.engine.generate(prompt_ids, dataclasses.replace(params, output_kind=kind), request_id)
         timeout = self.config.request_timeout
         deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
         finished = False
@@ -108,7 +110,7 @@ class ServingContext:
             while not finished:
                 try:
                     async with asyncio.timeout_at(deadline):
-                        output = await anext(stream)
+                        output = await anext(engine_stream)
                 except StopAsyncIteration:
                     break
                 except TimeoutError as exc:
@@ -117,7 +119,7 @@ class ServingContext:
                 last, finished = output, output.finished
                 yield output
         finally:
-            await stream.aclose()
+            await engine_stream.aclose()
             if not finished:
                 await self._abort(request_id)
             tracker.finish(params.n)

@@ -111,6 +111,7 @@ class FakeAsyncLLM:
                     out.delta_text, out.text = text[len(out.text) :], text
                     out.token_ids = out.token_ids + [token]
                     out.delta_token_ids = [token]
+                    out.num_output_tokens = len(out.token_ids)
                     if params.logprobs is not None:
                         out.delta_logprobs = [self._logprobs(token, params.logprobs)]
                         out.logprobs = out.logprobs + out.delta_logprobs
