@@ -317,34 +317,46 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class FaultInjection:
-    """Testing only: rank ``rank`` fails to add (``where = "add_request"``) every request whose prompt holds
-    ``token_id``. Set with ``SHARDSERVE_FAULT_INJECTION=add_request:RANK:TOKEN`` (read by the CLI)."""
+    """Testing only: make rank ``rank`` fail at one place, to check that failures stay contained.
+
+    ``where`` is ``add_request`` (the rank fails to add every request whose prompt holds ``token_id``: that
+    request alone must fail), ``step`` (the rank raises out of a step that adds such a request: the group is
+    restarted and the error quoted) or ``load`` (the rank raises while loading the model: the launch fails
+    quoting the rank's error). Set with ``SHARDSERVE_FAULT_INJECTION=where:rank[:token_id]`` (read by the CLI).
+    """
 
     where: str
     rank: int
-    token_id: int
+    token_id: int | None = None
+
+    PLACES = ("add_request", "step", "load")
 
     @classmethod
     def parse(cls, spec: str) -> FaultInjection:
-        """``where:rank:token_id``.
+        """``where:rank[:token_id]``.
 
         Raises:
-            ValueError: not three fields, or not integers where integers belong.
+            ValueError: an unknown place, or not integers where integers belong.
         """
+        parts = spec.split(":")
         try:
-            where, rank, token = spec.split(":")
-            return cls(where, int(rank), int(token))
-        except ValueError:
-            raise ValueError(f"fault injection spec {spec!r} is not where:rank:token_id") from None
+            fault = cls(parts[0], int(parts[1]), int(parts[2]) if len(parts) > 2 else None)
+        except (ValueError, IndexError):
+            raise ValueError(f"fault injection spec {spec!r} is not where:rank[:token_id]") from None
+        if fault.where not in cls.PLACES or len(parts) > 3:
+            raise ValueError(f"fault injection spec {spec!r}: where must be one of {cls.PLACES}")
+        return fault
 
-    def check(self, where: str, rank: int, prompt_token_ids) -> None:
+    def check(self, where: str, rank: int, prompt_token_ids=()) -> None:
         """Raise the injected fault when it applies.
 
         Raises:
-            RuntimeError: this is the rank and place named, and the prompt holds the token.
+            RuntimeError: this is the rank and the place named (and the prompt holds the token, if one is named).
         """
-        if where == self.where and rank == self.rank and self.token_id in prompt_token_ids:
-            raise RuntimeError(f"injected fault: rank {rank} refuses prompts with token {self.token_id}")
+        if where != self.where or rank != self.rank:
+            return
+        if self.token_id is None or self.token_id in prompt_token_ids:
+            raise RuntimeError(f"injected fault: rank {rank} fails at {where}")
 
 
 @dataclass

@@ -235,6 +235,11 @@ class AsyncLLM:
     def errored(self) -> bool:
         return self._dead is not None
 
+    @property
+    def dead_reason(self) -> str | None:
+        """Why the engine stopped for good (the failed rank and its error), None while it runs."""
+        return None if self._dead is None else str(self._dead)
+
     def stats(self) -> EngineStats:
         running, waiting, usage = self.engine.stats()
         bm = self.engine.block_manager

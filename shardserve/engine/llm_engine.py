@@ -44,7 +44,11 @@ class LLMEngine:
         self.executor: Executor = (executor_factory or make_executor)(config, self.source)
         self.max_model_len = 0
         self.throughput = TokenThroughput()
-        self._init_kv_cache()
+        try:
+            self._init_kv_cache()
+        except BaseException:
+            self.executor.shutdown()  # the ranks must not outlive a failed start
+            raise
         self._in_flight: deque[SchedulerOutput] = deque()
 
     def _init_kv_cache(self) -> None:

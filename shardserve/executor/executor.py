@@ -9,6 +9,7 @@ scheduling, so that the head schedules step N+1 while step N runs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
 import time
@@ -458,11 +459,12 @@ class MultiprocExecutor(Executor):
         return read_rank_info(store, self.generation, self.config.parallel.world_size)
 
     def shutdown(self) -> None:
+        """Ask the ranks to leave (or kill them if the group is broken), then reap them: no orphan is left."""
         if not self._broken and self.workers.alive() and self.channel is not None:
-            try:
+            with contextlib.suppress(EngineDeadError):
                 self._send(m.Shutdown(), "shutting down")
-            except EngineDeadError:
-                pass
+        if self._broken:
+            self.workers.kill()
         self.workers.stop(timeout=10)
         if self.channel is not None:
             self.channel.close()

@@ -123,6 +123,8 @@ class ModelRunner:
         self.layer_range = pp_layer_range(
             self.arch.num_hidden_layers, self.pp.world_size, self.pp.rank_in_group, partition
         )
+        if config.fault_injection is not None:
+            config.fault_injection.check("load", rank)
         self.model = load_model(
             source,
             self.dtype,
@@ -305,6 +307,9 @@ class ModelRunner:
             MalformedMessageError: the step does not fit this rank's batch (a head bug or a forged message).
         """
         t0 = time.perf_counter()
+        if self.fault is not None:
+            for new in step.new_requests:
+                self.fault.check("step", self.rank, as_i32(new.prompt_token_ids))
         block_rows, block_cols, failures = self._apply_diff(step)
         self.failures = failures
         if self.receives_tokens:

@@ -31,7 +31,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from shardserve.config import ServerConfig
-from shardserve.engine.async_llm import AsyncLLM, EngineDeadError, EngineOverloadedError
+from shardserve.engine.async_llm import AsyncLLM, EngineDeadError, EngineOverloadedError, RequestFailedError
 from shardserve.entrypoints.openai.access import check_api_key, install_cors, warn_if_open
 from shardserve.entrypoints.openai.cluster_status import build_cluster_status
 from shardserve.entrypoints.openai.lifecycle import DrainState, GracefulServer, InFlightCounter
@@ -87,7 +87,7 @@ class ServerState:
     def unusable_reason(self) -> str | None:
         """Why requests cannot be served now (loading, failed load, dead engine), None when ready."""
         if self.error is None and self.engine is not None and getattr(self.engine, "errored", False):
-            self.error = "the engine stopped (see the server log)"
+            self.error = f"the engine stopped: {getattr(self.engine, 'dead_reason', None) or 'see the server log'}"
         if self.error is not None:
             return self.error
         return "the model is still loading" if self.engine is None else None
@@ -272,6 +272,12 @@ def _install_error_handlers(app: FastAPI, state: ServerState) -> None:
         logger.error("request failed: %s", exc)
         return _error(503, f"engine failure: {exc}", "service_unavailable", code="engine_dead",
                       headers={"Retry-After": str(RETRY_AFTER_S)})  # fmt: skip
+
+    @app.exception_handler(RequestFailedError)
+    async def request_failed(_: Request, exc: RequestFailedError) -> Response:
+        # One request a rank could not serve; the engine and the other requests go on.
+        logger.error("%s", exc)
+        return _error(500, str(exc), "server_error", code="request_failed")
 
     @app.exception_handler(EngineNotReadyError)
     async def not_ready(_: Request, exc: EngineNotReadyError) -> Response:
