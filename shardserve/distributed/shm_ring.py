@@ -12,8 +12,9 @@ copies the data, clears the read flags, then sets "written"; reader ``r`` waits 
 and its own read flag is clear, copies the data out, then sets its flag. Stores happen in that order
 (x86-64 keeps store order; a lock acquire/release serves as the fence elsewhere).
 
-Waits spin with ``sched_yield`` for ``spin_s`` seconds, then sleep with a growing pause (to
-``max_sleep_s``), so an idle rank costs almost no CPU while a busy one answers within microseconds.
+Waits spin with ``sched_yield`` for ``spin_s`` seconds (2 ms where the node has cores to spare, 50 us
+where every core has a process), then sleep with a growing pause (to ``max_sleep_s``), so an idle rank
+costs almost no CPU while a busy one answers within microseconds.
 Every wait takes a ``timeout`` and a ``check`` callable called every ``POLL_S`` (liveness: it raises to
 give up, e.g. when a reader process died).
 """
@@ -72,7 +73,10 @@ class ShmRingBuffer:
         self._data = shm.buf[self._header_bytes : self._header_bytes + num_slots * slot_bytes]
         self._pos = 0
         """Next slot this side writes (writer) or reads (reader), as a running count."""
-        self.spin_s = 2e-3
+        # Spin only where the node has a core to spare for it: with as many processes as cores (a CPU
+        # launch), a spinning reader takes the CPU from the rank or the head that would end its wait.
+        spare_cores = (os.cpu_count() or 1) > num_readers + 1
+        self.spin_s = 2e-3 if spare_cores else 5e-5
         self.max_sleep_s = 1e-3
 
     # -- construction ------------------------------------------------------------------------------
