@@ -83,8 +83,28 @@ def test_bad_paths(tmp_path):
         resolve_model(str(tmp_path / "weights.bin"))
     with pytest.raises(ValueError, match="no config.json"):
         resolve_model(str(tmp_path))
-    with pytest.raises(ValueError, match="neither an existing"):
+    with pytest.raises(ValueError, match="not found"):
         resolve_model(str(tmp_path / "missing" / "deeper"))
+
+
+@pytest.mark.parametrize("missing", ["./nope.gguf", "nope.gguf", "../models/x", "~/m/x", "models/x.gguf", "a/b/c"])
+def test_missing_local_paths_are_not_looked_up_on_the_hub(missing, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: pytest.fail("hub lookup"))
+    with pytest.raises(ValueError, match="not found") as err:
+        resolve_model(missing)
+    assert missing in str(err.value) and "cache" not in str(err.value)
+
+
+def test_hub_hint_names_a_command_of_the_installed_huggingface_hub():
+    from importlib.metadata import distribution
+
+    from shardserve.model_executor.loader.resolve import download_command
+
+    command = download_command("org/name")
+    scripts = {ep.name for ep in distribution("huggingface_hub").entry_points if ep.group == "console_scripts"}
+    assert command.endswith(" download org/name") and command.split()[0] in scripts, scripts
 
 
 def _tiny_config(**extra) -> dict:
