@@ -19,7 +19,6 @@ import logging
 import os
 import platform
 import random
-import re
 import shutil
 import socket
 import subprocess
@@ -42,7 +41,6 @@ GPU_FREE_MIN_FRACTION = 0.9
 PORT_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 PORT_SAMPLES = 3
 SMALL_PORT_RANGE = 1024
-_HUB_ID_RE = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
 @dataclass
@@ -317,8 +315,6 @@ def model_facts(model: str | None) -> ModelFacts:
     from shardserve.model_executor.loader.resolve import resolve_model
 
     shown = model if model is not None else "<embedded model>"
-    if model is not None and not Path(model).expanduser().exists() and not _HUB_ID_RE.match(model):
-        return ModelFacts(path=model, error=f"{model} does not exist")
     try:
         source = resolve_model(model)
         digest, size = model_digest(source.path)
@@ -372,6 +368,7 @@ def local_checks(facts: NodeFacts, plan: Plan) -> list[Check]:
         *gpu_memory_checks(facts, plan),
         shm_check(facts),
         model_check(facts),
+        model_layout_check(plan),
         interface_check(facts, plan),
         rdma_check(facts, plan),
         port_range_check(facts),
@@ -473,6 +470,24 @@ def model_check(f: NodeFacts) -> Check:
         return Check("model", FAIL, f"model {m.path} on node {f.node_rank} ({f.hostname}): {m.error}",
                      "copy the model to the same path on every node (or use shared storage), or pass the right MODEL path")  # fmt: skip
     return Check("model", PASS, f"{m.path} ({m.size_bytes / 1e6:.1f} MB, sha256 {m.digest[:12]})")
+
+
+def model_layout_check(plan: Plan) -> Check:
+    """TP x PP against the model's shape, as ``serve`` checks it (:func:`check_parallel_layout`)."""
+    from shardserve.config import check_parallel_layout
+    from shardserve.model_executor.loader.resolve import resolve_model
+
+    try:
+        source = resolve_model(plan.model)
+    except ValueError as e:
+        return Check("model layout", FAIL, f"cannot read the model's shape: {e}", "see the model check")
+    try:
+        check_parallel_layout(source.arch, plan.tp, plan.pp, model=source.name)
+    except ValueError as e:
+        return Check("model layout", FAIL, str(e), "pass -tp/-pp sizes that work for the model (see detail)")
+    a = source.arch
+    return Check("model layout", PASS, f"TP {plan.tp} x PP {plan.pp} fits {source.name} ({a.num_attention_heads} "
+                 f"attention heads, {a.num_key_value_heads} KV heads, {a.num_hidden_layers} layers)")  # fmt: skip
 
 
 def interface_check(f: NodeFacts, plan: Plan) -> Check:

@@ -34,7 +34,7 @@ from shardserve.tools.doctor import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
-EXPECTED_CHECKS = {"launch", "versions", "GPUs", "/dev/shm", "model", "network interface", "RDMA",
+EXPECTED_CHECKS = {"launch", "versions", "GPUs", "/dev/shm", "model", "model layout", "network interface", "RDMA",
                    "ephemeral port range", "master port", "all-reduce"}  # fmt: skip
 
 
@@ -118,7 +118,7 @@ def test_gpu_count_and_shm_thresholds():
 
 
 def test_doctor_on_this_machine():
-    code, report = _doctor("-tp", "2")
+    code, report = _doctor("-pp", "2")
     assert code == 0, report
     checks = _by_name(report)
     assert set(checks) >= EXPECTED_CHECKS
@@ -129,6 +129,14 @@ def test_doctor_on_this_machine():
     assert report["nodes"]["0"]["torch"] == torch.__version__
     assert checks["all-reduce"]["status"] == PASS and "2 rank(s)" in checks["all-reduce"]["detail"]
     assert checks["model"]["status"] == PASS and len(report["nodes"]["0"]["model"]["digest"]) == 64
+    assert checks["model layout"]["status"] == PASS and "9 attention heads" in checks["model layout"]["detail"]
+
+
+def test_a_layout_the_model_cannot_take_fails_naming_the_sizes_that_work():
+    code, report = _doctor("-tp", "2")  # the embedded model has 9 attention heads
+    layout = _by_name(report)["model layout"]
+    assert code != 0 and layout["status"] == FAIL and layout["fix"]
+    assert "9 attention heads" in layout["detail"] and "work: 1, 3" in layout["detail"]
 
 
 def test_missing_model_fails_naming_the_path(tmp_path):
