@@ -195,7 +195,7 @@ class LiveServer:
 def live_server(tmp_path_factory) -> Iterator[LiveServer]:
     """``shardserve serve`` on the embedded model, started through the CLI once for the session."""
     log = tmp_path_factory.mktemp("live-server") / "serve.log"
-    args = ["--max-model-len", str(MAX_MODEL_LEN), "--device", "cpu", "--log-level", "warning"]
+    args = ["--max-model-len", str(MAX_MODEL_LEN), "--device", "cpu", "--log-level", "info"]
     with running_server(args, log, timeout=300) as url:
         yield LiveServer(url, log)
 

@@ -34,6 +34,11 @@ def test_health_and_models(server_url, client):
     assert client.models.list().data[0].id == models["data"][0]["id"]
 
 
+def test_weight_loading_progress_is_in_the_server_log(live_server):
+    log = live_server.log.read_text()  # not a terminal: log lines instead of a progress bar
+    assert "loading SmolLM2-135M-Instruct: 272 tensors" in log, log[-3000:]
+
+
 def test_chat_knows_the_capital_of_france(client, model):
     r = client.chat.completions.create(model=model, messages=CAPITAL, temperature=0, max_tokens=32)
     assert "Paris" in r.choices[0].message.content
