@@ -237,13 +237,23 @@ def _from_local_vars(env: Mapping[str, str], source: str = "env") -> LaunchInfo 
         # The elastic agent's own TCPStore listens on MASTER_PORT for the whole run.
         notes.append(f"torchrun's agent store holds MASTER_PORT={port}: rendezvous on {port + 1}")
         port += 1
+    return _per_process(world // local_size, node_rank, env.get("MASTER_ADDR", "127.0.0.1"), port, source, notes,
+                        local_rank, local_size, f"LOCAL_RANK={local_rank}")  # fmt: skip
+
+
+def _per_process(
+    nnodes: int, node_rank: int, master_addr: str, master_port: int | None, source: str, notes: list[str],
+    local_rank: int, local_size: int, local_name: str,
+) -> LaunchInfo:  # fmt: skip
+    """A launch whose scheduler started ``local_size`` processes per node: only local rank 0 leads its node."""
     if local_rank != 0:
-        notes.append(f"{source}: LOCAL_RANK={local_rank} is not the node leader; local rank 0 launches this node")
+        label = {"openmpi": "Open MPI", "slurm": "Slurm"}.get(source, source)
+        notes.append(f"{label}: {local_name} is not the node leader; local rank 0 launches this node")
     return LaunchInfo(
-        nnodes=world // local_size,
+        nnodes=nnodes,
         node_rank=node_rank,
-        master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
-        master_port=port,
+        master_addr=master_addr,
+        master_port=master_port,
         source=source,
         procs_per_node_hint=local_size if local_size > 1 else None,
         notes=notes,
@@ -267,19 +277,8 @@ def _from_openmpi(env: Mapping[str, str]) -> LaunchInfo | None:
         )
     nnodes = size // local_size
     notes = [f"Open MPI: {size} processes, {local_size} per node -> {nnodes} node(s), ranks mapped by slot"]
-    if local_rank != 0:
-        notes.append(f"Open MPI: local rank {local_rank} is not the node leader")
-    return LaunchInfo(
-        nnodes=nnodes,
-        node_rank=rank // local_size,
-        master_addr=env.get("MASTER_ADDR", ""),
-        master_port=_int_or_none(env, "MASTER_PORT"),
-        source="openmpi",
-        procs_per_node_hint=local_size if local_size > 1 else None,
-        notes=notes,
-        is_node_leader=local_rank == 0,
-        local_rank=local_rank,
-    )
+    return _per_process(nnodes, rank // local_size, env.get("MASTER_ADDR", ""), _int_or_none(env, "MASTER_PORT"),
+                        "openmpi", notes, local_rank, local_size, f"local rank {local_rank}")  # fmt: skip
 
 
 def _from_slurm(env: Mapping[str, str]) -> LaunchInfo | None:
@@ -311,19 +310,8 @@ def _from_slurm(env: Mapping[str, str]) -> LaunchInfo | None:
         # Same on every node of the job, different for two jobs sharing a node.
         port = _SLURM_PORT_BASE + int(env["SLURM_JOB_ID"]) % _SLURM_PORT_SPAN
         notes.append(f"Slurm: port {port} derived from SLURM_JOB_ID={env['SLURM_JOB_ID']}")
-    if local_rank != 0:
-        notes.append(f"Slurm: SLURM_LOCALID={local_rank} is not the node leader")
-    return LaunchInfo(
-        nnodes=nnodes,
-        node_rank=_int(env, "SLURM_NODEID"),
-        master_addr=master,
-        master_port=port,
-        source="slurm",
-        procs_per_node_hint=tasks_per_node if tasks_per_node > 1 else None,
-        notes=notes,
-        is_node_leader=local_rank == 0,
-        local_rank=local_rank,
-    )
+    return _per_process(nnodes, _int(env, "SLURM_NODEID"), master, port, "slurm", notes, local_rank, tasks_per_node,
+                        f"SLURM_LOCALID={local_rank}")  # fmt: skip
 
 
 def _slurm_tasks_per_node(env: Mapping[str, str], nnodes: int, ntasks: int | None) -> int:

@@ -12,13 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import typer
 from procs import netns_available, veth_namespaces
 from typer.testing import CliRunner
 
+from shardserve.cli import app
 from shardserve.distributed.launch import LaunchInfo
 from shardserve.distributed.rendezvous import free_port
-from shardserve.tools import register
 from shardserve.tools.doctor import (
     FAIL,
     PASS,
@@ -38,19 +37,8 @@ EXPECTED_CHECKS = {"launch", "versions", "GPUs", "/dev/shm", "model", "model lay
                    "ephemeral port range", "master port", "all-reduce"}  # fmt: skip
 
 
-def _app() -> typer.Typer:
-    app = typer.Typer()
-
-    @app.callback()
-    def main() -> None:
-        """Test root."""
-
-    register(app)
-    return app
-
-
 def _doctor(*args: str) -> tuple[int, dict]:
-    result = CliRunner().invoke(_app(), ["doctor", *args, "--json"], catch_exceptions=False)
+    result = CliRunner().invoke(app, ["doctor", *args, "--json"], catch_exceptions=False)
     return result.exit_code, json.loads(result.stdout)
 
 
@@ -61,7 +49,8 @@ def _by_name(report: dict, node: int | None = 0) -> dict[str, dict]:
 def _facts(**over) -> NodeFacts:
     base = dict(node_rank=0, hostname="h", python="3.11.7", torch="2.5.0", cuda="12.4", driver="550.54", nccl="2.21.5",
                 gpus=[], p2p=[], shm_bytes=16 << 30, model=ModelFacts(path="/m", digest="ab" * 32, size_bytes=1),
-                net_env={}, net_notes=[], address="10.0.0.1", route_error="", rdma={}, port_range=[32768, 60999])  # fmt: skip
+                net_env={}, net_notes=[], address="10.0.0.1", route_error="", rdma={},
+                port_range=[32768, 60999])  # fmt: skip
     base.update(over)
     return NodeFacts(**base)
 

@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import typer
 from typer.testing import CliRunner
 
+from shardserve.cli import app
 from shardserve.config import ModelArchConfig, tensor_parallel_sizes
-from shardserve.tools import register
 from shardserve.tools.known_models import KNOWN_MODELS, find_known_model
 from shardserve.tools.netbench import NetbenchReport, Result
 from shardserve.tools.plan import (
@@ -304,21 +303,10 @@ def test_units():
     assert find_gpu("A100").hbm_bandwidth == 2.0e12
 
 
-def _app() -> typer.Typer:
-    app = typer.Typer()
-
-    @app.callback()
-    def main() -> None:
-        """Test root."""
-
-    register(app)
-    return app
-
-
 def test_cli_plan_table_and_json():
     runner = CliRunner()
     result = runner.invoke(
-        _app(),
+        app,
         [
             "plan",
             "llama-3.1-405b",
@@ -335,7 +323,7 @@ def test_cli_plan_table_and_json():
     assert result.exit_code == 0, result.output
     assert "Recommendation" in result.output and "--tensor-parallel-size 8 --pipeline-parallel-size 2" in result.output
     result = runner.invoke(
-        _app(),
+        app,
         ["plan", "smollm2-135m", "--gpu-memory", "1GB", "--gpus-per-node", "1", "--max-model-len", "2048", "--json"],
     )
     assert result.exit_code == 0, result.output
@@ -346,26 +334,26 @@ def test_cli_plan_table_and_json():
     # (30 layers, 3 KV heads of 64, bf16)
     room = 0.9e9 - 2 * 134_515_008 - 2 * 8192 * 64 * 4 - data["recommended"]["activation_reserve_bytes"]
     assert data["recommended"]["max_concurrent_seqs"] == int(room // (2048 * 2 * 30 * 3 * 64 * 2))
-    result = runner.invoke(_app(), ["plan", "llama-3.1-8b", "--gpus-per-node", "8"])
+    result = runner.invoke(app, ["plan", "llama-3.1-8b", "--gpus-per-node", "8"])
     assert result.exit_code != 0 and "--gpu-memory" in result.output
 
 
 def test_cli_exit_code_and_data_parallel_replicas():
     runner = CliRunner()
     base = ["--gpu-memory", "24GB", "--gpus-per-node", "1", "--max-model-len", "4096", "--json"]
-    too_big = runner.invoke(_app(), ["plan", "llama-3.1-70b", "--nodes", "2", *base])
+    too_big = runner.invoke(app, ["plan", "llama-3.1-70b", "--nodes", "2", *base])
     assert too_big.exit_code == 1 and json.loads(too_big.output)["recommended"] is None
-    fits = runner.invoke(_app(), ["plan", "llama-3.1-70b", "--nodes", "8", *base])
+    fits = runner.invoke(app, ["plan", "llama-3.1-70b", "--nodes", "8", *base])
     assert fits.exit_code == 0, fits.output
     # one node of 8 H100 holds an 8B model: a second node means replicas, and which layout meets --max-num-seqs
-    two = runner.invoke(_app(), ["plan", "meta-llama/Llama-3.1-8B-Instruct", "--gpu", "H100", "--gpus-per-node", "8",
+    two = runner.invoke(app, ["plan", "meta-llama/Llama-3.1-8B-Instruct", "--gpu", "H100", "--gpus-per-node", "8",
                                  "--nodes", "2", "--max-num-seqs", "256", "--json"])  # fmt: skip
     assert two.exit_code == 0, two.output
     data = json.loads(two.output)
     assert data["recommended"]["num_nodes"] == 1
     replicas = [line for line in data["reasoning"] if "data-parallel replicas" in line]
     assert replicas and "TP=8 PP=1 per node" in replicas[0] and "meets --max-num-seqs 256" in replicas[0]
-    bad_dtype = runner.invoke(_app(), ["plan", "llama-3.1-8b", "--gpu", "H100", "--dtype", "fp8"])
+    bad_dtype = runner.invoke(app, ["plan", "llama-3.1-8b", "--gpu", "H100", "--dtype", "fp8"])
     assert bad_dtype.exit_code != 0 and "serve's" in bad_dtype.output
 
 
