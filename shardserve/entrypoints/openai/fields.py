@@ -171,7 +171,8 @@ METADATA = frozenset(
 )  # fmt: skip
 """Accepted and without effect on the output, by their definition (no log line)."""
 
-_logged_unknown: set[tuple[str, str]] = set()
+_logged_unknown: set[str] = set()
+"""Unknown field names already logged (``sampling_params.x`` for /generate's nested ones)."""
 
 
 def check_fields(body: BaseModel, vocab_size: int | None) -> None:
@@ -237,8 +238,8 @@ def _refuse(body: BaseModel, table: dict[str, Neutral], endpoint: str, prefix: s
 
 def _log_unknown(extras: Iterable[str], known: set[str], endpoint: str, prefix: str) -> None:
     for name in extras:
-        key = (endpoint, prefix + name)
+        key = prefix + name
         if name in known or name in METADATA or key in _logged_unknown:
             continue
         _logged_unknown.add(key)
-        logger.warning("%s: ignoring the unknown request field %r (logged once per field name)", endpoint, key[1])
+        logger.warning("%s: ignoring the unknown request field %r (logged once per field name)", endpoint, key)
