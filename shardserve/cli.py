@@ -199,66 +199,110 @@ def serve(
 ) -> None:
     """Serve MODEL behind an OpenAI-compatible HTTP API."""
     _setup_logging(log_level)
-    from shardserve.distributed.launch import discover_launch
+    from shardserve.distributed.dry_run import launch_problems
 
     try:
-        launch = discover_launch(
-            os.environ, nnodes=nnodes, node_rank=node_rank, master_addr=master_addr, master_port=master_port
-        )
-        config = build_engine_config(
-            model,
-            tp=tensor_parallel_size,
-            pp=pipeline_parallel_size,
-            pp_layer_partition=pp_layer_partition,
-            dtype=dtype,
-            max_model_len=max_model_len,
-            max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens,
-            max_queue_len=max_queue_len,
-            block_size=block_size,
-            gpu_memory_utilization=gpu_memory_utilization,
-            num_kv_blocks=num_kv_blocks,
-            cpu_kv_cache_gib=cpu_kv_cache_gib,
-            enable_prefix_caching=enable_prefix_caching,
-            load_format=load_format,
-            seed=seed,
-            device=device,
-            nnodes=launch.nnodes,
-            node_rank=launch.node_rank,
-            master_addr=launch.master_addr,
-            master_port=launch.master_port,
-            rendezvous_timeout=rendezvous_timeout,
-            watchdog_timeout=watchdog_timeout,
-            max_restarts=max_restarts,
-            pp_partition_by_memory=pp_partition_by_memory,
-            enforce_eager=enforce_eager,
-            disable_custom_all_reduce=disable_custom_all_reduce,
-            async_scheduling=async_scheduling,
-            fault_injection=os.environ.get(FAULT_INJECTION_ENV),
-        )
-        server = ServerConfig(
-            host=host,
-            port=port,
-            served_model_name=served_model_name,
-            api_key=api_key,
-            protect_metrics=protect_metrics,
-            allowed_origins=_string_list(allowed_origins),
-            allowed_methods=_string_list(allowed_methods) or ["*"],
-            allowed_headers=_string_list(allowed_headers) or ["*"],
-            allow_credentials=allow_credentials,
-            max_request_body_bytes=max_request_body_bytes,
-            request_timeout=request_timeout,
-            shutdown_timeout=shutdown_timeout,
-        )
+        launch = _discover_launch(nnodes, node_rank, master_addr, master_port)
     except ValueError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
-    from shardserve.launcher import describe, run_node
-
+    topology, _ = launch_problems(launch, tensor_parallel_size, pipeline_parallel_size)
+    problems: list[str] = []
+    config = server = None
+    if not topology:  # else the world size does not split over the nodes, which ParallelConfig repeats
+        try:
+            config = build_engine_config(
+                model,
+                tp=tensor_parallel_size,
+                pp=pipeline_parallel_size,
+                pp_layer_partition=pp_layer_partition,
+                dtype=dtype,
+                max_model_len=max_model_len,
+                max_num_seqs=max_num_seqs,
+                max_num_batched_tokens=max_num_batched_tokens,
+                max_queue_len=max_queue_len,
+                block_size=block_size,
+                gpu_memory_utilization=gpu_memory_utilization,
+                num_kv_blocks=num_kv_blocks,
+                cpu_kv_cache_gib=cpu_kv_cache_gib,
+                enable_prefix_caching=enable_prefix_caching,
+                load_format=load_format,
+                seed=seed,
+                device=device,
+                nnodes=launch.nnodes,
+                node_rank=launch.node_rank,
+                master_addr=launch.master_addr,
+                master_port=launch.master_port,
+                rendezvous_timeout=rendezvous_timeout,
+                watchdog_timeout=watchdog_timeout,
+                max_restarts=max_restarts,
+                pp_partition_by_memory=pp_partition_by_memory,
+                enforce_eager=enforce_eager,
+                disable_custom_all_reduce=disable_custom_all_reduce,
+                async_scheduling=async_scheduling,
+                fault_injection=os.environ.get(FAULT_INJECTION_ENV),
+            )
+            server = ServerConfig(
+                host=host,
+                port=port,
+                served_model_name=served_model_name,
+                api_key=api_key,
+                protect_metrics=protect_metrics,
+                allowed_origins=_string_list(allowed_origins),
+                allowed_methods=_string_list(allowed_methods) or ["*"],
+                allowed_headers=_string_list(allowed_headers) or ["*"],
+                allow_credentials=allow_credentials,
+                max_request_body_bytes=max_request_body_bytes,
+                request_timeout=request_timeout,
+                shutdown_timeout=shutdown_timeout,
+            )
+            check_model_layout(config)
+        except ValueError as e:
+            problems.append(str(e))
     if dry_run:
-        typer.echo(describe(config, launch))
-        raise typer.Exit(0)
+        typer.echo(_dry_run_report(launch, tensor_parallel_size, pipeline_parallel_size, problems))
+        raise typer.Exit(1 if topology or problems else 0)
+    for problem in topology + problems:
+        typer.echo(f"error: {problem}", err=True)
+    if topology or problems:
+        raise typer.Exit(2)
+    from shardserve.launcher import run_node
+
     raise typer.Exit(run_node(config, server, launch))
+
+
+def _discover_launch(nnodes: int | None, node_rank: int | None, master_addr: str | None, master_port: int | None):
+    from shardserve.distributed.launch import discover_launch
+
+    return discover_launch(
+        os.environ, nnodes=nnodes, node_rank=node_rank, master_addr=master_addr, master_port=master_port
+    )
+
+
+def check_model_layout(config: EngineConfig) -> None:
+    """Locate the model (metadata only, no weights) and check that its shape splits over TP x PP.
+
+    Runs before any process is spawned, so a bad layout or a missing model fails in a second.
+
+    Raises:
+        ValueError: the model is not found, or :func:`shardserve.config.check_parallel_layout` refuses it.
+    """
+    from shardserve.config import check_parallel_layout
+    from shardserve.model_executor.loader.resolve import resolve_model
+
+    source = resolve_model(config.model.model, config.model.hf_overrides)
+    par = config.parallel
+    check_parallel_layout(
+        source.arch, par.tensor_parallel_size, par.pipeline_parallel_size, par.pp_layer_partition, source.name
+    )
+
+
+def _dry_run_report(launch, tp: int, pp: int, problems: list[str]) -> str:
+    from shardserve.distributed.dry_run import describe_launch
+    from shardserve.distributed.netconf import network_env
+
+    net_env, notes = network_env(launch.master_addr, os.environ)
+    return describe_launch(launch, tp, pp, net_env, notes, problems)
 
 
 @app.command()

@@ -116,6 +116,71 @@ class ModelArchConfig:
         return embed * (1 if self.tie_word_embeddings else 2) + self.num_hidden_layers * layer + h
 
 
+def tensor_parallel_problems(arch: ModelArchConfig, tp: int) -> list[str]:
+    """Why the layers cannot split ``arch`` over ``tp`` ranks; empty when they can.
+
+    The rules of the layers, one each: ``QKVParallelLinear`` splits the query heads (``heads % tp``) and
+    splits the KV heads or replicates them (``kv % tp`` when ``tp < kv``, else ``tp % kv``);
+    ``MergedColumnParallelLinear`` / ``RowParallelLinear`` split the MLP width (``intermediate % tp``).
+    The vocabulary is padded to a multiple of ``tp`` (``VocabParallelEmbedding``): no rule.
+    """
+    heads, kv, mlp = arch.num_attention_heads, arch.num_key_value_heads, arch.intermediate_size
+    problems = []
+    if heads % tp:
+        problems.append(f"its {heads} attention heads are not divisible by {tp}")
+    if (kv % tp if tp < kv else tp % kv) != 0:
+        problems.append(f"its {kv} KV heads neither are divisible by {tp} nor divide it")
+    if mlp % tp:
+        problems.append(f"its MLP width {mlp} is not divisible by {tp}")
+    return problems
+
+
+def tensor_parallel_sizes(arch: ModelArchConfig) -> list[int]:
+    """Every TP size the layers accept for ``arch`` (all divide the attention heads)."""
+    return [t for t in range(1, arch.num_attention_heads + 1) if not tensor_parallel_problems(arch, t)]
+
+
+def check_parallel_layout(
+    arch: ModelArchConfig, tp: int, pp: int, pp_layer_partition: list[int] | None = None, model: str = "the model"
+) -> None:
+    """Check before any process starts that ``arch`` splits over TP ``tp`` x PP ``pp`` as the layers and the
+    loader will split it (:func:`tensor_parallel_problems`; ``pp_layer_range`` for the stages).
+
+    Used by ``serve`` (before spawning), ``serve --dry-run`` and ``doctor``.
+
+    Raises:
+        ValueError: the layout does not fit; the message names the model's sizes and the TP / PP sizes
+            that would work.
+    """
+    from shardserve.model_executor.loader import pp_layer_range
+
+    problems = tensor_parallel_problems(arch, tp)
+    if problems:
+        works = tensor_parallel_sizes(arch)
+        heads = arch.num_attention_heads
+        by_heads = [t for t in range(1, heads + 1) if heads % t == 0]
+        ruled_out = [f"{t} fails as {tensor_parallel_problems(arch, t)[0]}" for t in by_heads if t not in works]
+        note = (
+            f" (the {heads} attention heads alone allow {_join(by_heads)}; {'; '.join(ruled_out)})" if ruled_out else ""
+        )
+        raise ValueError(
+            f"--tensor-parallel-size {tp} does not fit {model}: {'; '.join(problems)}. "
+            f"Tensor parallel sizes that work: {_join(works)}{note}"
+        )
+    try:
+        for stage in range(pp):
+            pp_layer_range(arch.num_hidden_layers, pp, stage, pp_layer_partition)
+    except ValueError as e:
+        raise ValueError(
+            f"--pipeline-parallel-size {pp} does not fit {model}: {e}. "
+            f"Pipeline parallel sizes that work: 1..{arch.num_hidden_layers} (one layer per stage at least)"
+        ) from None
+
+
+def _join(sizes: list[int]) -> str:
+    return ", ".join(str(s) for s in sizes)
+
+
 @dataclass
 class ModelConfig:
     """Which model to load and how."""

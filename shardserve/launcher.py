@@ -19,16 +19,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_PORT = 29500
 
 
-def describe(config: EngineConfig, launch: LaunchInfo) -> str:
-    """What ``--dry-run`` prints: the discovered launch and the network settings it would use."""
-    from shardserve.distributed.dry_run import describe_launch
-    from shardserve.distributed.netconf import network_env
-
-    par = config.parallel
-    net_env, notes = network_env(par.master_addr, os.environ)
-    return describe_launch(launch, par.tensor_parallel_size, par.pipeline_parallel_size, net_env, notes)
-
-
 def run_node(config: EngineConfig, server: ServerConfig, launch: LaunchInfo) -> int:
     """Run this node until the launch ends; returns the process exit code."""
     from shardserve.distributed.netconf import network_env

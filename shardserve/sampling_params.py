@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
 
 _GREEDY_EPS = 1e-5
@@ -61,6 +62,8 @@ class SamplingParams:
     """What each output carries: deltas (streams) or one final output."""
 
     MAX_LOGPROBS = 20
+    SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+    """Seeds are int64, as in vLLM (``torch.Generator.manual_seed`` refuses values past 2**64)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -72,7 +75,13 @@ class SamplingParams:
         self._validate()
 
     def _validate(self) -> None:
+        floats = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
+        for name in floats:
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
+        seed_ok = self.seed is None or self.SEED_MIN <= self.seed <= self.SEED_MAX - (self.n - 1)
         checks = [
+            (seed_ok, "seed", f"must be in [-2**63, 2**63 - n] (int64; completion i uses seed + i), got {self.seed}"),
             (self.n >= 1, "n", f"must be at least 1, got {self.n}"),
             (self.temperature >= 0.0, "temperature", f"must be non-negative, got {self.temperature}"),
             (0.0 < self.top_p <= 1.0, "top_p", f"must be in (0, 1], got {self.top_p}"),

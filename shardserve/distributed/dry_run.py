@@ -2,21 +2,31 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from shardserve.distributed.launch import LaunchInfo, check_topology
 
 
-def describe_launch(launch: LaunchInfo, tp: int, pp: int, net_env: dict[str, str], net_notes: list[str]) -> str:
+def describe_launch(
+    launch: LaunchInfo,
+    tp: int,
+    pp: int,
+    net_env: dict[str, str],
+    net_notes: list[str],
+    problems: Sequence[str] = (),
+) -> str:
     """Report of the launch as this node sees it.
 
     Lists world size, ranks per node, this node's global ranks with their (PP stage, TP rank),
     the master, the network variables to be set and every note from discovery. A topology that
     cannot work (e.g. a TP group spanning two nodes) is reported as a ``PROBLEM:`` line rather
-    than raised, so the dry run shows everything at once.
+    than raised, so the dry run shows everything at once (``serve --dry-run`` then exits 1).
 
     Args:
         launch: from :func:`shardserve.distributed.launch.discover_launch`.
         tp, pp: tensor and pipeline parallel sizes.
         net_env, net_notes: from :func:`shardserve.distributed.netconf.network_env`.
+        problems: other problems found (configuration, model layout), listed as ``PROBLEM:`` lines too.
     """
     world = tp * pp
     lines = [
@@ -29,8 +39,8 @@ def describe_launch(launch: LaunchInfo, tp: int, pp: int, net_env: dict[str, str
     ]
     if not launch.is_node_leader:
         lines.append(f"  role:              local rank {launch.local_rank}: not the node leader, would exit")
-    problems, topo_notes = _topology(launch, tp, pp)
-    if not problems:
+    topo_problems, topo_notes = launch_problems(launch, tp, pp)
+    if not topo_problems:
         rpn = world // launch.nnodes
         ranks = launch.global_ranks(world)
         lines.append(f"  ranks per node:    {rpn}")
@@ -45,11 +55,12 @@ def describe_launch(launch: LaunchInfo, tp: int, pp: int, net_env: dict[str, str
     if notes:
         lines.append("  notes:")
         lines.extend(f"    - {note}" for note in notes)
-    lines.extend(f"PROBLEM: {p}" for p in problems)
+    lines.extend(f"PROBLEM: {p}" for p in [*topo_problems, *problems])
     return "\n".join(lines)
 
 
-def _topology(launch: LaunchInfo, tp: int, pp: int) -> tuple[list[str], list[str]]:
+def launch_problems(launch: LaunchInfo, tp: int, pp: int) -> tuple[list[str], list[str]]:
+    """(problems, notes) of :func:`check_topology`: the error as a problem instead of raised."""
     try:
         return [], check_topology(launch, tp, pp)
     except ValueError as exc:

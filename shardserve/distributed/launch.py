@@ -6,12 +6,14 @@ Node ``n`` of ``nnodes`` hosts global ranks ``[n * rpn, (n + 1) * rpn)`` with
 
 Explicit flags (``--nnodes``, ``--node-rank``, ``--master-addr``, ``--master-port``) always win.
 Without them the environment is read in this order; the innermost launcher comes first, because
-its variables describe the process we are, while outer layers' variables are only inherited:
+its variables describe the process we are, while outer layers' variables are only inherited.
+Scheduler-specific variables win over the generic ``WORLD_SIZE``/``RANK``/``LOCAL_RANK``/
+``LOCAL_WORLD_SIZE``, which sbatch scripts and pod specs often export by hand with other meanings:
 
-1. **torchrun** (``LOCAL_RANK`` + ``LOCAL_WORLD_SIZE``, set by the elastic agent for each of its
-   children): one process per GPU, ``WORLD_SIZE``/``RANK`` count processes.
-   ``nnodes = WORLD_SIZE // LOCAL_WORLD_SIZE``, ``node_rank = GROUP_RANK`` (else
-   ``RANK // LOCAL_WORLD_SIZE``); only ``LOCAL_RANK == 0`` leads its node.
+1. **torchrun** (``LOCAL_RANK`` + ``LOCAL_WORLD_SIZE`` with the elastic agent's own markers,
+   ``TORCHELASTIC_RUN_ID`` or ``GROUP_RANK``, set for each of its children): one process per GPU,
+   ``WORLD_SIZE``/``RANK`` count processes. ``nnodes = WORLD_SIZE // LOCAL_WORLD_SIZE``,
+   ``node_rank = GROUP_RANK`` (else ``RANK // LOCAL_WORLD_SIZE``); only ``LOCAL_RANK == 0`` leads its node.
 2. **Open MPI** (``OMPI_COMM_WORLD_RANK/SIZE/LOCAL_RANK/LOCAL_SIZE``): ranks placed by slot, so
    ``node_rank = RANK // LOCAL_SIZE``; the master comes from ``--master-addr`` or ``MASTER_ADDR``.
 3. **Slurm** (``SLURM_PROCID`` + ``SLURM_NNODES``/``SLURM_NODEID``): the master is the first host
@@ -25,7 +27,9 @@ its variables describe the process we are, while outer layers' variables are onl
    ``MASTER_ADDR``, ``WORLD_SIZE`` and ``RANK`` are set, ``LOCAL_RANK``/``LOCAL_WORLD_SIZE`` are
    not (so no torchrun made them), and one of ``PET_*``, ``KUBEFLOW*``, ``RUNAI_*`` or
    ``KUBERNETES_SERVICE_HOST`` is present. ``RUNAI_*`` marks the source "runai".
-6. Otherwise a single node (``source="single"``).
+6. **Generic per-process variables** (``LOCAL_RANK`` + ``LOCAL_WORLD_SIZE`` without any of the
+   above): read with torchrun's meaning (``source="env"``).
+7. Otherwise a single node (``source="single"``).
 
 Everything here is a pure function of the mapping it is given; nothing reads ``os.environ``.
 """
@@ -57,7 +61,7 @@ class LaunchInfo:
     master_port: int | None
     """TCP port of the rendezvous on the head; None lets a single node pick a free one."""
     source: str
-    """Where the values came from: flags, torchrun, slurm, openmpi, kubeflow, runai, lws or single."""
+    """Where the values came from: flags, torchrun, slurm, openmpi, kubeflow, runai, lws, env or single."""
     procs_per_node_hint: int | None = None
     """Processes the scheduler started per node when it started one per GPU (torchrun, Slurm, MPI)."""
     notes: list[str] = field(default_factory=list)
@@ -91,6 +95,13 @@ def ranks_per_node(world_size: int, nnodes: int) -> int:
     return world_size // nnodes
 
 
+def nodes_origin(launch: LaunchInfo) -> str:
+    """Where the node count came from, for messages: ``--nnodes 2`` or ``2 nodes (from torchrun)``."""
+    if launch.source == "flags":
+        return f"--nnodes {launch.nnodes}"
+    return f"{launch.nnodes} node(s) (from {launch.source})"
+
+
 def check_topology(launch: LaunchInfo, tensor_parallel_size: int, pipeline_parallel_size: int) -> list[str]:
     """Check that TP x PP fits the nodes with every TP group inside one node.
 
@@ -98,10 +109,20 @@ def check_topology(launch: LaunchInfo, tensor_parallel_size: int, pipeline_paral
 
     Raises:
         ValueError: the world size does not split evenly over the nodes, or a TP group would span
-            two nodes (``ranks_per_node % tp != 0``).
+            two nodes (``ranks_per_node % tp != 0``); the message says where the node count came from.
     """
     world = tensor_parallel_size * pipeline_parallel_size
-    rpn = ranks_per_node(world, launch.nnodes)
+    if world % launch.nnodes:
+        per_node = launch.procs_per_node_hint
+        hint = f"e.g. -pp {launch.nnodes} (one stage per node)"
+        if per_node:
+            hint += f", or TP x PP = {per_node * launch.nnodes} to use the {per_node} processes per node started"
+        raise ValueError(
+            f"world size TP {tensor_parallel_size} x PP {pipeline_parallel_size} = {world} does not split over "
+            f"{nodes_origin(launch)}: each node runs TP x PP / nodes workers, so TP x PP must be a multiple of "
+            f"{launch.nnodes}; {hint}"
+        )
+    rpn = world // launch.nnodes
     if rpn % tensor_parallel_size:
         raise ValueError(
             f"TP {tensor_parallel_size} does not fit in {rpn} ranks per node "
@@ -153,8 +174,12 @@ def discover_launch(
 # --------------------------------------------------------------------------- detection
 
 
+_TORCHELASTIC_MARKERS = ("TORCHELASTIC_RUN_ID", "GROUP_RANK")
+"""Set by torchrun's elastic agent for each child, and not by hand-written scripts."""
+
+
 def _detect(env: Mapping[str, str]) -> LaunchInfo:
-    for detector in (_from_torchrun, _from_openmpi, _from_slurm, _from_lws, _from_kubeflow):
+    for detector in (_from_torchrun, _from_openmpi, _from_slurm, _from_lws, _from_kubeflow, _from_local_vars):
         launch = detector(env)
         if launch is not None:
             return launch
@@ -180,6 +205,13 @@ def _single(env: Mapping[str, str]) -> LaunchInfo:
 
 
 def _from_torchrun(env: Mapping[str, str]) -> LaunchInfo | None:
+    if not any(k in env for k in _TORCHELASTIC_MARKERS):
+        return None
+    return _from_local_vars(env, "torchrun")
+
+
+def _from_local_vars(env: Mapping[str, str], source: str = "env") -> LaunchInfo | None:
+    """``LOCAL_RANK``/``LOCAL_WORLD_SIZE``/``WORLD_SIZE``/``RANK`` with torchrun's meaning (per process)."""
     if "LOCAL_RANK" not in env or "LOCAL_WORLD_SIZE" not in env:
         return None
     world = _int(env, "WORLD_SIZE")
@@ -188,29 +220,41 @@ def _from_torchrun(env: Mapping[str, str]) -> LaunchInfo | None:
     rank = _int(env, "RANK")
     if local_size < 1 or world % local_size:
         raise ValueError(
-            f"torchrun: WORLD_SIZE={world} is not a multiple of LOCAL_WORLD_SIZE={local_size}; "
+            f"{source}: WORLD_SIZE={world} is not a multiple of LOCAL_WORLD_SIZE={local_size}; "
             f"start the same --nproc-per-node on every node"
         )
-    notes = [f"torchrun: {world} processes, {local_size} per node -> {world // local_size} node(s)"]
+    notes = [f"{source}: {world} processes, {local_size} per node -> {world // local_size} node(s)"]
+    if source == "env":
+        notes.append("LOCAL_RANK/LOCAL_WORLD_SIZE/WORLD_SIZE/RANK read as torchrun writes them (per process)")
     node_rank = rank // local_size
     if "GROUP_RANK" in env:
         group_rank = _int(env, "GROUP_RANK")
         if group_rank != node_rank:
-            notes.append(f"torchrun: GROUP_RANK={group_rank} used (RANK // LOCAL_WORLD_SIZE = {node_rank})")
+            notes.append(f"{source}: GROUP_RANK={group_rank} used (RANK // LOCAL_WORLD_SIZE = {node_rank})")
         node_rank = group_rank
     port = _int_or_none(env, "MASTER_PORT")
     if port is not None and env.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true":
         # The elastic agent's own TCPStore listens on MASTER_PORT for the whole run.
         notes.append(f"torchrun's agent store holds MASTER_PORT={port}: rendezvous on {port + 1}")
         port += 1
+    return _per_process(world // local_size, node_rank, env.get("MASTER_ADDR", "127.0.0.1"), port, source, notes,
+                        local_rank, local_size, f"LOCAL_RANK={local_rank}")  # fmt: skip
+
+
+def _per_process(
+    nnodes: int, node_rank: int, master_addr: str, master_port: int | None, source: str, notes: list[str],
+    local_rank: int, local_size: int, local_name: str,
+) -> LaunchInfo:  # fmt: skip
+    """A launch whose scheduler started ``local_size`` processes per node: only local rank 0 leads its node."""
     if local_rank != 0:
-        notes.append(f"torchrun: LOCAL_RANK={local_rank} is not the node leader; local rank 0 launches this node")
+        label = {"openmpi": "Open MPI", "slurm": "Slurm"}.get(source, source)
+        notes.append(f"{label}: {local_name} is not the node leader; local rank 0 launches this node")
     return LaunchInfo(
-        nnodes=world // local_size,
+        nnodes=nnodes,
         node_rank=node_rank,
-        master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
-        master_port=port,
-        source="torchrun",
+        master_addr=master_addr,
+        master_port=master_port,
+        source=source,
         procs_per_node_hint=local_size if local_size > 1 else None,
         notes=notes,
         is_node_leader=local_rank == 0,
@@ -233,19 +277,8 @@ def _from_openmpi(env: Mapping[str, str]) -> LaunchInfo | None:
         )
     nnodes = size // local_size
     notes = [f"Open MPI: {size} processes, {local_size} per node -> {nnodes} node(s), ranks mapped by slot"]
-    if local_rank != 0:
-        notes.append(f"Open MPI: local rank {local_rank} is not the node leader")
-    return LaunchInfo(
-        nnodes=nnodes,
-        node_rank=rank // local_size,
-        master_addr=env.get("MASTER_ADDR", ""),
-        master_port=_int_or_none(env, "MASTER_PORT"),
-        source="openmpi",
-        procs_per_node_hint=local_size if local_size > 1 else None,
-        notes=notes,
-        is_node_leader=local_rank == 0,
-        local_rank=local_rank,
-    )
+    return _per_process(nnodes, rank // local_size, env.get("MASTER_ADDR", ""), _int_or_none(env, "MASTER_PORT"),
+                        "openmpi", notes, local_rank, local_size, f"local rank {local_rank}")  # fmt: skip
 
 
 def _from_slurm(env: Mapping[str, str]) -> LaunchInfo | None:
@@ -277,19 +310,8 @@ def _from_slurm(env: Mapping[str, str]) -> LaunchInfo | None:
         # Same on every node of the job, different for two jobs sharing a node.
         port = _SLURM_PORT_BASE + int(env["SLURM_JOB_ID"]) % _SLURM_PORT_SPAN
         notes.append(f"Slurm: port {port} derived from SLURM_JOB_ID={env['SLURM_JOB_ID']}")
-    if local_rank != 0:
-        notes.append(f"Slurm: SLURM_LOCALID={local_rank} is not the node leader")
-    return LaunchInfo(
-        nnodes=nnodes,
-        node_rank=_int(env, "SLURM_NODEID"),
-        master_addr=master,
-        master_port=port,
-        source="slurm",
-        procs_per_node_hint=tasks_per_node if tasks_per_node > 1 else None,
-        notes=notes,
-        is_node_leader=local_rank == 0,
-        local_rank=local_rank,
-    )
+    return _per_process(nnodes, _int(env, "SLURM_NODEID"), master, port, "slurm", notes, local_rank, tasks_per_node,
+                        f"SLURM_LOCALID={local_rank}")  # fmt: skip
 
 
 def _slurm_tasks_per_node(env: Mapping[str, str], nnodes: int, ntasks: int | None) -> int:

@@ -41,16 +41,23 @@ def register(app: typer.Typer) -> None:
 
 def plan_command(
     model: str = typer.Argument(
-        ..., help="Built-in name (llama-3.1-70b), .gguf file, HF directory, or hub id in the local HF cache."
+        ...,
+        help="Built-in name (llama-3.1-70b, meta-llama/Llama-3.1-70B-Instruct, ...-Q4_K_S), .gguf file, "
+        "HF directory, or hub id in the local HF cache.",
     ),
     gpu_memory: Optional[str] = typer.Option(None, help="Memory per GPU, e.g. 80GB or 24GiB (default: from --gpu)."),
     gpus_per_node: int = typer.Option(8, help="GPUs in each node."),
     nodes: Optional[int] = typer.Option(None, help="Nodes available (default: search up to 16)."),
     max_model_len: int = typer.Option(8192, help="Tokens each sequence must reach (prompt + output)."),
     max_num_seqs: int = typer.Option(64, help="Concurrent sequences wanted at --max-model-len."),
-    dtype: str = typer.Option("bf16", help="Activation and KV cache dtype (bf16, fp16, fp32, fp8)."),
+    dtype: str = typer.Option(
+        "bf16", help="serve's --dtype (bf16, fp16, fp32): weights, activations and KV cache are held in it."
+    ),
     weight_dtype: Optional[str] = typer.Option(
-        None, help="Weight dtype or GGML quant type (q4_k, q8_0) for config models (default: --dtype)."
+        None,
+        help="How a config model's checkpoint is stored: bf16, fp8, a GGML type (q8_0) or a llama.cpp file type "
+        "(Q4_K_S, Q4_K_M, Q5_K_M, Q6_K); sizes the file only, serve holds weights in --dtype "
+        "(default: the name's quant suffix, else bf16).",
     ),
     gpu: Optional[str] = typer.Option(
         None, help="GPU model for memory and HBM bandwidth: H100, H200, A100-80, L40S, RTX 4090, RTX 3090 Ti."
@@ -71,7 +78,10 @@ def plan_command(
     pp: Optional[int] = typer.Option(None, help="Also evaluate this pipeline-parallel size."),
     json_out: bool = typer.Option(False, "--json", help="Print the plan as JSON instead of tables."),
 ) -> None:
-    """Plan TP x PP for a model on given GPUs: memory per rank, KV capacity, decode bound, warnings."""
+    """Plan TP x PP for a model on given GPUs: memory per rank, KV capacity, decode bound, warnings.
+
+    Exits 1 when no layout holds the model (or the --tp/--pp layout does not).
+    """
     from shardserve.tools import plan as planner
     from shardserve.tools.netbench import NetbenchReport
 
@@ -95,15 +105,17 @@ def plan_command(
             tp=tp,
             pp=pp,
         )
-        weights = planner.load_model_weights(model, weight_dtype or dtype)
+        weights = planner.load_model_weights(model, weight_dtype)
         report = planner.make_plan(weights, inputs)
     except (ValueError, OSError) as e:
         raise typer.BadParameter(str(e)) from e
     console = Console()
     if json_out:
         console.print_json(json.dumps(report.to_dict()))
-        return
-    _render_plan(console, report)
+    else:
+        _render_plan(console, report)
+    if not report.fits:
+        raise typer.Exit(1)
 
 
 def _gb(n: float) -> str:

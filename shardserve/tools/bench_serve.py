@@ -42,7 +42,13 @@ RANDOM_TOKEN_ID_RANGE = (1000, 32000)
 and clear of the special tokens kept at either end of most vocabularies."""
 METRICS = (("ttft", "TTFT", "Time to First Token"), ("tpot", "TPOT", "Time per Output Token (excl. 1st token)"),
            ("itl", "ITL", "Inter-token Latency"), ("e2el", "E2EL", "End-to-end Latency"))  # fmt: skip
-WORDS = ["the", "of", "and", "to", "in", "is", "you", "that", "it", "he", "was", "for", "on", "are", "as", "with", "his", "they", "at", "be", "this", "have", "from", "or", "one", "had", "by", "word", "but", "not", "what", "all", "were", "we", "when", "your", "can", "said", "there", "use", "an", "each", "which", "she", "do", "how", "their", "if", "will", "up", "other", "about", "out", "many", "then", "them", "these", "so", "some", "her", "would", "make", "like", "him", "into", "time", "has", "look", "two", "more", "write", "go", "see", "number", "no", "way", "could", "people", "my", "than", "first", "water", "been", "call", "who", "oil", "its", "now", "find", "long", "down", "day", "did", "get", "come", "made", "may", "part"]
+WORDS = ["the", "of", "and", "to", "in", "is", "you", "that", "it", "he", "was", "for", "on", "are", "as", "with",
+         "his", "they", "at", "be", "this", "have", "from", "or", "one", "had", "by", "word", "but", "not", "what",
+         "all", "were", "we", "when", "your", "can", "said", "there", "use", "an", "each", "which", "she", "do",
+         "how", "their", "if", "will", "up", "other", "about", "out", "many", "then", "them", "these", "so", "some",
+         "her", "would", "make", "like", "him", "into", "time", "has", "look", "two", "more", "write", "go", "see",
+         "number", "no", "way", "could", "people", "my", "than", "first", "water", "been", "call", "who", "oil",
+         "its", "now", "find", "long", "down", "day", "did", "get", "come", "made", "may", "part"]  # fmt: skip
 """Words for random chat prompts: common English words, about one token each in most vocabularies."""
 
 

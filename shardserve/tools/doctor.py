@@ -19,7 +19,6 @@ import logging
 import os
 import platform
 import random
-import re
 import shutil
 import socket
 import subprocess
@@ -42,7 +41,6 @@ GPU_FREE_MIN_FRACTION = 0.9
 PORT_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 PORT_SAMPLES = 3
 SMALL_PORT_RANGE = 1024
-_HUB_ID_RE = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
 @dataclass
@@ -317,8 +315,6 @@ def model_facts(model: str | None) -> ModelFacts:
     from shardserve.model_executor.loader.resolve import resolve_model
 
     shown = model if model is not None else "<embedded model>"
-    if model is not None and not Path(model).expanduser().exists() and not _HUB_ID_RE.match(model):
-        return ModelFacts(path=model, error=f"{model} does not exist")
     try:
         source = resolve_model(model)
         digest, size = model_digest(source.path)
@@ -372,6 +368,7 @@ def local_checks(facts: NodeFacts, plan: Plan) -> list[Check]:
         *gpu_memory_checks(facts, plan),
         shm_check(facts),
         model_check(facts),
+        model_layout_check(plan),
         interface_check(facts, plan),
         rdma_check(facts, plan),
         port_range_check(facts),
@@ -444,14 +441,17 @@ def gpu_memory_checks(f: NodeFacts, plan: Plan) -> list[Check]:
     mem = Check("GPU memory", PASS, ", ".join(parts))
     if busy:
         mem = Check("GPU memory", WARN, ", ".join(parts),
-                    f"GPU(s) {busy} are partly used by another process (nvidia-smi): stop it or lower --gpu-memory-utilization")  # fmt: skip
+                    f"GPU(s) {busy} are partly used by another process (nvidia-smi): stop it or lower "
+                    "--gpu-memory-utilization")  # fmt: skip
     idx = [g["index"] for g in used]
     missing = [(i, j) for i in idx for j in idx if i < j and not (f.p2p[i][j] and f.p2p[j][i])]
     if len(idx) < 2:
         p2p = Check("GPU peer access", PASS, "one GPU per node: no peer traffic")
     elif missing:
-        p2p = Check("GPU peer access", WARN, f"no peer-to-peer access between GPU pairs {missing}: NCCL copies through host memory",
-                    "enable P2P (PCIe ACS/IOMMU settings, VM passthrough), or keep TP within GPUs that have NVLink")  # fmt: skip
+        p2p = Check("GPU peer access", WARN,
+                    f"no peer-to-peer access between GPU pairs {missing}: NCCL copies through host memory",
+                    "enable P2P (PCIe ACS/IOMMU settings, VM passthrough), or keep TP within GPUs that have "
+                    "NVLink")  # fmt: skip
     else:
         p2p = Check("GPU peer access", PASS, f"peer-to-peer access between all of GPUs {idx}")
     return [mem, p2p]
@@ -463,7 +463,8 @@ def shm_check(f: NodeFacts) -> Check:
     size = f"{f.shm_bytes / (1 << 30):.2f} GiB"
     if f.shm_bytes < SHM_MIN_BYTES:
         return Check("/dev/shm", WARN, f"{size}, below 1 GiB: NCCL and worker processes share memory through it",
-                     "docker run --shm-size=16g (Kubernetes: an emptyDir with medium Memory on /dev/shm), or mount -o remount,size=16g /dev/shm")  # fmt: skip
+                     "docker run --shm-size=16g (Kubernetes: an emptyDir with medium Memory on /dev/shm), "
+                     "or mount -o remount,size=16g /dev/shm")  # fmt: skip
     return Check("/dev/shm", PASS, size)
 
 
@@ -471,15 +472,35 @@ def model_check(f: NodeFacts) -> Check:
     m = f.model
     if m.error:
         return Check("model", FAIL, f"model {m.path} on node {f.node_rank} ({f.hostname}): {m.error}",
-                     "copy the model to the same path on every node (or use shared storage), or pass the right MODEL path")  # fmt: skip
+                     "copy the model to the same path on every node (or use shared storage), or pass the right "
+                     "MODEL path")  # fmt: skip
     return Check("model", PASS, f"{m.path} ({m.size_bytes / 1e6:.1f} MB, sha256 {m.digest[:12]})")
+
+
+def model_layout_check(plan: Plan) -> Check:
+    """TP x PP against the model's shape, as ``serve`` checks it (:func:`check_parallel_layout`)."""
+    from shardserve.config import check_parallel_layout
+    from shardserve.model_executor.loader.resolve import resolve_model
+
+    try:
+        source = resolve_model(plan.model)
+    except ValueError as e:
+        return Check("model layout", FAIL, f"cannot read the model's shape: {e}", "see the model check")
+    try:
+        check_parallel_layout(source.arch, plan.tp, plan.pp, model=source.name)
+    except ValueError as e:
+        return Check("model layout", FAIL, str(e), "pass -tp/-pp sizes that work for the model (see detail)")
+    a = source.arch
+    return Check("model layout", PASS, f"TP {plan.tp} x PP {plan.pp} fits {source.name} ({a.num_attention_heads} "
+                 f"attention heads, {a.num_key_value_heads} KV heads, {a.num_hidden_layers} layers)")  # fmt: skip
 
 
 def interface_check(f: NodeFacts, plan: Plan) -> Check:
     master = plan.launch.master_addr
     if f.route_error:
         return Check("network interface", FAIL, f"no route to master {master}: {f.route_error}",
-                     f"check that --master-addr {master} resolves and is routed from this node (ip route get {master})")  # fmt: skip
+                     f"check that --master-addr {master} resolves and is routed from this node "
+                     f"(ip route get {master})")  # fmt: skip
     gloo = f.net_env.get("GLOO_SOCKET_IFNAME", "?")
     nccl = f.net_env.get("NCCL_SOCKET_IFNAME", "?")
     return Check(
@@ -494,7 +515,8 @@ def rdma_check(f: NodeFacts, plan: Plan) -> Check:
         return Check("RDMA", PASS, f"NCCL_IB_HCA={f.rdma.get('NCCL_IB_HCA')}{kind}")
     if plan.launch.nnodes > 1 and plan.resolved_device() == "cuda" and f.gpus:
         return Check("RDMA", WARN, "no active RDMA port: NCCL uses TCP sockets between nodes (slow for PP/TP traffic)",
-                     "install the RDMA drivers (rdma-core, MOFED) and expose /dev/infiniband to the container")  # fmt: skip
+                     "install the RDMA drivers (rdma-core, MOFED) and expose /dev/infiniband to the "
+                     "container")  # fmt: skip
     return Check("RDMA", PASS, "none (not needed here)")
 
 
@@ -518,7 +540,8 @@ _SHOULD_MATCH = ("python", "driver")
 
 
 def versions_match_check(table: dict[int, NodeFacts]) -> Check:
-    """torch, CUDA and NCCL must be equal on every node (pickled messages, NCCL wire protocol); Python and driver should be."""
+    """torch, CUDA and NCCL must be equal on every node (pickled messages, NCCL wire protocol); Python and driver
+    should be."""
     if len(table) < 2:
         return Check("versions match", PASS, "one node")
     fields = {name: {r: getattr(f, name) for r, f in table.items()} for name in _MUST_MATCH + _SHOULD_MATCH}
@@ -538,7 +561,8 @@ def model_match_check(table: dict[int, NodeFacts]) -> Check:
     """The model is found on every node with the same content hash."""
     missing = sorted(r for r, f in table.items() if f.model.error)
     if missing:
-        return Check("model on every node", FAIL, f"model missing on node(s) {missing}: " + table[missing[0]].model.error,
+        error = table[missing[0]].model.error
+        return Check("model on every node", FAIL, f"model missing on node(s) {missing}: {error}",
                      "copy the model to the same path on every node (or use shared storage)")  # fmt: skip
     digests = {r: f.model.digest for r, f in table.items()}
     if len(set(digests.values())) > 1:

@@ -99,8 +99,9 @@ def _run_multi(plan: Plan, facts: NodeFacts, checks: list[Check]) -> DoctorRepor
             raw = node_rendezvous(la.master_addr, la.master_port, la.nnodes, me, plan.timeout_s,
                                   node_info(me, ranks, doctor=facts.to_dict()))  # fmt: skip
         except RendezvousError as e:
-            fix = (f"start `shardserve doctor` on every node with --nnodes {la.nnodes} --master-addr {la.master_addr} "
-                   f"--master-port {la.master_port} and a distinct --node-rank; raise --timeout if nodes start slowly")  # fmt: skip
+            fix = (f"start `shardserve doctor` on every node with --nnodes {la.nnodes} --master-addr "
+                   f"{la.master_addr} --master-port {la.master_port} and a distinct --node-rank; raise --timeout "
+                   "if nodes start slowly")  # fmt: skip
             checks.append(Check("all nodes joined", FAIL, str(e), fix))
             return _report(plan, {me: facts}, checks)
         table = {int(r): NodeFacts.from_dict(info["doctor"]) for r, info in raw.items()}
@@ -143,7 +144,8 @@ def master_port_check(plan: Plan) -> Check:
         if busy:
             detail = "; ".join(f"cannot listen on port {p}: {err}" for p, err in busy.items())
             return Check("master port", FAIL, detail,
-                         f"stop what holds it (ss -ltnp 'sport = :{min(busy)}') or pass another --master-port on every node")  # fmt: skip
+                         f"stop what holds it (ss -ltnp 'sport = :{min(busy)}') or pass another --master-port "
+                         "on every node")  # fmt: skip
         return Check("master port", PASS, f"head can listen on {ports[0]} (rendezvous) and {ports[1]} (control store)")
     where = f"{la.master_addr}:{la.master_port}"
     start = time.monotonic()
@@ -197,8 +199,9 @@ def probe_ports_check(table: dict[int, NodeFacts], me: int, timeout_s: float = _
                 failed.append(f"node {r} {f.address}:{port} ({e})")
     if failed:
         return Check("ephemeral ports reachable", FAIL, f"node {me} could not connect to " + ", ".join(failed),
-                     "allow TCP between the nodes on the whole ephemeral range (cat /proc/sys/net/ipv4/ip_local_port_range): "
-                     "gloo and NCCL listen on random ports in it", me)  # fmt: skip
+                     "allow TCP between the nodes on the whole ephemeral range "
+                     "(cat /proc/sys/net/ipv4/ip_local_port_range): gloo and NCCL listen on random ports in it",
+                     me)  # fmt: skip
     return Check(
         "ephemeral ports reachable",
         PASS,

@@ -2,14 +2,17 @@
 
 Each entry copies the architecture fields of the model's Hugging Face ``config.json`` (the URL is in
 ``source``). Instruct/chat variants share these fields with their base model; only token ids and,
-for Qwen2.5, ``max_position_embeddings`` (32768 for Instruct, 131072 for base) differ, which do not
-change the memory plan. ``head_dim`` is omitted where the original config omits it
-(``hidden_size / num_attention_heads`` then applies, as in transformers).
+for Qwen2.5, ``max_position_embeddings`` (32768 for Instruct, 131072 for base) differ, which change
+the memory plan only through the RoPE cache (under 0.1 GB); so names are matched without the
+organisation, a ``Meta-`` prefix and an ``-Instruct``/``-Chat``/``-it`` part
+(``meta-llama/Meta-Llama-3.1-70B-Instruct`` is ``Llama-3.1-70B``). ``head_dim`` is omitted where the
+original config omits it (``hidden_size / num_attention_heads`` then applies, as in transformers).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass
 from typing import Any
 
 from shardserve.config import ModelArchConfig
@@ -65,8 +68,6 @@ class KnownModel:
     """URL of the config.json the numbers come from."""
     hf_config: dict[str, Any]
     """The architecture fields of that config.json."""
-    aliases: tuple[str, ...] = field(default_factory=tuple)
-    """Other names (variants with the same architecture)."""
 
     @property
     def short_name(self) -> str:
@@ -90,13 +91,11 @@ KNOWN_MODELS: tuple[KnownModel, ...] = (
             "num_attention_heads": 32,
             "num_key_value_heads": 8,
         },
-        aliases=("meta-llama/Meta-Llama-3.1-8B", "meta-llama/Llama-3.1-8B-Instruct"),
     ),
     KnownModel(
         hub_id="meta-llama/Llama-3.1-70B",
         source="https://huggingface.co/meta-llama/Llama-3.1-70B/blob/main/config.json",
         hf_config=_LLAMA31_70B,
-        aliases=("meta-llama/Meta-Llama-3.1-70B", "meta-llama/Llama-3.1-70B-Instruct"),
     ),
     KnownModel(
         hub_id="meta-llama/Llama-3.1-405B",
@@ -109,7 +108,6 @@ KNOWN_MODELS: tuple[KnownModel, ...] = (
             "num_attention_heads": 128,
             "num_key_value_heads": 8,
         },
-        aliases=("meta-llama/Meta-Llama-3.1-405B", "meta-llama/Meta-Llama-3.1-405B-Instruct"),
     ),
     KnownModel(
         hub_id="deepseek-ai/DeepSeek-R1-Distill-Llama-70B",
@@ -127,7 +125,6 @@ KNOWN_MODELS: tuple[KnownModel, ...] = (
             "num_attention_heads": 28,
             "num_key_value_heads": 4,
         },
-        aliases=("Qwen/Qwen2.5-7B",),
     ),
     KnownModel(
         hub_id="Qwen/Qwen2.5-72B-Instruct",
@@ -140,7 +137,6 @@ KNOWN_MODELS: tuple[KnownModel, ...] = (
             "num_attention_heads": 64,
             "num_key_value_heads": 8,
         },
-        aliases=("Qwen/Qwen2.5-72B",),
     ),
     KnownModel(
         hub_id="mistralai/Mistral-7B-v0.3",
@@ -161,7 +157,6 @@ KNOWN_MODELS: tuple[KnownModel, ...] = (
             "eos_token_id": 2,
             "torch_dtype": "bfloat16",
         },
-        aliases=("mistralai/Mistral-7B-Instruct-v0.3",),
     ),
     KnownModel(
         hub_id="HuggingFaceTB/SmolLM2-135M",
@@ -182,22 +177,33 @@ KNOWN_MODELS: tuple[KnownModel, ...] = (
             "eos_token_id": 0,
             "torch_dtype": "bfloat16",
         },
-        aliases=("HuggingFaceTB/SmolLM2-135M-Instruct",),
     ),
 )
 
 
+_VARIANT_RE = re.compile(r"-(instruct|chat|it|base)(?=-|$)")
+_QUANT_RE = re.compile(r"[-._](I?Q\d\w*|F16|F32|BF16)(\.gguf)?$", re.IGNORECASE)
+
+
 def _normalise(name: str) -> str:
-    """Case-folded repo name with the organisation dropped."""
-    return name.strip().lower().split("/")[-1]
+    """Case-folded repo name without organisation, ``meta-`` prefix, ``-gguf`` and Instruct/Chat markers."""
+    key = name.strip().lower().split("/")[-1].removesuffix(".gguf").removesuffix("-gguf").removeprefix("meta-")
+    return _VARIANT_RE.sub("", key)
+
+
+def split_quant_suffix(name: str) -> tuple[str, str | None]:
+    """``Llama-3.1-70B-Instruct-Q4_K_S.gguf`` -> (``Llama-3.1-70B-Instruct``, ``Q4_K_S``); no suffix: None."""
+    m = _QUANT_RE.search(name.strip())
+    if m is None:
+        return name, None
+    return name.strip()[: m.start()], m.group(1).upper()
 
 
 def _index() -> dict[str, KnownModel]:
     index: dict[str, KnownModel] = {}
     for model in KNOWN_MODELS:
-        for name in (model.hub_id, *model.aliases):
-            index[name.lower()] = model
-            index.setdefault(_normalise(name), model)
+        index[model.hub_id.lower()] = model
+        index.setdefault(_normalise(model.hub_id), model)
     return index
 
 
@@ -205,7 +211,8 @@ _INDEX = _index()
 
 
 def find_known_model(name: str) -> KnownModel | None:
-    """The built-in entry for a hub id (``meta-llama/Llama-3.1-8B``) or short name (``llama-3.1-8b``).
+    """The built-in entry for a hub id (``meta-llama/Llama-3.1-8B``) or short name (``llama-3.1-8b``), base or
+    Instruct, with or without ``Meta-``.
 
     Matching is case-insensitive; None when the name is not built in.
     """

@@ -507,13 +507,13 @@ def save_plot(report: NetbenchReport, path: str | Path) -> None:
     plt.close(fig)
 
 
-def format_size(n: float) -> str:
-    """Bytes as 8 B, 64 KiB, 1 GiB."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:g} {unit}" if unit == "B" else f"{n:.4g} {unit}"
+def format_size(n: float, spec: str = ".4g") -> str:
+    """Bytes as 8 B, 64 KiB, 1 GiB; ``spec`` formats the number of KiB, MiB or GiB."""
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:{spec}} {unit}"
         n /= 1024
-    return f"{n} GiB"
+    return f"{n:{spec}} GiB"
 
 
 def interpolate_busbw(rows: list[Result], size_bytes: float) -> float:

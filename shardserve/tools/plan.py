@@ -3,12 +3,16 @@
 Pure functions over :class:`ModelArchConfig` (or a GGUF file's tensors) and a hardware description;
 no device is touched. The rules, and their sources:
 
-* Weights per rank. Linear layers split over TP (Megatron-LM column/row parallel), K/V projections
-  split by KV head and replicated when TP exceeds the KV heads (vLLM ``QKVParallelLinear``), the
-  embedding and LM head split over TP by vocabulary rows (``VocabParallelEmbedding``,
-  ``ParallelLMHead``) on the first and last stage, norms replicated on every rank. Layers split
-  over PP evenly, the remainder going to the stages before the last (vLLM ``get_pp_indices``).
-  Approximation: a quantised GGUF tensor is assumed to split in exact proportion to its bytes.
+* Memory per rank: the bytes ``serve`` allocates, counted by :func:`rank_resident_bytes` (the one
+  place that knows in which dtype each parameter is held) over :func:`rank_parameters`, which lists
+  the parameters ``LlamaForCausalLM`` creates on one rank: linear layers split over TP (Megatron-LM
+  column/row parallel), K/V projections split by KV head and replicated when TP exceeds the KV heads
+  (``QKVParallelLinear``), the embedding and LM head split over TP by vocabulary rows padded to a
+  multiple of TP (``VocabParallelEmbedding``, ``ParallelLMHead``) on the first and last stage (a
+  tied LM head is a second copy on the last stage when PP > 1), norms replicated, plus the RoPE
+  cos/sin cache. Today the loader dequantizes every tensor, GGUF or not, to the compute dtype
+  (``--dtype``), so a 4-bit file takes 2 bytes per weight in bf16; the file's own size is reported
+  apart. Layers split over PP as the loader splits them (``pp_layer_range``).
 * KV cache bytes per token = ``2 * num_layers * num_kv_heads * head_dim * dtype_bytes``; per rank
   ``num_kv_heads / tp`` (at least one head, replicated when tp > kv heads) and the layers of its stage.
 * Sequences that fit = ``(gpu_memory * utilization - weights - activation reserve) // (max_model_len
@@ -29,8 +33,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shardserve.config import ModelArchConfig
-from shardserve.tools.known_models import find_known_model, known_model_names
+from shardserve.config import DTYPES, ModelArchConfig, check_parallel_layout, tensor_parallel_sizes
+from shardserve.tools.known_models import find_known_model, known_model_names, split_quant_suffix
 from shardserve.tools.netbench import BUSBW_FACTORS, NetbenchReport, interpolate_busbw
 
 logger = logging.getLogger(__name__)
@@ -48,7 +52,11 @@ DTYPE_BYTES: dict[str, float] = {
     "int8": 1,
     "int4": 0.5,
 }
-"""Bytes per element of unquantised dtypes (int4 as packed pairs)."""
+"""Bytes per element of unquantised dtypes (int4 as packed pairs); storage types of checkpoints."""
+COMPUTE_DTYPES = tuple(DTYPES)
+"""dtypes ``serve --dtype`` computes (and so holds weights and KV cache) in."""
+ROPE_CACHE_BYTES_PER_ELEMENT = 4
+"""``RotaryEmbedding`` keeps its cos/sin caches in fp32."""
 
 _UNITS = {
     "": 1e9,
@@ -134,8 +142,25 @@ def parse_bytes(text: str | float | int) -> int:
     return int(value * _UNITS[unit])
 
 
+def ggml_type_of(name: str) -> str | None:
+    """The GGML tensor type behind a GGML type or llama.cpp file-type name, any case (``q4_k_m`` -> ``Q4_K``).
+
+    A file type such as Q4_K_M mixes types; its main one (Q4_K) is returned. None for other names.
+    """
+    from gguf import GGMLQuantizationType, LlamaFileType
+
+    key = name.strip().upper().removeprefix("MOSTLY_")
+    if key in GGMLQuantizationType.__members__:
+        return key
+    if f"MOSTLY_{key}" in LlamaFileType.__members__:
+        base = re.sub(r"_(S|M|L|XS|XXS)$", "", key)
+        return base if base in GGMLQuantizationType.__members__ else None
+    return None
+
+
 def bytes_per_param(dtype: str) -> float:
-    """Bytes per weight for a dtype name (bf16, fp8, ...) or a GGML quant type (q4_k, q8_0, ...).
+    """Bytes per weight as stored, for a dtype name (bf16, fp8, ...), a GGML type (q4_k, q8_0) or a
+    llama.cpp file type (Q4_K_S, Q4_K_M, Q5_K_M, Q6_K, Q8_0; any case, read as its main GGML type).
 
     GGML types use ``type_size / block_size`` from ``gguf.GGML_QUANT_SIZES`` (Q4_K: 144/256 = 0.5625).
 
@@ -146,12 +171,13 @@ def bytes_per_param(dtype: str) -> float:
         return float(DTYPE_BYTES[dtype.lower()])
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-    try:
-        block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType[dtype.upper()]]
-    except KeyError:
+    ggml = ggml_type_of(dtype)
+    if ggml is None:
         raise ValueError(
-            f"unknown dtype {dtype!r}; use one of {sorted(DTYPE_BYTES)} or a GGML type such as q4_k, q6_k, q8_0"
-        ) from None
+            f"unknown dtype {dtype!r}; use one of {sorted(DTYPE_BYTES)}, a GGML type such as q4_k or q8_0, "
+            "or a llama.cpp file type such as Q4_K_M"
+        )
+    block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType[ggml]]
     return type_size / block
 
 
@@ -160,135 +186,97 @@ def bytes_per_param(dtype: str) -> float:
 
 @dataclass(frozen=True)
 class WeightTensor:
-    """One weight and how it is split."""
+    """One checkpoint tensor as stored."""
 
     name: str
+    """Hugging Face name (config models) or llama.cpp name (GGUF files)."""
+    numel: int
+    stored_type: str
+    """Storage dtype or GGML type (``bf16``, ``Q4_K``, ...)."""
     nbytes: int
-    """Bytes of the whole (unsplit) tensor."""
-    kind: str
-    """embed, lm_head, final_norm, layer or other."""
-    split: str
-    """tp (divided over TP ranks), kv (divided by KV heads) or replicated."""
-    layer: int | None = None
-    """Decoder layer index for kind == layer."""
+    """Bytes in the checkpoint."""
 
 
 @dataclass
 class ModelWeights:
-    """A model's architecture and weight tensors, from a config (estimated) or a GGUF file (actual)."""
+    """A model's architecture and its checkpoint tensors, from a config (estimated) or a GGUF file (actual)."""
 
     name: str
     arch: ModelArchConfig
     tensors: list[WeightTensor]
     source: str
-    """``config`` (num_params x dtype bytes) or ``gguf`` (tensor bytes of the file)."""
+    """``config`` (num_params x storage dtype bytes) or ``gguf`` (tensor bytes of the file)."""
     weight_dtype: str
-    """dtype of the weights, or ``gguf`` (mixed types as stored)."""
+    """Storage dtype of the checkpoint, or ``gguf`` (mixed types as stored)."""
     file_bytes: int | None = None
     """Size of the GGUF file (bytes) when read from one."""
 
     @property
-    def total_bytes(self) -> int:
+    def stored_bytes(self) -> int:
+        """Bytes of the checkpoint's tensors."""
         return sum(t.nbytes for t in self.tensors)
 
-    @property
-    def tied(self) -> bool:
-        return not any(t.kind == "lm_head" for t in self.tensors)
+    def stored_types(self) -> set[str]:
+        return {t.stored_type for t in self.tensors}
 
 
 def arch_tensors(arch: ModelArchConfig, weight_dtype: str = "bf16") -> list[WeightTensor]:
-    """The weights of a config, named as in Hugging Face checkpoints; ``nbytes = numel * bytes_per_param``.
+    """The checkpoint tensors of a config, named as in Hugging Face checkpoints, stored in ``weight_dtype``.
 
     Their element counts add up to ``arch.num_params()``.
     """
     bpp = bytes_per_param(weight_dtype)
+    stored = weight_dtype.lower() if weight_dtype.lower() in DTYPE_BYTES else weight_dtype.upper()
     h, i, d = arch.hidden_size, arch.intermediate_size, arch.head_dim
     q, kv = arch.num_attention_heads * d, arch.num_key_value_heads * d
-
-    def t(name: str, numel: int, kind: str, split: str, layer: int | None = None) -> WeightTensor:
-        return WeightTensor(name, math.ceil(numel * bpp), kind, split, layer)
-
-    out = [t("model.embed_tokens.weight", arch.vocab_size * h, "embed", "tp")]
+    shapes = [("model.embed_tokens.weight", arch.vocab_size * h)]
     for n in range(arch.num_hidden_layers):
         p = f"model.layers.{n}."
-        shapes = [
-            ("input_layernorm.weight", h, "replicated"),
-            ("self_attn.q_proj.weight", q * h, "tp"),
-            ("self_attn.k_proj.weight", kv * h, "kv"),
-            ("self_attn.v_proj.weight", kv * h, "kv"),
-            ("self_attn.o_proj.weight", h * q, "tp"),
-            ("post_attention_layernorm.weight", h, "replicated"),
-            ("mlp.gate_proj.weight", i * h, "tp"),
-            ("mlp.up_proj.weight", i * h, "tp"),
-            ("mlp.down_proj.weight", h * i, "tp"),
-        ]
+        shapes += [(p + "input_layernorm.weight", h), (p + "self_attn.q_proj.weight", q * h),
+                   (p + "self_attn.k_proj.weight", kv * h), (p + "self_attn.v_proj.weight", kv * h),
+                   (p + "self_attn.o_proj.weight", h * q), (p + "post_attention_layernorm.weight", h),
+                   (p + "mlp.gate_proj.weight", i * h), (p + "mlp.up_proj.weight", i * h),
+                   (p + "mlp.down_proj.weight", h * i)]  # fmt: skip
         if arch.attention_bias:
-            shapes += [
-                ("self_attn.q_proj.bias", q, "tp"),
-                ("self_attn.k_proj.bias", kv, "kv"),
-                ("self_attn.v_proj.bias", kv, "kv"),
-            ]
+            shapes += [(p + "self_attn.q_proj.bias", q), (p + "self_attn.k_proj.bias", kv),
+                       (p + "self_attn.v_proj.bias", kv)]  # fmt: skip
         if arch.qk_norm:
-            shapes += [("self_attn.q_norm.weight", d, "replicated"), ("self_attn.k_norm.weight", d, "replicated")]
-        out += [t(p + name, numel, "layer", split, n) for name, numel, split in shapes]
-    out.append(t("model.norm.weight", h, "final_norm", "replicated"))
+            shapes += [(p + "self_attn.q_norm.weight", d), (p + "self_attn.k_norm.weight", d)]
+    shapes.append(("model.norm.weight", h))
     if not arch.tie_word_embeddings:
-        out.append(t("lm_head.weight", arch.vocab_size * h, "lm_head", "tp"))
-    return out
+        shapes.append(("lm_head.weight", arch.vocab_size * h))
+    return [WeightTensor(name, numel, stored, math.ceil(numel * bpp)) for name, numel in shapes]
 
 
 def weights_from_arch(name: str, arch: ModelArchConfig, weight_dtype: str = "bf16") -> ModelWeights:
-    """Estimated weights of a config stored in ``weight_dtype``."""
+    """Estimated checkpoint of a config stored in ``weight_dtype``."""
     return ModelWeights(name, arch, arch_tensors(arch, weight_dtype), "config", weight_dtype)
 
 
-_GGUF_BLOCK = re.compile(r"blk\.(\d+)\.(.+)")
-
-
-def _classify_gguf_tensor(name: str) -> tuple[str, str, int | None]:
-    """(kind, split, layer) of a GGUF tensor name (llama.cpp naming)."""
-    if name == "token_embd.weight":
-        return "embed", "tp", None
-    if name == "output.weight":
-        return "lm_head", "tp", None
-    if name == "output_norm.weight":
-        return "final_norm", "replicated", None
-    m = _GGUF_BLOCK.fullmatch(name)
-    if not m:
-        return "other", "replicated", None
-    part = m.group(2)
-    if "norm" in part:
-        split = "replicated"
-    elif part.startswith(("attn_k.", "attn_v.")):
-        split = "kv"
-    else:
-        split = "tp"
-    return "layer", split, int(m.group(1))
-
-
 def weights_from_gguf(path: str | Path) -> ModelWeights:
-    """Actual weights of a GGUF file: each tensor's stored bytes (``GGUFReader`` ``n_bytes``); the
+    """Actual checkpoint of a GGUF file: each tensor's type and stored bytes from the file's header; the
     architecture from its metadata (:func:`shardserve.model_executor.loader.resolve.resolve_model`).
 
     Raises:
         ValueError: unreadable file, unsupported architecture or incomplete metadata.
     """
-    from shardserve.model_executor.loader.resolve import open_gguf, resolve_model
+    from shardserve.model_executor.loader.resolve import read_gguf_header, resolve_model
 
     path = Path(path)
     source = resolve_model(str(path))
-    tensors = []
-    for t in open_gguf(path).tensors:
-        kind, split, layer = _classify_gguf_tensor(t.name)
-        tensors.append(WeightTensor(t.name, int(t.n_bytes), kind, split, layer))
+    tensors = [
+        WeightTensor(t.name, t.n_elements, t.type_name, t.n_bytes) for t in read_gguf_header(path).tensors.values()
+    ]
     return ModelWeights(source.name, source.arch, tensors, "gguf", "gguf", path.stat().st_size)
 
 
-def load_model_weights(model: str, weight_dtype: str = "bf16") -> ModelWeights:
-    """Resolve ``model`` offline: a .gguf file or HF directory, a built-in name (:mod:`known_models`),
+def load_model_weights(model: str, weight_dtype: str | None = None) -> ModelWeights:
+    """Resolve ``model`` offline: a .gguf file or HF directory, a built-in name (:mod:`known_models`: base or
+    Instruct, with or without ``Meta-``, optionally with a llama.cpp quant suffix such as ``-Q4_K_S``),
     or a hub id in the local HF cache (files and hub ids through ``resolve_model``).
 
-    ``weight_dtype`` applies to config-based models; a GGUF's own tensor types are used as stored.
+    ``weight_dtype`` is the checkpoint's storage for config-based models (default: a name's quant suffix,
+    else bf16); a GGUF's own tensor types are used as stored.
 
     Raises:
         ValueError: nothing matches (the message lists the built-in names).
@@ -296,9 +284,10 @@ def load_model_weights(model: str, weight_dtype: str = "bf16") -> ModelWeights:
     from shardserve.model_executor.loader.resolve import resolve_model
 
     if not Path(model).expanduser().exists():
-        known = find_known_model(model)
+        base, quant = split_quant_suffix(model)
+        known = find_known_model(base)
         if known is not None:
-            return weights_from_arch(known.short_name, known.arch(), weight_dtype)
+            return weights_from_arch(known.short_name, known.arch(), weight_dtype or quant or "bf16")
     try:
         source = resolve_model(model)
     except ValueError as e:
@@ -307,29 +296,100 @@ def load_model_weights(model: str, weight_dtype: str = "bf16") -> ModelWeights:
         ) from e
     if source.format == "gguf":
         return weights_from_gguf(source.path)
-    return weights_from_arch(source.name, source.arch, weight_dtype)
+    return weights_from_arch(source.name, source.arch, weight_dtype or source.arch.torch_dtype or "bf16")
+
+
+def rank_parameters(arch: ModelArchConfig, tp: int, layer_range: tuple[int, int]) -> list[tuple[str, int]]:
+    """``(checkpoint tensor name, elements on one TP rank)`` of every parameter that ``LlamaForCausalLM``
+    creates on a rank holding decoder layers ``layer_range`` (the fused q/k/v and gate/up parameters are
+    listed by their checkpoint parts). Every TP rank of a stage holds the same counts.
+
+    Raises:
+        ValueError: ``tp`` does not split the model (:func:`shardserve.config.check_parallel_layout`).
+    """
+    check_parallel_layout(arch, tp, 1)
+    h, d = arch.hidden_size, arch.head_dim
+    heads = arch.num_attention_heads // tp
+    kv_heads = kv_heads_per_rank(arch, tp)
+    mlp = arch.intermediate_size // tp
+    vocab_rows = -(-arch.vocab_size // tp)  # padded to a multiple of tp
+    start, end = layer_range
+    out = [("model.embed_tokens.weight", vocab_rows * h)] if start == 0 else []
+    for n in range(start, end):
+        p = f"model.layers.{n}."
+        out += [(p + "input_layernorm.weight", h), (p + "self_attn.q_proj.weight", heads * d * h),
+                (p + "self_attn.k_proj.weight", kv_heads * d * h), (p + "self_attn.v_proj.weight", kv_heads * d * h),
+                (p + "self_attn.o_proj.weight", h * heads * d), (p + "post_attention_layernorm.weight", h),
+                (p + "mlp.gate_proj.weight", mlp * h), (p + "mlp.up_proj.weight", mlp * h),
+                (p + "mlp.down_proj.weight", h * mlp)]  # fmt: skip
+        if arch.attention_bias:
+            out += [(p + "self_attn.q_proj.bias", heads * d), (p + "self_attn.k_proj.bias", kv_heads * d),
+                    (p + "self_attn.v_proj.bias", kv_heads * d)]  # fmt: skip
+        if arch.qk_norm:
+            out += [(p + "self_attn.q_norm.weight", d), (p + "self_attn.k_norm.weight", d)]
+    if end == arch.num_hidden_layers:
+        out.append(("model.norm.weight", h))
+        if not (arch.tie_word_embeddings and start == 0):  # tied on one stage: the LM head is the embedding
+            out.append(("lm_head.weight", vocab_rows * h))
+    return out
+
+
+def rank_resident_bytes(weights: ModelWeights, tp: int, layer_range: tuple[int, int], compute_dtype: str) -> int:
+    """Bytes of model state one rank holds: its parameters plus the RoPE cos/sin caches.
+
+    THE weight accounting of the planner, kept to this one function: at this commit the loader creates
+    every parameter in the compute dtype and dequantizes each checkpoint tensor (GGUF quants included)
+    into it, so a parameter takes ``numel * bytes(compute_dtype)`` whatever ``weights``' stored types
+    are. When weights stay quantized on the device, this is where their stored types (``weights.tensors``)
+    come in.
+
+    Args:
+        weights: the checkpoint (its architecture; its stored types are not used yet).
+        tp: tensor parallel size.
+        layer_range: decoder layers ``[start, end)`` of the rank's stage.
+        compute_dtype: ``serve --dtype`` (bf16, fp16, fp32).
+
+    Raises:
+        ValueError: ``tp`` does not split the model, or an unknown compute dtype.
+    """
+    if compute_dtype.lower() not in COMPUTE_DTYPES:
+        raise ValueError(f"compute dtype must be one of {sorted(COMPUTE_DTYPES)}, got {compute_dtype!r}")
+    element = DTYPE_BYTES[compute_dtype.lower()]
+    params = sum(numel for _, numel in rank_parameters(weights.arch, tp, layer_range))
+    return int(params * element) + rope_cache_bytes(weights.arch)
+
+
+def rope_cache_bytes(arch: ModelArchConfig) -> int:
+    """The ``RotaryEmbedding`` cos and sin caches of one rank: ``2 * max_position_embeddings * head_dim`` fp32."""
+    return 2 * arch.max_position_embeddings * arch.head_dim * ROPE_CACHE_BYTES_PER_ELEMENT
 
 
 # ----------------------------------------------------------------------------- layouts
 
 
-def split_layers(num_layers: int, pp: int) -> list[int]:
-    """Layers per stage: even, with the remainder on the stages before the last (vLLM ``get_pp_indices``).
+def stage_layer_ranges(num_layers: int, pp: int) -> list[tuple[int, int]]:
+    """Decoder layers ``[start, end)`` of each stage, as the loader splits them (``pp_layer_range``).
 
     Raises:
         ValueError: more stages than layers.
     """
-    if not 1 <= pp <= num_layers:
-        raise ValueError(f"pipeline parallel size {pp} must be in 1..{num_layers} (the layer count)")
-    parts = [num_layers // pp] * pp
-    for k in range(num_layers % pp):  # remainder < pp, so pp >= 2 here
-        parts[-2 - k] += 1
-    return parts
+    from shardserve.model_executor.loader import pp_layer_range
+
+    return [pp_layer_range(num_layers, pp, stage) for stage in range(pp)]
+
+
+def split_layers(num_layers: int, pp: int) -> list[int]:
+    """Layers per stage (see :func:`stage_layer_ranges`).
+
+    Raises:
+        ValueError: more stages than layers.
+    """
+    return [end - start for start, end in stage_layer_ranges(num_layers, pp)]
 
 
 def kv_heads_per_rank(arch: ModelArchConfig, tp: int) -> int:
-    """KV heads one TP rank holds: ``num_kv_heads / tp``, at least 1 (replicated when tp > kv heads)."""
-    return max(1, arch.num_key_value_heads // tp)
+    """KV heads one TP rank holds: ``num_kv_heads / tp``, or 1 (replicated) when tp >= kv heads."""
+    return 1 if tp >= arch.num_key_value_heads else arch.num_key_value_heads // tp
 
 
 def kv_bytes_per_token(arch: ModelArchConfig, dtype_bytes: float, num_layers: int | None = None, tp: int = 1) -> int:
@@ -341,30 +401,15 @@ def kv_bytes_per_token(arch: ModelArchConfig, dtype_bytes: float, num_layers: in
     return int(2 * layers * kv_heads_per_rank(arch, tp) * arch.head_dim * dtype_bytes)
 
 
-def stage_weight_bytes(weights: ModelWeights, tp: int, pp: int) -> list[int]:
-    """Weight bytes held by one rank of each pipeline stage (list of length ``pp``).
+def stage_weight_bytes(weights: ModelWeights, tp: int, pp: int, compute_dtype: str = "bf16") -> list[int]:
+    """Bytes of model state held by one rank of each pipeline stage (list of length ``pp``), by
+    :func:`rank_resident_bytes`.
 
     Raises:
-        ValueError: ``pp`` exceeds the layer count.
+        ValueError: ``pp`` exceeds the layer count, or ``tp`` does not split the model.
     """
-    arch = weights.arch
-    parts = split_layers(arch.num_hidden_layers, pp)
-    stage_of_layer = [s for s, n in enumerate(parts) for _ in range(n)]
-    kv_share = kv_heads_per_rank(arch, tp) / arch.num_key_value_heads
-    out = [0.0] * pp
-    for t in weights.tensors:
-        per_rank = t.nbytes / tp if t.split == "tp" else t.nbytes * kv_share if t.split == "kv" else t.nbytes
-        if t.kind == "layer":
-            out[stage_of_layer[t.layer]] += per_rank
-        elif t.kind == "embed":
-            out[0] += per_rank
-            if weights.tied and pp > 1:
-                out[-1] += per_rank  # the last stage needs the tied matrix as its LM head
-        elif t.kind in ("lm_head", "final_norm"):
-            out[-1] += per_rank
-        else:
-            out = [b + per_rank for b in out]
-    return [math.ceil(b) for b in out]
+    ranges = stage_layer_ranges(weights.arch.num_hidden_layers, pp)
+    return [rank_resident_bytes(weights, tp, r, compute_dtype) for r in ranges]
 
 
 @dataclass
@@ -381,7 +426,7 @@ class PlanInputs:
     max_num_seqs: int = 64
     """Concurrent sequences wanted at max_model_len."""
     dtype: str = "bf16"
-    """Activation and KV cache dtype."""
+    """Compute dtype of ``serve`` (``--dtype``): weights, activations and KV cache are held in it."""
     gpu_memory_utilization: float = 0.9
     max_num_batched_tokens: int = 2048
     """Tokens per forward (prefill chunk), for the activation estimate."""
@@ -403,8 +448,8 @@ class PlanInputs:
             raise ValueError("--max-model-len, --max-num-seqs and --max-num-batched-tokens must be positive")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        if self.dtype.lower() not in DTYPE_BYTES:
-            raise ValueError(f"--dtype must be one of {sorted(DTYPE_BYTES)}, got {self.dtype!r}")
+        if self.dtype.lower() not in COMPUTE_DTYPES:
+            raise ValueError(f"--dtype must be one of serve's {sorted(COMPUTE_DTYPES)}, got {self.dtype!r}")
 
     @property
     def dtype_bytes(self) -> float:
@@ -483,7 +528,7 @@ def evaluate_layout(weights: ModelWeights, inputs: PlanInputs, tp: int, pp: int)
     arch = weights.arch
     world = tp * pp
     nodes, per_node = _nodes_for(world, inputs.gpus_per_node)
-    stage_bytes = stage_weight_bytes(weights, tp, pp)
+    stage_bytes = stage_weight_bytes(weights, tp, pp, inputs.dtype)
     parts = split_layers(arch.num_hidden_layers, pp)
     reserve = activation_reserve(arch, inputs, tp)
     budget = inputs.gpu_memory_bytes * inputs.gpu_memory_utilization - reserve
@@ -507,21 +552,17 @@ def evaluate_layout(weights: ModelWeights, inputs: PlanInputs, tp: int, pp: int)
         fits=seqs >= 1,
         meets_max_num_seqs=seqs >= inputs.max_num_seqs,
     )
-    if inputs.hbm_bandwidth:
-        plan.decode_s_per_token_weights = sum(stage_bytes) / inputs.hbm_bandwidth
+    if inputs.hbm_bandwidth:  # every parameter is read once per token; the RoPE cache only at the positions
+        read = sum(stage_bytes) - pp * rope_cache_bytes(arch)
+        plan.decode_s_per_token_weights = read / inputs.hbm_bandwidth
     _add_comm_times(plan, arch, inputs)
     return plan
 
 
 def valid_tp_sizes(arch: ModelArchConfig, gpus_per_node: int) -> list[int]:
-    """Powers of two that divide the query heads, are <= gpus_per_node, and divide or are divided by the KV heads."""
-    out, tp = [], 1
-    while tp <= gpus_per_node:
-        kv = arch.num_key_value_heads
-        if arch.num_attention_heads % tp == 0 and (kv % tp == 0 or tp % kv == 0):
-            out.append(tp)
-        tp *= 2
-    return out
+    """TP sizes ``serve`` accepts for ``arch`` (:func:`shardserve.config.tensor_parallel_sizes`) up to
+    ``gpus_per_node``."""
+    return [tp for tp in tensor_parallel_sizes(arch) if tp <= gpus_per_node]
 
 
 def enumerate_layouts(weights: ModelWeights, inputs: PlanInputs) -> list[LayoutPlan]:
@@ -638,12 +679,20 @@ class PlanReport:
     model: str
     source: str
     weight_dtype: str
+    """Storage of the checkpoint (``gguf``: the file's own tensor types)."""
+    dtype: str
+    """Compute dtype the weights are held in."""
     weight_bytes: int
+    """Parameter bytes ``serve`` holds over all ranks of one copy (TP = PP = 1)."""
+    stored_bytes: int
+    """Bytes of the checkpoint's tensors as stored."""
     num_params: int
     kv_bytes_per_token: int
     """Whole model, one token (bytes)."""
     file_bytes: int | None
     layouts: list[LayoutPlan]
+    nodes_given: int | None
+    """``--nodes``, None when the planner searched."""
     recommended: LayoutPlan | None
     """Fewest GPUs that hold one max_model_len sequence (see :func:`recommend`)."""
     recommended_full_batch: LayoutPlan | None
@@ -653,6 +702,11 @@ class PlanReport:
     inter_node_gbps: float | None
     warnings: list[str] = field(default_factory=list)
     reasoning: list[str] = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool:
+        """Some layout holds the model, and the chosen one (``--tp/--pp``) does if one was given."""
+        return self.recommended is not None and (self.chosen is None or self.chosen.fits)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -678,40 +732,41 @@ def make_plan(weights: ModelWeights, inputs: PlanInputs) -> PlanReport:
     chosen = None
     if inputs.tp is not None or inputs.pp is not None:
         tp, pp = inputs.tp or 1, inputs.pp or 1
-        if arch.num_attention_heads % tp:
-            raise ValueError(f"--tp {tp} does not divide the {arch.num_attention_heads} attention heads")
+        check_parallel_layout(arch, tp, pp, model=weights.name)
         chosen = evaluate_layout(weights, inputs, tp, pp)
     report = PlanReport(
         model=weights.name,
         source=weights.source,
         weight_dtype=weights.weight_dtype,
-        weight_bytes=weights.total_bytes,
+        dtype=inputs.dtype,
+        weight_bytes=int(arch.num_params() * inputs.dtype_bytes),
+        stored_bytes=weights.stored_bytes,
         num_params=arch.num_params(),
         kv_bytes_per_token=kv_bytes_per_token(arch, inputs.dtype_bytes),
         file_bytes=weights.file_bytes,
         layouts=layouts,
+        nodes_given=inputs.nodes,
         recommended=recommend(layouts),
         recommended_full_batch=recommend(layouts, full_batch=True),
         chosen=chosen,
         inter_node_gbps=inter_node_gbps(inputs),
     )
-    _explain(report, inputs)
+    _explain(report, inputs, weights)
     return report
 
 
-def _explain(report: PlanReport, inputs: PlanInputs) -> None:
+def _explain(report: PlanReport, inputs: PlanInputs, weights: ModelWeights) -> None:
     usable = inputs.gpu_memory_bytes * inputs.gpu_memory_utilization
     r = report.reasoning
+    stored = "the GGUF file's tensors" if report.source == "gguf" else f"{report.num_params / 1e9:.2f}e9 params"
     r.append(
-        f"weights {_gb(report.weight_bytes)} ({report.source}: "
-        + (
-            "tensor bytes of the GGUF file"
-            if report.source == "gguf"
-            else f"{report.num_params / 1e9:.2f}e9 params x {report.weight_dtype}"
-        )
-        + f"); KV cache {report.kv_bytes_per_token} B/token ({inputs.dtype}); "
-        f"usable per GPU {_gb(usable)} ({inputs.gpu_memory_utilization:.0%} of {_gb(inputs.gpu_memory_bytes)})"
+        f"weights {_gb(report.weight_bytes)} as serve holds them: {report.num_params / 1e9:.2f}e9 params x "
+        f"{report.dtype} (the loader dequantizes every tensor to --dtype); the checkpoint stores "
+        f"{_gb(report.stored_bytes)} ({stored} as {_stored_types(weights)}); KV cache "
+        f"{report.kv_bytes_per_token} B/token ({inputs.dtype}); usable per GPU {_gb(usable)} "
+        f"({inputs.gpu_memory_utilization:.0%} of {_gb(inputs.gpu_memory_bytes)})"
     )
+    _warn_unloadable(report, weights)
     r.append(f"one node holds {_gb(usable * inputs.gpus_per_node)} over {inputs.gpus_per_node} GPU(s)")
     rec = report.recommended
     if rec is None:
@@ -719,7 +774,8 @@ def _explain(report: PlanReport, inputs: PlanInputs) -> None:
         report.warnings.append(
             f"model does not fit: no layout on up to {most} GPUs of {_gb(inputs.gpu_memory_bytes)} holds the "
             f"{_gb(report.weight_bytes)} of weights plus one {inputs.max_model_len}-token sequence; "
-            "add nodes, use bigger GPUs, a lower --max-model-len, or a quantised model"
+            + ("give more --nodes, " if inputs.nodes else "add nodes, ")
+            + "use bigger GPUs or a lower --max-model-len"
         )
     else:
         if rec.num_nodes > 1:
@@ -733,7 +789,8 @@ def _explain(report: PlanReport, inputs: PlanInputs) -> None:
             r.append("no layout with TP inside each node and one PP stage per node fits; using PP inside nodes too")
         r.append(
             f"per rank: weights {_gb(rec.max_weight_bytes_per_rank)}, reserve {_gb(rec.activation_reserve_bytes)}, "
-            f"KV cache {_gb(rec.kv_cache_bytes_per_rank)} = {rec.max_concurrent_seqs} sequence(s) of {inputs.max_model_len} tokens"
+            f"KV cache {_gb(rec.kv_cache_bytes_per_rank)} = {rec.max_concurrent_seqs} sequence(s) of "
+            f"{inputs.max_model_len} tokens"
         )
         full = report.recommended_full_batch
         if full is None:
@@ -743,12 +800,15 @@ def _explain(report: PlanReport, inputs: PlanInputs) -> None:
             )
         elif full is not rec:
             r.append(
-                f"it holds {rec.max_concurrent_seqs} < --max-num-seqs {inputs.max_num_seqs} sequences; "
-                f"TP={full.tp} PP={full.pp} ({full.num_gpus} GPUs, {full.num_nodes} node(s)) holds {full.max_concurrent_seqs}"
+                f"it holds {rec.max_concurrent_seqs} < --max-num-seqs {inputs.max_num_seqs} sequences; TP={full.tp} "
+                f"PP={full.pp} ({full.num_gpus} GPUs, {full.num_nodes} node(s)) holds {full.max_concurrent_seqs}"
             )
+        if inputs.nodes and inputs.nodes > 1 and rec.num_nodes == 1:
+            _explain_replicas(report, inputs)
         if rec.decode_s_per_token is not None:
             r.append(
-                f"batch-1 decode bound ~{1 / rec.decode_s_per_token:.1f} tokens/s ({rec.decode_s_per_token * 1e3:.2f} ms/token)"
+                f"batch-1 decode bound ~{1 / rec.decode_s_per_token:.1f} tokens/s "
+                f"({rec.decode_s_per_token * 1e3:.2f} ms/token)"
             )
         _warn_network(report, inputs, rec)
     if report.chosen is not None:
@@ -764,6 +824,51 @@ def _explain(report: PlanReport, inputs: PlanInputs) -> None:
             )
         if c.num_nodes > 1 and (rec is None or rec.num_nodes == 1):
             _warn_network(report, inputs, c)
+
+
+def _stored_types(weights: ModelWeights) -> str:
+    counts: dict[str, int] = {}
+    for t in weights.tensors:
+        counts[t.stored_type] = counts.get(t.stored_type, 0) + t.numel
+    return ", ".join(name for name, _ in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def _warn_unloadable(report: PlanReport, weights: ModelWeights) -> None:
+    from shardserve.model_executor.loader.weights import GGUF_SUPPORTED_TYPES
+
+    ggml = {ggml_type_of(t) for t in weights.stored_types() if t.lower() not in DTYPE_BYTES}
+    unloadable = sorted(g for g in ggml - set(GGUF_SUPPORTED_TYPES) if g is not None)
+    if unloadable:
+        report.warnings.append(
+            f"serve cannot load {', '.join(unloadable)} tensors "
+            f"(the GGUF types it reads: {', '.join(GGUF_SUPPORTED_TYPES)})"
+        )
+
+
+def _explain_replicas(report: PlanReport, inputs: PlanInputs) -> None:
+    """One node holds the model but several were given: data-parallel replicas, not a model split over nodes."""
+    nodes = inputs.nodes or 1
+    single = [p for p in report.layouts if p.num_nodes == 1 and p.fits]
+    best = min(single, key=lambda p: (-p.max_concurrent_seqs, recommendation_key(p)))
+    per_replica = math.ceil(inputs.max_num_seqs / nodes)
+    meets = best.max_concurrent_seqs >= per_replica
+    report.reasoning.append(
+        f"one node already holds the model, and {nodes} nodes were given: run {nodes} data-parallel replicas "
+        f"(one `shardserve serve` per node, behind a load balancer) instead of splitting one copy over the "
+        f"nodes; TP={best.tp} PP={best.pp} per node holds {best.max_concurrent_seqs} sequence(s) of "
+        f"{inputs.max_model_len} tokens per replica, {nodes * best.max_concurrent_seqs} in all: "
+        + (
+            f"meets --max-num-seqs {inputs.max_num_seqs} with --max-num-seqs {per_replica} on each"
+            if meets
+            else f"short of --max-num-seqs {inputs.max_num_seqs} ({per_replica} per replica)"
+        )
+    )
+    full = report.recommended_full_batch
+    if not meets and full is not None and full.num_nodes > 1:
+        report.reasoning.append(
+            f"one server over {full.num_nodes} nodes, TP={full.tp} PP={full.pp}, holds {full.max_concurrent_seqs} "
+            f">= --max-num-seqs {inputs.max_num_seqs}"
+        )
 
 
 def _warn_network(report: PlanReport, inputs: PlanInputs, plan: LayoutPlan) -> None:

@@ -14,6 +14,8 @@ import httpx
 import typer
 from rich.console import Console
 
+from shardserve.tools.netbench import format_size
+
 DEFAULT_TIMEOUT_S = 10.0
 
 
@@ -49,15 +51,12 @@ def fetch_status(url: str, api_key: str | None = None, timeout_s: float = DEFAUL
 
 
 def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
+    return format_size(n, ".1f")
 
 
 def _rank_line(r: dict[str, Any]) -> str:
-    mem = f"{_size(r['memory_used_bytes'])}/{_size(r['memory_total_bytes'])} {'GPU' if r['memory_kind'] == 'gpu' else 'RSS'}"
+    kind = "GPU" if r["memory_kind"] == "gpu" else "RSS"
+    mem = f"{_size(r['memory_used_bytes'])}/{_size(r['memory_total_bytes'])} {kind}"
     return (
         f"rank {r['rank']}  pid {r['pid']}  {r['device']}  tp {r['tp_rank']}/{r['tp_size']}  "
         f"pp {r['pp_rank']}/{r['pp_size']}  layers [{r['layer_start']}, {r['layer_end']})  "

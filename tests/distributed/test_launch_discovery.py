@@ -149,6 +149,23 @@ def test_slurm_batch_script_without_step_is_flagged():
     assert any("srun" in note for note in discover(env).notes)
 
 
+@pytest.mark.parametrize("local_world_size", [None, "8", "16"])
+def test_slurm_wins_over_generic_world_size_and_rank(local_world_size):
+    # sbatch scripts often export WORLD_SIZE/RANK (and LOCAL_*) by hand; Slurm's own variables win.
+    env = {**slurm_env(nodeid=0), "SLURM_STEP_NODELIST": "node[01-02]", "WORLD_SIZE": "16", "RANK": "0",
+           "LOCAL_RANK": "0"}  # fmt: skip
+    if local_world_size is not None:
+        env["LOCAL_WORLD_SIZE"] = local_world_size
+    info = discover(env)
+    assert (info.source, info.nnodes, info.node_rank, info.master_addr) == ("slurm", 2, 0, "node01")
+
+
+def test_generic_local_variables_without_a_scheduler_read_as_torchrun():
+    env = {"RANK": "9", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "8", "WORLD_SIZE": "16", "MASTER_ADDR": "10.0.0.1"}
+    info = discover(env)
+    assert (info.source, info.nnodes, info.node_rank, info.is_node_leader) == ("env", 2, 1, False)
+
+
 def test_slurm_nodeid_out_of_range_raises():
     env = slurm_env(nodeid=0)
     env["SLURM_NODEID"] = "2"
@@ -329,7 +346,7 @@ def test_global_ranks_and_topology_checks():
     check_topology(info, 4, 2)  # TP 4 stays in one node
     with pytest.raises(ValueError, match="inside a node"):
         check_topology(info, 4, 1)  # 2 ranks per node cannot hold a TP group of 4
-    with pytest.raises(ValueError, match="not divisible"):
+    with pytest.raises(ValueError, match="does not split over --nnodes 2"):
         check_topology(info, 3, 1)
     per_gpu = discover(torchrun_env(rank=0, local_rank=0, nnodes=2, nproc=8))
     assert check_topology(per_gpu, 4, 2)  # 8 processes started per node, 4 used -> a note

@@ -25,7 +25,8 @@ def test_flags_reach_the_server_and_engine_configs(monkeypatch):
     args = ["serve", "--device", "cpu", "--api-key", "k", "--protect-metrics", "--allowed-origins", '["https://a.example"]',
             "--allowed-origins", "https://b.example,https://c.example", "--allow-credentials",
             "--max-request-body-bytes", "1000", "--request-timeout", "7.5", "--shutdown-timeout", "3",
-            "--max-queue-len", "5", "--max-num-seqs", "4", "--watchdog-timeout", "9", "--max-restarts", "1"]  # fmt: skip
+            "--max-queue-len", "5", "--max-num-seqs", "4", "--watchdog-timeout", "9",
+            "--max-restarts", "1"]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     server, config = seen["server"], seen["config"]

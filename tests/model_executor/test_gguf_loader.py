@@ -212,7 +212,7 @@ def test_tiny_gguf_model_matches_transformers(tmp_path, arch):
     _write(path, {k: (v.astype(np.float16) if q == T.F16 else v, q) for k, (v, q) in tensors.items()}, arch, meta)
     if arch == "llama":  # compare against the fp16-rounded weights that went into the file
         with torch.no_grad():
-            for name, p in hf.named_parameters():
+            for p in hf.parameters():
                 if p.dim() == 2:
                     p.copy_(p.half().float())
 
@@ -229,3 +229,24 @@ def test_tiny_gguf_model_matches_transformers(tmp_path, arch):
     with torch.no_grad():
         ref = hf(torch.tensor([ids])).logits[0]
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_header_reader_agrees_with_gguf_reader(quant_file):
+    from shardserve.model_executor.loader.resolve import default_model_path, gguf_field, read_gguf_header
+
+    for path in (quant_file[0], default_model_path()):
+        reader, header = open_gguf(path), read_gguf_header(path)
+        assert header.data_offset == reader.data_offset
+        assert len(header.tensors) == len(reader.tensors)
+        for t in reader.tensors:
+            info = header.tensors[t.name]
+            assert info.shape == tuple(t.shape.tolist()) and info.type_name == t.tensor_type.name
+            assert (info.offset, info.n_bytes, info.n_elements) == (t.data_offset, t.n_bytes, t.n_elements)
+        for key in reader.fields:
+            if key.startswith("GGUF."):
+                continue
+            value = gguf_field(reader, key)
+            if key in header.fields:
+                assert header.fields[key] == (pytest.approx(value) if isinstance(value, float) else value), key
+            else:  # string arrays: only their length is read
+                assert header.array_lengths[key] == len(value), key

@@ -83,8 +83,28 @@ def test_bad_paths(tmp_path):
         resolve_model(str(tmp_path / "weights.bin"))
     with pytest.raises(ValueError, match="no config.json"):
         resolve_model(str(tmp_path))
-    with pytest.raises(ValueError, match="neither an existing"):
+    with pytest.raises(ValueError, match="not found"):
         resolve_model(str(tmp_path / "missing" / "deeper"))
+
+
+@pytest.mark.parametrize("missing", ["./nope.gguf", "nope.gguf", "../models/x", "~/m/x", "models/x.gguf", "a/b/c"])
+def test_missing_local_paths_are_not_looked_up_on_the_hub(missing, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: pytest.fail("hub lookup"))
+    with pytest.raises(ValueError, match="not found") as err:
+        resolve_model(missing)
+    assert missing in str(err.value) and "cache" not in str(err.value)
+
+
+def test_hub_hint_names_a_command_of_the_installed_huggingface_hub():
+    from importlib.metadata import distribution
+
+    from shardserve.model_executor.loader.resolve import download_command
+
+    command = download_command("org/name")
+    scripts = {ep.name for ep in distribution("huggingface_hub").entry_points if ep.group == "console_scripts"}
+    assert command.endswith(" download org/name") and command.split()[0] in scripts, scripts
 
 
 def _tiny_config(**extra) -> dict:
@@ -182,3 +202,19 @@ def test_pp_partition_by_memory_is_proportional_and_sums():
     sizes = pp_partition_by_memory(80, [80e9, 24e9, 24e9])
     assert sum(sizes) == 80 and sizes[0] > max(sizes[1:]) and abs(sizes[1] - sizes[2]) <= 1 and min(sizes) >= 1
     assert pp_partition_by_memory(3, [1e12, 1.0, 1.0]) == [1, 1, 1]  # every stage keeps a layer
+
+
+def test_loading_progress_goes_to_the_log_without_a_terminal(caplog, monkeypatch):
+    import io
+    import types
+
+    from shardserve.model_executor import loader
+
+    monkeypatch.setattr(loader, "PROGRESS_LOG_INTERVAL_S", 0.0)
+    monkeypatch.setattr(loader, "sys", types.SimpleNamespace(stderr=io.StringIO()))  # not a terminal
+    items = [(f"w{i}", None) for i in range(4)]
+    with caplog.at_level("INFO", logger=loader.logger.name):
+        assert list(loader._with_progress(items, "m")) == items
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0] == "loading m: 4 tensors" and lines[3].startswith("loading m: 3/4 tensors (75%)"), lines
+    assert len(lines) == 4  # nothing after the last tensor: load_model logs "loaded ..." itself

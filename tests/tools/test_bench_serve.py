@@ -31,7 +31,8 @@ from shardserve.tools.bench_serve import (
 
 REPO = Path(__file__).resolve().parents[2]
 VLLM_KEYS = ["completed", "failed", "total_input_tokens", "total_output_tokens", "duration", "request_throughput",
-             "output_throughput", "total_token_throughput", "input_lens", "output_lens", "ttfts", "itls", "errors"]  # fmt: skip
+             "output_throughput", "total_token_throughput", "input_lens", "output_lens", "ttfts", "itls",
+             "errors"]  # fmt: skip
 METRIC_NAMES = ("ttft", "tpot", "itl", "e2el")
 
 

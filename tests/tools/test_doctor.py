@@ -12,13 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import typer
 from procs import netns_available, veth_namespaces
 from typer.testing import CliRunner
 
+from shardserve.cli import app
 from shardserve.distributed.launch import LaunchInfo
 from shardserve.distributed.rendezvous import free_port
-from shardserve.tools import register
 from shardserve.tools.doctor import (
     FAIL,
     PASS,
@@ -34,23 +33,12 @@ from shardserve.tools.doctor import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
-EXPECTED_CHECKS = {"launch", "versions", "GPUs", "/dev/shm", "model", "network interface", "RDMA",
+EXPECTED_CHECKS = {"launch", "versions", "GPUs", "/dev/shm", "model", "model layout", "network interface", "RDMA",
                    "ephemeral port range", "master port", "all-reduce"}  # fmt: skip
 
 
-def _app() -> typer.Typer:
-    app = typer.Typer()
-
-    @app.callback()
-    def main() -> None:
-        """Test root."""
-
-    register(app)
-    return app
-
-
 def _doctor(*args: str) -> tuple[int, dict]:
-    result = CliRunner().invoke(_app(), ["doctor", *args, "--json"], catch_exceptions=False)
+    result = CliRunner().invoke(app, ["doctor", *args, "--json"], catch_exceptions=False)
     return result.exit_code, json.loads(result.stdout)
 
 
@@ -61,7 +49,8 @@ def _by_name(report: dict, node: int | None = 0) -> dict[str, dict]:
 def _facts(**over) -> NodeFacts:
     base = dict(node_rank=0, hostname="h", python="3.11.7", torch="2.5.0", cuda="12.4", driver="550.54", nccl="2.21.5",
                 gpus=[], p2p=[], shm_bytes=16 << 30, model=ModelFacts(path="/m", digest="ab" * 32, size_bytes=1),
-                net_env={}, net_notes=[], address="10.0.0.1", route_error="", rdma={}, port_range=[32768, 60999])  # fmt: skip
+                net_env={}, net_notes=[], address="10.0.0.1", route_error="", rdma={},
+                port_range=[32768, 60999])  # fmt: skip
     base.update(over)
     return NodeFacts(**base)
 
@@ -118,7 +107,7 @@ def test_gpu_count_and_shm_thresholds():
 
 
 def test_doctor_on_this_machine():
-    code, report = _doctor("-tp", "2")
+    code, report = _doctor("-pp", "2")
     assert code == 0, report
     checks = _by_name(report)
     assert set(checks) >= EXPECTED_CHECKS
@@ -129,6 +118,14 @@ def test_doctor_on_this_machine():
     assert report["nodes"]["0"]["torch"] == torch.__version__
     assert checks["all-reduce"]["status"] == PASS and "2 rank(s)" in checks["all-reduce"]["detail"]
     assert checks["model"]["status"] == PASS and len(report["nodes"]["0"]["model"]["digest"]) == 64
+    assert checks["model layout"]["status"] == PASS and "9 attention heads" in checks["model layout"]["detail"]
+
+
+def test_a_layout_the_model_cannot_take_fails_naming_the_sizes_that_work():
+    code, report = _doctor("-tp", "2")  # the embedded model has 9 attention heads
+    layout = _by_name(report)["model layout"]
+    assert code != 0 and layout["status"] == FAIL and layout["fix"]
+    assert "9 attention heads" in layout["detail"] and "work: 1, 3" in layout["detail"]
 
 
 def test_missing_model_fails_naming_the_path(tmp_path):

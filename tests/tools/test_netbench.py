@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-import typer
 from typer.testing import CliRunner
 
-from shardserve.tools import register
+from shardserve.cli import app
 from shardserve.tools.netbench import (
     OPS,
     LocalLaunch,
@@ -20,17 +19,6 @@ from shardserve.tools.netbench import (
 )
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def _app() -> typer.Typer:
-    app = typer.Typer()
-
-    @app.callback()
-    def main() -> None:
-        """Test root."""
-
-    register(app)
-    return app
 
 
 def test_message_sizes():
@@ -72,7 +60,7 @@ def test_cli_four_gloo_processes(tmp_path):
         "--plot",
         str(png_path),
     ]
-    result = CliRunner().invoke(_app(), args, catch_exceptions=False)
+    result = CliRunner().invoke(app, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     for op in OPS:
         assert op in result.output

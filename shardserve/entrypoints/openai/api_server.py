@@ -5,19 +5,24 @@ Routes: ``GET /health``, ``GET /v1/models``, ``POST /v1/completions``, ``POST /v
 (layout, ranks, KV cache and throughput; behind the API key when one is set).
 
 Every failure is answered in OpenAI's error shape ``{"error": {"message", "type", "param", "code"}}``:
-400 for bad parameters, malformed JSON and too long prompts; 401 for a missing API key; 404 for an
-unknown model or route; 413 for too large a body; 429 (with ``Retry-After``) when the engine queue
+400 for bad parameters, malformed JSON (lone surrogates and nesting past the JSON parser's depth limit
+included), unsupported fields (:mod:`.fields`) and too long prompts; 401 for a missing API key; 404 for
+an unknown model or route; 413 for too large a body; 429 (with ``Retry-After``) when the engine queue
 is full; 503 while the model loads, while the ranks restart after a failure, while shutting down, or
-after the engine died; 504 past the request timeout. ``/openapi.json`` describes every request body.
+after the engine died; 504 past the request timeout. Client errors are :class:`InvalidRequestError`;
+any other exception is a bug: it is logged with an error id and answered 500 naming that id, by
+:class:`UnexpectedErrorMiddleware`, which (unlike Starlette's ``ServerErrorMiddleware``, which re-raises
+and so makes uvicorn drop the connection) keeps the keep-alive connection usable.
+``/openapi.json`` describes every request body.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import threading
+import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -29,11 +34,13 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shardserve.config import ServerConfig
 from shardserve.engine.async_llm import AsyncLLM, EngineDeadError, EngineOverloadedError, RequestFailedError
 from shardserve.entrypoints.openai.access import check_api_key, install_cors, warn_if_open
 from shardserve.entrypoints.openai.cluster_status import build_cluster_status
+from shardserve.entrypoints.openai.fields import check_fields
 from shardserve.entrypoints.openai.lifecycle import DrainState, GracefulServer, InFlightCounter
 from shardserve.entrypoints.openai.openapi_docs import publish_body_schemas, request_body
 from shardserve.entrypoints.openai.protocol import (
@@ -108,6 +115,7 @@ def build_app(state: ServerState) -> FastAPI:
     _install_error_handlers(app, state)
     _add_routes(app, state, metrics)
     publish_body_schemas(app, [CompletionRequest, ChatCompletionRequest, GenerateRequest])
+    app.add_middleware(UnexpectedErrorMiddleware)  # innermost of ours: answers 500s before the counters
     app.add_middleware(InFlightCounter, drain=state.drain)
     install_cors(app, state.config)  # outermost, so preflights are answered before anything else
     return app
@@ -173,22 +181,27 @@ def _add_routes(app: FastAPI, state: ServerState, metrics: ServerMetrics) -> Non
         ]
         return JSONResponse(ModelList(data=cards).model_dump(mode="json"))
 
+    async def parse(request: Request, model: type[M], ctx: ServingContext) -> M:
+        body = await _parse_body(request, model, state.config.max_request_body_bytes)
+        check_fields(body, ctx.vocab_size)
+        return body
+
     @app.post("/v1/completions", openapi_extra=request_body(CompletionRequest))
     async def completions(request: Request) -> Response:
         ctx = context(request)
-        body = await _parse_body(request, CompletionRequest, state.config.max_request_body_bytes)
+        body = await parse(request, CompletionRequest, ctx)
         return await cancel_on_disconnect(request, _as_response(CompletionServer(ctx).create(body, request)))
 
     @app.post("/v1/chat/completions", openapi_extra=request_body(ChatCompletionRequest))
     async def chat_completions(request: Request) -> Response:
         ctx = context(request)
-        body = await _parse_body(request, ChatCompletionRequest, state.config.max_request_body_bytes)
+        body = await parse(request, ChatCompletionRequest, ctx)
         return await cancel_on_disconnect(request, _as_response(ChatServer(ctx).create(body, request)))
 
     @app.post("/generate", openapi_extra=request_body(GenerateRequest))
     async def generate(request: Request) -> Response:
         ctx = context(request)
-        body = await _parse_body(request, GenerateRequest, state.config.max_request_body_bytes)
+        body = await parse(request, GenerateRequest, ctx)
         return await cancel_on_disconnect(request, _as_response(GenerateServer(ctx).create(body)))
 
 
@@ -198,7 +211,10 @@ async def _as_response(result: Any) -> Response:
 
 
 async def _parse_body(request: Request, model: type[M], limit: int) -> M:
-    """The JSON body validated as ``model``.
+    """The JSON body validated as ``model``, parsed by pydantic's own JSON parser (jiter).
+
+    jiter refuses lone surrogates (``"\\ud800"``) and nesting deeper than its limit with a
+    ``json_invalid`` error, where ``json.loads`` would accept the first and hit a ``RecursionError``.
 
     Raises:
         InvalidRequestError: 413 past ``limit`` bytes; 400 for malformed JSON or an invalid field.
@@ -216,20 +232,18 @@ async def _parse_body(request: Request, model: type[M], limit: int) -> M:
             raise too_large
         chunks.append(chunk)
     try:
-        data = json.loads(b"".join(chunks))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidRequestError(f"The request body is not valid JSON: {exc}", code="invalid_json") from exc
-    if not isinstance(data, dict):
-        raise InvalidRequestError("The request body must be a JSON object.", code="invalid_json")
-    try:
-        return model.model_validate(data)
+        return model.model_validate_json(b"".join(chunks))
     except ValidationError as exc:
-        raise _validation_error(exc.errors()) from exc
+        raise _validation_error(exc.errors(include_url=False)) from exc
 
 
 def _validation_error(errors: Any) -> InvalidRequestError:
     """The first pydantic error as a 400 naming its field (``param``), like OpenAI's messages."""
     first = dict(errors[0]) if errors else {"loc": (), "msg": "invalid request"}
+    if first.get("type") == "json_invalid":
+        return InvalidRequestError(f"The request body is not valid JSON: {first.get('msg')}", code="invalid_json")
+    if first.get("type") == "model_type" and not first.get("loc"):
+        return InvalidRequestError("The request body must be a JSON object.", code="invalid_json")
     loc = [str(part) for part in first.get("loc", ()) if part not in ("body",)]
     message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     param = loc[0] if loc else None
@@ -254,10 +268,6 @@ def _install_error_handlers(app: FastAPI, state: ServerState) -> None:
     async def validation(_: Request, exc: RequestValidationError) -> Response:
         err = _validation_error(exc.errors())
         return _error(400, err.message, "invalid_request_error", err.param, err.code)
-
-    @app.exception_handler(ValueError)
-    async def engine_value_error(_: Request, exc: ValueError) -> Response:
-        return _error(400, str(exc), "invalid_request_error")
 
     @app.exception_handler(EngineOverloadedError)
     async def overloaded(_: Request, exc: EngineOverloadedError) -> Response:
@@ -291,10 +301,39 @@ def _install_error_handlers(app: FastAPI, state: ServerState) -> None:
     async def http_error(_: Request, exc: StarletteHTTPException) -> Response:
         return _error(exc.status_code, str(exc.detail), _error_type(exc.status_code), headers=exc.headers)
 
-    @app.exception_handler(Exception)
-    async def internal(_: Request, exc: Exception) -> Response:
-        logger.exception("internal error", exc_info=exc)
-        return _error(500, f"Internal server error: {type(exc).__name__}", "server_error", code="internal_error")
+
+class UnexpectedErrorMiddleware:
+    """ASGI middleware: an exception no handler claimed is logged with an error id and answered 500.
+
+    It does not re-raise (Starlette's ``ServerErrorMiddleware`` does, and uvicorn then closes the
+    connection), so the client's keep-alive connection survives. When the response had already
+    started, only the log line is written.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:  # the last line of defence: answer, log, keep serving
+            error_id = uuid.uuid4().hex[:12]
+            logger.error("internal error %s on %s %s", error_id, scope.get("method"), scope.get("path"), exc_info=exc)
+            if started:
+                return
+            message = f"Internal server error (error id {error_id}; the server log has the details)."
+            response = _error(500, message, "server_error", code="internal_error")
+            await response(scope, receive, send)
 
 
 def _error_type(status: int) -> str:

@@ -2,17 +2,19 @@
 
 Field names and shapes follow the OpenAI API reference (``/v1/models``, ``/v1/completions``,
 ``/v1/chat/completions``, the error body) plus vLLM's sampling extras (``top_k``, ``min_p``, ...)
-and SGLang's native ``/generate``. Unknown request fields are accepted and ignored, as OpenAI does.
-Range checks live in the field constraints so a bad value fails validation with the field's name,
-which the server turns into HTTP 400 with ``param`` set.
+and SGLang's native ``/generate``. Range checks live in the field constraints so a bad value fails
+validation with the field's name, which the server turns into HTTP 400 with ``param`` set. Every
+number is bounded by what the engine can hold: integers by int32 (token counts, ``top_k``) or int64
+(``seed``, as vLLM), floats must be finite. Which other fields are honoured, refused with 400 or
+accepted as metadata is decided in :mod:`shardserve.entrypoints.openai.fields`.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 from shardserve.sampling_params import SamplingParams
 
@@ -27,10 +29,21 @@ DEFAULTABLE_FIELDS = (
     "frequency_penalty",
 )
 MAX_LOGPROBS = SamplingParams.MAX_LOGPROBS
+INT32_MAX = 2**31 - 1
+"""Bound of token counts and ``top_k`` (the engine keeps them in int32 tensors and block tables)."""
+INT64_MIN, INT64_MAX = SamplingParams.SEED_MIN, SamplingParams.SEED_MAX
+LOGIT_BIAS_LIMIT = 100.0
+"""OpenAI: each ``logit_bias`` value lies in [-100, 100]."""
+
+TokenCount = Annotated[int, Field(ge=0, le=INT32_MAX)]
+TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]
 
 
-class InvalidRequestError(ValueError):
-    """A request the server refuses with HTTP 400 (or ``status``), naming the faulty field."""
+class InvalidRequestError(Exception):
+    """A client error: the server answers HTTP 400 (or ``status``) in OpenAI's shape, naming the faulty field.
+
+    Deliberately not a ``ValueError``: an unexpected ``ValueError`` from deeper code is a server bug (500).
+    """
 
     def __init__(self, message: str, param: str | None = None, code: str | None = None, status: int = 400):
         super().__init__(message)
@@ -78,37 +91,61 @@ class ModelList(BaseModel):
 # -------------------------------------------------------------------------------------- requests
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class _Body(BaseModel):
+    """Request bodies: unknown fields kept (see :mod:`.fields`), NaN and infinities refused."""
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+
+class StreamOptions(_Body):
     include_usage: bool | None = False
     """Send a last chunk with ``usage`` and empty ``choices`` before ``[DONE]``."""
 
 
-class _SamplingRequest(BaseModel):
-    """Fields shared by the completion and chat requests (OpenAI names plus vLLM extras)."""
+def check_logit_bias(bias: dict[str, float] | None) -> dict[str, float] | None:
+    """OpenAI's rules: keys are token ids written as decimal strings, values lie in [-100, 100].
 
-    model_config = ConfigDict(extra="allow")
+    Raises:
+        ValueError: a key that is not a token id, or a value out of range (pydantic names the field).
+    """
+    for key, value in (bias or {}).items():
+        if not (key.isascii() and key.isdigit()) or int(key) > INT32_MAX:
+            raise ValueError(f"keys must be token ids (strings of digits), got {key!r}")
+        if not -LOGIT_BIAS_LIMIT <= value <= LOGIT_BIAS_LIMIT:
+            raise ValueError(f"values must be in [-100, 100], got {value} for token {key}")
+    return bias
+
+
+class _SamplingRequest(_Body):
+    """Fields shared by the completion and chat requests (OpenAI names plus vLLM extras)."""
 
     model: str | None = None
     n: int = Field(1, ge=1, le=128)
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+    """Validated here (token ids, [-100, 100]); refused as not supported in :mod:`.fields`."""
     user: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     # vLLM extras
-    top_k: int | None = Field(None, ge=-1)
+    top_k: int | None = Field(None, ge=-1, le=INT32_MAX)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(None, gt=0.0)
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
-    min_tokens: int = Field(0, ge=0)
+    stop_token_ids: list[TokenId] | None = None
+    """Checked against the vocabulary by the server (:func:`.fields.check_fields`)."""
+    min_tokens: TokenCount = 0
     skip_special_tokens: bool = True
+    add_special_tokens: bool | None = None
+    """vLLM: add the tokenizer's special tokens (BOS) to the prompt; default True for completions, False for chat."""
+
+    _check_logit_bias = field_validator("logit_bias")(check_logit_bias)
 
     @model_validator(mode="after")
     def _check_stream_options(self) -> _SamplingRequest:
@@ -118,6 +155,7 @@ class _SamplingRequest(BaseModel):
             raise ValueError("stop strings must be non-empty")
         if self.stop == "":
             self.stop = None
+        check_min_tokens(self.min_tokens, self.requested_max_tokens())
         return self
 
     @property
@@ -169,17 +207,16 @@ class _SamplingRequest(BaseModel):
 class CompletionRequest(_SamplingRequest):
     """``POST /v1/completions``."""
 
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
+    max_tokens: int | None = Field(16, ge=1, le=INT32_MAX)
+    """OpenAI's and vLLM's default is 16 tokens; ``null`` runs to the end of the context."""
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
-    suffix: str | None = None
 
     @model_validator(mode="after")
     def _check_prompt(self) -> CompletionRequest:
         if isinstance(self.prompt, list) and (not self.prompt or any(p == [] for p in self.prompt)):
             raise ValueError("prompt must not be empty")
-        if self.suffix:
-            raise ValueError("suffix is not supported")
         return self
 
     def num_logprobs(self) -> int | None:
@@ -195,16 +232,14 @@ class CompletionRequest(_SamplingRequest):
         return list(p)  # type: ignore[arg-type]
 
 
-class TextContentPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class TextContentPart(_Body):
     type: str
     text: str | None = None
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(_Body):
     """One message of the conversation; ``content`` is a string or a list of text parts."""
 
-    model_config = ConfigDict(extra="allow")
     role: str
     content: str | list[TextContentPart] | None = None
     name: str | None = None
@@ -238,10 +273,9 @@ class ChatCompletionRequest(_SamplingRequest):
     """``POST /v1/chat/completions``."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    tools: list[dict[str, Any]] | None = None
     add_generation_prompt: bool = True
 
     @model_validator(mode="after")
@@ -257,25 +291,33 @@ class ChatCompletionRequest(_SamplingRequest):
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
-class GenerateSamplingParams(BaseModel):
+class GenerateSamplingParams(_Body):
     """SGLang ``sampling_params`` of ``/generate`` (its names: ``max_new_tokens``, ``min_new_tokens``)."""
 
-    model_config = ConfigDict(extra="allow")
-    max_new_tokens: int | None = Field(128, ge=1)
-    min_new_tokens: int = Field(0, ge=0)
+    max_new_tokens: int | None = Field(128, ge=1, le=INT32_MAX)
+    min_new_tokens: TokenCount = 0
     temperature: float | None = Field(None, ge=0.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=-1)
+    top_k: int | None = Field(None, ge=-1, le=INT32_MAX)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(None, gt=0.0)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[TokenId] | None = None
+    logit_bias: dict[str, float] | None = None
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     n: int = Field(1, ge=1, le=128)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX, validation_alias=AliasChoices("seed", "sampling_seed"))
+    """``sampling_seed`` is SGLang's name."""
+
+    _check_logit_bias = field_validator("logit_bias")(check_logit_bias)
+
+    @model_validator(mode="after")
+    def _check_counts(self) -> GenerateSamplingParams:
+        check_min_tokens(self.min_new_tokens, self.max_new_tokens, "min_new_tokens", "max_new_tokens")
+        return self
 
     def to_sampling_params(self, defaults: dict[str, Any], prompt_len: int, max_model_len: int) -> SamplingParams:
         """Map onto engine sampling parameters (see :meth:`_SamplingRequest.to_sampling_params`)."""
@@ -296,12 +338,11 @@ class GenerateSamplingParams(BaseModel):
         )
 
 
-class GenerateRequest(BaseModel):
+class GenerateRequest(_Body):
     """SGLang native ``POST /generate``: ``text`` or ``input_ids``, one prompt or a batch."""
 
-    model_config = ConfigDict(extra="allow")
     text: str | list[str] | None = None
-    input_ids: list[int] | list[list[int]] | None = None
+    input_ids: list[TokenId] | list[list[TokenId]] | None = None
     sampling_params: GenerateSamplingParams = Field(default_factory=GenerateSamplingParams)
     stream: bool = False
     rid: str | None = None
@@ -329,6 +370,18 @@ class GenerateRequest(BaseModel):
 
 
 # --------------------------------------------------------------------------- request -> sampling
+
+
+def check_min_tokens(
+    min_tokens: int, max_tokens: int | None, min_name: str = "min_tokens", max_name: str = "max_tokens"
+) -> None:
+    """vLLM's rule: ``min_tokens <= max_tokens``.
+
+    Raises:
+        ValueError: ``min_tokens`` exceeds ``max_tokens``.
+    """
+    if max_tokens is not None and min_tokens > max_tokens:
+        raise ValueError(f"{min_name} ({min_tokens}) must not exceed {max_name} ({max_tokens})")
 
 
 def check_context_length(prompt_len: int, max_tokens: int | None, max_model_len: int, prompt_noun: str) -> int:
@@ -398,22 +451,32 @@ class CompletionLogprobs(BaseModel):
     top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
 
 
-class CompletionChoice(BaseModel):
+class _Choice(BaseModel):
+    """What every choice carries: its index and, once it ended, why (vLLM's ``stop_reason`` too)."""
+
     index: int
-    text: str
-    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
 
 
-class CompletionResponse(BaseModel):
+class _Response(BaseModel):
+    """What every completion object carries besides its ``object`` and ``choices``."""
+
     id: str
-    object: Literal["text_completion"] = "text_completion"
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
-    choices: list[CompletionChoice]
     usage: UsageInfo | None = None
     system_fingerprint: str | None = None
+
+
+class CompletionChoice(_Choice):
+    text: str
+    logprobs: CompletionLogprobs | None = None
+
+
+class CompletionResponse(_Response):
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChoice]
 
 
 class TopLogprob(BaseModel):
@@ -422,10 +485,7 @@ class TopLogprob(BaseModel):
     bytes: list[int] | None = None
 
 
-class TokenLogprob(BaseModel):
-    token: str
-    logprob: float
-    bytes: list[int] | None = None
+class TokenLogprob(TopLogprob):
     top_logprobs: list[TopLogprob] = Field(default_factory=list)
 
 
@@ -438,22 +498,14 @@ class AssistantMessage(BaseModel):
     content: str | None = None
 
 
-class ChatCompletionChoice(BaseModel):
-    index: int
+class ChatCompletionChoice(_Choice):
     message: AssistantMessage
     logprobs: ChoiceLogprobs | None = None
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
 
 
-class ChatCompletionResponse(BaseModel):
-    id: str
+class ChatCompletionResponse(_Response):
     object: Literal["chat.completion"] = "chat.completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
     choices: list[ChatCompletionChoice]
-    usage: UsageInfo | None = None
-    system_fingerprint: str | None = None
 
 
 class DeltaMessage(BaseModel):
@@ -467,19 +519,11 @@ class DeltaMessage(BaseModel):
         return {k: v for k, v in handler(self).items() if v is not None}
 
 
-class ChatCompletionStreamChoice(BaseModel):
-    index: int
+class ChatCompletionStreamChoice(_Choice):
     delta: DeltaMessage
     logprobs: ChoiceLogprobs | None = None
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
 
 
-class ChatCompletionStreamResponse(BaseModel):
-    id: str
+class ChatCompletionStreamResponse(_Response):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
     choices: list[ChatCompletionStreamChoice]
-    usage: UsageInfo | None = None
-    system_fingerprint: str | None = None

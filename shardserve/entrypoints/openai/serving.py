@@ -74,19 +74,38 @@ class ServingContext:
             status=404,
         )
 
+    @property
+    def vocab_size(self) -> int | None:
+        """Token ids a request may use: below both the tokenizer's and the model's vocabulary size."""
+        engine = self.engine
+        source = getattr(getattr(engine, "engine", None), "source", None)  # AsyncLLM -> LLMEngine -> ModelSource
+        sizes = [
+            getattr(engine, "vocab_size", None),
+            getattr(engine.tokenizer, "vocab_size", None),
+            getattr(getattr(source, "arch", None), "vocab_size", None),
+        ]
+        known = [s for s in sizes if isinstance(s, int)]
+        return min(known) if known else None
+
     def tokenize(self, prompt: str | list[int], add_special_tokens: bool = True, param: str = "prompt") -> list[int]:
         """Token ids of a prompt given as text or as ids (ids are range-checked against the vocabulary).
 
         Raises:
-            InvalidRequestError: a token id is out of range.
+            InvalidRequestError: a token id is out of range, or the prompt has no tokens.
         """
         if isinstance(prompt, str):
-            return list(self.engine.tokenizer.encode(prompt, add_special_tokens=add_special_tokens))
-        vocab_size = getattr(self.engine.tokenizer, "vocab_size", None)
-        for token_id in prompt:
-            if token_id < 0 or (vocab_size is not None and token_id >= vocab_size):
-                raise InvalidRequestError(f"token id {token_id} is out of the vocabulary", param=param)
-        return list(prompt)
+            ids = list(self.engine.tokenizer.encode(prompt, add_special_tokens=add_special_tokens))
+        else:
+            ids = list(prompt)
+            vocab_size = self.vocab_size
+            for token_id in ids:
+                if token_id < 0 or (vocab_size is not None and token_id >= vocab_size):
+                    raise InvalidRequestError(
+                        f"token id {token_id} is outside the vocabulary [0, {vocab_size})", param=param
+                    )
+        if not ids:
+            raise InvalidRequestError(f"the {param} is empty: it has no tokens", param=param)
+        return ids
 
     async def generate(
         self, prompt_ids: list[int], params: SamplingParams, request_id: str, stream: bool = False

@@ -85,13 +85,11 @@ class ChatServer:
         tokenizer = self.ctx.engine.tokenizer
         messages = [m.to_template_dict() for m in body.messages]
         try:
-            text = tokenizer.apply_chat_template(
-                messages, add_generation_prompt=body.add_generation_prompt, tools=body.tools
-            )
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=body.add_generation_prompt)
         except ValueError as exc:
             raise InvalidRequestError(f"cannot apply the chat template: {exc}", param="messages") from exc
-        # The template writes any BOS itself, so the tokenizer must not add another.
-        return self.ctx.tokenize(text, add_special_tokens=False)
+        # The template writes any BOS itself, so by default (as vLLM) the tokenizer adds none.
+        return self.ctx.tokenize(text, add_special_tokens=bool(body.add_special_tokens), param="messages")
 
     async def create(self, body: ChatCompletionRequest, raw: Request) -> Response | ChatCompletionResponse:
         """Run a chat request; a ``StreamingResponse`` of SSE chunks when ``stream`` is set.

@@ -86,7 +86,7 @@ class CompletionServer:
             raise InvalidRequestError("echo together with logprobs is not supported", param="echo")
         engine = ctx.engine
         prompts = body.prompts()
-        prompt_ids = [ctx.tokenize(p) for p in prompts]
+        prompt_ids = [ctx.tokenize(p, add_special_tokens=body.add_special_tokens is not False) for p in prompts]
         params = [
             body.to_sampling_params(engine.generation_defaults, len(ids), engine.max_model_len) for ids in prompt_ids
         ]

@@ -54,7 +54,8 @@ class GenerateServer:
         """
         ctx = self.ctx
         engine = ctx.engine
-        prompt_ids = [ctx.tokenize(p, param="input_ids") for p in body.prompts()]
+        param = "text" if body.text is not None else "input_ids"
+        prompt_ids = [ctx.tokenize(p, param=param) for p in body.prompts()]
         sampling = body.sampling_params
         params = [
             sampling.to_sampling_params(engine.generation_defaults, len(ids), engine.max_model_len)

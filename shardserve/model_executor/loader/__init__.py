@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+import time
 import zlib
 from collections.abc import Iterable, Iterator
 
@@ -17,6 +18,9 @@ from shardserve.model_executor.models.llama import LlamaForCausalLM
 logger = logging.getLogger(__name__)
 
 __all__ = ["ModelSource", "WeightSource", "iter_weights", "load_model", "pp_layer_range", "pp_partition_by_memory"]
+
+PROGRESS_LOG_INTERVAL_S = 5.0
+"""Seconds between weight-loading progress lines in the log when stderr is not a terminal."""
 
 
 def pp_layer_range(num_layers: int, pp_size: int, pp_rank: int, partition: list[int] | None = None) -> tuple[int, int]:
@@ -142,9 +146,22 @@ def _owned(model: LlamaForCausalLM, weights: Iterable[tuple[str, WeightSource]])
 
 
 def _with_progress(weights: list[tuple[str, WeightSource]], name: str) -> Iterator[tuple[str, WeightSource]]:
-    """Yield ``weights``, drawing a rich progress bar when logging is at INFO and stderr is a terminal."""
-    if not (logger.isEnabledFor(logging.INFO) and sys.stderr.isatty()):
+    """Yield ``weights``, showing progress at INFO: a rich bar when stderr is a terminal, otherwise a log line
+    at the start and every ``PROGRESS_LOG_INTERVAL_S`` seconds (server logs, files, pipes)."""
+    if not logger.isEnabledFor(logging.INFO):
         yield from weights
+        return
+    if not sys.stderr.isatty():
+        total, start = len(weights), time.monotonic()
+        last = start
+        logger.info("loading %s: %d tensors", name, total)
+        for done, item in enumerate(weights, 1):
+            yield item
+            now = time.monotonic()
+            if now - last >= PROGRESS_LOG_INTERVAL_S and done < total:
+                logger.info("loading %s: %d/%d tensors (%.0f%%) after %.0f s", name, done, total,
+                            100 * done / total, now - start)  # fmt: skip
+                last = now
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 

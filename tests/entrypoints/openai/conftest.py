@@ -1,9 +1,10 @@
-"""Fixtures for the HTTP server tests: a scripted fake engine and a uvicorn server in a thread.
+"""Fixtures for the HTTP server tests: a scripted fake engine and a uvicorn server in a thread, and one
+real ``shardserve serve`` process on the embedded model shared by the whole session (``server_url``).
 
 The fake engine follows the ``AsyncLLM`` contract (``generate`` raises before its first yield,
 streams ``RequestOutput`` deltas, records requests that were closed before finishing) so the
 server's error mapping and disconnect handling can be checked fast and deterministically.
-The real engine is exercised by ``test_openai_server_e2e.py``.
+The real engine is exercised by ``test_openai_server_e2e.py`` and ``test_request_validation.py``.
 """
 
 from __future__ import annotations
@@ -14,15 +15,21 @@ import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import openai
 import pytest
+from procs import running_server
 
 from shardserve.config import ServerConfig
 from shardserve.outputs import CompletionOutput, Logprob, RequestOutput
 from shardserve.sampling_params import SamplingParams
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MAX_MODEL_LEN = 512
+"""Context of the live server (small, so that the long-prompt case is cheap)."""
+TIMEOUT = 120.0
 
 
 def embedded_gguf() -> Path:
@@ -46,6 +53,7 @@ class FakeAsyncLLM:
         active: request ids whose stream is open.
         aborted: request ids whose stream was closed before it finished.
         overloaded / dead: make ``generate`` raise EngineOverloadedError / EngineDeadError.
+        bug: an exception ``generate`` raises before its first yield (a server bug, not a client error).
     """
 
     model_name = "fake-model"
@@ -61,6 +69,7 @@ class FakeAsyncLLM:
         self.overloaded = False
         self.dead = False
         self.errored = False
+        self.bug: Exception | None = None
 
     def stats(self):
         from shardserve.engine.async_llm import EngineStats
@@ -90,6 +99,8 @@ class FakeAsyncLLM:
             raise EngineDeadError("worker 0 exited")
         if self.overloaded:
             raise EngineOverloadedError("queue full")
+        if self.bug is not None:
+            raise self.bug
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise ValueError("the prompt is empty")
@@ -172,3 +183,35 @@ def serve_app() -> Iterator:
     yield start
     for server in servers:
         server.__exit__()
+
+
+@dataclass
+class LiveServer:
+    url: str
+    log: Path
+    """The server's stdout and stderr."""
+
+
+@pytest.fixture(scope="session")
+def live_server(tmp_path_factory) -> Iterator[LiveServer]:
+    """``shardserve serve`` on the embedded model, started through the CLI once for the session."""
+    log = tmp_path_factory.mktemp("live-server") / "serve.log"
+    args = ["--max-model-len", str(MAX_MODEL_LEN), "--device", "cpu", "--log-level", "info"]
+    with running_server(args, log, timeout=300) as url:
+        yield LiveServer(url, log)
+
+
+@pytest.fixture(scope="session")
+def server_url(live_server) -> str:
+    return live_server.url
+
+
+@pytest.fixture(scope="module")
+def client(server_url):
+    """An ``openai`` client of ``server_url`` (a module may override ``server_url`` with its own server)."""
+    return openai.OpenAI(base_url=server_url + "/v1", api_key="none", max_retries=0, timeout=TIMEOUT)
+
+
+@pytest.fixture(scope="module")
+def model(client):
+    return client.models.list().data[0].id

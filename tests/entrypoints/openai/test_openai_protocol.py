@@ -112,3 +112,22 @@ def test_stream_delta_omits_unset_fields():
     choice = ChatCompletionStreamChoice(index=0, delta=DeltaMessage(content="x"))
     dumped = choice.model_dump()
     assert dumped["delta"] == {"content": "x"} and dumped["finish_reason"] is None
+
+
+def test_completion_max_tokens_defaults_to_16_and_null_runs_to_the_context():
+    assert CompletionRequest(prompt="a").to_sampling_params({}, prompt_len=10, max_model_len=100).max_tokens == 16
+    explicit_null = CompletionRequest.model_validate({"prompt": "a", "max_tokens": None})
+    assert explicit_null.to_sampling_params({}, prompt_len=10, max_model_len=100).max_tokens == 90
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("seed", 2**63), ("seed", -(2**63) - 1), ("max_tokens", 2**31), ("top_k", 2**31), ("min_tokens", -1),
+     ("stop_token_ids", [2**31]), ("temperature", float("nan")), ("repetition_penalty", float("inf")),
+     ("logit_bias", {"x1": 1}), ("logit_bias", {"1": 100.5})],
+)  # fmt: skip
+def test_engine_limits_fail_validation_with_their_name(field, value):
+    with pytest.raises(ValidationError) as err:
+        ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "hi"}], field: value})
+    assert err.value.errors()[0]["loc"][0] == field
+    assert chat(seed=2**63 - 1).seed == 2**63 - 1 and chat(seed=-(2**63)).seed == -(2**63)

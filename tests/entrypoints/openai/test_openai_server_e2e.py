@@ -1,71 +1,24 @@
 """End to end: a real ``shardserve serve`` process on the embedded SmolLM2-135M, driven by the ``openai`` client.
 
-One server per module (started through the CLI, ``--max-model-len 512`` so the long-prompt case is
-cheap). Token budgets are small: the CI machine has 2 CPU cores.
+The server is conftest's session-wide ``server_url`` (started through the CLI, ``--max-model-len 512``
+so the long-prompt case is cheap). Token budgets are small: the CI machine has 2 CPU cores.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
 import time
 
 import httpx
 import openai
 import pytest
-from conftest import free_port
+from conftest import MAX_MODEL_LEN, TIMEOUT
 from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
-MAX_MODEL_LEN = 512
-TIMEOUT = 120.0
 CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-@pytest.fixture(scope="module")
-def server_url():
-    port = free_port()
-    cmd = [sys.executable, "-m", "shardserve", "serve", "--port", str(port), "--max-model-len", str(MAX_MODEL_LEN),
-           "--device", "cpu", "--log-level", "warning"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}:\n{proc.stdout.read()}")
-            try:
-                health = httpx.get(url + "/health", timeout=5)
-                if health.status_code == 200:
-                    break
-                assert health.status_code == 503, health.text
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("server did not become ready in 300 s")
-            time.sleep(0.5)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-
-
-@pytest.fixture(scope="module")
-def client(server_url):
-    return openai.OpenAI(base_url=server_url + "/v1", api_key="none", max_retries=0, timeout=TIMEOUT)
-
-
-@pytest.fixture(scope="module")
-def model(client):
-    return client.models.list().data[0].id
 
 
 def gauges(server_url: str) -> dict[str, float]:
@@ -79,6 +32,11 @@ def test_health_and_models(server_url, client):
     assert models["object"] == "list" and len(models["data"]) == 1
     assert models["data"][0]["max_model_len"] == MAX_MODEL_LEN
     assert client.models.list().data[0].id == models["data"][0]["id"]
+
+
+def test_weight_loading_progress_is_in_the_server_log(live_server):
+    log = live_server.log.read_text()  # not a terminal: log lines instead of a progress bar
+    assert "loading SmolLM2-135M-Instruct: 272 tensors" in log, log[-3000:]
 
 
 def test_chat_knows_the_capital_of_france(client, model):

@@ -145,6 +145,22 @@ def test_malformed_json_body_limit_and_routes(server):
     assert_openai_error(httpx.get(server.url + "/v1/nothing", timeout=30), 404)
 
 
+def test_unexpected_errors_are_500_with_an_error_id_and_keep_the_connection(server, fake, caplog):
+    with httpx.Client(base_url=server.url, timeout=30, limits=httpx.Limits(max_connections=1)) as http:
+        for bug in (ValueError("a ValueError from deep inside is a bug, not a client error"), RecursionError()):
+            fake.bug = bug
+            with caplog.at_level("ERROR", logger="shardserve.entrypoints.openai.api_server"):
+                bad = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
+            assert_openai_error(bad, 500, code="internal_error")
+            error_id = bad.json()["error"]["message"].split("error id ")[1].split(";")[0]
+            assert any(error_id in r.getMessage() and r.exc_info[1] is bug for r in caplog.records)
+            fake.bug = None
+            good = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
+            assert good.status_code == 200
+            port = [r.extensions["network_stream"].get_extra_info("client_addr")[1] for r in (bad, good)]
+            assert port[0] == port[1], "the 500 closed the keep-alive connection"
+
+
 def test_too_long_prompt_gives_both_counts(client, fake, smollm_tokenizer):
     prompt = "word " * 300
     n_prompt = len(smollm_tokenizer.encode(prompt))

@@ -59,21 +59,8 @@ def test_generated_requests_never_get_a_server_error(engine, serve_app):
     for mode, op in slots:
         # The GET operations have nothing to vary; the time goes to the POST bodies, evenly.
         stop_at = time.monotonic() + (BUDGET_S / posts if op.method.upper() == "POST" else 5.0)
-
-        @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
-                  phases=[Phase.generate], suppress_health_check=list(HealthCheck))  # fmt: skip
-        @given(case=op.as_strategy(generation_mode=mode))
-        def run(case) -> None:
-            if time.monotonic() > stop_at:
-                raise _OutOfTime
-            response = case.call(base_url=server.url, timeout=60)
-            calls[op.label] = calls.get(op.label, 0) + 1
-            if response.status_code >= 500:
-                failures.append(f"{case.method} {case.path} {case.body!r:.300} -> {response.status_code} "
-                                f"{response.text[:300]}")  # fmt: skip
-
         try:
-            run()
+            _fuzz(op, mode, stop_at, server.url, calls, failures)
         except _OutOfTime:
             pass
         except Unsatisfiable:  # nothing invalid to send to an operation without parameters or body
@@ -85,3 +72,21 @@ def test_generated_requests_never_get_a_server_error(engine, serve_app):
     )
     stats = engine.stats()
     assert stats.num_free_blocks == stats.num_total_blocks or stats.num_running > 0
+
+
+def _fuzz(op, mode, stop_at: float, url: str, calls: dict[str, int], failures: list[str]) -> None:
+    """Send generated cases of one operation until ``stop_at``; record calls and 5xx answers."""
+
+    @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
+              phases=[Phase.generate], suppress_health_check=list(HealthCheck))  # fmt: skip
+    @given(case=op.as_strategy(generation_mode=mode))
+    def run(case) -> None:
+        if time.monotonic() > stop_at:
+            raise _OutOfTime
+        response = case.call(base_url=url, timeout=60)
+        calls[op.label] = calls.get(op.label, 0) + 1
+        if response.status_code >= 500:
+            failures.append(f"{case.method} {case.path} {case.body!r:.300} -> {response.status_code} "
+                            f"{response.text[:300]}")  # fmt: skip
+
+    run()

@@ -3,17 +3,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import httpx
-import openai
 import pytest
 from procs import TINY, running_server
 from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
-REPO = Path(__file__).resolve().parents[3]
 BLOCK_SIZE = 16
 MAX_TOKENS = 8
 
@@ -23,16 +19,6 @@ def server_url(tiny_llama_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("prefix-cache-server") / "server.log"
     with running_server([str(tiny_llama_dir), *TINY[:-1], "warning", "--block-size", str(BLOCK_SIZE)], log) as url:
         yield url
-
-
-@pytest.fixture(scope="module")
-def client(server_url):
-    return openai.OpenAI(base_url=server_url + "/v1", api_key="none", max_retries=0, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def model(client):
-    return client.models.list().data[0].id
 
 
 def counters(server_url: str) -> dict[str, float]:
