@@ -46,7 +46,7 @@ PROMPT_LEN = 16
 # Worker-side timing: imported by every process of a child run (through PYTHONPATH), it wraps the step entry
 # of the model runner, the model's forward/logits and the process-group collectives, and writes per-step
 # figures to $BENCH_HOST_DIR/rank-<pid>.json every 20 steps.
-SITECUSTOMIZE = textwrap.dedent('''
+SITECUSTOMIZE = textwrap.dedent("""
     import json, os, sys, time
     if os.environ.get("BENCH_HOST_DIR"):
         import importlib.abc, importlib.util
@@ -103,7 +103,7 @@ SITECUSTOMIZE = textwrap.dedent('''
                 return None
 
         sys.meta_path.insert(0, _Hook())
-''')
+""")
 
 
 # --------------------------------------------------------------------------------------- child: engine

@@ -61,7 +61,8 @@ def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen:
            "--device", "cpu", "--max-queue-len", str(args.max_queue_len), "--max-num-seqs", str(args.max_num_seqs),
            "--log-level", "warning", *args.serve_args]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=open(args.server_log, "wb"))
+    with open(args.server_log, "wb") as log:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if proc.poll() is not None:

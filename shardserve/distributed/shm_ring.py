@@ -21,6 +21,7 @@ give up, e.g. when a reader process died).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 import sys
@@ -126,15 +127,11 @@ class ShmRingBuffer:
         """Detach; the owner also unlinks the segment."""
         self._flags = None  # type: ignore[assignment] - release the buffer exports before closing
         self._data.release()
-        try:
+        with contextlib.suppress(BufferError):  # a caller still holds a view; the mapping goes with the process
             self.shm.close()
-        except BufferError:  # a caller still holds a view; the mapping goes with the process
-            pass
         if self.owner:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 self.shm.unlink()
-            except FileNotFoundError:
-                pass
 
     # -- waiting ---------------------------------------------------------------------------------
     def _wait(self, ready: Callable[[], bool], timeout: float | None, check: Callable[[], None] | None) -> None:
@@ -159,7 +156,9 @@ class ShmRingBuffer:
                 raise RingTimeoutError(f"ring {self.name}: no progress for {timeout:.1f} s")
 
     # -- writer ----------------------------------------------------------------------------------
-    def write(self, data: bytes | memoryview, timeout: float | None = None, check: Callable[[], None] | None = None) -> None:
+    def write(
+        self, data: bytes | memoryview, timeout: float | None = None, check: Callable[[], None] | None = None
+    ) -> None:
         """Publish one message to every reader (waits for free slots).
 
         Raises:

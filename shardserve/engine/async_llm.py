@@ -192,7 +192,7 @@ class AsyncLLM:
                 return
             try:
                 self._handle_output(item)
-            except Exception:  # noqa: BLE001 - the streams of this batch get nothing more; keep serving
+            except Exception:
                 logger.exception("output processing failed")
 
     def _handle_output(self, item) -> None:
@@ -224,7 +224,7 @@ class AsyncLLM:
             try:
                 loop.call_soon_threadsafe(_put_all, batch)
             except RuntimeError:  # the consumer's event loop has closed: nobody is listening any more
-                for q, item in batch:
+                for _q, item in batch:
                     rid = item.request_id if isinstance(item, RequestOutput) else None
                     if rid is not None:
                         self._sinks.pop(rid, None)

@@ -66,7 +66,9 @@ class OutputProcessor:
                     arrival_time: float) -> None:  # fmt: skip
         incremental = params.output_kind is RequestOutputKind.DELTA or bool(params.stop)
         detok = (
-            IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens) if incremental else None
+            IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens)
+            if incremental
+            else None
         )
         self._states[request_id] = _RequestState(
             params=params,
@@ -98,7 +100,9 @@ class OutputProcessor:
                 results.append(result)
         return results, stopped
 
-    def _process_one(self, out: EngineCoreOutput, state: _RequestState, now: float) -> tuple[RequestOutput | None, bool]:
+    def _process_one(
+        self, out: EngineCoreOutput, state: _RequestState, now: float
+    ) -> tuple[RequestOutput | None, bool]:
         m = state.metrics
         if out.new_token_ids:
             m.first_token_time = m.first_token_time or now

@@ -15,6 +15,7 @@ new (:meth:`SchedulerOutput.to_message`). Plain Python and numpy: unit-tested wi
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 from collections import deque
@@ -169,10 +170,8 @@ class Scheduler:
         if req in self.running:
             self.running.remove(req)
         else:
-            try:
+            with contextlib.suppress(ValueError):
                 self.waiting.remove(req)
-            except ValueError:
-                pass
         self.block_manager.free(request_id)
         self._release_row(req)
 
@@ -381,6 +380,4 @@ def _logprobs_by_index(output: StepOutput) -> dict[int, Logprob]:
     k = output.num_top
     top_ids = as_i32(output.top_ids).reshape(len(rows), k).tolist()
     top_vals = as_f32(output.top_logprobs).reshape(len(rows), k).tolist()
-    return {
-        row: (chosen[i], ranks[i], list(zip(top_ids[i], top_vals[i]))) for i, row in enumerate(rows)
-    }
+    return {row: (chosen[i], ranks[i], list(zip(top_ids[i], top_vals[i]))) for i, row in enumerate(rows)}

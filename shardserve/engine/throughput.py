@@ -7,7 +7,6 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-
 DEFAULT_WINDOW_S = 10.0
 
 

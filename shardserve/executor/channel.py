@@ -256,7 +256,7 @@ class NodeRelay:
                 self.ring.write(data.buffer, None, stopping)
         except RingTimeoutError:
             pass
-        except Exception as e:  # noqa: BLE001 - reported through `error` to the node's supervisor
+        except Exception as e:
             self.error = e
             logger.exception("control relay failed")
 
@@ -275,4 +275,3 @@ def publish_addresses(store, generation: int, addresses: ChannelAddresses) -> No
 def read_addresses(store, generation: int) -> ChannelAddresses:
     """The channel addresses of ``generation`` (waits for the key up to the store's timeout)."""
     return ChannelAddresses.from_json(store.get(channel_key(generation)))
-

@@ -392,7 +392,9 @@ class MultiprocExecutor(Executor):
                 msg = self.channel.recv(left, lambda: self._check(doing))
             except RingTimeoutError:
                 self._broken = True
-                text = f"generation {self.generation}: no progress for {timeout:.0f} s while {doing} (--watchdog-timeout)"
+                text = (
+                    f"generation {self.generation}: no progress for {timeout:.0f} s while {doing} (--watchdog-timeout)"
+                )
                 logger.error("%s", text)
                 raise EngineDeadError(text) from None
             rest = self._file(msg)

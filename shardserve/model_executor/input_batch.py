@@ -34,7 +34,7 @@ class StepInputs:
     """``(num_tokens,)`` int64."""
     meta: AttentionMetadata
     sample_indices: torch.Tensor
-    """``(num_sampled,)`` int64: rows of the flat batch whose hidden state is sampled (each sampling request's last token)."""
+    """``(num_sampled,)`` int64: rows of the flat batch whose hidden state is sampled (each request's last token)."""
     sample_rows: np.ndarray
     """``(num_sampled,)`` int32: persistent-batch rows of the sampling requests, in batch order."""
     sample_rows_device: torch.Tensor

@@ -279,7 +279,7 @@ class ModelRunner:
             add_ids.append(as_i32(new.block_ids))
             try:
                 self._add_request(new.row, new.request_id, new.sampling, prompt, output)
-            except Exception as e:  # noqa: BLE001 - one request's failure must not stop the rank
+            except Exception as e:
                 logger.exception("rank %d: cannot add request %s", self.rank, new.request_id)
                 failures.append(RequestFailure(new.request_id, new.row, f"{type(e).__name__}: {e}"))
                 if self.sampling is not None:  # keep the row's shapes: greedy, no penalties

@@ -165,8 +165,8 @@ def test_a_remote_node_over_tcp_between_network_namespaces():
         node = subprocess.Popen(["ip", "netns", "exec", ns[1], sys.executable, peer, "node", addrs[0], str(port)],
                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
         try:
-            head = subprocess.run(["ip", "netns", "exec", ns[0], sys.executable, peer, "head", addrs[0], str(port), "9"],
-                                  env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+            cmd = ["ip", "netns", "exec", ns[0], sys.executable, peer, "head", addrs[0], str(port), "9"]
+            head = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
             assert head.returncode == 0, head.stderr[-3000:]
             summary = json.loads(head.stdout.strip().splitlines()[-1])
             assert summary["hello"] == 0

@@ -88,9 +88,10 @@ def test_headless_worker_killed_in_network_namespaces(tiny_llama_dir, tmp_path):
                 cmd = ["ip", "netns", "exec", n, sys.executable, "-m", "shardserve", "serve", *args]
                 with open(log, "ab") as f:  # `ip netns exec` execs: the Popen pid is the launcher's
                     procs.append(subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT))
+            url = f"http://{addrs[0]}:{hport}"
             client = (f"import json,sys; sys.path.insert(0, {str(REPO / 'tests')!r}); "
                       "from procs import kill_rank_mid_stream; "
-                      f"print(json.dumps(kill_rank_mid_stream('http://{addrs[0]}:{hport}', {procs[1].pid})))")  # fmt: skip
+                      f"print(json.dumps(kill_rank_mid_stream('{url}', {procs[1].pid})))")  # fmt: skip
             done = subprocess.run(["ip", "netns", "exec", ns[0], sys.executable, "-c", client], cwd=REPO,
                                   capture_output=True, text=True, timeout=400)  # fmt: skip
             assert done.returncode == 0, done.stderr[-3000:]
