@@ -113,8 +113,7 @@ class ModelRunner:
         self.token_group = get_token_group()
         self.receives_tokens = self.pp.world_size > 1 and self.pp.is_first_rank
         """First-stage ranks with PP > 1 take each step's sampled tokens from the output rank (see module doc)."""
-        if device.type == "cpu":
-            torch.set_num_threads(cpu_threads(self.arch.hidden_size, config.parallel.ranks_per_node))
+        self.cpu_threads = CpuThreads(self.arch.hidden_size, config.parallel.ranks_per_node) if device.type == "cpu" else None
         if not config.parallel.disable_custom_all_reduce:
             self.tp.init_custom_all_reduce(config.model.torch_dtype())
         partition = config.parallel.pp_layer_partition
@@ -307,6 +306,8 @@ class ModelRunner:
             MalformedMessageError: the step does not fit this rank's batch (a head bug or a forged message).
         """
         t0 = time.perf_counter()
+        if self.cpu_threads is not None:
+            self.cpu_threads.adjust()
         if self.fault is not None:
             for new in step.new_requests:
                 self.fault.check("step", self.rank, as_i32(new.prompt_token_ids))
@@ -409,16 +410,59 @@ class ModelRunner:
 
 
 SMALL_HIDDEN_SIZE = 256
-"""Up to this model width a CPU rank runs one intra-op thread (see :func:`cpu_threads`)."""
+"""Up to this model width a CPU rank runs one intra-op thread (see :class:`CpuThreads`)."""
 
 
-def cpu_threads(hidden_size: int, ranks_per_node: int) -> int:
-    """Intra-op threads of a CPU rank: the node's cores shared among its ranks, or one for narrow models,
-    whose matmuls are too small to split and whose spinning OpenMP threads starve the engine (and every
-    other process) when the machine is busy."""
-    if hidden_size <= SMALL_HIDDEN_SIZE:
-        return 1
-    return max(1, (os.cpu_count() or 1) // max(1, ranks_per_node))
+def _available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _runnable_elsewhere() -> int | None:
+    """Threads of other processes that are running or ready to run now (/proc/loadavg), None if unknown."""
+    try:
+        with open("/proc/loadavg") as f:
+            total = int(f.read().split()[3].split("/")[0])
+        own = 0
+        for task in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{task}/stat") as f:
+                own += f.read().rsplit(")", 1)[1].split()[0] == "R"
+    except (OSError, ValueError, IndexError):
+        return None
+    return max(0, total - own)
+
+
+class CpuThreads:
+    """Intra-op threads of a CPU rank, following how busy the machine is.
+
+    A rank gets its share of the node's cores, less the cores other processes are using right now (read
+    from the kernel's run queue once a second), and at least one. OpenMP threads that find no free core
+    wait at every operator's barrier for a descheduled sibling, which made a loaded 2-core machine ~10x
+    slower with two threads than with one. Narrow models (hidden size up to ``SMALL_HIDDEN_SIZE``) always
+    run one thread: their matmuls are too small to split.
+    """
+
+    CHECK_S = 1.0
+
+    def __init__(self, hidden_size: int, ranks_per_node: int):
+        self.share = 1 if hidden_size <= SMALL_HIDDEN_SIZE else max(1, _available_cores() // max(1, ranks_per_node))
+        self.threads = self.share
+        self._next_check = 0.0
+        torch.set_num_threads(self.threads)
+        self.adjust()
+
+    def adjust(self) -> None:
+        """Re-read the load (at most once per ``CHECK_S``) and set the thread count."""
+        if self.share == 1 or time.monotonic() < self._next_check:
+            return
+        self._next_check = time.monotonic() + self.CHECK_S
+        busy = _runnable_elsewhere()
+        threads = self.share if busy is None else max(1, min(self.share, _available_cores() - busy))
+        if threads != self.threads:
+            torch.set_num_threads(threads)
+            self.threads = threads
 
 
 def _mem_available_bytes() -> int:
