@@ -47,13 +47,8 @@ Integration (what the engine calls, and when)
    allowed token left.
 """
 
-from shardserve.structured_output.manager import (
-    GrammarBitmask,
-    GrammarMatcher,
-    StructuredOutputManager,
-    apply_bitmask,
-    build_tokenizer_info,
-)
+from typing import Any
+
 from shardserve.structured_output.spec import (
     InvalidStructuredOutputError,
     StructuredOutputSpec,
@@ -63,6 +58,19 @@ from shardserve.structured_output.spec import (
     from_sglang_sampling_params,
     from_structured_outputs,
 )
+
+_MANAGER_NAMES = ("GrammarBitmask", "GrammarMatcher", "StructuredOutputManager", "apply_bitmask",
+                  "build_tokenizer_info")  # fmt: skip
+
+
+def __getattr__(name: str) -> Any:
+    # The engine side imports xgrammar and torch (about a second); request parsing does not need them.
+    if name in _MANAGER_NAMES:
+        from shardserve.structured_output import manager
+
+        return getattr(manager, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "GrammarBitmask",
