@@ -181,7 +181,9 @@ class StructuredOutputManager:
         self.cache_misses = 0
         threads = fill_threads or max(1, min(8, (os.cpu_count() or 2) // 2))
         self._batch = xgr.BatchGrammarMatcher(max_threads=threads)
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shardserve-grammar")
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shardserve-grammar-fill")
+        # Compiles get their own thread: a large schema (up to ~1 s) must not hold up a step's fill.
+        self._compile_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shardserve-grammar-compile")
         self._buffers: list[torch.Tensor | None] = [None, None]
         self._next_buffer = 0
 
@@ -214,8 +216,8 @@ class StructuredOutputManager:
         return compiled
 
     def compile_async(self, spec: StructuredOutputSpec) -> Future[xgr.CompiledGrammar]:
-        """:meth:`compile` on the manager's thread, so a request can wait for its grammar off the step loop."""
-        return self._pool.submit(self.compile, spec)
+        """:meth:`compile` on the manager's compile thread, so a request waits for its grammar off the step loop."""
+        return self._compile_pool.submit(self.compile, spec)
 
     def _compile(self, spec: StructuredOutputSpec) -> xgr.CompiledGrammar:
         c = self._compiler
@@ -307,8 +309,9 @@ class StructuredOutputManager:
         return buf[:num_rows]
 
     def shutdown(self) -> None:
-        """Stop the background thread (pending fills finish first)."""
+        """Stop the background threads (pending fills and compiles finish first)."""
         self._pool.shutdown(wait=True)
+        self._compile_pool.shutdown(wait=True)
 
 
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: Sequence[int]) -> None:

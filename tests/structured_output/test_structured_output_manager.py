@@ -219,3 +219,15 @@ def test_json_object_allows_any_object_but_nothing_else(manager, smollm_tokenize
     assert not m.accept_token(encode(smollm_tokenizer, "[")[0])
     assert m.accept_tokens(encode(smollm_tokenizer, '{"free": [1, {"key": null}]}'))
     assert m.is_completed()
+
+
+def test_a_pending_compile_does_not_hold_up_a_fill(manager):
+    gate = threading.Event()
+    manager._compile_pool.submit(gate.wait, 30)  # a long compile in progress
+    try:
+        pending = manager.compile_async(from_structured_outputs({"regex": "blocked-[a-z]"}))
+        assert manager.submit_fill([manager.matcher(YES_NO)]).result(timeout=10).rows == [0]
+        assert not pending.done()
+    finally:
+        gate.set()
+    assert pending.result(timeout=30) is not None
