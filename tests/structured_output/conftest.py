@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
-import torch
 
 from shardserve.model_executor.loader.resolve import default_model_path
 from shardserve.structured_output import StructuredOutputManager
@@ -21,9 +19,3 @@ def manager(smollm_tokenizer):
     mgr = StructuredOutputManager(smollm_tokenizer)
     yield mgr
     mgr.shutdown()
-
-
-def allowed_ids(bitmask: torch.Tensor, row: int, vocab_size: int) -> np.ndarray:
-    """Token ids whose bit is set in ``bitmask[row]`` (xgrammar's little-endian bit order)."""
-    bits = np.unpackbits(bitmask[row].numpy().view(np.uint8), bitorder="little")
-    return np.flatnonzero(bits[:vocab_size])

@@ -15,7 +15,7 @@ import uuid
 import jsonschema
 import numpy as np
 import pytest
-from conftest import allowed_ids
+from bitmask_utils import allowed_ids
 
 from shardserve.structured_output import from_response_format
 

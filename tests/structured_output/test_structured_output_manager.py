@@ -7,7 +7,7 @@ import threading
 
 import pytest
 import torch
-from conftest import allowed_ids
+from bitmask_utils import allowed_ids
 
 from shardserve.structured_output import (
     StructuredOutputManager,
