@@ -286,17 +286,24 @@ class StructuredOutputManager:
         if not active:
             return None
         buffer = self._buffer(len(matchers))
-        for m in active:
-            m._filling = True
+
+        def release() -> None:
+            for m in active:
+                m._filling = False
 
         def work() -> GrammarBitmask:
             try:
                 return GrammarBitmask(buffer, self.fill_bitmask(matchers, buffer))
             finally:
-                for m in active:
-                    m._filling = False
+                release()
 
-        return self._pool.submit(work)
+        for m in active:
+            m._filling = True
+        try:
+            return self._pool.submit(work)
+        except BaseException:  # e.g. after shutdown(): the matchers stay usable
+            release()
+            raise
 
     def _buffer(self, num_rows: int) -> torch.Tensor:
         index = self._next_buffer

@@ -231,3 +231,12 @@ def test_a_pending_compile_does_not_hold_up_a_fill(manager):
     finally:
         gate.set()
     assert pending.result(timeout=30) is not None
+
+
+def test_a_refused_submit_leaves_the_matchers_usable(smollm_tokenizer):
+    mgr = StructuredOutputManager(smollm_tokenizer)
+    m = mgr.matcher(YES_NO)
+    mgr.shutdown()
+    with pytest.raises(RuntimeError):
+        mgr.submit_fill([m])
+    assert m.accept_tokens(encode(smollm_tokenizer, "yes"))

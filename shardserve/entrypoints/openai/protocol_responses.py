@@ -89,6 +89,8 @@ def to_chat_body(body: ResponsesRequest) -> dict[str, Any]:
     """
     check_supported(body)
     chat: dict[str, Any] = dict(body.model_extra or {})
+    if chat.get("n", 1) != 1:
+        raise InvalidRequestError("n is not supported on /v1/responses (one output per response)", param="n")
     chat["messages"] = to_messages(body.input, body.instructions)
     for name in ("model", "temperature", "top_p", "user", "parallel_tool_calls"):
         if getattr(body, name) is not None:

@@ -86,6 +86,7 @@ def test_tools_tool_choice_and_text_format_translate():
         ({"tool_choice": {"type": "allowed_tools"}}, "tool_choice"),
         ({"tool_choice": "sometimes"}, "tool_choice"),
         ({"tools": [{"type": "file_search"}]}, "tools"),
+        ({"n": 2}, "n"),
     ],
 )
 def test_unsupported_fields_are_400(fields, param):
