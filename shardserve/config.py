@@ -6,8 +6,11 @@ not read here; the launch layer (``shardserve.distributed.launch``) owns them.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -368,8 +371,72 @@ class ServerConfig:
     """Seconds SIGTERM waits for running requests to finish before aborting them."""
     log_requests: bool = False
     """Log each request's id, prompt length and finish reason."""
+    chat_template: str | None = None
+    """``--chat-template``: a template file or the template text, used instead of the model's."""
+    chat_template_text: str | None = field(default=None, init=False)
+    """The template text ``chat_template`` resolves to (read from the file, or the inline text unescaped)."""
+    default_chat_template_kwargs: dict[str, Any] | str | None = None
+    """Template variables for every request (a dict or its JSON text); a request's own override them."""
+    enable_auto_tool_choice: bool = False
+    """Parse tool calls from the output when ``tool_choice`` is ``auto`` (needs ``tool_call_parser``)."""
+    tool_call_parser: str | None = None
+    """Tool-call format of the model: llama3_json, hermes, mistral or pythonic."""
+    reasoning_parser: str | None = None
+    """Reasoning format of the model: deepseek_r1 or qwen3."""
+    generation_config: str = "auto"
+    """Sampling defaults: ``auto`` (the model's generation_config.json), ``vllm`` (none) or a directory."""
+    max_logprobs: int = 20
+    """Most logprobs a request may ask for per token (``top_logprobs: -1`` is capped to it); -1 is no cap."""
+    tokenizer: str | None = None
+    """Tokenizer to load instead of the model's (a GGUF file, an HF directory or a hub id)."""
+    root_path: str = ""
+    """Path prefix the server is reached under behind a proxy (``/api``); routes answer with and without it."""
+    structured_outputs_backend: str = "xgrammar"
+    """Grammar engine for structured outputs; xgrammar (or ``auto``) is the only one."""
+
+    STRUCTURED_OUTPUTS_BACKENDS = ("auto", "xgrammar")
 
     def __post_init__(self) -> None:
+        self._check_limits()
+        self.chat_template_text = load_chat_template(self.chat_template)
+        self.default_chat_template_kwargs = _json_object(self.default_chat_template_kwargs)
+        self._check_parsers()
+        if (
+            self.generation_config not in ("auto", "vllm")
+            and not (Path(self.generation_config) / "generation_config.json").is_file()
+        ):
+            raise ValueError(
+                f"--generation-config must be auto, vllm or a directory with generation_config.json, "
+                f"got {self.generation_config!r}"
+            )
+        if self.max_logprobs < -1:
+            raise ValueError(f"--max-logprobs must be -1 (no cap) or >= 0, got {self.max_logprobs}")
+        if self.root_path and not self.root_path.startswith("/"):
+            raise ValueError(f"--root-path must start with '/', got {self.root_path!r}")
+        self.root_path = self.root_path.rstrip("/")
+        if self.structured_outputs_backend not in self.STRUCTURED_OUTPUTS_BACKENDS:
+            raise ValueError(
+                f"--structured-outputs-config.backend {self.structured_outputs_backend!r} is not available: "
+                "shardserve enforces structured outputs with xgrammar only (use xgrammar or auto)"
+            )
+
+    def _check_parsers(self) -> None:
+        if self.enable_auto_tool_choice and not self.tool_call_parser:
+            raise ValueError("--enable-auto-tool-choice needs --tool-call-parser NAME")
+        try:
+            if self.tool_call_parser:
+                from shardserve.entrypoints.openai.tool_parsers import get_tool_parser
+
+                get_tool_parser(self.tool_call_parser)
+            if self.reasoning_parser:
+                from shardserve.entrypoints.openai.reasoning_parsers import get_reasoning_parser
+
+                get_reasoning_parser(self.reasoning_parser)
+        except ValueError as exc:
+            flag = "--tool-call-parser" if "tool call" in str(exc) else "--reasoning-parser"
+            raise ValueError(f"{flag}: {exc}") from None
+
+    def _check_limits(self) -> None:
         if not 0 <= self.port < 65536:
             raise ValueError(f"--port must be in [0, 65535], got {self.port}")
         if self.max_request_body_bytes < 1:
@@ -422,6 +489,48 @@ class FaultInjection:
             return
         if self.token_id is None or self.token_id in prompt_token_ids:
             raise RuntimeError(f"injected fault: rank {rank} fails at {where}")
+
+
+JINJA_CHARS = "{}\n"
+
+
+def load_chat_template(value: str | None) -> str | None:
+    """The text of ``--chat-template``: a file's content, or the value itself when it looks like a template
+    (has ``{``, ``}`` or a newline; backslash escapes such as ``\\n`` are decoded), as vLLM reads it.
+
+    Raises:
+        ValueError: the value looks like a path but the file cannot be read, or the template does not compile.
+    """
+    if value is None:
+        return None
+    try:
+        text = Path(value).read_text(encoding="utf-8")
+    except (OSError, ValueError) as exc:
+        if not any(c in value for c in JINJA_CHARS):
+            message = f"--chat-template {value!r} looks like a file path, but it cannot be read: {exc}"
+            raise ValueError(message) from None
+        text = codecs.decode(value, "unicode_escape")
+    from shardserve.transformers_utils.chat_template import compile_chat_template
+
+    try:
+        compile_chat_template(text)
+    except ValueError as exc:
+        raise ValueError(f"--chat-template: {exc}") from None
+    return text
+
+
+def _json_object(value: dict[str, Any] | str | None) -> dict[str, Any]:
+    """``--default-chat-template-kwargs`` as a dict (given as one, or as JSON text)."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as exc:
+            raise ValueError(f"--default-chat-template-kwargs is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ValueError("--default-chat-template-kwargs must be a JSON object, e.g. '{\"enable_thinking\": false}'")
+    return value
 
 
 @dataclass

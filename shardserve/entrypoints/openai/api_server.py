@@ -2,7 +2,8 @@
 
 Routes: ``GET /health``, ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``,
 ``POST /generate`` (SGLang native), ``GET /metrics`` (Prometheus), ``GET /version``, ``GET /cluster/status``
-(layout, ranks, KV cache and throughput; behind the API key when one is set).
+(layout, ranks, KV cache and throughput; behind the API key when one is set), and those of
+:mod:`~shardserve.entrypoints.openai.extra_routes` (tokenization, model/server info, probes, ``/v1/responses``).
 
 Every failure is answered in OpenAI's error shape ``{"error": {"message", "type", "param", "code"}}``:
 400 for bad parameters, malformed JSON (lone surrogates and nesting past the JSON parser's depth limit
@@ -41,6 +42,7 @@ from shardserve.engine.async_llm import AsyncLLM, EngineDeadError, EngineOverloa
 from shardserve.entrypoints.openai.access import check_api_key, install_cors, warn_if_open
 from shardserve.entrypoints.openai.cluster_status import build_cluster_status
 from shardserve.entrypoints.openai.fields import check_fields
+from shardserve.entrypoints.openai.extra_routes import BODY_MODELS, RootPathMiddleware, add_extra_routes
 from shardserve.entrypoints.openai.lifecycle import DrainState, GracefulServer, InFlightCounter
 from shardserve.entrypoints.openai.openapi_docs import publish_body_schemas, request_body
 from shardserve.entrypoints.openai.protocol import (
@@ -114,9 +116,11 @@ def build_app(state: ServerState) -> FastAPI:
     app.state.metrics = metrics
     _install_error_handlers(app, state)
     _add_routes(app, state, metrics)
-    publish_body_schemas(app, [CompletionRequest, ChatCompletionRequest, GenerateRequest])
+    publish_body_schemas(app, [CompletionRequest, ChatCompletionRequest, GenerateRequest, *BODY_MODELS])
     app.add_middleware(UnexpectedErrorMiddleware)  # innermost of ours: answers 500s before the counters
     app.add_middleware(InFlightCounter, drain=state.drain)
+    if state.config.root_path:
+        app.add_middleware(RootPathMiddleware, root_path=state.config.root_path)
     install_cors(app, state.config)  # outermost, so preflights are answered before anything else
     return app
 
@@ -203,6 +207,9 @@ def _add_routes(app: FastAPI, state: ServerState, metrics: ServerMetrics) -> Non
         ctx = context(request)
         body = await parse(request, GenerateRequest, ctx)
         return await cancel_on_disconnect(request, _as_response(GenerateServer(ctx).create(body)))
+
+    limit = state.config.max_request_body_bytes
+    add_extra_routes(app, state, context, lambda request, model: _parse_body(request, model, limit), _version)
 
 
 async def _as_response(result: Any) -> Response:
