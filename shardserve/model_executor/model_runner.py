@@ -113,7 +113,9 @@ class ModelRunner:
         self.token_group = get_token_group()
         self.receives_tokens = self.pp.world_size > 1 and self.pp.is_first_rank
         """First-stage ranks with PP > 1 take each step's sampled tokens from the output rank (see module doc)."""
-        self.cpu_threads = CpuThreads(self.arch.hidden_size, config.parallel.ranks_per_node) if device.type == "cpu" else None
+        self.cpu_threads = (
+            CpuThreads(self.arch.hidden_size, config.parallel.ranks_per_node) if device.type == "cpu" else None
+        )
         if not config.parallel.disable_custom_all_reduce:
             self.tp.init_custom_all_reduce(config.model.torch_dtype())
         partition = config.parallel.pp_layer_partition

@@ -41,8 +41,8 @@ from shardserve.config import ServerConfig
 from shardserve.engine.async_llm import AsyncLLM, EngineDeadError, EngineOverloadedError, RequestFailedError
 from shardserve.entrypoints.openai.access import check_api_key, install_cors, warn_if_open
 from shardserve.entrypoints.openai.cluster_status import build_cluster_status
-from shardserve.entrypoints.openai.fields import check_fields
 from shardserve.entrypoints.openai.extra_routes import BODY_MODELS, RootPathMiddleware, add_extra_routes
+from shardserve.entrypoints.openai.fields import check_fields
 from shardserve.entrypoints.openai.lifecycle import DrainState, GracefulServer, InFlightCounter
 from shardserve.entrypoints.openai.openapi_docs import publish_body_schemas, request_body
 from shardserve.entrypoints.openai.protocol import (
