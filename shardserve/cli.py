@@ -194,7 +194,7 @@ def serve(
     ] = False,
     enforce_eager: Annotated[bool, typer.Option(help="No CUDA graphs for decode")] = False,
     disable_custom_all_reduce: Annotated[bool, typer.Option(help="NCCL for every TP all-reduce")] = False,
-    async_scheduling: Annotated[bool, typer.Option(help="Prepare step N+1 while step N runs (TP=PP=1)")] = True,
+    async_scheduling: Annotated[bool, typer.Option(help="Schedule step N+1 while step N runs (any TP and PP)")] = True,
     chat_template: Annotated[Optional[str], typer.Option(help="Chat template file, or the template itself")] = None,
     default_chat_template_kwargs: Annotated[
         Optional[str], typer.Option(help="Template variables for every request, JSON: '{\"enable_thinking\": false}'")

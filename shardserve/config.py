@@ -329,7 +329,7 @@ class SchedulerConfig:
     max_queue_len: int | None = None
     """Waiting requests beyond which new ones get HTTP 429; None is unbounded."""
     async_scheduling: bool = True
-    """Prepare step N+1 on the host while step N runs (single-rank launches; TP/PP run steps in turn)."""
+    """Schedule step N+1 while step N runs; the ranks take its inputs from step N's sample on the device."""
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
