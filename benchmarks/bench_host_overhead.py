@@ -293,7 +293,10 @@ def child_channel(args) -> dict:
 
 def run_child(tree: Path, kind: str, tp: int, pp: int, batch: int, args, scratch: Path) -> dict:
     stats_dir = Path(tempfile.mkdtemp(dir=scratch))
-    env = {**os.environ, "PYTHONPATH": f"{scratch}{os.pathsep}{tree}", "BENCH_HOST_DIR": str(stats_dir)}
+    # The tree first; other entries kept (site packages carried to the device), but never the other tree.
+    inherited = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).resolve() != REPO]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(scratch), str(tree), *inherited]),
+           "BENCH_HOST_DIR": str(stats_dir)}  # fmt: skip
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, "--tree", str(tree), "--tp", str(tp),
            "--pp", str(pp), "--batch", str(batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--device", args.device, "--model-dir", str(args.model_dir)]  # fmt: skip
@@ -313,7 +316,7 @@ def run_child(tree: Path, kind: str, tp: int, pp: int, batch: int, args, scratch
 def baseline_tree(spec: str, scratch: Path) -> tuple[Path, bool]:
     """A folder with the baseline's tree: ``spec`` itself, or a temporary git worktree of that commit."""
     if Path(spec).is_dir():
-        return Path(spec), False
+        return Path(spec).resolve(), False
     path = scratch / f"baseline-{spec}"
     subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(path), spec], check=True,
                    capture_output=True)  # fmt: skip
