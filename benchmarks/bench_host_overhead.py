@@ -6,7 +6,8 @@ and TP=2 x PP=2 worker processes. For each layout it prints, per decode step (me
 steps), in milliseconds:
 
 - ``step``: wall time of one engine step at the head;
-- ``head``: head time not spent waiting for the ranks (scheduling, step message, bookkeeping, outputs);
+- ``head``: head time not spent waiting for the ranks or the GPU (scheduling, step message, inputs and kernel
+  launches in process, bookkeeping, outputs); in process on the CPU, the model's own compute is left out;
 - ``worker``: the slowest rank's time per step outside the model (control messages, applying the step,
   inputs, token hand-over), and ``coll``: its time inside the model's collectives;
 - ``ctrl``: the control channel alone, from a separate run where every rank answers at once with no model:
@@ -123,9 +124,9 @@ def child_engine(args) -> dict:
     engine = llm.engine
     executor = engine.executor
     waited = [0.0]
-    if hasattr(executor, "runner"):  # in process: the model's compute is what the head waits for
+    if hasattr(executor, "runner") and args.device == "cpu":  # in process on the CPU: the model runs on the head
         target, names = type(executor.runner.model), ("forward", "compute_logits")
-    else:
+    else:  # worker processes, or a GPU: the head waits in collect() for the ranks or the device
         target, names = type(executor), ("collect",)
     for name in names:
         fn = getattr(target, name)

@@ -187,17 +187,15 @@ class LLMEngine:
         events = scheduler.update_from_output(sched, result)
         prefill = sum(s.num_tokens for s in sched.scheduled if s.start_position < s.request.num_prompt_tokens)
         self.throughput.add(prefill, len(events))
-        outputs = [
-            EngineCoreOutput(
-                request_id=e.request.request_id,
-                new_token_ids=[e.token_id],
-                new_logprobs=[e.logprob] if e.logprob is not None else None,
-                finish_reason=e.request.status.finish_reason,
-                stop_reason=e.request.stop_reason,
-                num_cached_tokens=e.request.num_cached_tokens,
-            )
-            for e in events
-        ]
+        outputs = []
+        for e in events:  # per step only where the caller needs it; otherwise the whole output once at the end
+            req = e.request
+            finish_reason = req.status.finish_reason
+            if req.streams or finish_reason is not None:
+                tokens = [e.token_id] if req.streams else req.output_token_ids
+                logprobs = [e.logprob] if e.logprob is not None else None
+                outputs.append(EngineCoreOutput(req.request_id, tokens, logprobs, finish_reason, req.stop_reason,
+                                                req.num_cached_tokens, first_token_time=req.first_token_time))  # fmt: skip
         for req in failed:
             logger.error("request %s failed on a rank: %s", req.request_id, req.error)
             outputs.append(EngineCoreOutput(req.request_id, [], finish_reason="error", error=req.error))

@@ -6,7 +6,7 @@ import enum
 import time
 
 from shardserve.executor.messages import i32
-from shardserve.sampling_params import SamplingParams
+from shardserve.sampling_params import RequestOutputKind, SamplingParams
 
 
 class RequestStatus(enum.Enum):
@@ -24,12 +24,15 @@ class RequestStatus(enum.Enum):
 
     @property
     def finish_reason(self) -> str | None:
-        return {
-            RequestStatus.FINISHED_STOPPED: "stop",
-            RequestStatus.FINISHED_LENGTH: "length",
-            RequestStatus.FINISHED_ABORTED: "abort",
-            RequestStatus.FINISHED_ERROR: "error",
-        }.get(self)
+        return _FINISH_REASONS.get(self)
+
+
+_FINISH_REASONS = {
+    RequestStatus.FINISHED_STOPPED: "stop",
+    RequestStatus.FINISHED_LENGTH: "length",
+    RequestStatus.FINISHED_ABORTED: "abort",
+    RequestStatus.FINISHED_ERROR: "error",
+}
 
 
 class Request:
@@ -64,6 +67,10 @@ class Request:
         self.stop_reason: str | int | None = None
         self.error: str | None = None
         """Why the request failed (``FINISHED_ERROR``)."""
+        self.first_token_time: float | None = None
+        """``time.monotonic()`` when the first output token came back to the engine."""
+        self.streams = params.output_kind is RequestOutputKind.DELTA or bool(params.stop) or params.logprobs is not None
+        """The caller needs every step's tokens (streaming, stop strings, logprobs); otherwise only the end."""
         self._prompt_bytes: bytes | None = None
 
     def reset_progress(self) -> None:

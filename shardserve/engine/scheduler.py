@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -44,7 +45,7 @@ Logprob = tuple[float, int, list[tuple[int, float]]]
 """(logprob of the sampled token, its rank, [(token id, logprob)] top alternatives, best first)."""
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledRequest:
     """One request's share of a step (head side)."""
 
@@ -115,7 +116,7 @@ class SchedulerOutput:
         )
 
 
-@dataclass
+@dataclass(slots=True)
 class TokenEvent:
     """A request got a token (and maybe finished) in the step just processed."""
 
@@ -240,12 +241,15 @@ class Scheduler:
             if req not in self.running:  # preempted to make room for an earlier one
                 continue
             n = min(req.num_tokens + req.num_pending_tokens - req.num_computed_tokens, budget)
-            if not self._make_room(req, req.num_computed_tokens + n):
-                preempted = True
-                continue
-            new_blocks = self.block_manager.allocate(req.request_id, req.num_computed_tokens + n)
-            out.block_rows += [req.row] * len(new_blocks)
-            out.block_ids += new_blocks
+            target = req.num_computed_tokens + n
+            bm = self.block_manager
+            if bm.blocks_needed(target) > bm.num_held_blocks(req.request_id):  # crosses into a new block
+                if not self._make_room(req, target):
+                    preempted = True
+                    continue
+                new_blocks = bm.allocate(req.request_id, target)
+                out.block_rows += [req.row] * len(new_blocks)
+                out.block_ids += new_blocks
             out.scheduled.append(self._scheduled(req, n))
             budget -= n
         return budget, preempted
@@ -310,6 +314,7 @@ class Scheduler:
             ValueError: the output does not have one token per sampling request of the step.
         """
         self.last_collected_step = max(self.last_collected_step, step.step_id)
+        now = time.monotonic()
         tokens = as_i32(output.sampled)
         num_sampling = sum(s.sample for s in step.scheduled)
         if len(tokens) != num_sampling:
@@ -327,6 +332,8 @@ class Scheduler:
             req.num_pending_tokens -= s.sample
             if s.sample:
                 req.output_token_ids.append(tokens[j])
+                if req.first_token_time is None:
+                    req.first_token_time = now
             # Blocks are full once every token in them is known and computed.
             known = min(req.num_computed_tokens, req.num_tokens)
             if self.block_manager.has_new_full_blocks(req.request_id, known):  # once per block_size tokens

@@ -143,6 +143,13 @@ class ModelRunner:
         """First stage with PP > 1: (step id, sampled rows) of steps whose tokens are still to be received."""
         self._in_transit: deque = deque()
         """Point-to-point sends still in flight, with the tensors they read (kept alive until done)."""
+        # Pinned host buffers for the sampled tokens, reused round-robin: more slots than steps in flight.
+        self._pinned = []
+        if device.type == "cuda" and self.is_output_rank:
+            slots = config.parallel.pipeline_parallel_size + 3
+            self._pinned = [(torch.empty(self.max_rows, dtype=torch.int32, pin_memory=True), torch.cuda.Event())
+                            for _ in range(slots)]  # fmt: skip
+        self._next_pinned = 0
         self.times = StepTimes()
         self.fault = config.fault_injection
         self.failures: list[RequestFailure] = []
@@ -402,10 +409,12 @@ class ModelRunner:
             idx = torch.from_numpy(lp_rows).to(self.device)
             device_out += list(compute_logprobs(raw[idx], tokens[idx], k))
         if tokens.is_cuda:
-            host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in device_out]
+            buffer, event = self._pinned[self._next_pinned]
+            self._next_pinned = (self._next_pinned + 1) % len(self._pinned)
+            host = [buffer[: len(rows)]]
+            host += [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in device_out[1:]]  # logprobs: rare
             for h, d in zip(host, device_out):
                 h.copy_(d, non_blocking=True)
-            event = torch.cuda.Event()
             event.record()
             return PendingOutput(step_id, host, lp_rows, k, event, failures)
         return PendingOutput(step_id, device_out, lp_rows, k, None, failures)
