@@ -73,6 +73,7 @@ def build_engine_config(
     num_kv_blocks: int | None = None,
     cpu_kv_cache_gib: float = 1.0,
     enable_prefix_caching: bool = True,
+    kv_cache_dtype: str = "auto",
     load_format: str = "auto",
     seed: int = 0,
     device: str = "auto",
@@ -119,6 +120,7 @@ def build_engine_config(
             num_kv_blocks=num_kv_blocks,
             cpu_kv_cache_gib=cpu_kv_cache_gib,
             enable_prefix_caching=enable_prefix_caching,
+            kv_cache_dtype=kv_cache_dtype,
         ),
         scheduler=SchedulerConfig(
             max_num_seqs=max_num_seqs,
@@ -148,6 +150,9 @@ def serve(
     num_kv_blocks: Annotated[Optional[int], typer.Option(help="Fixed number of KV blocks")] = None,
     cpu_kv_cache_gib: Annotated[float, typer.Option(help="KV cache size on CPU (GiB)")] = 1.0,
     enable_prefix_caching: Annotated[bool, typer.Option(help="Share cached prompt blocks")] = True,
+    kv_cache_dtype: Annotated[
+        str, typer.Option(help="auto (model dtype) or fp8 (e4m3, per-tensor scale; needs compute capability 8.9+)")
+    ] = "auto",
     load_format: Annotated[str, typer.Option(help="auto, gguf, safetensors, dummy")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed for dummy weights")] = 0,
     device: Annotated[str, typer.Option(help="auto, cuda, cpu")] = "auto",
@@ -207,6 +212,7 @@ def serve(
             num_kv_blocks=num_kv_blocks,
             cpu_kv_cache_gib=cpu_kv_cache_gib,
             enable_prefix_caching=enable_prefix_caching,
+            kv_cache_dtype=kv_cache_dtype,
             load_format=load_format,
             seed=seed,
             device=device,

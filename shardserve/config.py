@@ -22,6 +22,35 @@ DTYPES = {
     "bf16": torch.bfloat16,
 }
 
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+"""``--kv-cache-dtype`` values (vLLM's names): auto is the model dtype, fp8 and fp8_e4m3 store e4m3."""
+
+FP8_MIN_CAPABILITY = (8, 9)
+"""CUDA compute capability with FP8 tensor cores and conversions (Ada 8.9, Hopper 9.0 and later)."""
+
+
+def check_fp8_device(device: str | torch.device, what: str) -> None:
+    """Refuse an FP8 option on a CUDA device older than compute capability 8.9; CPUs pass (they dequantize).
+
+    Args:
+        device: ``cuda``, ``cuda:N``, ``cpu`` or a ``torch.device``.
+        what: the option, named in the error (``--kv-cache-dtype fp8``).
+
+    Raises:
+        ValueError: the device is a CUDA GPU below capability 8.9.
+    """
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    capability = torch.cuda.get_device_capability(index)
+    if capability < FP8_MIN_CAPABILITY:
+        raise ValueError(
+            f"{what} needs a GPU with FP8 support (compute capability >= 8.9: Ada, Hopper or later); "
+            f"{torch.cuda.get_device_name(index)} has {capability[0]}.{capability[1]}. "
+            "Drop the option, or run on CPU (--device cpu), where FP8 is dequantized"
+        )
+
 
 @dataclass
 class ModelArchConfig:
@@ -240,6 +269,8 @@ class CacheConfig:
     """KV cache size on CPU (GiB) when num_kv_blocks is None."""
     enable_prefix_caching: bool = True
     """Share full prompt blocks between requests by content hash."""
+    kv_cache_dtype: str = "auto"
+    """auto (the model dtype), or fp8 / fp8_e4m3: one byte per element, e4m3 with a per-tensor scale per layer."""
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -248,6 +279,14 @@ class CacheConfig:
             raise ValueError(f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"--num-kv-blocks must be positive, got {self.num_kv_blocks}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(
+                f"--kv-cache-dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}"
+            )
+
+    def cache_torch_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        """The KV cache's element type: ``model_dtype`` for auto, ``torch.float8_e4m3fn`` for fp8."""
+        return model_dtype if self.kv_cache_dtype == "auto" else torch.float8_e4m3fn
 
 
 @dataclass
@@ -323,6 +362,10 @@ class EngineConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    def __post_init__(self) -> None:
+        if self.cache.kv_cache_dtype != "auto":
+            check_fp8_device(self.model.resolved_device(), f"--kv-cache-dtype {self.cache.kv_cache_dtype}")
 
     def replace(self, **parts: Any) -> EngineConfig:
         """A copy with some parts swapped."""

@@ -37,6 +37,8 @@ from shardserve.model_executor.layers.rotary_embedding import RotaryEmbedding
 logger = logging.getLogger(__name__)
 
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
+# Per-tensor FP8 KV-cache scales: compressed-tensors' ``self_attn.k_scale``, AutoFP8's ``k_proj.output_scale``.
+_KV_SCALE_RE = re.compile(r"^(model\.layers\.\d+\.self_attn)\.(?:([kv])_scale|([kv])_proj\.output_scale)$")
 
 # Checkpoint name fragment -> (fused parameter fragment, shard id).
 _STACKED = (
@@ -251,6 +253,9 @@ class LlamaForCausalLM(nn.Module):
         loaded: set[tuple[str, Any]] = set()
         for name, source in weights:
             for param_name, shard_id in self.weight_targets(name):
+                if param_name.endswith(("attn.k_scale", "attn.v_scale")):
+                    self._load_kv_scale(param_name, source)
+                    continue
                 if param_name not in params:
                     logger.debug("skipping checkpoint tensor %s (no parameter %s)", name, param_name)
                     continue
@@ -283,10 +288,25 @@ class LlamaForCausalLM(nn.Module):
             if tied_elsewhere and self.model.embed_tokens is None:
                 targets.append(("lm_head.weight", None))
             return targets
+        kv_scale = _KV_SCALE_RE.match(name)
+        if kv_scale is not None:
+            return [(f"{kv_scale.group(1)}.attn.{kv_scale.group(2) or kv_scale.group(3)}_scale", None)]
         for ckpt, fused, shard_id in _STACKED:
             if ckpt in name:
                 return [(name.replace(ckpt, fused), shard_id)]
         return [(name, None)]
+
+    def _load_kv_scale(self, target: str, source: Any) -> None:
+        """Set an attention layer's FP8 KV-cache scale (a float, used only with ``--kv-cache-dtype fp8``).
+
+        Raises:
+            ValueError: the scale is not positive and finite.
+        """
+        module, attr = target.rsplit(".", 1)
+        value = float(load_slice(source).float().max())  # per-tensor; several entries (split q/k/v): the largest
+        if not 0.0 < value < float("inf"):
+            raise ValueError(f"KV-cache scale {target} must be positive and finite, got {value}")
+        setattr(self.get_submodule(module), attr, value)
 
     @staticmethod
     def _expected_shards(params: dict[str, nn.Parameter]) -> set[tuple[str, Any]]:
