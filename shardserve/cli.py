@@ -21,6 +21,7 @@ ModelArg = Annotated[
 ]
 TP = Annotated[int, typer.Option("--tensor-parallel-size", "-tp", help="TP ranks per stage")]
 PP = Annotated[int, typer.Option("--pipeline-parallel-size", "-pp", help="Pipeline stages")]
+QUANTIZATION_HELP = "Weight quantization: gguf (keep GGUF blocks; default for GGUF on CUDA); default: the checkpoint's"
 
 
 def _setup_logging(level: str) -> None:
@@ -74,6 +75,7 @@ def build_engine_config(
     cpu_kv_cache_gib: float = 1.0,
     enable_prefix_caching: bool = True,
     load_format: str = "auto",
+    quantization: str | None = None,
     seed: int = 0,
     device: str = "auto",
     nnodes: int = 1,
@@ -94,6 +96,7 @@ def build_engine_config(
             model=model,
             dtype=dtype,
             load_format=load_format,
+            quantization=quantization,
             max_model_len=max_model_len,
             seed=seed,
             device=device,
@@ -149,6 +152,7 @@ def serve(
     cpu_kv_cache_gib: Annotated[float, typer.Option(help="KV cache size on CPU (GiB)")] = 1.0,
     enable_prefix_caching: Annotated[bool, typer.Option(help="Share cached prompt blocks")] = True,
     load_format: Annotated[str, typer.Option(help="auto, gguf, safetensors, dummy")] = "auto",
+    quantization: Annotated[Optional[str], typer.Option("--quantization", "-q", help=QUANTIZATION_HELP)] = None,
     seed: Annotated[int, typer.Option(help="Seed for dummy weights")] = 0,
     device: Annotated[str, typer.Option(help="auto, cuda, cpu")] = "auto",
     nnodes: Annotated[
@@ -208,6 +212,7 @@ def serve(
             cpu_kv_cache_gib=cpu_kv_cache_gib,
             enable_prefix_caching=enable_prefix_caching,
             load_format=load_format,
+            quantization=quantization,
             seed=seed,
             device=device,
             nnodes=launch.nnodes,
@@ -258,6 +263,7 @@ def generate(
     pipeline_parallel_size: PP = 1,
     dtype: Annotated[str, typer.Option(help="auto, float32, float16, bfloat16")] = "auto",
     load_format: Annotated[str, typer.Option(help="auto, gguf, safetensors, dummy")] = "auto",
+    quantization: Annotated[Optional[str], typer.Option("--quantization", "-q", help=QUANTIZATION_HELP)] = None,
     device: Annotated[str, typer.Option(help="auto, cuda, cpu")] = "auto",
     log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "warning",
 ) -> None:
@@ -273,6 +279,7 @@ def generate(
             pipeline_parallel_size=pipeline_parallel_size,
             dtype=dtype,
             load_format=load_format,
+            quantization=quantization,
             device=device,
         )
     except ValueError as e:
