@@ -21,6 +21,7 @@ ModelArg = Annotated[
 ]
 TP = Annotated[int, typer.Option("--tensor-parallel-size", "-tp", help="TP ranks per stage")]
 PP = Annotated[int, typer.Option("--pipeline-parallel-size", "-pp", help="Pipeline stages")]
+QUANTIZATION_HELP = "Weight quantization: gguf (keep GGUF blocks; default for GGUF on CUDA); default: the checkpoint's"
 
 
 def _setup_logging(level: str) -> None:
@@ -75,6 +76,7 @@ def build_engine_config(
     enable_prefix_caching: bool = True,
     kv_cache_dtype: str = "auto",
     load_format: str = "auto",
+    quantization: str | None = None,
     seed: int = 0,
     device: str = "auto",
     nnodes: int = 1,
@@ -95,6 +97,7 @@ def build_engine_config(
             model=model,
             dtype=dtype,
             load_format=load_format,
+            quantization=quantization,
             max_model_len=max_model_len,
             seed=seed,
             device=device,
@@ -154,6 +157,7 @@ def serve(
         str, typer.Option(help="auto (model dtype) or fp8 (e4m3, per-tensor scale; needs compute capability 8.9+)")
     ] = "auto",
     load_format: Annotated[str, typer.Option(help="auto, gguf, safetensors, dummy")] = "auto",
+    quantization: Annotated[Optional[str], typer.Option("--quantization", "-q", help=QUANTIZATION_HELP)] = None,
     seed: Annotated[int, typer.Option(help="Seed for dummy weights")] = 0,
     device: Annotated[str, typer.Option(help="auto, cuda, cpu")] = "auto",
     nnodes: Annotated[
@@ -214,6 +218,7 @@ def serve(
             enable_prefix_caching=enable_prefix_caching,
             kv_cache_dtype=kv_cache_dtype,
             load_format=load_format,
+            quantization=quantization,
             seed=seed,
             device=device,
             nnodes=launch.nnodes,
@@ -264,6 +269,7 @@ def generate(
     pipeline_parallel_size: PP = 1,
     dtype: Annotated[str, typer.Option(help="auto, float32, float16, bfloat16")] = "auto",
     load_format: Annotated[str, typer.Option(help="auto, gguf, safetensors, dummy")] = "auto",
+    quantization: Annotated[Optional[str], typer.Option("--quantization", "-q", help=QUANTIZATION_HELP)] = None,
     device: Annotated[str, typer.Option(help="auto, cuda, cpu")] = "auto",
     log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "warning",
 ) -> None:
@@ -279,6 +285,7 @@ def generate(
             pipeline_parallel_size=pipeline_parallel_size,
             dtype=dtype,
             load_format=load_format,
+            quantization=quantization,
             device=device,
         )
     except ValueError as e:

@@ -169,6 +169,9 @@ class ModelConfig:
     """Run every step eagerly (no CUDA graphs for decode)."""
     max_cuda_graph_batch_size: int = 512
     """Largest decode batch captured in a CUDA graph (requests); larger batches run eagerly."""
+    quantization: str | None = None
+    """Weight quantization (vLLM's ``--quantization``): None uses the checkpoint's own (a GGUF file's blocks
+    stay quantized on CUDA and are dequantized at load on CPU); ``gguf`` keeps GGUF blocks on CPU too."""
 
     LOAD_FORMATS = ("auto", "gguf", "safetensors", "dummy")
 
@@ -181,6 +184,13 @@ class ModelConfig:
             raise ValueError(f"--max-model-len must be positive, got {self.max_model_len}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        if self.quantization is not None:
+            from shardserve.model_executor.layers.quantization import QUANTIZATION_METHODS
+
+            if self.quantization not in QUANTIZATION_METHODS:
+                raise ValueError(
+                    f"--quantization must be one of {', '.join(QUANTIZATION_METHODS)}, got {self.quantization!r}"
+                )
 
     def resolved_device(self) -> str:
         """``cuda`` or ``cpu``."""

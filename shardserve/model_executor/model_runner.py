@@ -111,6 +111,7 @@ class ModelRunner:
             self.layer_range,
             dummy=config.model.load_format == "dummy",
             seed=config.model.seed,
+            quantization=config.model.quantization,
         )
         self.requests: dict[str, CachedRequestState] = {}
         self.kv_caches: list[torch.Tensor] = []
