@@ -21,7 +21,10 @@ ModelArg = Annotated[
 ]
 TP = Annotated[int, typer.Option("--tensor-parallel-size", "-tp", help="TP ranks per stage")]
 PP = Annotated[int, typer.Option("--pipeline-parallel-size", "-pp", help="Pipeline stages")]
-QUANTIZATION_HELP = "Weight quantization: gguf (keep GGUF blocks; default for GGUF on CUDA); default: the checkpoint's"
+QUANTIZATION_HELP = (
+    "Weight quantization: gguf (keep GGUF blocks; default for GGUF on CUDA), fp8 (quantize bf16 weights to e4m3 "
+    "at load; FP8 checkpoints load as FP8 without it); default: the checkpoint's"
+)
 
 
 def _setup_logging(level: str) -> None:

@@ -191,6 +191,8 @@ class ModelConfig:
                 raise ValueError(
                     f"--quantization must be one of {', '.join(QUANTIZATION_METHODS)}, got {self.quantization!r}"
                 )
+            if self.quantization == "fp8":
+                check_fp8_device(self.resolved_device(), "--quantization fp8")
 
     def resolved_device(self) -> str:
         """``cuda`` or ``cpu``."""

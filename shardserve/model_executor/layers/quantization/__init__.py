@@ -16,9 +16,11 @@ from shardserve.model_executor.layers.quantization.base import (
     WeightShard,
 )
 
-QUANTIZATION_METHODS = ("gguf",)
+QUANTIZATION_METHODS = ("gguf", "fp8")
 """Accepted ``--quantization`` values. ``gguf``: keep a GGUF file's blocks as stored (the default for GGUF
-files on CUDA; on CPU it keeps memory small at the cost of dequantizing each layer per step)."""
+files on CUDA; on CPU it keeps memory small at the cost of dequantizing each layer per step). ``fp8``:
+quantize a bf16/fp16/fp32 safetensors checkpoint to e4m3 at load (FP8 checkpoints are read as FP8 without
+it; see :mod:`.fp8`)."""
 
 __all__ = [
     "QUANTIZATION_METHODS",
@@ -43,7 +45,9 @@ def get_quantization_config(quantization: str | None, source: Any, device: torch
     """
     if quantization is not None and quantization not in QUANTIZATION_METHODS:
         raise ValueError(f"--quantization must be one of {', '.join(QUANTIZATION_METHODS)}, got {quantization!r}")
-    config = None
+    from shardserve.model_executor.layers.quantization.fp8 import fp8_config_for
+
+    config = fp8_config_for(quantization, source)
     if config is not None:
         config.verify_device(device)
     return config
