@@ -167,10 +167,9 @@ FP8_GEMV_MAX_ROWS = 2
 
 def fp8_gemv_config(n: int, k: int) -> tuple[int, int, int, int]:
     """``(BLOCK_N, BLOCK_K, num_warps, num_stages)`` for an ``n x k`` FP8 weight: the bf16 GEMV's tile
-    (:func:`.gemv.gemv_config`, 4 rows x up to 1024 columns) with K doubled where it divides, so that a
-    tile is the same 8 KiB of weight bytes. Untuned on FP8 hardware: ``benchmarks/bench_fp8.py`` measures
-    the bandwidth it reaches."""
-    block_k = next((b for b in (2048, 1024, 512, 256) if k % b == 0), 256)
+    (:func:`.gemv.gemv_config`: 4 rows x up to 1024 columns, so the same registers per thread; half the bytes).
+    Not yet tuned on FP8 hardware: ``benchmarks/bench_fp8.py --sweep`` times the alternatives."""
+    block_k = next((b for b in (1024, 512, 256) if k % b == 0), 256)
     return 4, block_k, 4, 3
 
 
