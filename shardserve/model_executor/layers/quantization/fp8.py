@@ -445,16 +445,25 @@ class Fp8LinearMethod(LinearMethod):
             return F.linear(x, (w.to(torch.float32) * scale[:, None]).to(x.dtype), bias)
         static = getattr(layer, "static_input_scale", None)
         xq, x_scale = quantize_activations(x.contiguous(), static, self.config.activation_scale_ub)
-        y = torch._scaled_mm(
-            xq,
-            w.t(),
-            scale_a=x_scale,
-            scale_b=scale.view(1, -1),
-            out_dtype=torch.bfloat16,  # row-wise scaling writes bf16
-            use_fast_accum=x.is_cuda,
-        )
-        y = y.to(x.dtype)
+        y = scaled_mm_rowwise(xq, w, x_scale, scale).to(x.dtype)
         return y if bias is None else y + bias
+
+
+def scaled_mm_rowwise(xq: torch.Tensor, wq: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """``(xq * x_scale) @ (wq * w_scale[:, None]).T`` through ``torch._scaled_mm`` with row-wise scales (cuBLASLt
+    or CUTLASS on sm90; fast accumulation on CUDA, as vLLM's FP8 GEMMs use).
+
+    Args:
+        xq: ``(M, K)`` e4m3, row-major; x_scale: ``(M, 1)`` fp32.
+        wq: ``(N, K)`` e4m3, row-major (passed transposed: the column-major ``(K, N)`` operand cuBLASLt wants);
+            w_scale: ``(N,)`` fp32. K and N multiples of 16.
+
+    Returns:
+        ``(M, N)`` bf16 (row-wise scaling writes bf16).
+    """
+    return torch._scaled_mm(
+        xq, wq.t(), scale_a=x_scale, scale_b=w_scale.view(1, -1), out_dtype=torch.bfloat16, use_fast_accum=xq.is_cuda
+    )
 
 
 def _use_fp8_gemv(x: torch.Tensor) -> bool:
@@ -513,20 +522,17 @@ def scaled_mm_works(device: torch.device) -> bool:
         qb, sb = quantize_weight_per_row(b)
         want = (qa.float() * sa[:, None]) @ (qb.float() * sb[:, None]).T
         try:
-            got = torch._scaled_mm(
-                qa, qb.t(), scale_a=sa[:, None], scale_b=sb[None, :], out_dtype=torch.bfloat16, use_fast_accum=False
-            ).float()
+            got = scaled_mm_rowwise(qa, qb, sa[:, None].contiguous(), sb).float()
             ok = bool(torch.allclose(got, want, rtol=2e-2, atol=2e-2 * float(want.abs().max())))
             reason = "" if ok else f"max error {float((got - want).abs().max()):.3g}"
         except (RuntimeError, TypeError) as e:
             ok, reason = False, str(e).splitlines()[0]
         if not ok:
             logger.warning(
-                "torch._scaled_mm with row-wise FP8 scales is unusable on %s (%s): FP8 layers dequantize for "
-                "batches above %d rows (slow)",
+                "torch._scaled_mm with row-wise FP8 scales is unusable on %s (%s): FP8 layers dequantize their "
+                "weight for batches above the GEMV's rows (slow)",
                 device,
                 reason,
-                2,
             )
         _SCALED_MM_OK[device] = ok
     return _SCALED_MM_OK[device]
