@@ -105,8 +105,8 @@ def _rotate_heads(
     HEADS_PAD: tl.constexpr,
     HALF: tl.constexpr,
     HALF_PAD: tl.constexpr,
-    inv_scale=1.0,
-    FP8: tl.constexpr = False,
+    inv_scale,
+    FP8: tl.constexpr,
 ):
     offs_h = tl.arange(0, HEADS_PAD)
     offs_d = tl.arange(0, HALF_PAD)
@@ -154,9 +154,8 @@ def _rotary_kernel(
     offs_d = tl.arange(0, HALF_PAD)
     cos = tl.load(COS + pos * stride_cache + offs_d, mask=offs_d < HALF, other=0.0)[None, :]
     sin = tl.load(SIN + pos * stride_cache + offs_d, mask=offs_d < HALF, other=0.0)[None, :]
-    _rotate_heads(
-        Q + t * stride_qt, stride_qh, Q + t * stride_qt, stride_qh, NUM_Q_HEADS, cos, sin, HEADS_PAD, HALF, HALF_PAD
-    )
+    q = Q + t * stride_qt
+    _rotate_heads(q, stride_qh, q, stride_qh, NUM_Q_HEADS, cos, sin, HEADS_PAD, HALF, HALF_PAD, 1.0, False)
     if STORE_KV:  # rotated K and V straight into the token's cache slot (skipped for slot < 0: padding)
         slot = tl.load(SLOTS + t)
         if slot >= 0:
@@ -182,9 +181,8 @@ def _rotary_kernel(
             v = to_cache(v, v_inv_scale, VC.dtype.element_ty, FP8)
             tl.store(VC + slot * width + offs_h[:, None] * (2 * HALF) + offs_e[None, :], v, mask=mask)
     else:
-        _rotate_heads(
-            K + t * stride_kt, stride_kh, K + t * stride_kt, stride_kh, NUM_K_HEADS, cos, sin, HEADS_PAD, HALF, HALF_PAD
-        )
+        k = K + t * stride_kt
+        _rotate_heads(k, stride_kh, k, stride_kh, NUM_K_HEADS, cos, sin, HEADS_PAD, HALF, HALF_PAD, 1.0, False)
 
 
 def rotary_embedding(
