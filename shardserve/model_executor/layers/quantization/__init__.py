@@ -43,7 +43,14 @@ def get_quantization_config(quantization: str | None, source: Any, device: torch
     """
     if quantization is not None and quantization not in QUANTIZATION_METHODS:
         raise ValueError(f"--quantization must be one of {', '.join(QUANTIZATION_METHODS)}, got {quantization!r}")
-    config = None
+    config: QuantizationConfig | None = None
+    if source.format == "gguf" and (quantization == "gguf" or (quantization is None and device.type == "cuda")):
+        from shardserve.model_executor.layers.quantization.gguf import GGUFConfig
+        from shardserve.model_executor.loader.resolve import open_gguf
+
+        config = GGUFConfig.from_reader(open_gguf(source.path))
+    elif quantization == "gguf":
+        raise ValueError(f"--quantization gguf needs a GGUF file; {source.path} is a {source.format} checkpoint")
     if config is not None:
         config.verify_device(device)
     return config
