@@ -11,6 +11,7 @@ from collections.abc import Iterable, Iterator
 import torch
 
 from shardserve.model_executor.layers.quantization import get_quantization_config
+from shardserve.model_executor.layers.quantization.base import model_weight_bytes
 from shardserve.model_executor.loader.resolve import ModelSource, gguf_field, open_gguf
 from shardserve.model_executor.loader.weights import WeightSource, iter_gguf, iter_safetensors
 from shardserve.model_executor.models.llama import LlamaForCausalLM
@@ -123,7 +124,9 @@ def load_model(
             ``quantization`` that does not fit the checkpoint or the device.
     """
     device = torch.device(device)
-    quant_config = get_quantization_config(quantization, source, device)
+    if dummy and quantization == "gguf":
+        raise ValueError("--load-format dummy cannot fill GGUF blocks; load the GGUF file (--load-format auto)")
+    quant_config = None if dummy and quantization is None else get_quantization_config(quantization, source, device)
     if quant_config is not None:
         quant_config.packed_modules_mapping = dict(LlamaForCausalLM.packed_modules_mapping)
     with torch.device(device), _default_dtype(dtype):
@@ -135,12 +138,14 @@ def load_model(
         else:
             model.load_weights(_with_progress(_owned(model, iter_weights(source)), source.name))
     logger.info(
-        "loaded %s layers [%d, %d) on %s (%s, %s)",
+        "loaded %s layers [%d, %d) on %s (%s, %s%s): weights hold %.2f GiB",
         source.name,
         *layer_range,
         device,
         dtype,
         "dummy weights" if dummy else source.format,
+        f", {quant_config.name}" if quant_config is not None else "",
+        model_weight_bytes(model) / 2**30,
     )
     return model.eval()
 

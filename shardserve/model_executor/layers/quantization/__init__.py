@@ -45,9 +45,18 @@ def get_quantization_config(quantization: str | None, source: Any, device: torch
     """
     if quantization is not None and quantization not in QUANTIZATION_METHODS:
         raise ValueError(f"--quantization must be one of {', '.join(QUANTIZATION_METHODS)}, got {quantization!r}")
-    from shardserve.model_executor.layers.quantization.fp8 import fp8_config_for
+    config: QuantizationConfig | None = None
+    if source.format == "gguf" and (quantization == "gguf" or (quantization is None and device.type == "cuda")):
+        from shardserve.model_executor.layers.quantization.gguf import GGUFConfig
+        from shardserve.model_executor.loader.resolve import open_gguf
 
-    config = fp8_config_for(quantization, source)
+        config = GGUFConfig.from_reader(open_gguf(source.path))
+    elif quantization == "gguf":
+        raise ValueError(f"--quantization gguf needs a GGUF file; {source.path} is a {source.format} checkpoint")
+    else:  # FP8 checkpoints, or --quantization fp8 of a plain one
+        from shardserve.model_executor.layers.quantization.fp8 import fp8_config_for
+
+        config = fp8_config_for(quantization, source)
     if config is not None:
         config.verify_device(device)
     return config
