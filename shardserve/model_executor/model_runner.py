@@ -133,6 +133,7 @@ class ModelRunner:
             self.layer_range,
             dummy=config.model.load_format == "dummy",
             seed=config.model.seed,
+            quantization=config.model.quantization,
         )
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
@@ -178,7 +179,8 @@ class ModelRunner:
         if not layers:
             return 0
         a = layers[0]
-        per_layer = 2 * self.block_size * a.num_kv_heads * a.head_dim * torch.finfo(self.dtype).bits // 8
+        bits = torch.finfo(self.config.cache.cache_torch_dtype(self.dtype)).bits  # 8 with --kv-cache-dtype fp8
+        per_layer = 2 * self.block_size * a.num_kv_heads * a.head_dim * bits // 8
         return per_layer * len(layers)
 
     def available_kv_blocks(self) -> int:
@@ -266,9 +268,14 @@ class ModelRunner:
         """Allocate ``(2, num_blocks, block_size, num_kv_heads, head_dim)`` per layer and bind it."""
         self.num_blocks = num_blocks
         self.kv_caches = []
+        dtype = self.config.cache.cache_torch_dtype(self.dtype)
+        if dtype != self.dtype:
+            from shardserve.config import check_fp8_device
+
+            check_fp8_device(self.device, f"--kv-cache-dtype {self.config.cache.kv_cache_dtype}")
         for layer in self.model.attention_layers:
             cache = torch.zeros(
-                2, num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim, dtype=self.dtype, device=self.device
+                2, num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim, dtype=dtype, device=self.device
             )
             layer.kv_cache = cache
             self.kv_caches.append(cache)

@@ -11,6 +11,8 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
+from shardserve.model_executor.layers.quantization import get_quantization_config
+from shardserve.model_executor.layers.quantization.base import model_weight_bytes
 from shardserve.model_executor.loader.resolve import ModelSource, gguf_field, open_gguf
 from shardserve.model_executor.loader.weights import WeightSource, iter_gguf, iter_safetensors
 from shardserve.model_executor.models.llama import LlamaForCausalLM
@@ -112,30 +114,42 @@ def load_model(
     layer_range: tuple[int, int],
     dummy: bool = False,
     seed: int = 0,
+    quantization: str | None = None,
 ) -> LlamaForCausalLM:
     """Build this rank's :class:`LlamaForCausalLM` for ``layer_range`` on ``device`` and load its weights.
 
-    Parameters are created directly on ``device`` in ``dtype``; each TP rank reads only its shard.
-    With ``dummy`` the weights are random (see :func:`init_dummy_weights`) and no weight file is read.
+    Parameters are created directly on ``device`` in ``dtype`` (or in the storage of the quantization
+    scheme, see :func:`~shardserve.model_executor.layers.quantization.get_quantization_config`); each TP
+    rank reads only its shard. With ``dummy`` the weights are random (see :func:`init_dummy_weights`) and no
+    weight file is read.
 
     Raises:
-        ValueError: unreadable checkpoint, shapes that do not fit, or parameters left unloaded.
+        ValueError: unreadable checkpoint, shapes that do not fit, parameters left unloaded, or a
+            ``quantization`` that does not fit the checkpoint or the device.
     """
     device = torch.device(device)
+    if dummy and quantization == "gguf":
+        raise ValueError("--load-format dummy cannot fill GGUF blocks; load the GGUF file (--load-format auto)")
+    quant_config = None if dummy and quantization is None else get_quantization_config(quantization, source, device)
+    if quant_config is not None:
+        quant_config.packed_modules_mapping = dict(LlamaForCausalLM.packed_modules_mapping)
     with torch.device(device), _default_dtype(dtype):
-        model = LlamaForCausalLM(source.arch, layer_range)
+        model = LlamaForCausalLM(source.arch, layer_range, quant_config)
     with torch.no_grad():
         if dummy:
             init_dummy_weights(model, seed)
+            model.process_weights_after_loading()
         else:
             model.load_weights(_with_progress(_owned(model, iter_weights(source)), source.name))
     logger.info(
-        "loaded %s layers [%d, %d) on %s (%s, %s)",
+        "loaded %s layers [%d, %d) on %s (%s, %s%s): weights hold %.2f GiB",
         source.name,
         *layer_range,
         device,
         dtype,
         "dummy weights" if dummy else source.format,
+        f", {quant_config.name}" if quant_config is not None else "",
+        model_weight_bytes(model) / 2**30,
     )
     return model.eval()
 
