@@ -25,6 +25,7 @@ from torch import nn
 
 from shardserve.model_executor.layers.quantization.base import (
     LinearMethod,
+    ModelWeightBytes,
     QuantizationConfig,
     WeightShard,
     _silu_and_mul,
@@ -42,7 +43,7 @@ from shardserve.model_executor.layers.quantization.gguf_blocks import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GGUFConfig", "GGUFLinearMethod", "GGUFWeightBytes", "gguf_tensor_bytes", "gguf_weight_bytes"]
+__all__ = ["GGUFConfig", "GGUFLinearMethod", "gguf_tensor_bytes", "gguf_weight_bytes"]
 
 
 class GGUFConfig(QuantizationConfig):
@@ -278,37 +279,19 @@ def _meta(g: _Group) -> tuple[int, int, int]:
     return g.qtype, g.out_offset, g.rows
 
 
-@dataclass
-class GGUFWeightBytes:
-    """Bytes one rank holds of a GGUF model, by part (see :func:`gguf_weight_bytes`)."""
-
-    layers: list[int]
-    """Per decoder layer (norms included), in layer order."""
-    embed: int
-    """The token embedding (first pipeline stage)."""
-    lm_head: int
-    """The LM head (last stage); 0 when tied to the embedding and both are on one stage."""
-    final_norm: int
-    """The final RMSNorm (last stage)."""
-
-    @property
-    def total(self) -> int:
-        return sum(self.layers) + self.embed + self.lm_head + self.final_norm
-
-
 def gguf_weight_bytes(
     reader: Any,
     num_kv_heads: int,
     tp_size: int = 1,
     dtype: torch.dtype = torch.bfloat16,
     keep_quantized: bool = True,
-) -> GGUFWeightBytes:
+) -> ModelWeightBytes:
     """Bytes one TP rank holds of each part of a GGUF model, as :func:`gguf_tensor_bytes` counts them.
 
     Column-parallel tensors (q/k/v, gate/up, embedding, LM head) split rows, row-parallel ones (o, down)
     split columns; with ``tp_size > num_kv_heads`` each rank holds one KV head. With
     ``keep_quantized=False`` (the CPU default) every tensor counts as dequantized to ``dtype``.
-    A tied LM head counts 0 here; a last stage without the embedding holds a copy (count ``embed``).
+    Without ``output.weight`` (tied embeddings) ``lm_head`` is the embedding table's size.
 
     Raises:
         ValueError: a TP size that cuts a block of a row-parallel tensor.
@@ -319,7 +302,8 @@ def gguf_weight_bytes(
 
     layer_re = re.compile(r"^model\.layers\.(\d+)\.")
     layers: dict[int, int] = {}
-    embed = head = norm = 0
+    embed = norm = 0
+    head: int | None = None
     for tensor in reader.tensors:
         name = gguf_to_hf_name(tensor.name)
         if name is None:
@@ -343,4 +327,6 @@ def gguf_weight_bytes(
             head = nbytes
         else:
             norm += nbytes
-    return GGUFWeightBytes([layers[i] for i in sorted(layers)], embed, head, norm)
+    return ModelWeightBytes(
+        [layers[i] for i in sorted(layers)], embed, embed if head is None else head, norm, tied=head is None
+    )

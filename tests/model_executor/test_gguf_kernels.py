@@ -33,6 +33,7 @@ from shardserve.model_executor.kernels.gguf_gemv import (  # noqa: E402
 from shardserve.model_executor.layers.quantization.gguf_blocks import (  # noqa: E402
     KERNEL_TYPES,
     block_type,
+    dequantize_blocks,
     gguf_tensor_bytes,
     random_blocks,
 )
@@ -61,6 +62,14 @@ def _swiglu(y: torch.Tensor) -> torch.Tensor:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return torch.nn.functional.silu(y[:, :half]) * y[:, half:]
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_cpu_dequantize_blocks_equals_gguf(name):
+    """The CPU path's whole-tensor dequantization (gguf's per-type formulas in one call) is gguf's."""
+    blocks, ref, qtype, cols = _case(name, 6)
+    assert torch.equal(dequantize_blocks(blocks.cpu(), qtype), ref)
+    assert dequantize_blocks(blocks.cpu(), qtype, torch.bfloat16).dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("name", TYPES)
