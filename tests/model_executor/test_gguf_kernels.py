@@ -143,3 +143,28 @@ def test_shape_errors():
         gguf_gemv(torch.randn(GEMV_MAX_ROWS + 1, cols, device=DEVICE), blocks, qtype)
     with pytest.raises(ValueError, match="no GGUF kernel"):
         dequantize(blocks, 20, cols, torch.float32)  # IQ4_NL
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="forces configs through the interpreter's autotuner stand-in")
+@pytest.mark.parametrize("name", ["Q4_K", "Q6_K", "Q2_K", "Q4_1"])
+def test_tiles_shorter_than_a_block(name, monkeypatch):
+    """Tiles of 32-128 elements (the GPU configs that keep registers in check) cut K-quant super-blocks."""
+    import triton
+
+    from shardserve.model_executor.kernels import gguf_gemv as kernels
+
+    blocks, ref, qtype, cols = _case(name, 32, seed=8)
+    x = torch.randn(6, cols, generator=torch.Generator().manual_seed(9))
+    want = x @ ref.T
+    for kernel, config, m in (
+        (kernels._gguf_gemv_kernel, triton.Config({"BLOCK_N": 8, "TILE_K": 128}), 2),
+        (kernels._gguf_matmul_kernel, triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "TILE_K": 32}), 6),
+        (kernels._gguf_matmul_kernel, triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "TILE_K": 64}), 6),
+    ):
+        monkeypatch.setattr(kernel, "early_config_prune", lambda configs, args, c=config, **kw: [c])
+        kernel.cache.clear()
+        got = kernels.gguf_linear(x[:m], blocks, qtype, dequant_min_rows=10**9)
+        assert kernel.best_config.kwargs == config.kwargs
+        assert _rel(got, want[:m]) < TOL_FP32[name], config
+    kernels._gguf_gemv_kernel.cache.clear()
+    kernels._gguf_matmul_kernel.cache.clear()
