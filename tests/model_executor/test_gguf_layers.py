@@ -279,3 +279,26 @@ def test_tiny_model_through_kernels_equals_dequantized(tiny_gguf, single_process
     got = prefill_then_decode(quantized, ids, 6)
     assert want.abs().max() > 1 and want.std() > 0.1  # not a degenerate model
     _close(got, want, tol=1e-4)
+
+
+def test_cpu_bfloat16_halves_memory(tiny_gguf, single_process):
+    """``--dtype bfloat16`` on the CPU: GGUF dequantized at load to bf16 holds half the bytes of fp32
+    (KV cache too, it follows the dtype) and computes the same logits to bf16 precision."""
+    from model_test_utils import prefill_then_decode
+
+    source = resolve_model(str(tiny_gguf))
+    layers = (0, source.arch.num_hidden_layers)
+    fp32 = load_model(source, torch.float32, torch.device("cpu"), layers)
+    bf16 = load_model(source, torch.bfloat16, torch.device("cpu"), layers)
+    assert bf16.weight_bytes * 2 == fp32.weight_bytes
+    assert bf16.model.layers["0"].mlp.down_proj.weight.dtype == torch.bfloat16
+    ids = [5, 17, 92, 3, 41, 60]
+    want = prefill_then_decode(fp32, ids, 6)
+    got = _bf16_logits(bf16, ids)
+    assert ((got - want).norm() / want.norm()).item() < 0.15  # bf16 rounding through two random layers (~8%)
+
+
+def _bf16_logits(model, ids):
+    from model_test_utils import SingleSequence
+
+    return SingleSequence(model, dtype=torch.bfloat16).step(ids)

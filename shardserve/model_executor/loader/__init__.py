@@ -174,6 +174,8 @@ def load_model(
             ``quantization`` that does not fit the checkpoint or the device.
     """
     device = torch.device(device)
+    if device.type == "cpu" and dtype == torch.bfloat16 and not _cpu_has_bf16():
+        logger.warning("this CPU has no AVX512-BF16 or AMX: bfloat16 halves memory, but its matmuls are emulated")
     if dummy and quantization == "gguf":
         raise ValueError("--load-format dummy cannot fill GGUF blocks; load the GGUF file (--load-format auto)")
     quant_config = None if dummy and quantization is None else get_quantization_config(quantization, source, device)
@@ -206,6 +208,11 @@ def load_model(
         allocated / 2**30,
     )
     return model.eval()
+
+
+def _cpu_has_bf16() -> bool:
+    cpu = torch.cpu
+    return bool(getattr(cpu, "_is_avx512_bf16_supported", lambda: False)() or cpu._is_amx_tile_supported())
 
 
 def _owned(model: LlamaForCausalLM, weights: Iterable[tuple[str, WeightSource]]) -> list[tuple[str, WeightSource]]:
