@@ -51,6 +51,13 @@ def _f16(ptr, mask, EVEN: tl.constexpr):
 
 
 @triton.jit
+def _i2f(v, OFFSET: tl.constexpr = 0):
+    """Float of small integers ``v`` (``-OFFSET <= v < 2**23 - OFFSET``) by the 2**23 bit trick: two
+    full-rate instructions instead of an int-to-float conversion."""
+    return ((v + OFFSET) | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + OFFSET)
+
+
+@triton.jit
 def _inv_pow4(sft):
     """``4 ** -sft`` for the 2-bit fields of Q2_K/Q3_K used in place (``sft`` in 0..3)."""
     return tl.where(sft == 0, 1.0, tl.where(sft == 1, 0.25, tl.where(sft == 2, 0.0625, 0.015625)))
@@ -66,7 +73,7 @@ def _k_scale_min(bp, j, mask, EVEN: tl.constexpr):
     low = j < 4
     sc = tl.where(low, a & 63, (c & 15) | ((a >> 6) << 4))
     mn = tl.where(low, b & 63, (c >> 4) | ((b >> 6) << 4))
-    return sc.to(tl.float32), mn.to(tl.float32)
+    return _i2f(sc), _i2f(mn)
 
 
 @triton.jit
@@ -124,8 +131,8 @@ def gguf_parts(
         v = _ld(bp + 16 + (j // 8) * 32 + (j % 2) * 16 + lane, mask, EVEN) & (3 << (2 * sft))
         sc = _ld(bp + j, mask, EVEN)
         d = _f16(bp + 80, mask, EVEN)
-        s = d * (sc & 15).to(tl.float32) * _inv_pow4(sft)
-        m = _f16(bp + 82, mask, EVEN) * (sc >> 4).to(tl.float32)
+        s = d * _i2f(sc & 15) * _inv_pow4(sft)
+        m = _f16(bp + 82, mask, EVEN) * _i2f(sc >> 4)
     elif QTYPE == 11:  # Q3_K: hmask[32], qs[64], scales[12], d; w = d * (sc - 32) * (q - 4 * !hbit)
         sft = (j % 8) // 2
         ll = (j % 2) * 16 + lane
@@ -135,7 +142,7 @@ def gguf_parts(
         lo = _ld(bp + 96 + (j % 8), mask, EVEN)
         lo = tl.where(j < 8, lo & 15, lo >> 4)
         hi = (_ld(bp + 104 + (j % 4), mask, EVEN) >> (2 * (j // 4))) & 3
-        dl = _f16(bp + 108, mask, EVEN) * ((lo | (hi << 4)) - 32).to(tl.float32)
+        dl = _f16(bp + 108, mask, EVEN) * _i2f((lo | (hi << 4)) - 32, 32)
         s = dl * _inv_pow4(sft)
         m = 4.0 * dl
     elif QTYPE == 12 or QTYPE == 13:  # Q4_K: d, dmin, scales[12], qs[128]. Q5_K adds qh[32] before qs
@@ -159,8 +166,7 @@ def gguf_parts(
         qh = (_ld(bp + 128 + h * 32 + lp, mask, EVEN) >> (2 * t)) & 3
         v = ql | (qh << (4 + 4 * nib))
         sc = _ld(bp + 192 + j, mask, EVEN)
-        sc = tl.where(sc > 127, sc - 256, sc).to(tl.float32)
-        dl = _f16(bp + 208, mask, EVEN) * sc
+        dl = _f16(bp + 208, mask, EVEN) * _i2f(tl.where(sc > 127, sc - 256, sc), 128)
         s = dl * tl.where(nib == 1, 0.0625, 1.0)
         m = 32.0 * dl
     f = (v | 0x4B000000).to(tl.float32, bitcast=True)

@@ -64,12 +64,10 @@ def _prune_gemv(configs, named_args, **kwargs):
 _GEMV_CONFIGS = [
     triton.Config({"BLOCK_N": bn, "TILE_K": tk}, num_warps=w, num_stages=s)
     for bn, tk, w, s in (
-        (2, 256, 4, 3),
         (4, 256, 4, 3),
         (8, 256, 4, 3),
-        (4, 512, 4, 2),
-        (8, 512, 8, 2),
-        (16, 256, 8, 2),
+        (16, 256, 4, 3),  # several rows per thread: the activation work is shared by them
+        (32, 128, 4, 3),
         (16, 512, 8, 2),
         (8, 128, 4, 3),  # short rows (small models, TP shards)
     )
@@ -205,13 +203,10 @@ _MATMUL_CONFIGS = [
     for bm, bn, tk, w, s in (
         (16, 64, 128, 4, 3),  # decode batches: one row tile, the weights read once
         (16, 128, 64, 4, 3),
-        (16, 64, 256, 4, 2),
-        (32, 64, 128, 4, 3),
         (64, 64, 64, 4, 3),
         (64, 128, 64, 8, 3),
         (128, 64, 64, 8, 3),
         (128, 128, 64, 8, 3),
-        (128, 128, 32, 8, 4),
     )
 ]
 
@@ -226,8 +221,8 @@ def _dot(x, w, acc, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
 
 
 def _m_bucket(m: int) -> int:
-    """Autotune key for the number of rows: tuned once per power of two."""
-    return triton.next_power_of_2(m)
+    """Autotune key for the number of rows: decode batches (<= 16), small (<= 64), medium (<= 256), prefill."""
+    return next((b for b in (16, 64, 256) if m <= b), 4096)
 
 
 @triton.autotune(

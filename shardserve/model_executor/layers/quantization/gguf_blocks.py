@@ -159,19 +159,29 @@ def dequantize_blocks(raw: torch.Tensor, qtype: int, dtype: torch.dtype = torch.
 def random_blocks(
     rng: np.random.Generator, rows: int, cols: int, qtype: str, scale: tuple[float, float] = (1e-3, 2e-2)
 ) -> np.ndarray:
-    """Random GGUF blocks of type ``qtype`` for a ``(rows, cols)`` matrix: random bytes with every fp16 scale
-    replaced by a finite value drawn from ``scale`` (the kernels read any bit pattern the same way; finite
-    small scales keep the values finite and the matmuls well scaled). Vectorised: fast enough for 40 GB.
+    """Random GGUF blocks of type ``qtype`` for a ``(rows, cols)`` matrix: random bytes whose fp16 scales get
+    a positive exponent drawn so that each scale lies in ``[2**floor(log2 lo), 2**floor(log2 hi))`` (the
+    kernels read any bit pattern the same way; finite small scales keep the values finite and the matmuls
+    well scaled). One draw of random bytes, then one in-place bit operation per scale: about 1 GB/s,
+    fast enough for a 40 GB file.
 
     Returns:
         ``(rows, cols / block_size * type_size)`` uint8.
+
+    Raises:
+        ValueError: no block layout for ``qtype``, or a scale range outside fp16's normal numbers.
     """
     t = block_type(qtype)
     if t is None:
         raise ValueError(f"no block layout for {qtype}")
+    e_lo = math.floor(math.log2(scale[0]))
+    e_hi = max(e_lo, math.floor(math.log2(scale[1])) - 1)
+    if e_lo < -14 or e_hi > 15:
+        raise ValueError(f"scale range {scale} is outside fp16's normal numbers")
     nblk = cols // t.block_size
     raw = rng.integers(0, 256, size=(rows, nblk, t.type_size), dtype=np.uint8)
     for off in FP16_FIELDS[t.name]:
-        d = rng.uniform(scale[0], scale[1], size=(rows, nblk)).astype(np.float16)
-        raw[:, :, off : off + 2] = d.view(np.uint8).reshape(rows, nblk, 2)
+        high = raw[:, :, off + 1]  # little-endian fp16: sign, 5 exponent bits, top 2 mantissa bits
+        exponent = (e_lo + 15) + (high >> 2) % (e_hi - e_lo + 1)
+        raw[:, :, off + 1] = (high & 0x03) | (exponent.astype(np.uint8) << 2)
     return raw.reshape(rows, nblk * t.type_size)
