@@ -27,8 +27,20 @@ def write_gguf(path: Path, tensors: dict[str, tuple[np.ndarray, str]], arch: str
 
 
 def blocks(rng: np.random.Generator, rows: int, cols: int, qtype: str) -> np.ndarray:
-    """Random blocks (small scales, so activations stay moderate through a model)."""
-    return random_blocks(rng, rows, cols, qtype, scale=(2e-4, 2e-3))
+    """Random blocks (small scales, so activations stay moderate through a model). Types without a kernel
+    (``NO_KERNEL_SCALE``) get random bytes with a small fp16 scale at their scale's offset."""
+    if supported(qtype):
+        return random_blocks(rng, rows, cols, qtype, scale=(2e-4, 2e-3))
+    block, nbytes = gguf.GGML_QUANT_SIZES[T[qtype]]
+    raw = rng.integers(0, 256, size=(rows, cols // block, nbytes), dtype=np.uint8)
+    d = rng.uniform(2e-4, 2e-3, size=(rows, cols // block)).astype(np.float16)
+    off = NO_KERNEL_SCALE[qtype]
+    raw[:, :, off : off + 2] = d.view(np.uint8).reshape(rows, cols // block, 2)
+    return raw.reshape(rows, -1)
+
+
+NO_KERNEL_SCALE = {"IQ4_NL": 0, "TQ2_0": 64}
+"""Byte offset of the fp16 scale in a block of types without a kernel (``ggml-common.h``)."""
 
 
 def llamacpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -49,8 +61,10 @@ TINY_TYPES = [
 ]  # fmt: skip
 
 
-def tiny_llama_gguf(path: Path, seed: int = 0, embed: str = "Q4_0", output: str = "Q6_K") -> Path:
-    """A random 2-layer Llama in GGUF with every block type our kernels read (see ``TINY_TYPES``)."""
+def tiny_llama_gguf(
+    path: Path, seed: int = 0, embed: str = "Q4_0", output: str = "Q6_K", types: list[dict] | None = None
+) -> Path:
+    """A random 2-layer Llama in GGUF with every block type our kernels read (``types``: ``TINY_TYPES``)."""
     rng = np.random.default_rng(seed)
     h, i, heads, kv = TINY["hidden"], TINY["inter"], TINY["heads"], TINY["kv_heads"]
     head_dim = h // heads
@@ -64,12 +78,12 @@ def tiny_llama_gguf(path: Path, seed: int = 0, embed: str = "Q4_0", output: str 
         "ffn_down": (h, i),
     }
     tensors: dict[str, tuple[np.ndarray, str]] = {"token_embd.weight": (blocks(rng, TINY["vocab"], h, embed), embed)}
-    for layer, types in enumerate(TINY_TYPES):
+    for layer, layer_types in enumerate(types or TINY_TYPES):
         for part, (rows, cols) in shapes.items():
-            data = blocks(rng, rows, cols, types[part])
+            data = blocks(rng, rows, cols, layer_types[part])
             if part in ("attn_q", "attn_k"):  # as llama.cpp stores them: rows permuted for its rotary layout
                 data = llamacpp_permute(data, heads if part == "attn_q" else kv)
-            tensors[f"blk.{layer}.{part}.weight"] = (data, types[part])
+            tensors[f"blk.{layer}.{part}.weight"] = (data, layer_types[part])
         for norm in ("attn_norm", "ffn_norm"):
             tensors[f"blk.{layer}.{norm}.weight"] = ((1 + 0.1 * rng.standard_normal(h)).astype(np.float32), "F32")
     tensors["output_norm.weight"] = (np.ones(h, dtype=np.float32), "F32")
@@ -78,7 +92,7 @@ def tiny_llama_gguf(path: Path, seed: int = 0, embed: str = "Q4_0", output: str 
     meta = {
         "llama.embedding_length": h,
         "llama.feed_forward_length": i,
-        "llama.block_count": len(TINY_TYPES),
+        "llama.block_count": len(types or TINY_TYPES),
         "llama.attention.head_count": heads,
         "llama.attention.head_count_kv": kv,
         "llama.attention.layer_norm_rms_epsilon": 1e-5,

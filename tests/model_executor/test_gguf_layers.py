@@ -294,11 +294,33 @@ def test_cpu_bfloat16_halves_memory(tiny_gguf, single_process):
     assert bf16.model.layers["0"].mlp.down_proj.weight.dtype == torch.bfloat16
     ids = [5, 17, 92, 3, 41, 60]
     want = prefill_then_decode(fp32, ids, 6)
-    got = _bf16_logits(bf16, ids)
+    got = _logits(bf16, ids, torch.bfloat16)
     assert ((got - want).norm() / want.norm()).item() < 0.15  # bf16 rounding through two random layers (~8%)
 
 
-def _bf16_logits(model, ids):
+def _logits(model, ids, dtype=torch.float32):
+    """Prefill logits of ``ids`` over a fresh KV cache of ``dtype``."""
     from model_test_utils import SingleSequence
 
-    return SingleSequence(model, dtype=torch.bfloat16).step(ids)
+    return SingleSequence(model, dtype=dtype).step(ids)
+
+
+def test_types_without_kernel_dequantized_at_load_with_one_warning(tmp_path, single_process, caplog):
+    """IQ4_NL and TQ2_0 (no kernel) are dequantized at load, named in one warning; the rest stays in blocks."""
+    from gguf_test_files import TINY_TYPES
+
+    types = [dict(TINY_TYPES[0], ffn_down="IQ4_NL", attn_output="TQ2_0"), dict(TINY_TYPES[1], ffn_up="IQ4_NL")]
+    path = tiny_llama_gguf(tmp_path / "tiny-iq.gguf", seed=1, types=types)
+    source = resolve_model(str(path))
+    layers = (0, source.arch.num_hidden_layers)
+    reference = load_model(source, torch.float32, torch.device("cpu"), layers)
+    with caplog.at_level("WARNING"):
+        quantized = load_model(source, torch.float32, torch.device("cpu"), layers, quantization="gguf")
+    warnings = [r.getMessage() for r in caplog.records if "without a kernel" in r.getMessage()]
+    assert len(warnings) == 1 and "IQ4_NL (2 tensors)" in warnings[0] and "TQ2_0 (1 tensors)" in warnings[0]
+    layer0, layer1 = quantized.model.layers["0"], quantized.model.layers["1"]
+    assert layer0.mlp.down_proj.weight.dtype == torch.float32 and layer0.self_attn.o_proj.weight.dtype == torch.float32
+    assert layer1.mlp.gate_up_proj.weight.dtype == torch.float32  # gate Q8_0 + up IQ4_NL: the pair is dequantized
+    assert layer0.mlp.gate_up_proj.weight.dtype == torch.uint8 and layer1.mlp.down_proj.weight.dtype == torch.uint8
+    ids = [5, 17, 92, 3]
+    torch.testing.assert_close(_logits(quantized, ids), _logits(reference, ids))
