@@ -241,7 +241,7 @@ def part_serve(spec: dict) -> dict:
     res["prefill_tok_s"] = prefill_rate(10)
     qc = model.quant_config
     if qc is not None and qc.name == "gguf":
-        from shardserve.model_executor.kernels.gguf_gemv import DEQUANT_MIN_ROWS, GEMV_MAX_ROWS
+        from shardserve.model_executor.layers.quantization.gguf_blocks import DEQUANT_MIN_ROWS, GEMV_MAX_ROWS
 
         res["dequant_min_rows_default"] = DEQUANT_MIN_ROWS
         for mode, rows in (("fused", 10**9), ("dequant_cublas", GEMV_MAX_ROWS + 1)):

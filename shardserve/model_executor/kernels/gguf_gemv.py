@@ -41,11 +41,7 @@ from shardserve.model_executor.kernels.gguf_dequant import (
     kernel_type,
     tile_k,
 )
-
-GEMV_MAX_ROWS = 4
-"""Largest ``M`` that runs as a CUDA-core GEMV; above it the tensor-core kernel reads the weights once."""
-DEQUANT_MIN_ROWS = 256
-"""Default ``M`` from which the weight is dequantized to a scratch buffer for cuBLAS."""
+from shardserve.model_executor.layers.quantization.gguf_blocks import DEQUANT_MIN_ROWS, GEMV_MAX_ROWS
 
 
 def _interpreting(args: dict) -> bool:

@@ -8,7 +8,8 @@ gate and up of the same type stay one group, so SwiGLU is fused into the decode 
 gathers and dequantizes the looked-up rows; the LM head (often Q6_K) is a GGUF linear.
 
 On CUDA the Triton kernels run; on the CPU (``--quantization gguf``) each call dequantizes the layer with
-``gguf.quants.dequantize`` and uses ``F.linear``: small memory, slow steps. Without ``--quantization`` a
+the ``gguf`` package's formulas (:func:`~.gguf_blocks.dequantize_blocks`) and uses ``F.linear``: small
+memory, slower steps. Without ``--quantization`` a
 GGUF file on the CPU is dequantized at load instead (``loader/weights.py``).
 """
 
@@ -23,17 +24,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shardserve.model_executor.layers.activation import SiluAndMul
 from shardserve.model_executor.layers.quantization.base import (
     LinearMethod,
     ModelWeightBytes,
     QuantizationConfig,
     WeightShard,
-    _silu_and_mul,
     check_full_dim,
     copy_checked,
     load_unquantized,
 )
 from shardserve.model_executor.layers.quantization.gguf_blocks import (
+    DEQUANT_MIN_ROWS,
     FLOAT_TYPES,
     block_type,
     dequantize_blocks,
@@ -59,8 +61,6 @@ class GGUFConfig(QuantizationConfig):
     name = "gguf"
 
     def __init__(self, tensor_types: dict[str, int], dequant_min_rows: int | None = None, kernels_on_cpu=False):
-        from shardserve.model_executor.kernels.gguf_gemv import DEQUANT_MIN_ROWS
-
         super().__init__()
         self.tensor_types = dict(tensor_types)
         self.dequant_min_rows = DEQUANT_MIN_ROWS if dequant_min_rows is None else dequant_min_rows
@@ -241,7 +241,7 @@ class GGUFLinearMethod(LinearMethod):
             return gguf_linear(x, blocks, qtype, silu, out, self.config.dequant_min_rows)
         y = F.linear(x, dequantize_blocks(blocks, qtype, x.dtype))
         if silu:
-            y = _silu_and_mul(y)
+            y = SiluAndMul()(y)
         if out is None:
             return y
         out.copy_(y)

@@ -63,6 +63,11 @@ KERNEL_TYPES: dict[int, GGUFBlockType] = {
 }
 """Block types with Triton kernels (``kernels/gguf_dequant.py``), by ``ggml_type``."""
 
+GEMV_MAX_ROWS = 4
+"""Largest number of rows of ``x`` that runs as the CUDA-core GEMV (``kernels/gguf_gemv.py``)."""
+DEQUANT_MIN_ROWS = 256
+"""Default number of rows from which a GGUF weight is dequantized to a scratch buffer for cuBLAS."""
+
 FLOAT_TYPES = ("F32", "F16", "BF16")
 """GGUF float types: loaded as plain tensors in the model dtype."""
 
