@@ -215,6 +215,7 @@ def test_weight_bytes_equal_what_layers_allocate(tiny_gguf, tp_rank):
     layer0 = [p for n, p in model.named_parameters() if n.startswith("model.layers.0.")]
     assert sum(p.numel() * p.element_size() for p in layer0) == predicted.layers[0]
     assert predicted.layers[0] != predicted.layers[1] and not predicted.tied
+    assert predicted.scratch == 2 * TINY["inter"] * TINY["hidden"] * 4  # gate_up in fp32
     # o_proj is Q5_K over 256 inputs: TP=2 would cut its only super-block, in the accounting as in the model
     with pytest.raises(ValueError, match="cut a block"):
         gguf_weight_bytes(open_gguf(tiny_gguf), TINY["kv_heads"], 2, torch.float32)
@@ -324,3 +325,28 @@ def test_types_without_kernel_dequantized_at_load_with_one_warning(tmp_path, sin
     assert layer0.mlp.gate_up_proj.weight.dtype == torch.uint8 and layer1.mlp.down_proj.weight.dtype == torch.uint8
     ids = [5, 17, 92, 3]
     torch.testing.assert_close(_logits(quantized, ids), _logits(reference, ids))
+
+
+def test_prefill_policy_lm_head_never_dequantizes_to_scratch(tensors, tp_rank, monkeypatch):
+    """From ``dequant_min_rows`` rows a linear layer dequantizes to a scratch buffer (cuBLAS); the LM head
+    stays on the fused kernel whatever its rows."""
+    from shardserve.model_executor.kernels import gguf_gemv
+
+    calls = []
+    real = gguf_gemv.dequantize
+    monkeypatch.setattr(gguf_gemv, "dequantize", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    monkeypatch.setattr(tensors.config, "dequant_min_rows", 6)
+    tp_rank(0, 1)
+    layer = _load(
+        ColumnParallelLinear(K_SUPER, 24, quant_config=tensors.config, prefix="col"),
+        tensors.sources,
+        [("col.weight", None)],
+    )
+    x = torch.randn(6, K_SUPER)
+    _close(layer.quant_method.apply(layer, x), x @ tensors.values["col.weight"].T)
+    assert calls == [(24, K_SUPER // 256 * 144)]
+    head = ParallelLMHead(10, 256, quant_config=tensors.config, prefix="embed")
+    head.weight.weight_loader(head.weight, tensors.sources["embed.weight"])
+    h = torch.randn(8, 256)
+    _close(head.quant_method.apply(head, h)[:, :10], h @ tensors.values["embed.weight"].T)
+    assert len(calls) == 1

@@ -308,6 +308,8 @@ class ModelWeightBytes:
     """The final RMSNorm (last stage)."""
     tied: bool = False
     """The LM head is the embedding table."""
+    scratch: int = 0
+    """Largest transient buffer a prefill allocates to dequantize one layer's weight (bytes); 0 if none."""
 
     @property
     def total(self) -> int:

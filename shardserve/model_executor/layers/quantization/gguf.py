@@ -150,6 +150,9 @@ class GGUFLinearMethod(LinearMethod):
         self.in_features = 0
         self.out_features = 0
         self.params_dtype = torch.float32
+        self.dequant_min_rows: int | None = None
+        """None: the config's; the LM head never dequantizes to a scratch buffer (its rows are sequences,
+        and a 70B Q6_K head would need 2 GB)."""
         self._views: list[tuple[torch.Tensor, int, int, int]] | None = None
 
     def create_weights(
@@ -168,8 +171,12 @@ class GGUFLinearMethod(LinearMethod):
             raise ValueError(
                 f"{self.prefix}: {len(self.part_types)} GGUF tensor types for {len(output_partition_sizes)} parts"
             )
+        from shardserve.model_executor.layers.embed_head import VocabParallelEmbedding
+
         self.in_features, self.out_features = input_size_per_partition, sum(output_partition_sizes)
         self.params_dtype = params_dtype
+        if isinstance(layer, VocabParallelEmbedding):
+            self.dequant_min_rows = 1 << 62
         offset = out = 0
         for qtype, rows in zip(self.part_types, output_partition_sizes):
             t = block_type(qtype)
@@ -238,7 +245,8 @@ class GGUFLinearMethod(LinearMethod):
         if x.is_cuda or self.config.kernels_on_cpu:
             from shardserve.model_executor.kernels.gguf_gemv import gguf_linear
 
-            return gguf_linear(x, blocks, qtype, silu, out, self.config.dequant_min_rows)
+            rows = self.config.dequant_min_rows if self.dequant_min_rows is None else self.dequant_min_rows
+            return gguf_linear(x, blocks, qtype, silu, out, rows)
         y = F.linear(x, dequantize_blocks(blocks, qtype, x.dtype))
         if silu:
             y = SiluAndMul()(y)
@@ -291,7 +299,9 @@ def gguf_weight_bytes(
     Column-parallel tensors (q/k/v, gate/up, embedding, LM head) split rows, row-parallel ones (o, down)
     split columns; with ``tp_size > num_kv_heads`` each rank holds one KV head. With
     ``keep_quantized=False`` (the CPU default) every tensor counts as dequantized to ``dtype``.
-    Without ``output.weight`` (tied embeddings) ``lm_head`` is the embedding table's size.
+    Without ``output.weight`` (tied embeddings) ``lm_head`` is the embedding table's size. ``scratch`` is
+    the largest layer weight of one rank in ``dtype``: a prefill of at least ``GGUFConfig.dequant_min_rows``
+    tokens dequantizes each layer into such a buffer before its cuBLAS matmul (transient, one at a time).
 
     Raises:
         ValueError: a TP size that cuts a block of a row-parallel tensor.
@@ -302,8 +312,9 @@ def gguf_weight_bytes(
 
     layer_re = re.compile(r"^model\.layers\.(\d+)\.")
     layers: dict[int, int] = {}
-    embed = norm = 0
+    embed = norm = scratch = 0
     head: int | None = None
+    itemsize = torch.empty((), dtype=dtype).element_size()
     for tensor in reader.tensors:
         name = gguf_to_hf_name(tensor.name)
         if name is None:
@@ -321,6 +332,11 @@ def gguf_weight_bytes(
         m = layer_re.match(name)
         if m is not None:
             layers[int(m.group(1))] = layers.get(int(m.group(1)), 0) + nbytes
+            if len(shape) == 2 and block_type(qtype) is not None:  # a prefill dequantizes it to a scratch buffer
+                rows = -(-shape[0] // tp) if split == 0 else shape[0]
+                cols = shape[1] // tp if split == 1 else shape[1]
+                fused = 2 if ".gate_proj." in name or ".up_proj." in name else 1  # gate_up is one matrix
+                scratch = max(scratch, fused * rows * cols * itemsize)
         elif "embed_tokens" in name:
             embed = nbytes
         elif name == "lm_head.weight":
@@ -328,5 +344,10 @@ def gguf_weight_bytes(
         else:
             norm += nbytes
     return ModelWeightBytes(
-        [layers[i] for i in sorted(layers)], embed, embed if head is None else head, norm, tied=head is None
+        [layers[i] for i in sorted(layers)],
+        embed,
+        embed if head is None else head,
+        norm,
+        tied=head is None,
+        scratch=scratch,
     )
