@@ -337,8 +337,8 @@ def main() -> None:
                 path = workdir / f"{model}.{recipe}.gguf"
                 written = write_llama_gguf(path, cfg, recipe, log=lambda m: print(m, flush=True))
                 print(
-                    f"[{model} {recipe}] wrote {written['file_bytes'] / 1e9:.2f} GB in {written['seconds']:.0f} s: "
-                    + ", ".join(f"{t} {b / 1e9:.2f} GB" for t, b in sorted(written["bytes_by_type"].items())),
+                    f"[{model} {recipe}] wrote {_size(written['file_bytes'])} in {written['seconds']:.0f} s: "
+                    + ", ".join(f"{t} {_size(b)}" for t, b in sorted(written["bytes_by_type"].items())),
                     flush=True,
                 )
                 spec = {"label": f"{model} {recipe}", "path": str(path), "format": "gguf", **common}
@@ -375,11 +375,10 @@ def _print_serve(model: str, fmt: str, entry: dict, hw: dict) -> None:
     if "batch1_decode_tok_s" not in r:
         print(f"{tag} no result ({r.get('error', 'missing')})", flush=True)
         return
-    gb = r["weight_bytes"] / 1e9
-    line = f"{tag} weights held {gb:.2f} GB, allocated {r['weight_allocated_bytes'] / 1e9:.2f} GB"
+    line = f"{tag} weights held {_size(r['weight_bytes'])}, allocated {_size(r['weight_allocated_bytes'])}"
     if "predicted_bytes" in r:
         line += (
-            f", predicted (gguf_weight_bytes) {r['predicted_bytes'] / 1e9:.2f} GB: allocated / predicted "
+            f", predicted (gguf_weight_bytes) {_size(r['predicted_bytes'])}: allocated / predicted "
             f"{r['weight_allocated_bytes'] / r['predicted_bytes']:.3f} (target within 5%)"
         )
     print(line + f"; KV cache {r['kv_cache_tokens']} tokens; load {r['load_s']:.0f} s", flush=True)
@@ -410,6 +409,10 @@ def _print_serve(model: str, fmt: str, entry: dict, hw: dict) -> None:
     if fmt != "bf16" and bf16_prefill:
         line += f"; bf16 prefill {bf16_prefill:.0f} tok/s"
     print(line, flush=True)
+
+
+def _size(nbytes: float) -> str:
+    return f"{nbytes / 1e9:.3f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.2f} MB"
 
 
 def _print_summary(results: dict) -> None:
