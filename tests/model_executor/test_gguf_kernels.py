@@ -25,7 +25,7 @@ pytest.importorskip("triton")
 
 from shardserve.model_executor.kernels.gguf_dequant import dequantize, embedding  # noqa: E402
 from shardserve.model_executor.kernels.gguf_gemv import (  # noqa: E402
-    GEMV_MAX_ROWS,
+    GEMV_KERNEL_MAX_ROWS,
     gguf_gemv,
     gguf_linear,
     gguf_matmul,
@@ -86,7 +86,7 @@ def test_dequantize_and_embedding_exact(name):
 def test_gemv_matches_reference(name, dtype):
     blocks, ref, qtype, cols = _case(name, 24, seed=1)
     tol = TOL_FP32[name] if dtype == torch.float32 else TOL_BF16[name]
-    x = torch.randn(GEMV_MAX_ROWS, cols, generator=torch.Generator().manual_seed(2)).to(dtype)
+    x = torch.randn(GEMV_KERNEL_MAX_ROWS, cols, generator=torch.Generator().manual_seed(2)).to(dtype)
     for m in (1, 2, 3, 4):
         want = x[:m].float() @ ref.T
         got = gguf_gemv(x[:m].to(DEVICE), blocks, qtype)
@@ -140,7 +140,7 @@ def test_shape_errors():
     with pytest.raises(ValueError, match="does not match"):
         gguf_gemv(torch.randn(1, cols + 256, device=DEVICE), blocks, qtype)
     with pytest.raises(ValueError, match="at most"):
-        gguf_gemv(torch.randn(GEMV_MAX_ROWS + 1, cols, device=DEVICE), blocks, qtype)
+        gguf_gemv(torch.randn(GEMV_KERNEL_MAX_ROWS + 1, cols, device=DEVICE), blocks, qtype)
     with pytest.raises(ValueError, match="no GGUF kernel"):
         dequantize(blocks, 20, cols, torch.float32)  # IQ4_NL
 

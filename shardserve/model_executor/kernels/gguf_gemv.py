@@ -2,17 +2,18 @@
 
 Three paths, picked by the number of rows ``M`` of ``x`` (:func:`gguf_linear`):
 
-- ``M <= GEMV_MAX_ROWS`` (decode): :func:`gguf_gemv`, CUDA-core FMAs in the layout of ``kernels/gemv.py``:
-  each program owns ``BLOCK_N`` weight rows, walks all of K and reads every weight block once for all rows
-  of ``x``; per-sub-block partial sums stay in registers and are reduced once after the K loop. With the
+- ``M <= GEMV_MAX_ROWS`` (decode at 1-2 rows): :func:`gguf_gemv`, CUDA-core FMAs in the layout of
+  ``kernels/gemv.py``: each program owns ``BLOCK_N`` weight rows, walks all of K and reads every weight
+  block once for all rows of ``x``; per-sub-block partial sums stay in registers and are reduced once after the K loop. With the
   decoding of :func:`~.gguf_dequant.gguf_parts` a weight element costs one LOP3 (two or three integer ops
   for the 5- and 6-bit types) and two FMAs per row of ``x``. At 4.5 bits per weight an H200 (4.3 TB/s,
   132 SMs at 1.98 GHz) must retire ~29 weights per SM per clock against 128 instructions per clock: that
   leaves ~4 instructions per weight, which is what this spends at one row. SwiGLU can be fused: the program
   then owns ``BLOCK_N / 2`` gate rows and the matching up rows.
-- ``GEMV_MAX_ROWS < M < dequant_min_rows`` (larger decode batches, short prefills): :func:`gguf_matmul`,
-  tiles dequantized to the activation dtype in registers and fed to tensor cores with ``tl.dot``; with
-  ``M <= BLOCK_M`` the grid has one row of tiles, so each weight block is still read once.
+- ``GEMV_MAX_ROWS < M < dequant_min_rows`` (decode batches of 3-16 and more, short prefills):
+  :func:`gguf_matmul`, tiles dequantized to the activation dtype in registers and fed to tensor cores with
+  ``tl.dot``; with ``M <= BLOCK_M`` (16 for decode batches) the grid has one row of tiles, so each weight
+  block is still read once. The GEMV's two FMAs per weight and row would make it compute-bound from ~3 rows.
 - ``M >= dequant_min_rows`` (long prefills): the layer's weight is dequantized into a scratch buffer
   (:func:`~.gguf_dequant.dequantize`) and multiplied by cuBLAS. Per weight element that costs reading
   ~0.6 B and writing and re-reading 2 B (~1.1 ps at 4.3 TB/s per element) against ``2 M`` FLOPs of the
@@ -41,7 +42,11 @@ from shardserve.model_executor.kernels.gguf_dequant import (
     kernel_type,
     tile_k,
 )
-from shardserve.model_executor.layers.quantization.gguf_blocks import DEQUANT_MIN_ROWS, GEMV_MAX_ROWS
+from shardserve.model_executor.layers.quantization.gguf_blocks import (
+    DEQUANT_MIN_ROWS,
+    GEMV_KERNEL_MAX_ROWS,
+    GEMV_MAX_ROWS,
+)
 
 
 def _interpreting(args: dict) -> bool:
@@ -314,10 +319,11 @@ def _out(x: torch.Tensor, m: int, n: int, out: torch.Tensor | None) -> torch.Ten
 def gguf_gemv(
     x: torch.Tensor, weight: torch.Tensor, qtype: int, silu_and_mul: bool = False, out: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """``x @ W.T`` for ``x`` of at most :data:`GEMV_MAX_ROWS` rows, ``W`` in GGUF blocks; fp32 accumulation.
+    """``x @ W.T`` for ``x`` of at most :data:`GEMV_KERNEL_MAX_ROWS` rows, ``W`` in GGUF blocks; fp32
+    accumulation.
 
     Args:
-        x: ``(M, K)``, ``M <= GEMV_MAX_ROWS``, contiguous along K.
+        x: ``(M, K)``, ``M <= GEMV_KERNEL_MAX_ROWS``, contiguous along K.
         weight: ``(N, K / block_size * type_size)`` uint8 rows of blocks of type ``qtype``.
         silu_and_mul: ``weight`` is gate rows then up rows (``(2 I, ...)``); the result is
             ``silu(x gate^T) * (x up^T)``, ``(M, I)``.
@@ -330,8 +336,8 @@ def gguf_gemv(
         ValueError: too many rows, or shapes and dtypes that do not fit.
     """
     t, m, k, n = _check(x, weight, qtype, silu_and_mul)
-    if m > GEMV_MAX_ROWS:
-        raise ValueError(f"gguf_gemv takes at most {GEMV_MAX_ROWS} rows, got {m}")
+    if m > GEMV_KERNEL_MAX_ROWS:
+        raise ValueError(f"gguf_gemv takes at most {GEMV_KERNEL_MAX_ROWS} rows, got {m}")
     y = _out(x, m, n, out)
     per = 2 if silu_and_mul else 1
 

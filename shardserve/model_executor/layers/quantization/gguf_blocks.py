@@ -63,8 +63,11 @@ KERNEL_TYPES: dict[int, GGUFBlockType] = {
 }
 """Block types with Triton kernels (``kernels/gguf_dequant.py``), by ``ggml_type``."""
 
-GEMV_MAX_ROWS = 4
-"""Largest number of rows of ``x`` that runs as the CUDA-core GEMV (``kernels/gguf_gemv.py``)."""
+GEMV_MAX_ROWS = 2
+"""Largest number of rows of ``x`` that the layers send to the CUDA-core GEMV (``kernels/gguf_gemv.py``):
+it spends two FMAs per weight and row, so from 3 rows the tensor-core kernel is cheaper per weight."""
+GEMV_KERNEL_MAX_ROWS = 4
+"""Largest number of rows the GEMV kernel itself takes."""
 DEQUANT_MIN_ROWS = 256
 """Default number of rows from which a GGUF weight is dequantized to a scratch buffer for cuBLAS."""
 
