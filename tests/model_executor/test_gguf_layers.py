@@ -7,6 +7,7 @@ result combined as the collective would); the kernels run under the Triton inter
 
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
 
 import numpy as np
@@ -39,6 +40,12 @@ from shardserve.model_executor.loader.weights import GGUFSource  # noqa: E402
 from shardserve.model_executor.models import llama  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM = 4, 2, 64
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+"""Layer tests run their kernels on the GPU where there is one, else under the interpreter."""
+interpreted = pytest.mark.skipif(
+    DEVICE.type == "cuda" or os.environ.get("TRITON_INTERPRET") != "1",
+    reason="a CPU model through the Triton interpreter (on CUDA machines the layer tests cover the kernels)",
+)
 K_SUPER, K_SMALL = 1536, 192  # input features: TP 2 and 3 cut whole blocks of 256 / 32, TP 4 does not
 
 
@@ -89,6 +96,17 @@ def tp_rank(monkeypatch):
     return set_rank
 
 
+def _build(cls, *args, **kwargs):
+    """A layer with its parameters on ``DEVICE``."""
+    with torch.device(DEVICE):
+        return cls(*args, **kwargs)
+
+
+def _run(fn, *tensors):
+    """``fn`` on ``DEVICE`` copies of ``tensors``, result back on the CPU."""
+    return fn(*(t.to(DEVICE) for t in tensors)).cpu()
+
+
 def _load(layer, sources, names_and_shards):
     for name, shard_id in names_and_shards:
         layer.weight.weight_loader(layer.weight, sources[name], shard_id)
@@ -107,9 +125,10 @@ def test_column_parallel_slices_rows(tensors, tp_rank, tp):
     parts = []
     for r in range(tp):
         tp_rank(r, tp)
-        layer = ColumnParallelLinear(K_SUPER, 24, quant_config=tensors.config, prefix="col")
+        layer = _build(ColumnParallelLinear, K_SUPER, 24, quant_config=tensors.config, prefix="col")
         assert isinstance(layer.quant_method, GGUFLinearMethod) and layer.weight.dtype == torch.uint8
-        parts.append(_load(layer, tensors.sources, [("col.weight", None)]).quant_method.apply(layer, x))
+        _load(layer, tensors.sources, [("col.weight", None)])
+        parts.append(_run(lambda x, layer=layer: layer.quant_method.apply(layer, x), x))
     _close(torch.cat(parts, dim=1), x @ tensors.values["col.weight"].T)
 
 
@@ -121,10 +140,10 @@ def test_row_parallel_slices_whole_blocks(tensors, tp_rank, name, k, tp):
     n = k // tp
     for r in range(tp):
         tp_rank(r, tp)
-        layer = RowParallelLinear(k, 8, quant_config=tensors.config, prefix=name[: -len(".weight")])
+        layer = _build(RowParallelLinear, k, 8, quant_config=tensors.config, prefix=name[: -len(".weight")])
         _load(layer, tensors.sources, [(name, None)])
         assert layer.weight.numel() == 8 * tensors.sources[name].load_blocks(1, r * n, n).shape[1]
-        total += layer.quant_method.apply(layer, x[:, r * n : (r + 1) * n])  # the all-reduce
+        total += _run(lambda x, layer=layer: layer.quant_method.apply(layer, x), x[:, r * n : (r + 1) * n])
     _close(total, x @ tensors.values[name].T)
 
 
@@ -144,10 +163,12 @@ def test_merged_gate_up_fused_swiglu(tensors, tp_rank, tp):
     parts = []
     for r in range(tp):
         tp_rank(r, tp)
-        layer = MergedColumnParallelLinear(K_SMALL, [12, 12], quant_config=tensors.config, prefix="mlp.gate_up_proj")
+        layer = _build(
+            MergedColumnParallelLinear, K_SMALL, [12, 12], quant_config=tensors.config, prefix="mlp.gate_up_proj"
+        )
         assert len(layer.quant_method.groups) == 1  # one type: one group, SwiGLU fused in the GEMV
         _load(layer, tensors.sources, [("mlp.gate_proj.weight", 0), ("mlp.up_proj.weight", 1)])
-        parts.append(layer.forward_silu_and_mul(x))
+        parts.append(_run(layer.forward_silu_and_mul, x))
     _close(torch.cat(parts, dim=1), want)
 
 
@@ -159,10 +180,12 @@ def test_qkv_unpermuted_blocks_and_mixed_types(tensors, tp_rank, tp):
     q, k, v = (tensors.values[f"attn.{p}_proj.weight"] for p in "qkv")
     for r in range(tp):
         tp_rank(r, tp)
-        layer = QKVParallelLinear(256, HEAD_DIM, HEADS, KV_HEADS, quant_config=tensors.config, prefix="attn.qkv_proj")
+        layer = _build(
+            QKVParallelLinear, 256, HEAD_DIM, HEADS, KV_HEADS, quant_config=tensors.config, prefix="attn.qkv_proj"
+        )
         assert [g.qtype for g in layer.quant_method.groups] == [12, 14]
         _load(layer, tensors.sources, [(f"attn.{p}_proj.weight", p) for p in "qkv"])
-        y = layer.quant_method.apply(layer, x)
+        y = _run(lambda x, layer=layer: layer.quant_method.apply(layer, x), x)
         qs, kvs = layer.q_size, layer.kv_size
         kv_head = r // layer.num_kv_head_replicas
         want = torch.cat([q[r * qs : (r + 1) * qs], k[kv_head * kvs : (kv_head + 1) * kvs], v[kv_head * kvs :][:kvs]])
@@ -177,14 +200,14 @@ def test_embedding_and_lm_head_padded_vocab(tensors, tp_rank, tp):
     emb_sum, logits = torch.zeros(5, 256), []
     for r in range(tp):
         tp_rank(r, tp)
-        emb = VocabParallelEmbedding(10, 256, quant_config=tensors.config, prefix="embed")
+        emb = _build(VocabParallelEmbedding, 10, 256, quant_config=tensors.config, prefix="embed")
         emb.weight.weight_loader(emb.weight, tensors.sources["embed.weight"])
-        head = ParallelLMHead(10, 256, quant_config=tensors.config, prefix="lm_head")
+        head = _build(ParallelLMHead, 10, 256, quant_config=tensors.config, prefix="lm_head")
         head.tie_weights(emb)
         in_range = (ids >= emb.vocab_start) & (ids < emb.vocab_end)
         local = torch.where(in_range, ids - emb.vocab_start, 0)
-        emb_sum += emb.quant_method.embedding(emb, local) * in_range[:, None]  # the all-reduce
-        logits.append(head.quant_method.apply(head, h))
+        emb_sum += _run(lambda i, emb=emb: emb.quant_method.embedding(emb, i), local) * in_range[:, None]
+        logits.append(_run(lambda h, head=head: head.quant_method.apply(head, h), h))
     assert torch.equal(emb_sum, table[ids])
     _close(torch.cat(logits, dim=1)[:, :10], h @ table.T)
 
@@ -260,6 +283,7 @@ def single_process():
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # silu of very negative gates: exp(-g) = inf
+@interpreted
 def test_tiny_model_through_kernels_equals_dequantized(tiny_gguf, single_process, monkeypatch):
     """Every block type of ``TINY_TYPES`` in one model: prefill (tensor-core kernel) then decode (GEMV, SwiGLU
     fused), embedding gather and Q6_K LM head; logits equal the model dequantized at load."""
@@ -338,15 +362,15 @@ def test_prefill_policy_lm_head_never_dequantizes_to_scratch(tensors, tp_rank, m
     monkeypatch.setattr(tensors.config, "dequant_min_rows", 6)
     tp_rank(0, 1)
     layer = _load(
-        ColumnParallelLinear(K_SUPER, 24, quant_config=tensors.config, prefix="col"),
+        _build(ColumnParallelLinear, K_SUPER, 24, quant_config=tensors.config, prefix="col"),
         tensors.sources,
         [("col.weight", None)],
     )
     x = torch.randn(6, K_SUPER)
-    _close(layer.quant_method.apply(layer, x), x @ tensors.values["col.weight"].T)
+    _close(_run(lambda x: layer.quant_method.apply(layer, x), x), x @ tensors.values["col.weight"].T)
     assert calls == [(24, K_SUPER // 256 * 144)]
-    head = ParallelLMHead(10, 256, quant_config=tensors.config, prefix="embed")
+    head = _build(ParallelLMHead, 10, 256, quant_config=tensors.config, prefix="embed")
     head.weight.weight_loader(head.weight, tensors.sources["embed.weight"])
     h = torch.randn(8, 256)
-    _close(head.quant_method.apply(head, h)[:, :10], h @ tensors.values["embed.weight"].T)
+    _close(_run(lambda h: head.quant_method.apply(head, h), h)[:, :10], h @ tensors.values["embed.weight"].T)
     assert len(calls) == 1
