@@ -41,7 +41,12 @@ from shardserve.executor.messages import (
 from shardserve.model_executor.cuda_graph import DecodeGraphs
 from shardserve.model_executor.input_batch import InputBatch, StepInputs
 from shardserve.model_executor.layers.attention import AttentionMetadata
-from shardserve.model_executor.loader import load_model, pp_layer_range, pp_partition_by_memory
+from shardserve.model_executor.loader import (
+    load_model,
+    model_weight_bytes_per_rank,
+    pp_layer_range,
+    pp_partition_by_memory,
+)
 from shardserve.model_executor.loader.resolve import ModelSource
 from shardserve.model_executor.models.llama import IntermediateTensors
 from shardserve.model_executor.sampler import SamplingState, compute_logprobs
@@ -163,7 +168,10 @@ class ModelRunner:
         else:  # CPU ranks of one node share its RAM
             free = float(_mem_available_bytes()) / max(1, self.config.parallel.ranks_per_node)
         stages_free = self.pp.all_gather_cpu(self.tp.all_reduce_min_cpu(free))
-        partition = pp_partition_by_memory(self.arch.num_hidden_layers, stages_free)
+        weights = model_weight_bytes_per_rank(
+            self.source, self.tp.world_size, self.dtype, self.config.model.quantization, self.device
+        )  # GGUF: layers differ in bytes
+        partition = pp_partition_by_memory(self.arch.num_hidden_layers, stages_free, weights)
         logger.info("pipeline layers by free memory %s GiB: %s", [round(f / 2**30, 1) for f in stages_free], partition)
         return partition
 

@@ -51,6 +51,13 @@ def _f16(ptr, mask, EVEN: tl.constexpr):
 
 
 @triton.jit
+def _i2f(v, OFFSET: tl.constexpr = 0):
+    """Float of small integers ``v`` (``-OFFSET <= v < 2**23 - OFFSET``) by the 2**23 bit trick: two
+    full-rate instructions instead of an int-to-float conversion."""
+    return ((v + OFFSET) | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + OFFSET)
+
+
+@triton.jit
 def _inv_pow4(sft):
     """``4 ** -sft`` for the 2-bit fields of Q2_K/Q3_K used in place (``sft`` in 0..3)."""
     return tl.where(sft == 0, 1.0, tl.where(sft == 1, 0.25, tl.where(sft == 2, 0.0625, 0.015625)))
@@ -66,14 +73,13 @@ def _k_scale_min(bp, j, mask, EVEN: tl.constexpr):
     low = j < 4
     sc = tl.where(low, a & 63, (c & 15) | ((a >> 6) << 4))
     mn = tl.where(low, b & 63, (c >> 4) | ((b >> 6) << 4))
-    return sc.to(tl.float32), mn.to(tl.float32)
+    return _i2f(sc), _i2f(mn)
 
 
 @triton.jit
 def gguf_parts(
     wrow,
-    blk0,
-    g,
+    sb,
     lane,
     mask,
     QTYPE: tl.constexpr,
@@ -86,14 +92,14 @@ def gguf_parts(
 
     Args:
         wrow: ``(BLOCK_N, 1, 1)`` uint8 pointers to the first byte of each weight row.
-        blk0: index of the tile's first block within the row.
-        g: ``(1, G, 1)`` sub-block index within the tile; lane: ``(1, 1, SUB)`` element within a sub-block.
-        mask: ``(BLOCK_N, G, 1)`` rows and blocks that exist (ignored when EVEN).
+        sb: ``(1, G, 1)`` index of each sub-block within the row (elements ``[sb * SUB, (sb + 1) * SUB)``).
+        lane: ``(1, 1, SUB)`` element within a sub-block.
+        mask: ``(BLOCK_N, G, 1)`` rows and sub-blocks that exist (ignored when EVEN).
         QTYPE, BS, TS, SUB: the ``ggml_type``, elements and bytes per block, elements per sub-block.
     """
     SPB: tl.constexpr = BS // SUB  # sub-blocks per block
-    j = g % SPB
-    bp = wrow + (blk0 + g // SPB).to(tl.int64) * TS  # (BLOCK_N, G, 1) block start
+    j = sb % SPB
+    bp = wrow + (sb // SPB).to(tl.int64) * TS  # (BLOCK_N, G, 1) block start
     if QTYPE == 8:  # Q8_0: d, qs[32] int8; w = d * q
         d = _f16(bp, mask, EVEN)
         v = _ld(bp + 2 + lane, mask, EVEN) ^ 0x80  # q + 128
@@ -125,8 +131,8 @@ def gguf_parts(
         v = _ld(bp + 16 + (j // 8) * 32 + (j % 2) * 16 + lane, mask, EVEN) & (3 << (2 * sft))
         sc = _ld(bp + j, mask, EVEN)
         d = _f16(bp + 80, mask, EVEN)
-        s = d * (sc & 15).to(tl.float32) * _inv_pow4(sft)
-        m = _f16(bp + 82, mask, EVEN) * (sc >> 4).to(tl.float32)
+        s = d * _i2f(sc & 15) * _inv_pow4(sft)
+        m = _f16(bp + 82, mask, EVEN) * _i2f(sc >> 4)
     elif QTYPE == 11:  # Q3_K: hmask[32], qs[64], scales[12], d; w = d * (sc - 32) * (q - 4 * !hbit)
         sft = (j % 8) // 2
         ll = (j % 2) * 16 + lane
@@ -136,7 +142,7 @@ def gguf_parts(
         lo = _ld(bp + 96 + (j % 8), mask, EVEN)
         lo = tl.where(j < 8, lo & 15, lo >> 4)
         hi = (_ld(bp + 104 + (j % 4), mask, EVEN) >> (2 * (j // 4))) & 3
-        dl = _f16(bp + 108, mask, EVEN) * ((lo | (hi << 4)) - 32).to(tl.float32)
+        dl = _f16(bp + 108, mask, EVEN) * _i2f((lo | (hi << 4)) - 32, 32)
         s = dl * _inv_pow4(sft)
         m = 4.0 * dl
     elif QTYPE == 12 or QTYPE == 13:  # Q4_K: d, dmin, scales[12], qs[128]. Q5_K adds qh[32] before qs
@@ -160,8 +166,7 @@ def gguf_parts(
         qh = (_ld(bp + 128 + h * 32 + lp, mask, EVEN) >> (2 * t)) & 3
         v = ql | (qh << (4 + 4 * nib))
         sc = _ld(bp + 192 + j, mask, EVEN)
-        sc = tl.where(sc > 127, sc - 256, sc).to(tl.float32)
-        dl = _f16(bp + 208, mask, EVEN) * sc
+        dl = _f16(bp + 208, mask, EVEN) * _i2f(tl.where(sc > 127, sc - 256, sc), 128)
         s = dl * tl.where(nib == 1, 0.0625, 1.0)
         m = 32.0 * dl
     f = (v | 0x4B000000).to(tl.float32, bitcast=True)
@@ -179,7 +184,7 @@ def _dequant_kernel(
     W,
     Y,
     N,
-    NBLK,
+    NSUB,
     stride_wn,
     stride_yn,
     QTYPE: tl.constexpr,
@@ -187,21 +192,18 @@ def _dequant_kernel(
     TS: tl.constexpr,
     SUB: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    BLOCKS: tl.constexpr,
+    TILE_K: tl.constexpr,
 ):
-    # One program: BLOCK_N rows x BLOCKS blocks of the matrix, written in Y's dtype.
-    G: tl.constexpr = BLOCKS * BS // SUB
+    # One program: BLOCK_N rows x TILE_K elements of the matrix, written in Y's dtype.
+    G: tl.constexpr = TILE_K // SUB
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    blk0 = tl.program_id(1) * BLOCKS
-    g = tl.arange(0, G)[None, :, None]
+    sb = tl.program_id(1) * G + tl.arange(0, G)[None, :, None]
     lane = tl.arange(0, SUB)[None, None, :]
-    mask = (rows < N)[:, None, None] & (blk0 + g // (BS // SUB) < NBLK)
+    mask = (rows < N)[:, None, None] & (sb < NSUB)
     wrow = (W + rows.to(tl.int64) * stride_wn)[:, None, None]
-    f, s, m = gguf_parts(wrow, blk0, g, lane, mask, QTYPE, BS, TS, SUB, False)
-    w = gguf_weights(f, s, m)
-    cols = blk0 * BS + g * SUB + lane
-    ptrs = Y + rows.to(tl.int64)[:, None, None] * stride_yn + cols
-    tl.store(ptrs, w.to(Y.dtype.element_ty), mask=mask & (lane < SUB))
+    f, s, m = gguf_parts(wrow, sb, lane, mask, QTYPE, BS, TS, SUB, False)
+    ptrs = Y + rows.to(tl.int64)[:, None, None] * stride_yn + sb * SUB + lane
+    tl.store(ptrs, gguf_weights(f, s, m).to(Y.dtype.element_ty), mask=mask & (lane < SUB))
 
 
 @triton.jit
@@ -210,7 +212,7 @@ def _embedding_kernel(
     W,
     Y,
     T,
-    NBLK,
+    NSUB,
     stride_wn,
     stride_yt,
     QTYPE: tl.constexpr,
@@ -218,29 +220,24 @@ def _embedding_kernel(
     TS: tl.constexpr,
     SUB: tl.constexpr,
     BLOCK_T: tl.constexpr,
-    BLOCKS: tl.constexpr,
+    TILE_K: tl.constexpr,
 ):
-    # One program: BLOCK_T looked-up rows x BLOCKS blocks of the embedding dimension.
-    G: tl.constexpr = BLOCKS * BS // SUB
+    # One program: BLOCK_T looked-up rows x TILE_K elements of the embedding dimension.
+    G: tl.constexpr = TILE_K // SUB
     tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     ids = tl.load(IDS + tok, mask=tok < T, other=0)
-    blk0 = tl.program_id(1) * BLOCKS
-    g = tl.arange(0, G)[None, :, None]
+    sb = tl.program_id(1) * G + tl.arange(0, G)[None, :, None]
     lane = tl.arange(0, SUB)[None, None, :]
-    mask = (tok < T)[:, None, None] & (blk0 + g // (BS // SUB) < NBLK)
+    mask = (tok < T)[:, None, None] & (sb < NSUB)
     wrow = (W + ids.to(tl.int64) * stride_wn)[:, None, None]
-    f, s, m = gguf_parts(wrow, blk0, g, lane, mask, QTYPE, BS, TS, SUB, False)
-    cols = blk0 * BS + g * SUB + lane
-    ptrs = Y + tok.to(tl.int64)[:, None, None] * stride_yt + cols
+    f, s, m = gguf_parts(wrow, sb, lane, mask, QTYPE, BS, TS, SUB, False)
+    ptrs = Y + tok.to(tl.int64)[:, None, None] * stride_yt + sb * SUB + lane
     tl.store(ptrs, gguf_weights(f, s, m).to(Y.dtype.element_ty), mask=mask & (lane < SUB))
 
 
-def _tile_blocks(t: GGUFBlockType, nblk: int, elements: int) -> int:
-    """Blocks per program: ``elements`` per tile (a power of two of sub-blocks), at most the row."""
-    blocks = max(1, elements // t.block_size)
-    while blocks > 1 and blocks >= 2 * nblk:
-        blocks //= 2
-    return blocks
+def tile_k(k: int, elements: int = 512) -> int:
+    """Elements per tile: ``elements``, or the row's length rounded up to a power of two if shorter."""
+    return min(elements, triton.next_power_of_2(k))
 
 
 def kernel_type(qtype: int) -> GGUFBlockType:
@@ -267,14 +264,13 @@ def dequantize(weight: torch.Tensor, qtype: int, k: int, dtype: torch.dtype, out
         ``(N, K)`` in ``dtype``.
     """
     t = kernel_type(qtype)
-    n, nblk = weight.shape[0], k // t.block_size
+    n = weight.shape[0]
     y = out if out is not None else torch.empty((n, k), dtype=dtype, device=weight.device)
-    blocks = _tile_blocks(t, nblk, 512)
-    block_n = 16
-    grid = (triton.cdiv(n, block_n), triton.cdiv(nblk, blocks))
+    tk, block_n = max(t.sub_size, tile_k(k)), 16
+    grid = (triton.cdiv(n, block_n), triton.cdiv(k, tk))
     _dequant_kernel[grid](
-        weight, y, n, nblk, weight.stride(0), y.stride(0), qtype, t.block_size, t.type_size, t.sub_size,
-        BLOCK_N=block_n, BLOCKS=blocks, num_warps=4,
+        weight, y, n, k // t.sub_size, weight.stride(0), y.stride(0), qtype, t.block_size, t.type_size,
+        t.sub_size, BLOCK_N=block_n, TILE_K=tk, num_warps=4,
     )  # fmt: skip
     return y
 
@@ -286,16 +282,14 @@ def embedding(weight: torch.Tensor, qtype: int, k: int, ids: torch.Tensor, dtype
         weight: ``(V, K / block_size * type_size)`` uint8; ids: ``(T,)`` integer row indices (in range).
     """
     t = kernel_type(qtype)
-    nblk = k // t.block_size
     ids = ids.contiguous()
     y = torch.empty((ids.shape[0], k), dtype=dtype, device=weight.device)
     if ids.shape[0] == 0:
         return y
-    blocks = _tile_blocks(t, nblk, 512)
-    block_t = 4
-    grid = (triton.cdiv(ids.shape[0], block_t), triton.cdiv(nblk, blocks))
+    tk, block_t = max(t.sub_size, tile_k(k)), 4
+    grid = (triton.cdiv(ids.shape[0], block_t), triton.cdiv(k, tk))
     _embedding_kernel[grid](
-        ids, weight, y, ids.shape[0], nblk, weight.stride(0), y.stride(0), qtype, t.block_size, t.type_size,
-        t.sub_size, BLOCK_T=block_t, BLOCKS=blocks, num_warps=4,
+        ids, weight, y, ids.shape[0], k // t.sub_size, weight.stride(0), y.stride(0), qtype, t.block_size,
+        t.type_size, t.sub_size, BLOCK_T=block_t, TILE_K=tk, num_warps=4,
     )  # fmt: skip
     return y

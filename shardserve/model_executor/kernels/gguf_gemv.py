@@ -2,17 +2,18 @@
 
 Three paths, picked by the number of rows ``M`` of ``x`` (:func:`gguf_linear`):
 
-- ``M <= GEMV_MAX_ROWS`` (decode): :func:`gguf_gemv`, CUDA-core FMAs in the layout of ``kernels/gemv.py``:
-  each program owns ``BLOCK_N`` weight rows, walks all of K and reads every weight block once for all rows
-  of ``x``; per-sub-block partial sums stay in registers and are reduced once after the K loop. With the
+- ``M <= GEMV_MAX_ROWS`` (decode at 1-2 rows): :func:`gguf_gemv`, CUDA-core FMAs in the layout of
+  ``kernels/gemv.py``: each program owns ``BLOCK_N`` weight rows, walks all of K and reads every weight
+  block once for all rows of ``x``; per-sub-block partial sums stay in registers and are reduced once after the K loop. With the
   decoding of :func:`~.gguf_dequant.gguf_parts` a weight element costs one LOP3 (two or three integer ops
   for the 5- and 6-bit types) and two FMAs per row of ``x``. At 4.5 bits per weight an H200 (4.3 TB/s,
   132 SMs at 1.98 GHz) must retire ~29 weights per SM per clock against 128 instructions per clock: that
   leaves ~4 instructions per weight, which is what this spends at one row. SwiGLU can be fused: the program
   then owns ``BLOCK_N / 2`` gate rows and the matching up rows.
-- ``GEMV_MAX_ROWS < M < dequant_min_rows`` (larger decode batches, short prefills): :func:`gguf_matmul`,
-  tiles dequantized to the activation dtype in registers and fed to tensor cores with ``tl.dot``; with
-  ``M <= BLOCK_M`` the grid has one row of tiles, so each weight block is still read once.
+- ``GEMV_MAX_ROWS < M < dequant_min_rows`` (decode batches of 3-16 and more, short prefills):
+  :func:`gguf_matmul`, tiles dequantized to the activation dtype in registers and fed to tensor cores with
+  ``tl.dot``; with ``M <= BLOCK_M`` (16 for decode batches) the grid has one row of tiles, so each weight
+  block is still read once. The GEMV's two FMAs per weight and row would make it compute-bound from ~3 rows.
 - ``M >= dequant_min_rows`` (long prefills): the layer's weight is dequantized into a scratch buffer
   (:func:`~.gguf_dequant.dequantize`) and multiplied by cuBLAS. Per weight element that costs reading
   ~0.6 B and writing and re-reading 2 B (~1.1 ps at 4.3 TB/s per element) against ``2 M`` FLOPs of the
@@ -34,12 +35,18 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from shardserve.model_executor.kernels.gguf_dequant import dequantize, gguf_parts, gguf_weights, kernel_type
-
-GEMV_MAX_ROWS = 4
-"""Largest ``M`` that runs as a CUDA-core GEMV; above it the tensor-core kernel reads the weights once."""
-DEQUANT_MIN_ROWS = 256
-"""Default ``M`` from which the weight is dequantized to a scratch buffer for cuBLAS."""
+from shardserve.model_executor.kernels.gguf_dequant import (
+    dequantize,
+    gguf_parts,
+    gguf_weights,
+    kernel_type,
+    tile_k,
+)
+from shardserve.model_executor.layers.quantization.gguf_blocks import (
+    DEQUANT_MIN_ROWS,
+    GEMV_KERNEL_MAX_ROWS,
+    GEMV_MAX_ROWS,
+)
 
 
 def _interpreting(args: dict) -> bool:
@@ -48,23 +55,22 @@ def _interpreting(args: dict) -> bool:
 
 def _prune_gemv(configs, named_args, **kwargs):
     """Drop tiles longer than the row; under the interpreter keep one (large tiles: fewer Python loops)."""
-    bs, nblk = named_args["BS"] if "BS" in named_args else kwargs["BS"], named_args["NBLK"]
+    k = named_args["NSUB"] * kwargs["SUB"]
     if _interpreting(named_args):
-        return [triton.Config({"BLOCK_N": 16, "TILE_K": 256}, num_warps=4)]
-    keep = [c for c in configs if c.kwargs["TILE_K"] <= max(bs, triton.next_power_of_2(nblk * bs))]
-    return keep or configs[:1]
+        return [triton.Config({"BLOCK_N": 16, "TILE_K": tile_k(k, 256)}, num_warps=4)]
+    keep = [c for c in configs if c.kwargs["TILE_K"] <= triton.next_power_of_2(k)]
+    return keep or configs[-1:]
 
 
 _GEMV_CONFIGS = [
     triton.Config({"BLOCK_N": bn, "TILE_K": tk}, num_warps=w, num_stages=s)
     for bn, tk, w, s in (
-        (2, 256, 4, 3),
         (4, 256, 4, 3),
         (8, 256, 4, 3),
-        (4, 512, 4, 2),
-        (8, 512, 8, 2),
-        (16, 256, 8, 2),
+        (16, 256, 4, 3),  # several rows per thread: the activation work is shared by them
+        (32, 128, 4, 3),
         (16, 512, 8, 2),
+        (8, 128, 4, 3),  # short rows (small models, TP shards)
     )
 ]
 
@@ -101,13 +107,13 @@ def _row_step(acc, accm, f, s, m, xp, kmask, EVEN: tl.constexpr):
 
 @triton.autotune(
     configs=_GEMV_CONFIGS,
-    key=["N", "NBLK", "QTYPE", "BLOCK_M", "SILU_MUL"],
+    key=["N", "NSUB", "QTYPE", "BLOCK_M", "SILU_MUL"],
     prune_configs_by={"early_config_prune": _prune_gemv},
 )
 @triton.heuristics(
     {
         "EVEN": lambda a: (
-            a["N"] % (a["BLOCK_N"] // (2 if a["SILU_MUL"] else 1)) == 0 and (a["NBLK"] * a["BS"]) % a["TILE_K"] == 0
+            a["N"] % (a["BLOCK_N"] // (2 if a["SILU_MUL"] else 1)) == 0 and (a["NSUB"] * a["SUB"]) % a["TILE_K"] == 0
         )
     }
 )
@@ -118,7 +124,7 @@ def _gguf_gemv_kernel(
     Y,
     M,
     N,
-    NBLK,
+    NSUB,
     stride_xm,
     stride_wn,
     stride_ym,
@@ -134,11 +140,10 @@ def _gguf_gemv_kernel(
 ):
     # A program owns BLOCK_N weight rows: output features [pid * BLOCK_N, +BLOCK_N), or with SILU_MUL the
     # gate rows and the up rows (N further down) of output features [pid * HALF, +HALF). TILE_K elements
-    # (whole blocks) per step; rows of x past M (BLOCK_M is M rounded up to a power of two) load zeros.
+    # (G sub-blocks) per step; rows of x past M (BLOCK_M is M rounded up to a power of two) load zeros.
     HALF: tl.constexpr = BLOCK_N // 2
     OUT_N: tl.constexpr = HALF if SILU_MUL else BLOCK_N
     G: tl.constexpr = TILE_K // SUB
-    STEP: tl.constexpr = TILE_K // BS
     r = tl.arange(0, BLOCK_N)
     if SILU_MUL:
         feature = tl.program_id(0) * HALF + r % HALF
@@ -150,8 +155,7 @@ def _gguf_gemv_kernel(
     wrow = (W + rows.to(tl.int64) * stride_wn)[:, None, None]
     g = tl.arange(0, G)[None, :, None]
     lane = tl.arange(0, SUB)[None, None, :]
-    xoff = g * SUB + lane
-    K = NBLK * BS
+    K = NSUB * SUB
     K1, K2, K3 = tl.where(M > 1, K, 0), tl.where(M > 2, K, 0), tl.where(M > 3, K, 0)
     acc0 = tl.zeros([BLOCK_N, G, SUB], dtype=tl.float32)
     acc1 = tl.zeros([BLOCK_N, G, SUB], dtype=tl.float32)
@@ -161,10 +165,11 @@ def _gguf_gemv_kernel(
     accm1 = tl.zeros([BLOCK_N, G, 1], dtype=tl.float32)
     accm2 = tl.zeros([BLOCK_N, G, 1], dtype=tl.float32)
     accm3 = tl.zeros([BLOCK_N, G, 1], dtype=tl.float32)
-    for blk0 in range(0, NBLK, STEP):
-        mask = n_ok & (blk0 + g // (BS // SUB) < NBLK)
-        f, s, m = gguf_parts(wrow, blk0, g, lane, mask, QTYPE, BS, TS, SUB, EVEN)
-        k = blk0 * BS + xoff
+    for sb0 in range(0, NSUB, G):
+        sb = sb0 + g
+        mask = n_ok & (sb < NSUB)
+        f, s, m = gguf_parts(wrow, sb, lane, mask, QTYPE, BS, TS, SUB, EVEN)
+        k = sb * SUB + lane
         acc0, accm0 = _row_step(acc0, accm0, f, s, m, X + k, k < K, EVEN)
         if BLOCK_M > 1:
             acc1, accm1 = _row_step(acc1, accm1, f, s, m, X + stride_xm + k, k < K1, False)
@@ -183,14 +188,13 @@ def _gguf_gemv_kernel(
 
 
 def _prune_matmul(configs, named_args, **kwargs):
+    k, m = named_args["NSUB"] * kwargs["SUB"], named_args["M"]
     if _interpreting(named_args):
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "TILE_K": 256}, num_warps=4)]
-    bs, nblk, m = kwargs.get("BS", named_args.get("BS")), named_args["NBLK"], named_args["M"]
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "TILE_K": tile_k(k, 256)}, num_warps=4)]
     keep = [
         c
         for c in configs
-        if c.kwargs["TILE_K"] <= max(bs, triton.next_power_of_2(nblk * bs))
-        and c.kwargs["BLOCK_M"] <= max(16, triton.next_power_of_2(m))
+        if c.kwargs["TILE_K"] <= triton.next_power_of_2(k) and c.kwargs["BLOCK_M"] <= max(16, triton.next_power_of_2(m))
     ]
     return keep or configs[:1]
 
@@ -198,13 +202,12 @@ def _prune_matmul(configs, named_args, **kwargs):
 _MATMUL_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "TILE_K": tk}, num_warps=w, num_stages=s)
     for bm, bn, tk, w, s in (
-        (16, 64, 256, 4, 3),
-        (16, 128, 256, 4, 3),
-        (32, 64, 256, 4, 3),
-        (64, 64, 256, 4, 3),
-        (64, 128, 256, 8, 3),
-        (128, 128, 256, 8, 3),
-        (128, 64, 256, 4, 3),
+        (16, 64, 128, 4, 3),  # decode batches: one row tile, the weights read once
+        (16, 128, 64, 4, 3),
+        (64, 64, 64, 4, 3),
+        (64, 128, 64, 8, 3),
+        (128, 64, 64, 8, 3),
+        (128, 128, 64, 8, 3),
     )
 ]
 
@@ -219,13 +222,13 @@ def _dot(x, w, acc, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
 
 
 def _m_bucket(m: int) -> int:
-    """Autotune key for the number of rows: tuned once per power of two."""
-    return triton.next_power_of_2(m)
+    """Autotune key for the number of rows: decode batches (<= 16), small (<= 64), medium (<= 256), prefill."""
+    return next((b for b in (16, 64, 256) if m <= b), 4096)
 
 
 @triton.autotune(
     configs=_MATMUL_CONFIGS,
-    key=["N", "NBLK", "QTYPE", "M_BUCKET", "SILU_MUL"],
+    key=["N", "NSUB", "QTYPE", "M_BUCKET", "SILU_MUL"],
     prune_configs_by={"early_config_prune": _prune_matmul},
 )
 @triton.jit
@@ -235,7 +238,7 @@ def _gguf_matmul_kernel(
     Y,
     M,
     N,
-    NBLK,
+    NSUB,
     stride_xm,
     stride_wn,
     stride_ym,
@@ -254,7 +257,6 @@ def _gguf_matmul_kernel(
     # Program (pid_n, pid_m): output tile rows [pid_m * BLOCK_M, +BLOCK_M) x features [pid_n * BLOCK_N,
     # +BLOCK_N); with SILU_MUL a second accumulator holds the matching up features (rows N further down).
     G: tl.constexpr = TILE_K // SUB
-    STEP: tl.constexpr = TILE_K // BS
     pid_n, pid_m = tl.program_id(0), tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     feature = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -265,19 +267,20 @@ def _gguf_matmul_kernel(
     wrow_up = (W + (N + feature).to(tl.int64) * stride_wn)[:, None, None]
     offs_k = tl.arange(0, TILE_K)
     x_ptrs = X + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
-    K = NBLK * BS
+    K = NSUB * SUB
     in_ty = X.dtype.element_ty
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for blk0 in range(0, NBLK, STEP):
-        k0 = blk0 * BS
+    for sb0 in range(0, NSUB, G):
+        k0 = sb0 * SUB
         x = tl.load(x_ptrs + k0, mask=(offs_m < M)[:, None] & (k0 + offs_k < K)[None, :], other=0.0)
-        mask = n_ok & (blk0 + g // (BS // SUB) < NBLK)
-        f, s, m = gguf_parts(wrow, blk0, g, lane, mask, QTYPE, BS, TS, SUB, False)
+        sb = sb0 + g
+        mask = n_ok & (sb < NSUB)
+        f, s, m = gguf_parts(wrow, sb, lane, mask, QTYPE, BS, TS, SUB, False)
         w = tl.reshape(gguf_weights(f, s, m), (BLOCK_N, TILE_K)).to(in_ty)
         acc = _dot(x, w, acc, PRECISION, DOT_FP32)
         if SILU_MUL:
-            f, s, m = gguf_parts(wrow_up, blk0, g, lane, mask, QTYPE, BS, TS, SUB, False)
+            f, s, m = gguf_parts(wrow_up, sb, lane, mask, QTYPE, BS, TS, SUB, False)
             w = tl.reshape(gguf_weights(f, s, m), (BLOCK_N, TILE_K)).to(in_ty)
             acc_up = _dot(x, w, acc_up, PRECISION, DOT_FP32)
     out_ty = Y.dtype.element_ty
@@ -316,10 +319,11 @@ def _out(x: torch.Tensor, m: int, n: int, out: torch.Tensor | None) -> torch.Ten
 def gguf_gemv(
     x: torch.Tensor, weight: torch.Tensor, qtype: int, silu_and_mul: bool = False, out: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """``x @ W.T`` for ``x`` of at most :data:`GEMV_MAX_ROWS` rows, ``W`` in GGUF blocks; fp32 accumulation.
+    """``x @ W.T`` for ``x`` of at most :data:`GEMV_KERNEL_MAX_ROWS` rows, ``W`` in GGUF blocks; fp32
+    accumulation.
 
     Args:
-        x: ``(M, K)``, ``M <= GEMV_MAX_ROWS``, contiguous along K.
+        x: ``(M, K)``, ``M <= GEMV_KERNEL_MAX_ROWS``, contiguous along K.
         weight: ``(N, K / block_size * type_size)`` uint8 rows of blocks of type ``qtype``.
         silu_and_mul: ``weight`` is gate rows then up rows (``(2 I, ...)``); the result is
             ``silu(x gate^T) * (x up^T)``, ``(M, I)``.
@@ -332,8 +336,8 @@ def gguf_gemv(
         ValueError: too many rows, or shapes and dtypes that do not fit.
     """
     t, m, k, n = _check(x, weight, qtype, silu_and_mul)
-    if m > GEMV_MAX_ROWS:
-        raise ValueError(f"gguf_gemv takes at most {GEMV_MAX_ROWS} rows, got {m}")
+    if m > GEMV_KERNEL_MAX_ROWS:
+        raise ValueError(f"gguf_gemv takes at most {GEMV_KERNEL_MAX_ROWS} rows, got {m}")
     y = _out(x, m, n, out)
     per = 2 if silu_and_mul else 1
 
@@ -341,7 +345,7 @@ def gguf_gemv(
         return (triton.cdiv(n, meta["BLOCK_N"] // per),)
 
     _gguf_gemv_kernel[grid](
-        x, weight, y, m, n, k // t.block_size, x.stride(0), weight.stride(0), y.stride(0),
+        x, weight, y, m, n, k // t.sub_size, x.stride(0), weight.stride(0), y.stride(0),
         QTYPE=qtype, BS=t.block_size, TS=t.type_size, SUB=t.sub_size, BLOCK_M=triton.next_power_of_2(m),
         SILU_MUL=silu_and_mul,
     )  # fmt: skip
@@ -362,7 +366,7 @@ def gguf_matmul(
         return (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]))
 
     _gguf_matmul_kernel[grid](
-        x, weight, y, m, n, k // t.block_size, x.stride(0), weight.stride(0), y.stride(0), _m_bucket(m),
+        x, weight, y, m, n, k // t.sub_size, x.stride(0), weight.stride(0), y.stride(0), _m_bucket(m),
         QTYPE=qtype, BS=t.block_size, TS=t.type_size, SUB=t.sub_size, SILU_MUL=silu_and_mul,
         PRECISION="ieee" if x.dtype == torch.float32 else None, DOT_FP32=not x.is_cuda and x.dtype == torch.bfloat16,
     )  # fmt: skip

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -210,7 +211,7 @@ class GGUFSource:
         """
         if len(self.shape) != 2 or self.tensor.data.dtype != np.uint8:
             raise ValueError(f"GGUF tensor {self.tensor.name} ({self.tensor_type.name}) is not a matrix of blocks")
-        return torch.from_numpy(np.ascontiguousarray(self._raw(dim, start, size, strict=True)))
+        return _readonly_tensor(np.ascontiguousarray(self._raw(dim, start, size, strict=True)))
 
     def load(self, dim: int | None = None, start: int = 0, size: int | None = None) -> torch.Tensor:
         """The slice dequantized to fp32 (the whole tensor when ``dim`` is None).
@@ -269,7 +270,14 @@ class GGUFSource:
     def _unpermute(rows: np.ndarray, heads: int | None) -> np.ndarray:
         if heads is None:
             return rows
-        return unpermute_qk(torch.from_numpy(np.ascontiguousarray(rows)), heads).numpy()
+        return unpermute_qk(_readonly_tensor(np.ascontiguousarray(rows)), heads).numpy()
+
+
+def _readonly_tensor(array: np.ndarray) -> torch.Tensor:
+    """``torch.from_numpy`` of a view of the read-only memory map, without a copy; callers only read it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)
 
 
 def iter_gguf(reader: Any, architecture: str, num_heads: int, num_kv_heads: int) -> Iterator[tuple[str, WeightSource]]:

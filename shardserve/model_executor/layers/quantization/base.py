@@ -293,11 +293,36 @@ def unquantized_bytes(
     return math.prod(dims) * torch.empty((), dtype=params_dtype).element_size()
 
 
+@dataclass
+class ModelWeightBytes:
+    """Bytes one TP rank holds of each part of a model (for pipeline partitioning and plan)."""
+
+    layers: list[int]
+    """Per decoder layer (norms included), in layer order."""
+    embed: int
+    """The token embedding table (first pipeline stage)."""
+    lm_head: int
+    """The LM head (last stage); with tied embeddings the table's size, as a last stage without the
+    embedding holds its own copy (a single stage shares one)."""
+    final_norm: int
+    """The final RMSNorm (last stage)."""
+    tied: bool = False
+    """The LM head is the embedding table."""
+    scratch: int = 0
+    """Largest transient buffer a prefill allocates to dequantize one layer's weight (bytes); 0 if none."""
+
+    @property
+    def total(self) -> int:
+        """Bytes of a single-stage rank (a tied table counted once)."""
+        return sum(self.layers) + self.embed + (0 if self.tied else self.lm_head) + self.final_norm
+
+
 def model_weight_bytes(model: nn.Module) -> int:
-    """Bytes of every parameter and buffer of ``model`` (tied tensors once), as held in memory."""
+    """Bytes of every parameter of ``model`` (tied tensors once), as held in memory; buffers such as the
+    rotary cos/sin cache are not weights and are not counted."""
     seen: set[int] = set()
     total = 0
-    for t in list(model.parameters()) + list(model.buffers()):
+    for t in model.parameters():
         if id(t) in seen:
             continue
         seen.add(id(t))

@@ -8,7 +8,8 @@ gate and up of the same type stay one group, so SwiGLU is fused into the decode 
 gathers and dequantizes the looked-up rows; the LM head (often Q6_K) is a GGUF linear.
 
 On CUDA the Triton kernels run; on the CPU (``--quantization gguf``) each call dequantizes the layer with
-``gguf.quants.dequantize`` and uses ``F.linear``: small memory, slow steps. Without ``--quantization`` a
+the ``gguf`` package's formulas (:func:`~.gguf_blocks.dequantize_blocks`) and uses ``F.linear``: small
+memory, slower steps. Without ``--quantization`` a
 GGUF file on the CPU is dequantized at load instead (``loader/weights.py``).
 """
 
@@ -23,16 +24,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shardserve.model_executor.layers.activation import SiluAndMul
 from shardserve.model_executor.layers.quantization.base import (
     LinearMethod,
+    ModelWeightBytes,
     QuantizationConfig,
     WeightShard,
-    _silu_and_mul,
     check_full_dim,
     copy_checked,
     load_unquantized,
 )
 from shardserve.model_executor.layers.quantization.gguf_blocks import (
+    DEQUANT_MIN_ROWS,
     FLOAT_TYPES,
     block_type,
     dequantize_blocks,
@@ -42,7 +45,7 @@ from shardserve.model_executor.layers.quantization.gguf_blocks import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GGUFConfig", "GGUFLinearMethod", "GGUFWeightBytes", "gguf_tensor_bytes", "gguf_weight_bytes"]
+__all__ = ["GGUFConfig", "GGUFLinearMethod", "gguf_tensor_bytes", "gguf_weight_bytes"]
 
 
 class GGUFConfig(QuantizationConfig):
@@ -58,8 +61,6 @@ class GGUFConfig(QuantizationConfig):
     name = "gguf"
 
     def __init__(self, tensor_types: dict[str, int], dequant_min_rows: int | None = None, kernels_on_cpu=False):
-        from shardserve.model_executor.kernels.gguf_gemv import DEQUANT_MIN_ROWS
-
         super().__init__()
         self.tensor_types = dict(tensor_types)
         self.dequant_min_rows = DEQUANT_MIN_ROWS if dequant_min_rows is None else dequant_min_rows
@@ -149,6 +150,9 @@ class GGUFLinearMethod(LinearMethod):
         self.in_features = 0
         self.out_features = 0
         self.params_dtype = torch.float32
+        self.dequant_min_rows: int | None = None
+        """None: the config's; the LM head never dequantizes to a scratch buffer (its rows are sequences,
+        and a 70B Q6_K head would need 2 GB)."""
         self._views: list[tuple[torch.Tensor, int, int, int]] | None = None
 
     def create_weights(
@@ -167,8 +171,12 @@ class GGUFLinearMethod(LinearMethod):
             raise ValueError(
                 f"{self.prefix}: {len(self.part_types)} GGUF tensor types for {len(output_partition_sizes)} parts"
             )
+        from shardserve.model_executor.layers.embed_head import VocabParallelEmbedding
+
         self.in_features, self.out_features = input_size_per_partition, sum(output_partition_sizes)
         self.params_dtype = params_dtype
+        if isinstance(layer, VocabParallelEmbedding):
+            self.dequant_min_rows = 1 << 62
         offset = out = 0
         for qtype, rows in zip(self.part_types, output_partition_sizes):
             t = block_type(qtype)
@@ -237,10 +245,11 @@ class GGUFLinearMethod(LinearMethod):
         if x.is_cuda or self.config.kernels_on_cpu:
             from shardserve.model_executor.kernels.gguf_gemv import gguf_linear
 
-            return gguf_linear(x, blocks, qtype, silu, out, self.config.dequant_min_rows)
+            rows = self.config.dequant_min_rows if self.dequant_min_rows is None else self.dequant_min_rows
+            return gguf_linear(x, blocks, qtype, silu, out, rows)
         y = F.linear(x, dequantize_blocks(blocks, qtype, x.dtype))
         if silu:
-            y = _silu_and_mul(y)
+            y = SiluAndMul()(y)
         if out is None:
             return y
         out.copy_(y)
@@ -278,37 +287,21 @@ def _meta(g: _Group) -> tuple[int, int, int]:
     return g.qtype, g.out_offset, g.rows
 
 
-@dataclass
-class GGUFWeightBytes:
-    """Bytes one rank holds of a GGUF model, by part (see :func:`gguf_weight_bytes`)."""
-
-    layers: list[int]
-    """Per decoder layer (norms included), in layer order."""
-    embed: int
-    """The token embedding (first pipeline stage)."""
-    lm_head: int
-    """The LM head (last stage); 0 when tied to the embedding and both are on one stage."""
-    final_norm: int
-    """The final RMSNorm (last stage)."""
-
-    @property
-    def total(self) -> int:
-        return sum(self.layers) + self.embed + self.lm_head + self.final_norm
-
-
 def gguf_weight_bytes(
     reader: Any,
     num_kv_heads: int,
     tp_size: int = 1,
     dtype: torch.dtype = torch.bfloat16,
     keep_quantized: bool = True,
-) -> GGUFWeightBytes:
+) -> ModelWeightBytes:
     """Bytes one TP rank holds of each part of a GGUF model, as :func:`gguf_tensor_bytes` counts them.
 
     Column-parallel tensors (q/k/v, gate/up, embedding, LM head) split rows, row-parallel ones (o, down)
     split columns; with ``tp_size > num_kv_heads`` each rank holds one KV head. With
     ``keep_quantized=False`` (the CPU default) every tensor counts as dequantized to ``dtype``.
-    A tied LM head counts 0 here; a last stage without the embedding holds a copy (count ``embed``).
+    Without ``output.weight`` (tied embeddings) ``lm_head`` is the embedding table's size. ``scratch`` is
+    the largest layer weight of one rank in ``dtype``: a prefill of at least ``GGUFConfig.dequant_min_rows``
+    tokens dequantizes each layer into such a buffer before its cuBLAS matmul (transient, one at a time).
 
     Raises:
         ValueError: a TP size that cuts a block of a row-parallel tensor.
@@ -319,7 +312,9 @@ def gguf_weight_bytes(
 
     layer_re = re.compile(r"^model\.layers\.(\d+)\.")
     layers: dict[int, int] = {}
-    embed = head = norm = 0
+    embed = norm = scratch = 0
+    head: int | None = None
+    itemsize = torch.empty((), dtype=dtype).element_size()
     for tensor in reader.tensors:
         name = gguf_to_hf_name(tensor.name)
         if name is None:
@@ -337,10 +332,22 @@ def gguf_weight_bytes(
         m = layer_re.match(name)
         if m is not None:
             layers[int(m.group(1))] = layers.get(int(m.group(1)), 0) + nbytes
+            if len(shape) == 2 and block_type(qtype) is not None:  # a prefill dequantizes it to a scratch buffer
+                rows = -(-shape[0] // tp) if split == 0 else shape[0]
+                cols = shape[1] // tp if split == 1 else shape[1]
+                fused = 2 if ".gate_proj." in name or ".up_proj." in name else 1  # gate_up is one matrix
+                scratch = max(scratch, fused * rows * cols * itemsize)
         elif "embed_tokens" in name:
             embed = nbytes
         elif name == "lm_head.weight":
             head = nbytes
         else:
             norm += nbytes
-    return GGUFWeightBytes([layers[i] for i in sorted(layers)], embed, head, norm)
+    return ModelWeightBytes(
+        [layers[i] for i in sorted(layers)],
+        embed,
+        embed if head is None else head,
+        norm,
+        tied=head is None,
+        scratch=scratch,
+    )

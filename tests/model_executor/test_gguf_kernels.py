@@ -25,7 +25,7 @@ pytest.importorskip("triton")
 
 from shardserve.model_executor.kernels.gguf_dequant import dequantize, embedding  # noqa: E402
 from shardserve.model_executor.kernels.gguf_gemv import (  # noqa: E402
-    GEMV_MAX_ROWS,
+    GEMV_KERNEL_MAX_ROWS,
     gguf_gemv,
     gguf_linear,
     gguf_matmul,
@@ -33,6 +33,7 @@ from shardserve.model_executor.kernels.gguf_gemv import (  # noqa: E402
 from shardserve.model_executor.layers.quantization.gguf_blocks import (  # noqa: E402
     KERNEL_TYPES,
     block_type,
+    dequantize_blocks,
     gguf_tensor_bytes,
     random_blocks,
 )
@@ -64,6 +65,14 @@ def _swiglu(y: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("name", TYPES)
+def test_cpu_dequantize_blocks_equals_gguf(name):
+    """The CPU path's whole-tensor dequantization (gguf's per-type formulas in one call) is gguf's."""
+    blocks, ref, qtype, cols = _case(name, 6)
+    assert torch.equal(dequantize_blocks(blocks.cpu(), qtype), ref)
+    assert dequantize_blocks(blocks.cpu(), qtype, torch.bfloat16).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("name", TYPES)
 def test_dequantize_and_embedding_exact(name):
     blocks, ref, qtype, cols = _case(name, 6)
     assert torch.equal(dequantize(blocks, qtype, cols, torch.float32).cpu(), ref)
@@ -77,7 +86,7 @@ def test_dequantize_and_embedding_exact(name):
 def test_gemv_matches_reference(name, dtype):
     blocks, ref, qtype, cols = _case(name, 24, seed=1)
     tol = TOL_FP32[name] if dtype == torch.float32 else TOL_BF16[name]
-    x = torch.randn(GEMV_MAX_ROWS, cols, generator=torch.Generator().manual_seed(2)).to(dtype)
+    x = torch.randn(GEMV_KERNEL_MAX_ROWS, cols, generator=torch.Generator().manual_seed(2)).to(dtype)
     for m in (1, 2, 3, 4):
         want = x[:m].float() @ ref.T
         got = gguf_gemv(x[:m].to(DEVICE), blocks, qtype)
@@ -131,6 +140,31 @@ def test_shape_errors():
     with pytest.raises(ValueError, match="does not match"):
         gguf_gemv(torch.randn(1, cols + 256, device=DEVICE), blocks, qtype)
     with pytest.raises(ValueError, match="at most"):
-        gguf_gemv(torch.randn(GEMV_MAX_ROWS + 1, cols, device=DEVICE), blocks, qtype)
+        gguf_gemv(torch.randn(GEMV_KERNEL_MAX_ROWS + 1, cols, device=DEVICE), blocks, qtype)
     with pytest.raises(ValueError, match="no GGUF kernel"):
         dequantize(blocks, 20, cols, torch.float32)  # IQ4_NL
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="forces configs through the interpreter's autotuner stand-in")
+@pytest.mark.parametrize("name", ["Q4_K", "Q6_K", "Q2_K", "Q4_1"])
+def test_tiles_shorter_than_a_block(name, monkeypatch):
+    """Tiles of 32-128 elements (the GPU configs that keep registers in check) cut K-quant super-blocks."""
+    import triton
+
+    from shardserve.model_executor.kernels import gguf_gemv as kernels
+
+    blocks, ref, qtype, cols = _case(name, 32, seed=8)
+    x = torch.randn(6, cols, generator=torch.Generator().manual_seed(9))
+    want = x @ ref.T
+    for kernel, config, m in (
+        (kernels._gguf_gemv_kernel, triton.Config({"BLOCK_N": 8, "TILE_K": 128}), 2),
+        (kernels._gguf_matmul_kernel, triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "TILE_K": 32}), 6),
+        (kernels._gguf_matmul_kernel, triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "TILE_K": 64}), 6),
+    ):
+        monkeypatch.setattr(kernel, "early_config_prune", lambda configs, args, c=config, **kw: [c])
+        kernel.cache.clear()
+        got = kernels.gguf_linear(x[:m], blocks, qtype, dequant_min_rows=10**9)
+        assert kernel.best_config.kwargs == config.kwargs
+        assert _rel(got, want[:m]) < TOL_FP32[name], config
+    kernels._gguf_gemv_kernel.cache.clear()
+    kernels._gguf_matmul_kernel.cache.clear()
