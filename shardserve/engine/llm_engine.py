@@ -194,8 +194,10 @@ class LLMEngine:
             if req.streams or finish_reason is not None:
                 tokens = [e.token_id] if req.streams else req.output_token_ids
                 logprobs = [e.logprob] if e.logprob is not None else None
-                outputs.append(EngineCoreOutput(req.request_id, tokens, logprobs, finish_reason, req.stop_reason,
-                                                req.num_cached_tokens, first_token_time=req.first_token_time))  # fmt: skip
+                outputs.append(EngineCoreOutput(
+                    req.request_id, tokens, logprobs, finish_reason, req.stop_reason, req.num_cached_tokens,
+                    first_token_time=req.first_token_time,
+                ))  # fmt: skip
         for req in failed:
             logger.error("request %s failed on a rank: %s", req.request_id, req.error)
             outputs.append(EngineCoreOutput(req.request_id, [], finish_reason="error", error=req.error))
