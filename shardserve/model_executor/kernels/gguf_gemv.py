@@ -5,8 +5,8 @@ Three paths, picked by the number of rows ``M`` of ``x`` (:func:`gguf_linear`):
 - ``M <= GEMV_MAX_ROWS`` (decode at 1-2 rows): :func:`gguf_gemv`, CUDA-core FMAs in the layout of
   ``kernels/gemv.py``: each program owns ``BLOCK_N`` weight rows, walks all of K and reads every weight
   block once for all rows of ``x``; per-sub-block partial sums stay in registers and are reduced once after
-  the K loop. With the decoding of :func:`~.gguf_dequant.gguf_parts` a weight element costs one LOP3 (two or three integer ops
-  for the 5- and 6-bit types) and two FMAs per row of ``x``. At 4.5 bits per weight an H200 (4.3 TB/s,
+  the K loop. With the decoding of :func:`~.gguf_dequant.gguf_parts` a weight element costs one LOP3 (two or
+  three integer ops for the 5- and 6-bit types) and two FMAs per row of ``x``. At 4.5 bits per weight an H200 (4.3 TB/s,
   132 SMs at 1.98 GHz) must retire ~29 weights per SM per clock against 128 instructions per clock: that
   leaves ~4 instructions per weight, which is what this spends at one row. SwiGLU can be fused: the program
   then owns ``BLOCK_N / 2`` gate rows and the matching up rows.
