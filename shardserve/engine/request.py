@@ -49,6 +49,9 @@ class Request:
         self.max_tokens = max_tokens
         """Output tokens allowed (the request's max_tokens capped by the context length)."""
         self.output_token_ids: list[int] = []
+        self.num_prompt_tokens = len(self.prompt_token_ids)
+        self.num_tokens = self.num_prompt_tokens
+        """Prompt + output tokens (kept as a number: the scheduler reads it for every request every step)."""
         self.num_computed_tokens = 0
         """Tokens whose K/V are in the cache (or will be once the in-flight step ends)."""
         self.num_cached_tokens = 0
@@ -101,16 +104,12 @@ class Request:
         return self._prompt_bytes
 
     @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.prompt_token_ids)
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
-
-    @property
     def num_output_tokens(self) -> int:
-        return len(self.output_token_ids)
+        return self.num_tokens - self.num_prompt_tokens
+
+    def append_output_token(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        self.num_tokens += 1
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -235,15 +235,17 @@ class Scheduler:
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> tuple[int, bool]:
         preempted = False
+        bm = self.block_manager
+        bs = bm.block_size
+        running = RequestStatus.RUNNING
         for req in self._running_order():
             if budget <= 0:
                 break
-            if req not in self.running:  # preempted to make room for an earlier one
+            if req.status is not running:  # preempted to make room for an earlier one
                 continue
             n = min(req.num_tokens + req.num_pending_tokens - req.num_computed_tokens, budget)
             target = req.num_computed_tokens + n
-            bm = self.block_manager
-            if bm.blocks_needed(target) > bm.num_held_blocks(req.request_id):  # crosses into a new block
+            if -(-target // bs) > bm.num_held_blocks(req.request_id):  # crosses into a new block
                 if not self._make_room(req, target):
                     preempted = True
                     continue
@@ -331,7 +333,7 @@ class Scheduler:
             req.num_in_flight_steps -= 1
             req.num_pending_tokens -= s.sample
             if s.sample:
-                req.output_token_ids.append(tokens[j])
+                req.append_output_token(tokens[j])
                 if req.first_token_time is None:
                     req.first_token_time = now
             # Blocks are full once every token in them is known and computed.
@@ -363,13 +365,14 @@ class Scheduler:
 
     def _check_stop(self, req: Request, token: int) -> RequestStatus | None:
         p = req.params
-        if req.num_output_tokens >= p.min_tokens:
-            if token in p.stop_token_ids:
+        generated = req.num_tokens - req.num_prompt_tokens
+        if generated >= p.min_tokens:
+            if p.stop_token_ids and token in p.stop_token_ids:
                 req.stop_reason = token
                 return RequestStatus.FINISHED_STOPPED
             if not p.ignore_eos and token in self.eos_token_ids:
                 return RequestStatus.FINISHED_STOPPED
-        if req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.max_model_len:
+        if generated >= req.max_tokens or req.num_tokens >= self.max_model_len:
             return RequestStatus.FINISHED_LENGTH
         return None
 
