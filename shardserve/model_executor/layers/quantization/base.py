@@ -318,11 +318,16 @@ class ModelWeightBytes:
 
 
 def model_weight_bytes(model: nn.Module) -> int:
-    """Bytes of every parameter of ``model`` (tied tensors once), as held in memory; buffers such as the
-    rotary cos/sin cache are not weights and are not counted."""
+    """Bytes of the weights ``model`` holds (tied tensors once): every parameter, and the persistent buffers
+    that belong with them (FP8 weight scales). Non-persistent buffers, such as the rotary cos/sin cache,
+    are derived tables, not weights, and are not counted."""
+    tensors = list(model.parameters())
+    for module in model.modules():
+        skip = module._non_persistent_buffers_set
+        tensors += [b for name, b in module.named_buffers(recurse=False) if name not in skip]
     seen: set[int] = set()
     total = 0
-    for t in model.parameters():
+    for t in tensors:
         if id(t) in seen:
             continue
         seen.add(id(t))
