@@ -108,10 +108,15 @@ def part_shardserve(args) -> dict:
         max_model_len=4096,
         enforce_eager=args.enforce_eager,
         disable_custom_all_reduce=args.disable_custom_all_reduce,
+        **getattr(args, "llm_kwargs", {}),  # e.g. quantization, kv_cache_dtype (benchmarks/bench_fp8.py)
     )
     vocab = llm.engine.source.arch.vocab_size
     greedy = dict(temperature=0.0, ignore_eos=True)
-    res: dict = {}
+    res: dict = {"kv_capacity_tokens": llm.engine.block_manager.num_blocks * llm.config.cache.block_size}
+    if getattr(llm.engine.executor, "runner", None) is not None:  # one process: the weight bytes it holds
+        from shardserve.model_executor.layers.quantization.base import model_weight_bytes
+
+        res["weight_bytes"] = model_weight_bytes(llm.engine.executor.runner.model)
     llm.generate(_random_prompts(2, 128, vocab, 99), SamplingParams(max_tokens=16, **greedy))  # warm-up
 
     def ttft(length: int, seed: int) -> float:

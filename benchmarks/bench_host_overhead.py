@@ -6,7 +6,8 @@ and TP=2 x PP=2 worker processes. For each layout it prints, per decode step (me
 steps), in milliseconds:
 
 - ``step``: wall time of one engine step at the head;
-- ``head``: head time not spent waiting for the ranks (scheduling, step message, bookkeeping, outputs);
+- ``head``: head time not spent waiting for the ranks or the GPU (scheduling, step message, inputs and kernel
+  launches in process, bookkeeping, outputs); in process on the CPU, the model's own compute is left out;
 - ``worker``: the slowest rank's time per step outside the model (control messages, applying the step,
   inputs, token hand-over), and ``coll``: its time inside the model's collectives;
 - ``ctrl``: the control channel alone, from a separate run where every rank answers at once with no model:
@@ -123,9 +124,9 @@ def child_engine(args) -> dict:
     engine = llm.engine
     executor = engine.executor
     waited = [0.0]
-    if hasattr(executor, "runner"):  # in process: the model's compute is what the head waits for
+    if hasattr(executor, "runner") and args.device == "cpu":  # in process on the CPU: the model runs on the head
         target, names = type(executor.runner.model), ("forward", "compute_logits")
-    else:
+    else:  # worker processes, or a GPU: the head waits in collect() for the ranks or the device
         target, names = type(executor), ("collect",)
     for name in names:
         fn = getattr(target, name)
@@ -293,7 +294,10 @@ def child_channel(args) -> dict:
 
 def run_child(tree: Path, kind: str, tp: int, pp: int, batch: int, args, scratch: Path) -> dict:
     stats_dir = Path(tempfile.mkdtemp(dir=scratch))
-    env = {**os.environ, "PYTHONPATH": f"{scratch}{os.pathsep}{tree}", "BENCH_HOST_DIR": str(stats_dir)}
+    # The tree first; other entries kept (site packages carried to the device), but never the other tree.
+    inherited = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).resolve() != REPO]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(scratch), str(tree), *inherited]),
+           "BENCH_HOST_DIR": str(stats_dir)}  # fmt: skip
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, "--tree", str(tree), "--tp", str(tp),
            "--pp", str(pp), "--batch", str(batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--device", args.device, "--model-dir", str(args.model_dir)]  # fmt: skip
@@ -313,7 +317,7 @@ def run_child(tree: Path, kind: str, tp: int, pp: int, batch: int, args, scratch
 def baseline_tree(spec: str, scratch: Path) -> tuple[Path, bool]:
     """A folder with the baseline's tree: ``spec`` itself, or a temporary git worktree of that commit."""
     if Path(spec).is_dir():
-        return Path(spec), False
+        return Path(spec).resolve(), False
     path = scratch / f"baseline-{spec}"
     subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(path), spec], check=True,
                    capture_output=True)  # fmt: skip

@@ -32,6 +32,10 @@ ModelArg = Annotated[
 ]
 TP = Annotated[int, typer.Option("--tensor-parallel-size", "-tp", help="TP ranks per stage")]
 PP = Annotated[int, typer.Option("--pipeline-parallel-size", "-pp", help="Pipeline stages")]
+QUANTIZATION_HELP = (
+    "Weight quantization: gguf (keep GGUF blocks; default for GGUF on CUDA), fp8 (quantize bf16 weights to e4m3 "
+    "at load; FP8 checkpoints load as FP8 without it); default: the checkpoint's"
+)
 
 
 def _setup_logging(level: str) -> None:
@@ -84,7 +88,9 @@ def build_engine_config(
     num_kv_blocks: int | None = None,
     cpu_kv_cache_gib: float = 1.0,
     enable_prefix_caching: bool = True,
+    kv_cache_dtype: str = "auto",
     load_format: str = "auto",
+    quantization: str | None = None,
     seed: int = 0,
     device: str = "auto",
     nnodes: int = 1,
@@ -108,6 +114,7 @@ def build_engine_config(
             model=model,
             dtype=dtype,
             load_format=load_format,
+            quantization=quantization,
             max_model_len=max_model_len,
             seed=seed,
             device=device,
@@ -134,6 +141,7 @@ def build_engine_config(
             num_kv_blocks=num_kv_blocks,
             cpu_kv_cache_gib=cpu_kv_cache_gib,
             enable_prefix_caching=enable_prefix_caching,
+            kv_cache_dtype=kv_cache_dtype,
         ),
         scheduler=SchedulerConfig(
             max_num_seqs=max_num_seqs,
@@ -163,7 +171,11 @@ def serve(
     num_kv_blocks: Annotated[Optional[int], typer.Option(help="Fixed number of KV blocks")] = None,
     cpu_kv_cache_gib: Annotated[float, typer.Option(help="KV cache size on CPU (GiB)")] = 1.0,
     enable_prefix_caching: Annotated[bool, typer.Option(help="Share cached prompt blocks")] = True,
+    kv_cache_dtype: Annotated[
+        str, typer.Option(help="auto (model dtype) or fp8 (e4m3, per-tensor scale; needs compute capability 8.9+)")
+    ] = "auto",
     load_format: Annotated[str, typer.Option(help="auto, gguf, safetensors, dummy")] = "auto",
+    quantization: Annotated[Optional[str], typer.Option("--quantization", "-q", help=QUANTIZATION_HELP)] = None,
     seed: Annotated[int, typer.Option(help="Seed for dummy weights")] = 0,
     device: Annotated[str, typer.Option(help="auto, cuda, cpu")] = "auto",
     nnodes: Annotated[
@@ -196,7 +208,7 @@ def serve(
     ] = False,
     enforce_eager: Annotated[bool, typer.Option(help="No CUDA graphs for decode")] = False,
     disable_custom_all_reduce: Annotated[bool, typer.Option(help="NCCL for every TP all-reduce")] = False,
-    async_scheduling: Annotated[bool, typer.Option(help="Prepare step N+1 while step N runs (TP=PP=1)")] = True,
+    async_scheduling: Annotated[bool, typer.Option(help="Schedule step N+1 while step N runs (any TP and PP)")] = True,
     chat_template: Annotated[Optional[str], typer.Option(help="Chat template file, or the template itself")] = None,
     default_chat_template_kwargs: Annotated[
         Optional[str], typer.Option(help="Template variables for every request, JSON: '{\"enable_thinking\": false}'")
@@ -244,7 +256,9 @@ def serve(
                 num_kv_blocks=num_kv_blocks,
                 cpu_kv_cache_gib=cpu_kv_cache_gib,
                 enable_prefix_caching=enable_prefix_caching,
+                kv_cache_dtype=kv_cache_dtype,
                 load_format=load_format,
+                quantization=quantization,
                 seed=seed,
                 device=device,
                 nnodes=launch.nnodes,
@@ -368,6 +382,7 @@ def generate(
     pipeline_parallel_size: PP = 1,
     dtype: Annotated[str, typer.Option(help="auto, float32, float16, bfloat16")] = "auto",
     load_format: Annotated[str, typer.Option(help="auto, gguf, safetensors, dummy")] = "auto",
+    quantization: Annotated[Optional[str], typer.Option("--quantization", "-q", help=QUANTIZATION_HELP)] = None,
     device: Annotated[str, typer.Option(help="auto, cuda, cpu")] = "auto",
     log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "warning",
 ) -> None:
@@ -383,6 +398,7 @@ def generate(
             pipeline_parallel_size=pipeline_parallel_size,
             dtype=dtype,
             load_format=load_format,
+            quantization=quantization,
             device=device,
         )
     except ValueError as e:

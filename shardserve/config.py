@@ -25,6 +25,35 @@ DTYPES = {
     "bf16": torch.bfloat16,
 }
 
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+"""``--kv-cache-dtype`` values (vLLM's names): auto is the model dtype, fp8 and fp8_e4m3 store e4m3."""
+
+FP8_MIN_CAPABILITY = (8, 9)
+"""CUDA compute capability with FP8 tensor cores and conversions (Ada 8.9, Hopper 9.0 and later)."""
+
+
+def check_fp8_device(device: str | torch.device, what: str) -> None:
+    """Refuse an FP8 option on a CUDA device older than compute capability 8.9; CPUs pass (they dequantize).
+
+    Args:
+        device: ``cuda``, ``cuda:N``, ``cpu`` or a ``torch.device``.
+        what: the option, named in the error (``--kv-cache-dtype fp8``).
+
+    Raises:
+        ValueError: the device is a CUDA GPU below capability 8.9.
+    """
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    capability = torch.cuda.get_device_capability(index)
+    if capability < FP8_MIN_CAPABILITY:
+        raise ValueError(
+            f"{what} needs a GPU with FP8 support (compute capability >= 8.9: Ada, Hopper or later); "
+            f"{torch.cuda.get_device_name(index)} has {capability[0]}.{capability[1]}. "
+            "Drop the option, or run on CPU (--device cpu), where FP8 is dequantized"
+        )
+
 
 @dataclass
 class ModelArchConfig:
@@ -211,6 +240,9 @@ class ModelConfig:
     max_logprobs: int = 20
     """``--max-logprobs``: most logprobs (and prompt logprobs) a request may ask for per token; ``-1`` asks
     are capped to it; -1 is no cap (vLLM's name)."""
+    quantization: str | None = None
+    """Weight quantization (vLLM's ``--quantization``): None uses the checkpoint's own (a GGUF file's blocks
+    stay quantized on CUDA and are dequantized at load on CPU); ``gguf`` keeps GGUF blocks on CPU too."""
 
     LOAD_FORMATS = ("auto", "gguf", "safetensors", "dummy")
 
@@ -225,6 +257,15 @@ class ModelConfig:
             raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}")
         if self.max_logprobs < -1:
             raise ValueError(f"--max-logprobs must be -1 (no cap) or >= 0, got {self.max_logprobs}")
+        if self.quantization is not None:
+            from shardserve.model_executor.layers.quantization import QUANTIZATION_METHODS
+
+            if self.quantization not in QUANTIZATION_METHODS:
+                raise ValueError(
+                    f"--quantization must be one of {', '.join(QUANTIZATION_METHODS)}, got {self.quantization!r}"
+                )
+            if self.quantization == "fp8":
+                check_fp8_device(self.resolved_device(), "--quantization fp8")
 
     def resolved_device(self) -> str:
         """``cuda`` or ``cpu``."""
@@ -313,6 +354,8 @@ class CacheConfig:
     """KV cache size on CPU (GiB) when num_kv_blocks is None."""
     enable_prefix_caching: bool = True
     """Share full prompt blocks between requests by content hash."""
+    kv_cache_dtype: str = "auto"
+    """auto (the model dtype), or fp8 / fp8_e4m3: one byte per element, e4m3 with a per-tensor scale per layer."""
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -321,6 +364,14 @@ class CacheConfig:
             raise ValueError(f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"--num-kv-blocks must be positive, got {self.num_kv_blocks}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(
+                f"--kv-cache-dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}"
+            )
+
+    def cache_torch_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        """The KV cache's element type: ``model_dtype`` for auto, ``torch.float8_e4m3fn`` for fp8."""
+        return model_dtype if self.kv_cache_dtype == "auto" else torch.float8_e4m3fn
 
 
 @dataclass
@@ -334,7 +385,7 @@ class SchedulerConfig:
     max_queue_len: int | None = None
     """Waiting requests beyond which new ones get HTTP 429; None is unbounded."""
     async_scheduling: bool = True
-    """Prepare step N+1 on the host while step N runs (single-rank launches; TP/PP run steps in turn)."""
+    """Schedule step N+1 while step N runs; the ranks take its inputs from step N's sample on the device."""
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -548,6 +599,10 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     fault_injection: FaultInjection | None = None
     """Testing only (see :class:`FaultInjection`)."""
+
+    def __post_init__(self) -> None:
+        if self.cache.kv_cache_dtype != "auto":
+            check_fp8_device(self.model.resolved_device(), f"--kv-cache-dtype {self.cache.kv_cache_dtype}")
 
     def replace(self, **parts: Any) -> EngineConfig:
         """A copy with some parts swapped."""

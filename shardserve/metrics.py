@@ -133,8 +133,10 @@ class RequestTracker:
         for completion in output.outputs:
             if completion.delta_token_ids:
                 if self.first_token_time is None:
-                    self.first_token_time = now
-                    m.time_to_first_token.labels(m.model_name).observe(now - self.arrival_time)
+                    # A non-streamed request's one output comes at its end: the engine's own time is the TTFT.
+                    engine_first = output.metrics.first_token_time if output.metrics is not None else None
+                    self.first_token_time = engine_first if engine_first is not None else now
+                    m.time_to_first_token.labels(m.model_name).observe(self.first_token_time - self.arrival_time)
                 last = self._last_token_time.get(completion.index)
                 if last is not None:
                     m.inter_token_latency.labels(m.model_name).observe(now - last)

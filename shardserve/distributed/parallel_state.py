@@ -202,7 +202,7 @@ class _State:
     world: GroupCoordinator
     tp: GroupCoordinator
     pp: GroupCoordinator
-    token: GroupCoordinator | None
+    token: GroupCoordinator | None = None
     """Output rank <-> first-stage TP rank 0 (PP > 1 only): the sampled tokens the first stage embeds next."""
 
 

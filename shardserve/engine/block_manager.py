@@ -72,6 +72,10 @@ class BlockManager:
     def block_ids(self, request_id: str) -> list[int]:
         return self._tables[request_id].block_ids if request_id in self._tables else []
 
+    def num_held_blocks(self, request_id: str) -> int:
+        table = self._tables.get(request_id)
+        return len(table.block_ids) if table is not None else 0
+
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 

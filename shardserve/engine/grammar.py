@@ -149,8 +149,7 @@ class GrammarCoordinator:
             if not req.grammar.accept_token(e.token_id):
                 logger.warning("request %s: token %d is not allowed by its grammar; ending it",
                                req.request_id, e.token_id)  # fmt: skip
-                if req.output_token_ids and req.output_token_ids[-1] == e.token_id:
-                    req.output_token_ids.pop()
+                req.remove_last_output_token(e.token_id)
                 rejected.add(req.request_id)
                 if not req.status.finished:
                     self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED)

@@ -254,7 +254,9 @@ class LLMEngine:
         self._release_held()
         prefill = sum(s.num_tokens for s in sched.scheduled if s.start_position < s.request.num_prompt_tokens)
         self.throughput.add(prefill, len(events))
-        outputs += [self._output(e, e.request.request_id in rejected) for e in events]
+        # Per step only where the caller needs it (streams); otherwise the whole output once at the end.
+        outputs += [self._output(e, e.request.request_id in rejected) for e in events
+                    if e.request.streams or e.request.status.finished]  # fmt: skip
         for req in failed:
             logger.error("request %s failed on a rank: %s", req.request_id, req.error)
             outputs.append(EngineCoreOutput(req.request_id, [], finish_reason="error", error=req.error))
@@ -278,20 +280,22 @@ class LLMEngine:
 
     @staticmethod
     def _output(e: TokenEvent, rejected: bool) -> EngineCoreOutput:
+        """A streaming request's new token (none when its grammar rejected it), or a request's whole output
+        when it finishes without streaming; prompt logprobs ride on the first output."""
         req = e.request
         prompt_logprobs = None
         if req.prompt_logprobs is not None and not req.prompt_logprobs_sent and not req.needs_prompt_logprobs:
             req.prompt_logprobs_sent = True  # with the first token, as vLLM delivers them
             prompt_logprobs = req.prompt_logprobs
+        if req.streams:
+            tokens = [] if rejected else [e.token_id]
+            logprobs = [e.logprob] if e.logprob is not None and not rejected else None
+        else:  # a rejected token was already taken out of output_token_ids
+            tokens, logprobs = req.output_token_ids, None
         return EngineCoreOutput(
-            request_id=req.request_id,
-            new_token_ids=[] if rejected else [e.token_id],
-            new_logprobs=[e.logprob] if e.logprob is not None and not rejected else None,
-            finish_reason=req.status.finish_reason,
-            stop_reason=req.stop_reason,
-            num_cached_tokens=req.num_cached_tokens,
-            prompt_logprobs=prompt_logprobs,
-        )
+            req.request_id, tokens, logprobs, req.status.finish_reason, req.stop_reason, req.num_cached_tokens,
+            first_token_time=req.first_token_time, prompt_logprobs=prompt_logprobs,
+        )  # fmt: skip
 
     def stats(self) -> tuple[int, int, float]:
         """(running, waiting, KV usage 0..1)."""

@@ -35,6 +35,8 @@ class EngineCoreOutput:
     stop_reason: str | int | None = None
     num_cached_tokens: int = 0
     error: str | None = None
+    first_token_time: float | None = None
+    """When the engine got the request's first token (``time.monotonic()``)."""
     prompt_logprobs: list[LogprobTuple | None] | None = None
     """Per prompt position (None for the first), once, with the request's first token."""
 
@@ -108,7 +110,7 @@ class OutputProcessor:
     ) -> tuple[RequestOutput | None, bool]:
         m = state.metrics
         if out.new_token_ids:
-            m.first_token_time = m.first_token_time or now
+            m.first_token_time = m.first_token_time or out.first_token_time or now
             m.last_token_time = now
         state.token_ids += out.new_token_ids
         entries = None

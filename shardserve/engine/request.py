@@ -8,7 +8,7 @@ from collections import deque
 from typing import Any
 
 from shardserve.executor.messages import SamplingOptions, i32
-from shardserve.sampling_params import SamplingParams
+from shardserve.sampling_params import RequestOutputKind, SamplingParams
 
 
 class RequestStatus(enum.Enum):
@@ -26,12 +26,15 @@ class RequestStatus(enum.Enum):
 
     @property
     def finish_reason(self) -> str | None:
-        return {
-            RequestStatus.FINISHED_STOPPED: "stop",
-            RequestStatus.FINISHED_LENGTH: "length",
-            RequestStatus.FINISHED_ABORTED: "abort",
-            RequestStatus.FINISHED_ERROR: "error",
-        }.get(self)
+        return _FINISH_REASONS.get(self)
+
+
+_FINISH_REASONS = {
+    RequestStatus.FINISHED_STOPPED: "stop",
+    RequestStatus.FINISHED_LENGTH: "length",
+    RequestStatus.FINISHED_ABORTED: "abort",
+    RequestStatus.FINISHED_ERROR: "error",
+}
 
 
 class Request:
@@ -48,6 +51,9 @@ class Request:
         self.max_tokens = max_tokens
         """Output tokens allowed (the request's max_tokens capped by the context length)."""
         self.output_token_ids: list[int] = []
+        self.num_prompt_tokens = len(self.prompt_token_ids)
+        self.num_tokens = self.num_prompt_tokens
+        """Prompt + output tokens (kept as a number: the scheduler reads it for every request every step)."""
         self.num_computed_tokens = 0
         """Tokens whose K/V are in the cache (or will be once the in-flight step ends)."""
         self.num_cached_tokens = 0
@@ -66,6 +72,10 @@ class Request:
         self.stop_reason: str | int | None = None
         self.error: str | None = None
         """Why the request failed (``FINISHED_ERROR``)."""
+        self.first_token_time: float | None = None
+        """``time.monotonic()`` when the first output token came back to the engine."""
+        self.streams = params.output_kind is RequestOutputKind.DELTA or bool(params.stop) or params.logprobs is not None
+        """The caller needs every step's tokens (streaming, stop strings, logprobs); otherwise only the end."""
         self._prompt_bytes: bytes | None = None
         self.sampling_options: SamplingOptions | None = None
         """What the ranks get of ``params`` (set by the engine, which resolves counts and bad words)."""
@@ -112,16 +122,18 @@ class Request:
         return self._prompt_bytes
 
     @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.prompt_token_ids)
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
-
-    @property
     def num_output_tokens(self) -> int:
-        return len(self.output_token_ids)
+        return self.num_tokens - self.num_prompt_tokens
+
+    def append_output_token(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        self.num_tokens += 1
+
+    def remove_last_output_token(self, token_id: int) -> None:
+        """Take back the newest output token if it is ``token_id`` (its grammar rejected it)."""
+        if self.output_token_ids and self.output_token_ids[-1] == token_id:
+            self.output_token_ids.pop()
+            self.num_tokens -= 1
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -45,7 +46,7 @@ Logprob = tuple[float, int, list[tuple[int, float]]]
 """(logprob of the sampled token, its rank, [(token id, logprob)] top alternatives, best first)."""
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledRequest:
     """One request's share of a step (head side)."""
 
@@ -119,7 +120,7 @@ class SchedulerOutput:
         )
 
 
-@dataclass
+@dataclass(slots=True)
 class TokenEvent:
     """A request got a token (and maybe finished) in the step just processed."""
 
@@ -239,18 +240,23 @@ class Scheduler:
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> tuple[int, bool]:
         preempted = False
+        bm = self.block_manager
+        bs = bm.block_size
+        running = RequestStatus.RUNNING
         for req in self._running_order():
             if budget <= 0:
                 break
-            if req not in self.running:  # preempted to make room for an earlier one
+            if req.status is not running:  # preempted to make room for an earlier one
                 continue
             n = min(req.num_tokens + req.num_pending_tokens - req.num_computed_tokens, budget)
-            if not self._make_room(req, req.num_computed_tokens + n):
-                preempted = True
-                continue
-            new_blocks = self.block_manager.allocate(req.request_id, req.num_computed_tokens + n)
-            out.block_rows += [req.row] * len(new_blocks)
-            out.block_ids += new_blocks
+            target = req.num_computed_tokens + n
+            if -(-target // bs) > bm.num_held_blocks(req.request_id):  # crosses into a new block
+                if not self._make_room(req, target):
+                    preempted = True
+                    continue
+                new_blocks = bm.allocate(req.request_id, target)
+                out.block_rows += [req.row] * len(new_blocks)
+                out.block_ids += new_blocks
             out.scheduled.append(self._scheduled(req, n))
             budget -= n
         return budget, preempted
@@ -327,6 +333,7 @@ class Scheduler:
             ValueError: the output does not have one token per sampling request of the step.
         """
         self.last_collected_step = max(self.last_collected_step, step.step_id)
+        now = time.monotonic()
         tokens = as_i32(output.sampled)
         num_sampling = sum(s.sample for s in step.scheduled)
         if len(tokens) != num_sampling:
@@ -345,7 +352,9 @@ class Scheduler:
             req.num_in_flight_steps -= 1
             req.num_pending_tokens -= s.sample
             if s.sample:
-                req.output_token_ids.append(tokens[j])
+                req.append_output_token(tokens[j])
+                if req.first_token_time is None:
+                    req.first_token_time = now
             # Blocks are full once every token in them is known and computed.
             known = min(req.num_computed_tokens, req.num_tokens)
             if self.block_manager.has_new_full_blocks(req.request_id, known):  # once per block_size tokens
@@ -401,13 +410,14 @@ class Scheduler:
 
     def _check_stop(self, req: Request, token: int) -> RequestStatus | None:
         p = req.params
-        if req.num_output_tokens >= p.min_tokens:
-            if token in p.stop_token_ids:
+        generated = req.num_tokens - req.num_prompt_tokens
+        if generated >= p.min_tokens:
+            if p.stop_token_ids and token in p.stop_token_ids:
                 req.stop_reason = token
                 return RequestStatus.FINISHED_STOPPED
             if not p.ignore_eos and token in self.eos_token_ids:
                 return RequestStatus.FINISHED_STOPPED
-        if req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.max_model_len:
+        if generated >= req.max_tokens or req.num_tokens >= self.max_model_len:
             return RequestStatus.FINISHED_LENGTH
         return None
 

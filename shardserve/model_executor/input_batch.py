@@ -161,14 +161,17 @@ class InputBatch:
         slots = self.block_table[token_row, positions // bs].astype(np.int64) * bs + positions % bs
         # Inputs known on the host (prefill chunks); a request's last token may exist on the device only.
         ids = np.zeros(total, np.int64)
-        on_host = positions < self.num_host_tokens[token_row]
-        for i in np.flatnonzero(start < self.num_host_tokens[rows]).tolist():
-            row, a, b = int(rows[i]), int(qsl[i]), int(qsl[i + 1])
-            s0 = int(start[i])
-            known = min(b - a, int(self.num_host_tokens[row]) - s0)
-            ids[a : a + known] = self.host_tokens[row][s0 : s0 + known]
-        device_tokens = np.flatnonzero(~on_host)
-        device_rows = token_row[device_tokens]
+        from_host = np.flatnonzero(start < self.num_host_tokens[rows])
+        if len(from_host) == 0:  # a decode-only step: every input is a row's last token
+            device_tokens, device_rows = np.arange(total, dtype=np.int64), token_row
+        else:
+            for i in from_host.tolist():
+                row, a, b = int(rows[i]), int(qsl[i]), int(qsl[i + 1])
+                s0 = int(start[i])
+                known = min(b - a, int(self.num_host_tokens[row]) - s0)
+                ids[a : a + known] = self.host_tokens[row][s0 : s0 + known]
+            device_tokens = np.flatnonzero(positions >= self.num_host_tokens[token_row])
+            device_rows = token_row[device_tokens]
         if (positions[device_tokens] != self.num_tokens[device_rows] - 1).any():
             raise MalformedMessageError(f"step {step.step_id} reads a token that only the device has, out of order")
         sample_idx = qsl[1:][sample] - 1
@@ -190,7 +193,9 @@ class InputBatch:
             self.block_table_device[brow_d, bcol_d] = bval_d.to(torch.int32)
         if len(new_last):
             self.last_token[parts[12]] = parts[13]
-        if len(device_tokens):
+        if len(device_tokens) == total:
+            ids_d = self.last_token[drows_d]
+        elif len(device_tokens):
             ids_d[dtok_d] = self.last_token[drows_d]
         meta = AttentionMetadata(
             slot_mapping=slots_d,

@@ -43,7 +43,12 @@ from shardserve.executor.messages import (
 from shardserve.model_executor.cuda_graph import DecodeGraphs
 from shardserve.model_executor.input_batch import InputBatch, StepInputs
 from shardserve.model_executor.layers.attention import AttentionMetadata
-from shardserve.model_executor.loader import load_model, pp_layer_range, pp_partition_by_memory
+from shardserve.model_executor.loader import (
+    load_model,
+    model_weight_bytes_per_rank,
+    pp_layer_range,
+    pp_partition_by_memory,
+)
 from shardserve.model_executor.loader.resolve import ModelSource
 from shardserve.model_executor.models.llama import IntermediateTensors
 from shardserve.model_executor.prompt_logprobs import (
@@ -158,6 +163,7 @@ class ModelRunner:
             self.layer_range,
             dummy=config.model.load_format == "dummy",
             seed=config.model.seed,
+            quantization=config.model.quantization,
         )
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
@@ -172,6 +178,13 @@ class ModelRunner:
         """First stage with PP > 1: (step id, sampled rows) of steps whose tokens are still to be received."""
         self._in_transit: deque = deque()
         """Point-to-point sends still in flight, with the tensors they read (kept alive until done)."""
+        # Pinned host buffers for the sampled tokens, reused round-robin: more slots than steps in flight.
+        self._pinned = []
+        if device.type == "cuda" and self.is_output_rank:
+            slots = config.parallel.pipeline_parallel_size + 3
+            self._pinned = [(torch.empty(self.max_rows, dtype=torch.int32, pin_memory=True), torch.cuda.Event())
+                            for _ in range(slots)]  # fmt: skip
+        self._next_pinned = 0
         self.times = StepTimes()
         self.fault = config.fault_injection
         self.failures: list[RequestFailure] = []
@@ -184,7 +197,10 @@ class ModelRunner:
         else:  # CPU ranks of one node share its RAM
             free = float(_mem_available_bytes()) / max(1, self.config.parallel.ranks_per_node)
         stages_free = self.pp.all_gather_cpu(self.tp.all_reduce_min_cpu(free))
-        partition = pp_partition_by_memory(self.arch.num_hidden_layers, stages_free)
+        weights = model_weight_bytes_per_rank(
+            self.source, self.tp.world_size, self.dtype, self.config.model.quantization, self.device
+        )  # GGUF: layers differ in bytes
+        partition = pp_partition_by_memory(self.arch.num_hidden_layers, stages_free, weights)
         logger.info("pipeline layers by free memory %s GiB: %s", [round(f / 2**30, 1) for f in stages_free], partition)
         return partition
 
@@ -200,7 +216,8 @@ class ModelRunner:
         if not layers:
             return 0
         a = layers[0]
-        per_layer = 2 * self.block_size * a.num_kv_heads * a.head_dim * torch.finfo(self.dtype).bits // 8
+        bits = torch.finfo(self.config.cache.cache_torch_dtype(self.dtype)).bits  # 8 with --kv-cache-dtype fp8
+        per_layer = 2 * self.block_size * a.num_kv_heads * a.head_dim * bits // 8
         return per_layer * len(layers)
 
     def available_kv_blocks(self) -> int:
@@ -288,9 +305,14 @@ class ModelRunner:
         """Allocate ``(2, num_blocks, block_size, num_kv_heads, head_dim)`` per layer and bind it."""
         self.num_blocks = num_blocks
         self.kv_caches = []
+        dtype = self.config.cache.cache_torch_dtype(self.dtype)
+        if dtype != self.dtype:
+            from shardserve.config import check_fp8_device
+
+            check_fp8_device(self.device, f"--kv-cache-dtype {self.config.cache.kv_cache_dtype}")
         for layer in self.model.attention_layers:
             cache = torch.zeros(
-                2, num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim, dtype=self.dtype, device=self.device
+                2, num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim, dtype=dtype, device=self.device
             )
             layer.kv_cache = cache
             self.kv_caches.append(cache)
@@ -507,10 +529,12 @@ class ModelRunner:
             idx = torch.from_numpy(lp_rows).to(self.device)
             device_out += list(compute_logprobs(raw[idx], tokens[idx], k))
         if tokens.is_cuda:
-            host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in device_out]
+            buffer, event = self._pinned[self._next_pinned]
+            self._next_pinned = (self._next_pinned + 1) % len(self._pinned)
+            host = [buffer[: len(rows)]]
+            host += [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in device_out[1:]]  # logprobs: rare
             for h, d in zip(host, device_out):
                 h.copy_(d, non_blocking=True)
-            event = torch.cuda.Event()
             event.record()
             return PendingOutput(step_id, host, lp_rows, k, event, failures)
         return PendingOutput(step_id, device_out, lp_rows, k, None, failures)

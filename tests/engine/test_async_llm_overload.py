@@ -50,8 +50,8 @@ def test_aborted_streams_leave_no_kv_block_in_use(tiny_llama_dir):
             stream = engine.generate([1, 100 + i % 500, 7, 3000 + i], params, f"abort-{i}")
             try:
                 async for out in stream:
-                    got_tokens.append(len(out.outputs[0].token_ids))
-                    if len(out.outputs[0].token_ids) > i % 3:
+                    got_tokens.append(out.outputs[0].num_output_tokens)
+                    if out.outputs[0].num_output_tokens > i % 3:
                         break
             finally:
                 await stream.aclose()
@@ -85,7 +85,7 @@ def test_full_queue_refuses_and_admitted_requests_finish(tiny_llama_dir):
         try:
             async for out in engine.generate([1, 520, 3327, i], params, f"q-{i}"):
                 if out.finished:
-                    return "done" if len(out.outputs[0].token_ids) == 24 else "short"
+                    return "done" if out.outputs[0].num_output_tokens == 24 else "short"
         except EngineOverloadedError:
             return "refused"
         return "lost"

@@ -23,25 +23,32 @@ def captured(monkeypatch):
     return seen
 
 
-def test_flags_reach_the_server_config(captured, tmp_path):
+def test_flags_reach_the_server_config(captured):
+    args = ["serve", "--device", "cpu", "--root-path", "/proxy/", "--structured-outputs-config.backend", "xgrammar"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    server = captured["server"]
+    assert server.root_path == "/proxy" and server.structured_outputs_backend == "xgrammar"
+
+
+def test_flags_not_honoured_yet_are_refused_not_ignored(captured, tmp_path):
+    from shardserve.cli import NOT_YET_WIRED
+
     template = tmp_path / "template.jinja"
     template.write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
     gen = tmp_path / "gen"
     gen.mkdir()
     (gen / "generation_config.json").write_text(json.dumps({"temperature": 0.6}))
-    args = ["serve", "--device", "cpu", "--chat-template", str(template), "--enable-auto-tool-choice",
-            "--tool-call-parser", "hermes", "--reasoning-parser", "qwen3", "--generation-config", str(gen),
-            "--max-logprobs", "-1", "--tokenizer", "some/tokenizer", "--default-chat-template-kwargs",
-            '{"enable_thinking": false}', "--root-path", "/proxy/",
-            "--structured-outputs-config.backend", "xgrammar"]  # fmt: skip
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 0, result.output
-    server = captured["server"]
-    assert server.chat_template_text == template.read_text()
-    assert server.enable_auto_tool_choice and server.tool_call_parser == "hermes" and server.reasoning_parser == "qwen3"
-    assert server.generation_config == str(gen) and server.max_logprobs == -1 and server.tokenizer == "some/tokenizer"
-    assert server.default_chat_template_kwargs == {"enable_thinking": False} and server.root_path == "/proxy"
-    assert server.structured_outputs_backend == "xgrammar"
+    given = {"--chat-template": str(template), "--tool-call-parser": "hermes", "--reasoning-parser": "qwen3",
+             "--generation-config": str(gen), "--max-logprobs": "-1", "--tokenizer": "some/tokenizer",
+             "--default-chat-template-kwargs": '{"enable_thinking": false}'}  # fmt: skip
+    for flag in NOT_YET_WIRED.values():
+        extra = [flag] if flag == "--enable-auto-tool-choice" else [flag, given[flag]]
+        if flag == "--enable-auto-tool-choice":
+            extra += ["--tool-call-parser", "hermes"]
+        result = CliRunner().invoke(app, ["serve", "--device", "cpu", *extra])
+        assert result.exit_code == 2 and f"{flag} is not supported yet" in result.output, (flag, result.output)
+    assert "server" not in captured
 
 
 def test_defaults(captured):

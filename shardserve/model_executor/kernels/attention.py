@@ -14,6 +14,11 @@ inference"; vLLM's and SGLang's split-KV decode kernels).
 
 Cache layout (see :mod:`shardserve.model_executor.layers.attention`): one tensor per layer of shape
 ``(2, num_blocks, block_size, num_kv_heads, head_dim)``, keys at index 0, values at 1.
+
+FP8 cache (``--kv-cache-dtype fp8``): the tensor is ``torch.float8_e4m3fn`` and each layer has one scale for
+K and one for V (vLLM's ``k_scale``/``v_scale``): the cache holds ``clamp(k / k_scale, -448, 448)`` rounded to
+e4m3, and reads give ``fp8 * k_scale``. The attention kernel converts each loaded tile to the query dtype
+for the dot products and folds the scales into the softmax scale (K) and into the output (V).
 """
 
 from __future__ import annotations
@@ -21,6 +26,36 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+FP8_E4M3_MAX = 448.0
+"""Largest finite ``float8_e4m3fn`` value (OCP 8-bit floating point spec, 2023)."""
+
+
+@triton.jit
+def round_to_e4m3(y):
+    """fp32 ``y`` rounded to the nearest e4m3 value (ties to even) and saturated to +-448, still in fp32.
+
+    Rounding here makes the cast that follows exact. Triton's interpreter truncates where rounding carries
+    into the exponent (7.99 -> 4) and in the subnormal range, and rounds ties away from zero; the GPU's
+    ``cvt.rn.satfinite`` agrees with this rounding either way, and so does torch's ``.to(float8_e4m3fn)``.
+    """
+    # Normal range: keep 3 of fp32's 23 mantissa bits, as fp32 -> bf16 rounds (sign-magnitude bits, so the
+    # carry goes into the exponent). Subnormals (below 2^-6) are multiples of 2^-9: adding 1.5 * 2^14 makes
+    # the fp32 adder round there (on the magnitude; the sign bit is put back, so -0.001 gives -0 as torch does).
+    bits = y.to(tl.int32, bitcast=True)
+    normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000).to(tl.float32, bitcast=True)
+    magnitude = (tl.abs(y) + 24576.0) - 24576.0
+    subnormal = (magnitude.to(tl.int32, bitcast=True) | (bits & -0x80000000)).to(tl.float32, bitcast=True)
+    r = tl.where(tl.abs(y) < 0.015625, subnormal, normal)
+    return tl.minimum(tl.maximum(r, -448.0), 448.0)
+
+
+@triton.jit
+def to_cache(x, inv_scale, dtype: tl.constexpr, FP8: tl.constexpr):
+    """``x`` as stored in a cache of element type ``dtype``: divided by the scale and rounded to e4m3 for FP8."""
+    if FP8:
+        return round_to_e4m3(x.to(tl.float32) * inv_scale).to(dtype)
+    return x.to(dtype)
 
 
 @triton.jit
@@ -32,8 +67,11 @@ def _store_kv_kernel(
     SLOTS,
     stride_k,
     stride_v,
+    k_inv_scale,
+    v_inv_scale,
     WIDTH: tl.constexpr,
     BLOCK: tl.constexpr,
+    FP8: tl.constexpr,
 ):
     t = tl.program_id(0)
     slot = tl.load(SLOTS + t)
@@ -43,17 +81,31 @@ def _store_kv_kernel(
     mask = offs < WIDTH
     k = tl.load(K + t * stride_k + offs, mask=mask)
     v = tl.load(V + t * stride_v + offs, mask=mask)
-    tl.store(KC + slot * WIDTH + offs, k.to(KC.dtype.element_ty), mask=mask)
-    tl.store(VC + slot * WIDTH + offs, v.to(VC.dtype.element_ty), mask=mask)
+    tl.store(KC + slot * WIDTH + offs, to_cache(k, k_inv_scale, KC.dtype.element_ty, FP8), mask=mask)
+    tl.store(VC + slot * WIDTH + offs, to_cache(v, v_inv_scale, VC.dtype.element_ty, FP8), mask=mask)
 
 
-def store_kvcache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+def is_fp8_cache(kv_cache: torch.Tensor) -> bool:
+    """Whether the cache stores e4m3 (``--kv-cache-dtype fp8``)."""
+    return kv_cache.dtype == torch.float8_e4m3fn
+
+
+def store_kvcache(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
+) -> None:
     """Write each token's K and V into its cache slot; slots < 0 are skipped.
 
     Args:
         k, v: ``(num_tokens, num_kv_heads, head_dim)``, each token's heads contiguous.
-        kv_cache: ``(2, num_blocks, block_size, num_kv_heads, head_dim)``, contiguous.
+        kv_cache: ``(2, num_blocks, block_size, num_kv_heads, head_dim)``, contiguous; model dtype or
+            ``float8_e4m3fn``.
         slot_mapping: ``(num_tokens,)`` int64, ``block_id * block_size + offset`` or -1.
+        k_scale, v_scale: dequantization scales of an FP8 cache (stored ``k / k_scale``); ignored otherwise.
     """
     n, hkv, d = k.shape
     width = hkv * d
@@ -67,8 +119,11 @@ def store_kvcache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot
         slot_mapping,
         k.stride(0),
         v.stride(0),
+        1.0 / k_scale,
+        1.0 / v_scale,
         WIDTH=width,
         BLOCK=triton.next_power_of_2(width),
+        FP8=is_fp8_cache(kv_cache),
     )
 
 
@@ -84,6 +139,7 @@ def _paged_attention_kernel(
     PART_ACC,
     PART_ML,
     scale,
+    v_scale,
     stride_qt,
     stride_qh,
     stride_ot,
@@ -146,6 +202,7 @@ def _paged_attention_kernel(
         block = tl.load(BLOCK_TABLES + seq * stride_bt + offs_n // BLOCK_SIZE, mask=n_valid, other=0)
         row = block.to(tl.int64) * stride_cb + (offs_n % BLOCK_SIZE) * stride_cs + kvh * stride_ch
         k = tl.load(KC + row[None, :] + offs_d[:, None], mask=n_valid[None, :] & d_valid[:, None], other=0.0)
+        k = k.to(q.dtype)  # an FP8 cache is widened here; its scale is in ``scale``
         if IEEE:
             s = tl.dot(q, k, input_precision="ieee")
         else:
@@ -159,11 +216,13 @@ def _paged_attention_kernel(
         alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(VC + row[:, None] + offs_d[None, :], mask=n_valid[:, None] & d_valid[None, :], other=0.0)
+        v = v.to(q.dtype)
         if IEEE:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
+    acc = acc * v_scale  # 1.0 unless the cache is FP8
     if NUM_SPLITS > 1:  # partial results, merged by _merge_splits_kernel
         part = ((q_start + tok).to(tl.int64) * NUM_HEADS + head) * NUM_SPLITS + split
         tl.store(PART_ACC + part[:, None] * HEAD_DIM_PAD + offs_d[None, :], acc, mask=m_valid[:, None])
@@ -233,6 +292,8 @@ def paged_attention(
     num_kv_splits: int | None = None,
     block_m: int | None = None,
     num_warps: int = 4,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Causal attention of each request's new queries over its whole context in the paged cache.
 
@@ -251,6 +312,7 @@ def paged_attention(
             ``None`` picks by the GPU's SM count (:func:`num_kv_splits_for`). Ignored for prefill.
         block_m: rows of a tile (query tokens x query heads of one KV head, padded to a power of two);
             default 16 for decode, 64 for prefill. ``num_warps``: Triton warps per program.
+        k_scale, v_scale: dequantization scales of an FP8 cache (see module docstring); ignored otherwise.
 
     Returns:
         ``(num_tokens, num_heads, head_dim)`` in ``q``'s dtype.
@@ -267,6 +329,7 @@ def paged_attention(
         out = torch.empty_like(q)
     num_seqs = seq_lens.shape[0]
     kc, vc = kv_cache[0], kv_cache[1]
+    fp8 = is_fp8_cache(kv_cache)
     head_dim_pad = max(16, triton.next_power_of_2(head_dim))
     splits = 1
     if max_query_len <= 1:
@@ -288,7 +351,8 @@ def paged_attention(
         query_start_loc,
         part_acc,
         part_ml,
-        scale,
+        scale * k_scale if fp8 else scale,
+        v_scale if fp8 else 1.0,
         q.stride(0),
         q.stride(1),
         out.stride(0),

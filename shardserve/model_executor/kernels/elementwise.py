@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from shardserve.model_executor.kernels.attention import is_fp8_cache, to_cache
+
 
 @triton.jit
 def _rms_norm_kernel(
@@ -103,6 +105,8 @@ def _rotate_heads(
     HEADS_PAD: tl.constexpr,
     HALF: tl.constexpr,
     HALF_PAD: tl.constexpr,
+    inv_scale,
+    FP8: tl.constexpr,
 ):
     offs_h = tl.arange(0, HEADS_PAD)
     offs_d = tl.arange(0, HALF_PAD)
@@ -112,8 +116,9 @@ def _rotate_heads(
     x2 = tl.load(p1 + HALF, mask=mask, other=0.0)
     a, b = x1.to(tl.float32), x2.to(tl.float32)
     d1 = dst + offs_h[:, None] * dst_stride_h + offs_d[None, :]
-    tl.store(d1, (a * cos - b * sin).to(dst.dtype.element_ty), mask=mask)
-    tl.store(d1 + HALF, (b * cos + a * sin).to(dst.dtype.element_ty), mask=mask)
+    ty = dst.dtype.element_ty
+    tl.store(d1, to_cache(a * cos - b * sin, inv_scale, ty, FP8), mask=mask)
+    tl.store(d1 + HALF, to_cache(b * cos + a * sin, inv_scale, ty, FP8), mask=mask)
 
 
 @triton.jit
@@ -134,21 +139,23 @@ def _rotary_kernel(
     stride_vt,
     stride_vh,
     stride_cache,
+    k_inv_scale,
+    v_inv_scale,
     NUM_Q_HEADS: tl.constexpr,
     NUM_K_HEADS: tl.constexpr,
     HEADS_PAD: tl.constexpr,
     HALF: tl.constexpr,
     HALF_PAD: tl.constexpr,
     STORE_KV: tl.constexpr,
+    FP8: tl.constexpr,
 ):
     t = tl.program_id(0)
     pos = tl.load(POS + t)
     offs_d = tl.arange(0, HALF_PAD)
     cos = tl.load(COS + pos * stride_cache + offs_d, mask=offs_d < HALF, other=0.0)[None, :]
     sin = tl.load(SIN + pos * stride_cache + offs_d, mask=offs_d < HALF, other=0.0)[None, :]
-    _rotate_heads(
-        Q + t * stride_qt, stride_qh, Q + t * stride_qt, stride_qh, NUM_Q_HEADS, cos, sin, HEADS_PAD, HALF, HALF_PAD
-    )
+    q = Q + t * stride_qt
+    _rotate_heads(q, stride_qh, q, stride_qh, NUM_Q_HEADS, cos, sin, HEADS_PAD, HALF, HALF_PAD, 1.0, False)
     if STORE_KV:  # rotated K and V straight into the token's cache slot (skipped for slot < 0: padding)
         slot = tl.load(SLOTS + t)
         if slot >= 0:
@@ -164,18 +171,18 @@ def _rotary_kernel(
                 HEADS_PAD,
                 HALF,
                 HALF_PAD,
+                k_inv_scale,
+                FP8,
             )
             offs_h = tl.arange(0, HEADS_PAD)
             offs_e = tl.arange(0, 2 * HALF_PAD)
             mask = (offs_h < NUM_K_HEADS)[:, None] & (offs_e < 2 * HALF)[None, :]
             v = tl.load(V + t * stride_vt + offs_h[:, None] * stride_vh + offs_e[None, :], mask=mask)
-            tl.store(
-                VC + slot * width + offs_h[:, None] * (2 * HALF) + offs_e[None, :], v.to(VC.dtype.element_ty), mask=mask
-            )
+            v = to_cache(v, v_inv_scale, VC.dtype.element_ty, FP8)
+            tl.store(VC + slot * width + offs_h[:, None] * (2 * HALF) + offs_e[None, :], v, mask=mask)
     else:
-        _rotate_heads(
-            K + t * stride_kt, stride_kh, K + t * stride_kt, stride_kh, NUM_K_HEADS, cos, sin, HEADS_PAD, HALF, HALF_PAD
-        )
+        k = K + t * stride_kt
+        _rotate_heads(k, stride_kh, k, stride_kh, NUM_K_HEADS, cos, sin, HEADS_PAD, HALF, HALF_PAD, 1.0, False)
 
 
 def rotary_embedding(
@@ -187,6 +194,8 @@ def rotary_embedding(
     v: torch.Tensor | None = None,
     kv_cache: torch.Tensor | None = None,
     slot_mapping: torch.Tensor | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> None:
     """Rotate ``q`` and ``k`` with RoPE in the rotate-half (GPT-NeoX) form (Su et al. 2021).
 
@@ -199,8 +208,10 @@ def rotary_embedding(
         q: ``(num_tokens, num_heads, head_dim)``; k, v: ``(num_tokens, num_kv_heads, head_dim)``; the last
             dimension contiguous (they may be views into the fused QKV output).
         cos_cache, sin_cache: ``(max_position, head_dim)`` fp32, each frequency repeated for both halves.
-        kv_cache: ``(2, num_blocks, block_size, num_kv_heads, head_dim)``, contiguous.
+        kv_cache: ``(2, num_blocks, block_size, num_kv_heads, head_dim)``, contiguous; model dtype or
+            ``float8_e4m3fn`` (see :mod:`.attention`).
         slot_mapping: ``(num_tokens,)`` int64, ``block_id * block_size + offset`` or -1.
+        k_scale, v_scale: dequantization scales of an FP8 cache (stored ``k / k_scale``); ignored otherwise.
     """
     n, hq, d = q.shape
     hk = k.shape[1]
@@ -226,10 +237,13 @@ def rotary_embedding(
         v_.stride(0),
         v_.stride(1),
         cos_cache.stride(0),
+        1.0 / k_scale,
+        1.0 / v_scale,
         NUM_Q_HEADS=hq,
         NUM_K_HEADS=hk,
         HEADS_PAD=triton.next_power_of_2(max(hq, hk)),
         HALF=d // 2,
         HALF_PAD=triton.next_power_of_2(d // 2),
         STORE_KV=store,
+        FP8=store and is_fp8_cache(kv_cache),
     )

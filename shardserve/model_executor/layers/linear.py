@@ -3,8 +3,9 @@
 ``ColumnParallelLinear`` splits the output features over the TP ranks, ``RowParallelLinear`` the input
 features, followed by an all-reduce in ``forward``. Each parameter carries a
 ``weight_loader(param, loaded_weight, shard_id=None)`` that takes the FULL checkpoint tensor (or a lazy
-:class:`~shardserve.model_executor.loader.weights.WeightSource`, which then reads only this rank's slice)
-and copies this rank's part into ``param``.
+:class:`~shardserve.model_executor.loader.weights.WeightSource`, which then reads only this rank's slice),
+works out this rank's slice as a :class:`~.quantization.base.WeightShard` and lets the layer's quant method
+copy it into its storage (plain tensors, GGUF blocks, FP8 and scales: :mod:`.quantization`).
 """
 
 from __future__ import annotations
@@ -12,69 +13,39 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from shardserve.distributed.parallel_state import get_tp_group
-from shardserve.model_executor.kernels import use_triton
+from shardserve.model_executor.layers.quantization.base import (
+    LinearMethod,
+    QuantizationConfig,
+    UnquantizedLinearMethod,
+    WeightShard,
+    check_full_dim,
+    copy_checked,
+    linear,
+    load_slice,
+    use_gemv,
+)
 
-
-def use_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether ``x @ weight.T`` runs as our GEMV (:mod:`..kernels.gemv`): a decode batch of at most
-    ``MAX_ROWS`` rows on the GPU, contiguous along K."""
-    if not (use_triton(x) and x.dim() == 2 and x.stride(-1) == 1 and weight.stride(-1) == 1):
-        return False
-    from shardserve.model_executor.kernels.gemv import MAX_ROWS
-
-    return x.shape[0] <= MAX_ROWS
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear``, or our GEMV where :func:`use_gemv`.
-
-    ``x`` is ``(num_tokens, in_features)``, ``weight`` ``(out_features, in_features)``.
-    """
-    if use_gemv(x, weight):
-        from shardserve.model_executor.kernels.gemv import gemv
-
-        return gemv(x, weight, bias)
-    return F.linear(x, weight, bias)
-
-
-def load_slice(source: Any, dim: int | None = None, start: int = 0, size: int | None = None) -> torch.Tensor:
-    """``source.narrow(dim, start, size)`` for a tensor, ``source.load(dim, start, size)`` for a lazy source."""
-    if isinstance(source, torch.Tensor):
-        if dim is None:
-            return source
-        return source.narrow(dim, start, source.shape[dim] - start if size is None else size)
-    return source.load(dim, start, size)
+__all__ = [
+    "ColumnParallelLinear",
+    "MergedColumnParallelLinear",
+    "QKVParallelLinear",
+    "RowParallelLinear",
+    "check_full_dim",
+    "copy_checked",
+    "divide",
+    "linear",
+    "load_slice",
+    "source_shape",
+    "use_gemv",
+]
 
 
 def source_shape(source: Any) -> tuple[int, ...]:
     """Shape of a tensor or of a lazy weight source."""
     return tuple(source.shape)
-
-
-def copy_checked(dest: torch.Tensor, loaded: torch.Tensor) -> None:
-    """``dest.copy_(loaded)`` after checking shapes match.
-
-    Raises:
-        ValueError: the shapes differ (checkpoint does not fit the configured architecture).
-    """
-    if tuple(dest.shape) != tuple(loaded.shape):
-        raise ValueError(f"checkpoint slice has shape {tuple(loaded.shape)}, parameter expects {tuple(dest.shape)}")
-    dest.copy_(loaded)
-
-
-def check_full_dim(source: Any, dim: int, expected: int) -> None:
-    """Check the checkpoint tensor's full size along ``dim`` before taking a slice of it.
-
-    Raises:
-        ValueError: the checkpoint's size differs (it would otherwise be silently truncated).
-    """
-    shape = source_shape(source)
-    if len(shape) <= dim or shape[dim] != expected:
-        raise ValueError(f"checkpoint tensor has shape {shape}, expected size {expected} along dim {dim}")
 
 
 def divide(numerator: int, denominator: int, what: str) -> int:
@@ -91,8 +62,32 @@ def divide(numerator: int, denominator: int, what: str) -> int:
     return numerator // denominator
 
 
-def _attach(param: nn.Parameter, loader: Any) -> nn.Parameter:
-    param.weight_loader = loader  # type: ignore[attr-defined]
+def get_quant_method(layer: nn.Module, quant_config: QuantizationConfig | None, prefix: str) -> LinearMethod:
+    """The config's method for ``layer``, or :class:`UnquantizedLinearMethod` when there is none."""
+    method = quant_config.get_quant_method(layer, prefix) if quant_config is not None else None
+    return method if method is not None else UnquantizedLinearMethod()
+
+
+def create_weights(
+    layer: nn.Module,
+    input_size_per_partition: int,
+    output_partition_sizes: list[int],
+    input_size: int,
+    output_size: int,
+    loader: Any,
+) -> None:
+    """Let ``layer.quant_method`` register its weights (in the default dtype) and attach ``loader`` to each."""
+    before = set(layer._parameters)
+    layer.quant_method.create_weights(
+        layer, input_size_per_partition, output_partition_sizes, input_size, output_size, torch.get_default_dtype()
+    )
+    for name in set(layer._parameters) - before:
+        layer._parameters[name].weight_loader = loader  # type: ignore[union-attr]
+
+
+def _bias(layer: nn.Module, size: int) -> nn.Parameter:
+    param = nn.Parameter(torch.empty(size), requires_grad=False)
+    param.weight_loader = layer.weight_loader  # type: ignore[attr-defined]
     return param
 
 
@@ -101,12 +96,22 @@ class ColumnParallelLinear(nn.Module):
 
     Rank ``r`` holds rows ``[r * output_size / tp, (r + 1) * output_size / tp)``; the output of
     ``forward`` is this rank's ``(num_tokens, output_size / tp)`` slice unless ``gather_output``.
+    ``quant_config`` picks the weight storage (``prefix`` is the layer's Hugging Face name).
 
     Raises:
-        ValueError: ``output_size`` is not divisible by the TP size.
+        ValueError: ``output_size`` is not divisible by the TP size, or a quantized storage cannot be split
+            (e.g. a GGUF block would be cut).
     """
 
-    def __init__(self, input_size: int, output_size: int, bias: bool = False, gather_output: bool = False):
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        bias: bool = False,
+        gather_output: bool = False,
+        quant_config: QuantizationConfig | None = None,
+        prefix: str = "",
+    ):
         super().__init__()
         self.tp = get_tp_group()
         self.tp_rank = self.tp.rank_in_group
@@ -115,20 +120,25 @@ class ColumnParallelLinear(nn.Module):
         self.output_size = output_size
         self.output_size_per_partition = divide(output_size, self.tp_size, "output features")
         self.gather_output = gather_output
-        self.weight = _attach(nn.Parameter(torch.empty(self.output_size_per_partition, input_size)), self.weight_loader)
-        self.bias = None
-        if bias:
-            self.bias = _attach(nn.Parameter(torch.empty(self.output_size_per_partition)), self.weight_loader)
+        self.prefix = prefix
+        self.quant_method = get_quant_method(self, quant_config, prefix)
+        create_weights(self, input_size, self.output_partition_sizes, input_size, output_size, self.weight_loader)
+        self.bias = _bias(self, self.output_size_per_partition) if bias else None
+
+    @property
+    def output_partition_sizes(self) -> list[int]:
+        """Per-rank output features of each part (one part here)."""
+        return [self.output_size_per_partition]
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: Any, shard_id: Any = None) -> None:
-        """Copy rows ``[rank * n, (rank + 1) * n)`` of the full weight (or bias) into ``param``."""
-        n = param.shape[0]
-        check_full_dim(loaded_weight, 0, n * self.tp_size)
-        copy_checked(param.data, load_slice(loaded_weight, 0, self.tp_rank * n, n))
+        """Load rows ``[rank * n, (rank + 1) * n)`` of the full weight (or bias) into ``param``."""
+        n = self.output_size_per_partition
+        shard = WeightShard(dim=0, start=self.tp_rank * n, size=n, full_size=n * self.tp_size)
+        self.quant_method.load_weight(self, param, loaded_weight, shard)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(num_tokens, input_size)`` -> ``(num_tokens, output_size / tp)`` (or full when gathering)."""
-        y = linear(x, self.weight, self.bias)
+        y = self.quant_method.apply(self, x, self.bias)
         if self.gather_output:
             y = self.tp.all_gather(y, dim=-1)
         return y
@@ -141,24 +151,48 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     of every part. ``shard_id`` in the weight loader is the part index.
     """
 
-    def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False):
+    def __init__(
+        self,
+        input_size: int,
+        output_sizes: list[int],
+        bias: bool = False,
+        quant_config: QuantizationConfig | None = None,
+        prefix: str = "",
+    ):
         for size in output_sizes:
             divide(size, get_tp_group().world_size, "merged projection width")
         self.output_sizes = list(output_sizes)
-        super().__init__(input_size, sum(output_sizes), bias=bias)
+        super().__init__(input_size, sum(output_sizes), bias=bias, quant_config=quant_config, prefix=prefix)
+
+    @property
+    def output_partition_sizes(self) -> list[int]:
+        return [s // self.tp_size for s in self.output_sizes]
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: Any, shard_id: Any = None) -> None:
-        """Copy this rank's slice of part ``shard_id`` (full checkpoint tensor) into its place in ``param``.
+        """Load this rank's slice of part ``shard_id`` (full checkpoint tensor) into its place in ``param``.
 
         Raises:
             ValueError: ``shard_id`` is missing or out of range.
         """
         if not isinstance(shard_id, int) or not 0 <= shard_id < len(self.output_sizes):
             raise ValueError(f"merged linear needs a part index in [0, {len(self.output_sizes)}), got {shard_id!r}")
-        sizes = [s // self.tp_size for s in self.output_sizes]
+        sizes = self.output_partition_sizes
         offset, n = sum(sizes[:shard_id]), sizes[shard_id]
-        check_full_dim(loaded_weight, 0, self.output_sizes[shard_id])
-        copy_checked(param.data.narrow(0, offset, n), load_slice(loaded_weight, 0, self.tp_rank * n, n))
+        shard = WeightShard(
+            dim=0,
+            start=self.tp_rank * n,
+            size=n,
+            full_size=self.output_sizes[shard_id],
+            output_offset=offset,
+            part=shard_id,
+            shard_id=shard_id,
+        )
+        self.quant_method.load_weight(self, param, loaded_weight, shard)
+
+    def forward_silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """SwiGLU of a gate/up pair: ``silu(x gate^T) * (x up^T)``, ``(num_tokens, input_size)`` ->
+        ``(num_tokens, output_sizes[0] / tp)``; one fused kernel where the quant method has one."""
+        return self.quant_method.apply_silu_and_mul(self, x, self.bias)
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -180,6 +214,8 @@ class QKVParallelLinear(ColumnParallelLinear):
         total_num_heads: int,
         total_num_kv_heads: int,
         bias: bool = False,
+        quant_config: QuantizationConfig | None = None,
+        prefix: str = "",
     ):
         tp_size = get_tp_group().world_size
         self.head_dim = head_dim
@@ -200,26 +236,35 @@ class QKVParallelLinear(ColumnParallelLinear):
         self.q_size = self.num_heads * head_dim
         self.kv_size = self.num_kv_heads * head_dim
         # Pass the padded total so that the per-rank width is q + 2 kv even with KV replication.
-        super().__init__(hidden_size, (self.q_size + 2 * self.kv_size) * tp_size, bias=bias)
+        super().__init__(
+            hidden_size, (self.q_size + 2 * self.kv_size) * tp_size, bias=bias, quant_config=quant_config, prefix=prefix
+        )
+
+    @property
+    def output_partition_sizes(self) -> list[int]:
+        return [self.q_size, self.kv_size, self.kv_size]
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: Any, shard_id: Any = None) -> None:
-        """Copy this rank's heads of the full ``q``, ``k`` or ``v`` projection (``shard_id``) into ``param``.
+        """Load this rank's heads of the full ``q``, ``k`` or ``v`` projection (``shard_id``) into ``param``.
 
         Raises:
             ValueError: ``shard_id`` is not one of ``"q"``, ``"k"``, ``"v"``.
         """
         if shard_id == "q":
-            offset, n, start = 0, self.q_size, self.tp_rank * self.q_size
+            part, offset, n, start = 0, 0, self.q_size, self.tp_rank * self.q_size
             total = self.total_num_heads * self.head_dim
         elif shard_id in ("k", "v"):
             kv_group = self.tp_rank // self.num_kv_head_replicas
+            part = 1 if shard_id == "k" else 2
             offset = self.q_size + (self.kv_size if shard_id == "v" else 0)
             n, start = self.kv_size, kv_group * self.kv_size
             total = self.total_num_kv_heads * self.head_dim
         else:
             raise ValueError(f"QKV linear needs shard_id 'q', 'k' or 'v', got {shard_id!r}")
-        check_full_dim(loaded_weight, 0, total)
-        copy_checked(param.data.narrow(0, offset, n), load_slice(loaded_weight, 0, start, n))
+        shard = WeightShard(
+            dim=0, start=start, size=n, full_size=total, output_offset=offset, part=part, shard_id=shard_id
+        )
+        self.quant_method.load_weight(self, param, loaded_weight, shard)
 
 
 class RowParallelLinear(nn.Module):
@@ -230,10 +275,19 @@ class RowParallelLinear(nn.Module):
     with an all-reduce over the TP group, then the (unsplit) bias is added once.
 
     Raises:
-        ValueError: ``input_size`` is not divisible by the TP size.
+        ValueError: ``input_size`` is not divisible by the TP size, or a quantized storage cannot be split
+            there (a GGUF block would be cut).
     """
 
-    def __init__(self, input_size: int, output_size: int, bias: bool = False, reduce_results: bool = True):
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        bias: bool = False,
+        reduce_results: bool = True,
+        quant_config: QuantizationConfig | None = None,
+        prefix: str = "",
+    ):
         super().__init__()
         self.tp = get_tp_group()
         self.tp_rank = self.tp.rank_in_group
@@ -242,23 +296,28 @@ class RowParallelLinear(nn.Module):
         self.output_size = output_size
         self.input_size_per_partition = divide(input_size, self.tp_size, "input features")
         self.reduce_results = reduce_results
-        self.weight = _attach(nn.Parameter(torch.empty(output_size, self.input_size_per_partition)), self.weight_loader)
-        self.bias = None
-        if bias:
-            self.bias = _attach(nn.Parameter(torch.empty(output_size)), self.weight_loader)
+        self.prefix = prefix
+        self.quant_method = get_quant_method(self, quant_config, prefix)
+        create_weights(self, self.input_size_per_partition, [output_size], input_size, output_size, self.weight_loader)
+        self.bias = _bias(self, output_size) if bias else None
+
+    @property
+    def output_partition_sizes(self) -> list[int]:
+        """Per-rank output features (the whole output: only the input is split)."""
+        return [self.output_size]
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: Any, shard_id: Any = None) -> None:
-        """Copy this rank's input columns of the full weight; the bias is copied whole."""
-        if param.dim() == 1:
-            copy_checked(param.data, load_slice(loaded_weight))
-            return
-        n = param.shape[1]
-        check_full_dim(loaded_weight, 1, self.input_size)
-        copy_checked(param.data, load_slice(loaded_weight, 1, self.tp_rank * n, n))
+        """Load this rank's input columns of the full weight; the bias is loaded whole."""
+        if param is self.bias:
+            shard = WeightShard()
+        else:
+            n = self.input_size_per_partition
+            shard = WeightShard(dim=1, start=self.tp_rank * n, size=n, full_size=self.input_size)
+        self.quant_method.load_weight(self, param, loaded_weight, shard)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(num_tokens, input_size / tp)`` -> ``(num_tokens, output_size)``, summed over TP ranks."""
-        y = linear(x, self.weight)
+        y = self.quant_method.apply(self, x)
         if self.reduce_results:
             y = self.tp.all_reduce(y)
         if self.bias is not None and (self.reduce_results or self.tp_rank == 0):

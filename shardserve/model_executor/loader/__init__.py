@@ -11,13 +11,23 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
+from shardserve.model_executor.layers.quantization import get_quantization_config
+from shardserve.model_executor.layers.quantization.base import ModelWeightBytes, model_weight_bytes
 from shardserve.model_executor.loader.resolve import ModelSource, gguf_field, open_gguf
 from shardserve.model_executor.loader.weights import WeightSource, iter_gguf, iter_safetensors
 from shardserve.model_executor.models.llama import LlamaForCausalLM
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ModelSource", "WeightSource", "iter_weights", "load_model", "pp_layer_range", "pp_partition_by_memory"]
+__all__ = [
+    "ModelSource",
+    "WeightSource",
+    "iter_weights",
+    "load_model",
+    "model_weight_bytes_per_rank",
+    "pp_layer_range",
+    "pp_partition_by_memory",
+]
 
 PROGRESS_LOG_INTERVAL_S = 5.0
 """Seconds between weight-loading progress lines in the log when stderr is not a terminal."""
@@ -51,18 +61,24 @@ def pp_layer_range(num_layers: int, pp_size: int, pp_rank: int, partition: list[
     return start, start + sizes[pp_rank]
 
 
-def pp_partition_by_memory(num_layers: int, free_bytes: list[float]) -> list[int]:
+def pp_partition_by_memory(
+    num_layers: int, free_bytes: list[float], weights: ModelWeightBytes | None = None
+) -> list[int]:
     """Layers per stage in proportion to each stage's free memory (llama.cpp RPC's ``--tensor-split`` idea).
 
-    Every stage gets at least one layer; rounding uses the largest remainders, so the sizes sum to
-    ``num_layers``.
+    Without ``weights`` every layer counts the same. With ``weights`` (bytes one rank holds per layer,
+    e.g. GGUF layers whose types vary, see :func:`model_weight_bytes_per_rank`) the stages split the
+    bytes, the embedding counting on the first stage and the LM head and final norm on the last: stage
+    ``i`` ends at the layer boundary nearest to ``total * sum(free[:i + 1]) / sum(free)``. Every stage gets
+    at least one layer; the sizes sum to ``num_layers``.
 
     Args:
         num_layers: decoder layers of the model.
         free_bytes: per stage, the smallest free device memory among its TP ranks (bytes).
+        weights: per-part weight bytes of one rank (``len(weights.layers) == num_layers``).
 
     Raises:
-        ValueError: more stages than layers, or no stage with free memory.
+        ValueError: more stages than layers, no stage with free memory, or ``weights`` of another model.
     """
     stages = len(free_bytes)
     if stages > num_layers:
@@ -70,6 +86,8 @@ def pp_partition_by_memory(num_layers: int, free_bytes: list[float]) -> list[int
     total = sum(max(f, 0.0) for f in free_bytes)
     if total <= 0:
         raise ValueError(f"no pipeline stage reports free memory: {free_bytes}")
+    if weights is not None:
+        return _partition_bytes(num_layers, [max(f, 0.0) / total for f in free_bytes], weights)
     spare = num_layers - stages  # one layer each first, the rest by share
     shares = [spare * max(f, 0.0) / total for f in free_bytes]
     sizes = [1 + int(s) for s in shares]
@@ -77,6 +95,38 @@ def pp_partition_by_memory(num_layers: int, free_bytes: list[float]) -> list[int
     for i in order[: num_layers - sum(sizes)]:
         sizes[i] += 1
     return sizes
+
+
+def _partition_bytes(num_layers: int, shares: list[float], weights: ModelWeightBytes) -> list[int]:
+    if len(weights.layers) != num_layers:
+        raise ValueError(f"weight bytes for {len(weights.layers)} layers, the model has {num_layers}")
+    prefix = [weights.embed]
+    for b in weights.layers:
+        prefix.append(prefix[-1] + b)
+    total = prefix[-1] + weights.lm_head + weights.final_norm
+    stages, bounds, start, cum_share = len(shares), [], 0, 0.0
+    for i in range(stages - 1):
+        cum_share += shares[i]
+        target = total * cum_share
+        lo, hi = start + 1, num_layers - (stages - 1 - i)  # leave one layer for each later stage
+        end = min(range(lo, hi + 1), key=lambda e: abs(prefix[e] - target))
+        bounds.append(end)
+        start = end
+    edges = [0, *bounds, num_layers]
+    return [edges[i + 1] - edges[i] for i in range(stages)]
+
+
+def model_weight_bytes_per_rank(
+    source: ModelSource, tp_size: int, dtype: torch.dtype, quantization: str | None, device: torch.device
+) -> ModelWeightBytes | None:
+    """Per-part weight bytes one TP rank will hold, for sources whose layers differ in size (GGUF); None
+    when every layer holds the same (safetensors checkpoints)."""
+    if source.format != "gguf":
+        return None
+    from shardserve.model_executor.layers.quantization.gguf import gguf_weight_bytes
+
+    keep = quantization == "gguf" or (quantization is None and device.type == "cuda")
+    return gguf_weight_bytes(open_gguf(source.path), source.arch.num_key_value_heads, tp_size, dtype, keep)
 
 
 def iter_weights(source: ModelSource) -> Iterator[tuple[str, WeightSource]]:
@@ -112,32 +162,61 @@ def load_model(
     layer_range: tuple[int, int],
     dummy: bool = False,
     seed: int = 0,
+    quantization: str | None = None,
 ) -> LlamaForCausalLM:
     """Build this rank's :class:`LlamaForCausalLM` for ``layer_range`` on ``device`` and load its weights.
 
-    Parameters are created directly on ``device`` in ``dtype``; each TP rank reads only its shard.
-    With ``dummy`` the weights are random (see :func:`init_dummy_weights`) and no weight file is read.
+    The model records ``weight_bytes`` (its tensors' bytes) and ``weight_allocated_bytes`` (on CUDA, the
+    growth of ``torch.cuda.memory_allocated`` over the load). Parameters are created directly on ``device``
+    in ``dtype`` (or in the storage of the quantization
+    scheme, see :func:`~shardserve.model_executor.layers.quantization.get_quantization_config`); each TP
+    rank reads only its shard. With ``dummy`` the weights are random (see :func:`init_dummy_weights`) and no
+    weight file is read.
 
     Raises:
-        ValueError: unreadable checkpoint, shapes that do not fit, or parameters left unloaded.
+        ValueError: unreadable checkpoint, shapes that do not fit, parameters left unloaded, or a
+            ``quantization`` that does not fit the checkpoint or the device.
     """
     device = torch.device(device)
+    if device.type == "cpu" and dtype == torch.bfloat16 and not _cpu_has_bf16():
+        logger.warning("this CPU has no AVX512-BF16 or AMX: bfloat16 halves memory, but its matmuls are emulated")
+    if dummy and quantization == "gguf":
+        raise ValueError("--load-format dummy cannot fill GGUF blocks; load the GGUF file (--load-format auto)")
+    quant_config = None if dummy and quantization is None else get_quantization_config(quantization, source, device)
+    if quant_config is not None:
+        quant_config.packed_modules_mapping = dict(LlamaForCausalLM.packed_modules_mapping)
+    allocated = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     with torch.device(device), _default_dtype(dtype):
-        model = LlamaForCausalLM(source.arch, layer_range)
+        model = LlamaForCausalLM(source.arch, layer_range, quant_config)
     with torch.no_grad():
         if dummy:
             init_dummy_weights(model, seed)
+            model.process_weights_after_loading()
         else:
             model.load_weights(_with_progress(_owned(model, iter_weights(source)), source.name))
+    model.weight_bytes = model_weight_bytes(model)  # type: ignore[assignment]
+    if device.type == "cuda":
+        allocated = torch.cuda.memory_allocated(device) - allocated
+    else:
+        allocated = model.weight_bytes
+    model.weight_allocated_bytes = allocated  # type: ignore[assignment]
     logger.info(
-        "loaded %s layers [%d, %d) on %s (%s, %s)",
+        "loaded %s layers [%d, %d) on %s (%s, %s%s): weights hold %.2f GiB (%.2f GiB allocated)",
         source.name,
         *layer_range,
         device,
         dtype,
         "dummy weights" if dummy else source.format,
+        f", {quant_config.name}" if quant_config is not None else "",
+        model.weight_bytes / 2**30,
+        allocated / 2**30,
     )
     return model.eval()
+
+
+def _cpu_has_bf16() -> bool:
+    cpu = torch.cpu
+    return bool(getattr(cpu, "_is_avx512_bf16_supported", lambda: False)() or cpu._is_amx_tile_supported())
 
 
 def _owned(model: LlamaForCausalLM, weights: Iterable[tuple[str, WeightSource]]) -> list[tuple[str, WeightSource]]:

@@ -11,12 +11,15 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Callable, Iterator
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
+
+from shardserve.model_executor.layers.quantization.gguf_blocks import check_block_split
 
 logger = logging.getLogger(__name__)
 
@@ -118,9 +121,9 @@ def iter_safetensors(model_dir: Path) -> Iterator[tuple[str, WeightSource]]:
     for path in safetensors_files(model_dir):
         try:
             handle = safe_open(str(path), framework="pt", device="cpu")
-        except Exception as e:  # safetensors raises its own SafetensorError types
+        except Exception as e:  # noqa: BLE001 (safetensors raises its own SafetensorError types)
             raise ValueError(f"cannot read safetensors file {path}: {e}") from None
-        for name in handle.keys():
+        for name in handle.keys():  # noqa: SIM118 (a safe_open handle, not a dict)
             yield name, SafetensorsSource(handle, name)
 
 
@@ -150,23 +153,6 @@ _GGUF_LAYER_NAMES = {
 
 _GGUF_LAYER_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
 
-# Tensor types the loader accepts; gguf.quants.dequantize implements each.
-GGUF_SUPPORTED_TYPES = (
-    "F32",
-    "F16",
-    "BF16",
-    "Q8_0",
-    "Q4_0",
-    "Q4_1",
-    "Q5_0",
-    "Q5_1",
-    "Q2_K",
-    "Q3_K",
-    "Q4_K",
-    "Q5_K",
-    "Q6_K",
-)
-
 
 def gguf_to_hf_name(name: str) -> str | None:
     """Hugging Face parameter name of a llama.cpp tensor name, or None when it has none (``rope_freqs``)."""
@@ -190,40 +176,108 @@ def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 
 class GGUFSource:
-    """One tensor of a GGUF file, dequantized to fp32 on load, then optionally un-permuted and sliced.
+    """One tensor of a memory-mapped GGUF file, read in this rank's slice only.
 
-    GGUF stores the dimensions in reverse (ggml ``ne``) order; :attr:`shape` is the Hugging Face order.
-    Quantized blocks run along whole rows, so the full tensor is dequantized before slicing.
+    GGUF stores the dimensions in reverse (ggml ``ne``) order; :attr:`shape` is the Hugging Face order
+    ``(rows, cols)``. Quantized rows are runs of blocks (``gguf_blocks``), so a slice of rows reads just those
+    rows and a slice of columns reads the blocks it covers (it must start and end on a block boundary).
+    :meth:`load_blocks` returns the raw block bytes (kept quantized), :meth:`load` the values dequantized
+    with ``gguf.quants.dequantize``. With ``qk_heads`` the rows are un-permuted from llama.cpp's rotary
+    layout (:func:`unpermute_qk`): a permutation of whole rows within each head, so it applies to raw
+    block rows unchanged and commutes with a head-aligned row slice.
     """
 
-    def __init__(self, tensor: Any, transform: Callable[[torch.Tensor], torch.Tensor] | None = None):
+    def __init__(self, tensor: Any, qk_heads: int | None = None):
         self.tensor = tensor
-        self.transform = transform
+        self.qk_heads = qk_heads
 
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(int(d) for d in reversed(self.tensor.shape.tolist()))
 
-    def load(self, dim: int | None = None, start: int = 0, size: int | None = None) -> torch.Tensor:
-        full = self._dequantize()
-        if self.transform is not None:
-            full = self.transform(full)
-        if dim is None:
-            return full
-        start, end = _slice_bounds(self.shape, dim, start, size)
-        return full.narrow(dim, start, end - start)
+    @property
+    def tensor_type(self) -> Any:
+        """The ``gguf.GGMLQuantizationType`` of the stored blocks."""
+        return self.tensor.tensor_type
 
-    def _dequantize(self) -> torch.Tensor:
+    def load_blocks(self, dim: int | None = None, start: int = 0, size: int | None = None) -> torch.Tensor:
+        """Raw GGUF blocks of the slice (``dim``, ``start``, ``size`` in elements, as :meth:`load`).
+
+        Returns:
+            ``(rows, cols / block_size * type_size)`` uint8 on the CPU.
+
+        Raises:
+            ValueError: the slice is out of range, cuts a block, or the tensor is not a 2-D block type.
+        """
+        if len(self.shape) != 2 or self.tensor.data.dtype != np.uint8:
+            raise ValueError(f"GGUF tensor {self.tensor.name} ({self.tensor_type.name}) is not a matrix of blocks")
+        return _readonly_tensor(np.ascontiguousarray(self._raw(dim, start, size, strict=True)))
+
+    def load(self, dim: int | None = None, start: int = 0, size: int | None = None) -> torch.Tensor:
+        """The slice dequantized to fp32 (the whole tensor when ``dim`` is None).
+
+        Raises:
+            ValueError: the slice is out of range, or ``gguf`` cannot dequantize the tensor's type.
+        """
         from gguf.quants import dequantize
 
-        qtype = self.tensor.tensor_type
-        if qtype.name not in GGUF_SUPPORTED_TYPES:
+        raw, narrow = self._raw(dim, start, size), None
+        if raw is None:  # a column slice inside blocks: dequantize whole rows, then cut
+            raw, narrow = self._raw(None, 0, None), _slice_bounds(self.shape, dim, start, size)
+        try:
+            values = np.asarray(dequantize(raw, self.tensor_type), dtype=np.float32)
+        except NotImplementedError:
             raise ValueError(
-                f"GGUF tensor {self.tensor.name} has type {qtype.name}; "
-                f"supported types: {', '.join(GGUF_SUPPORTED_TYPES)}"
-            )
-        array = np.asarray(dequantize(self.tensor.data, qtype), dtype=np.float32)
-        return torch.from_numpy(array.reshape(self.shape).copy())
+                f"GGUF tensor {self.tensor.name} has type {self.tensor_type.name}, which gguf cannot dequantize"
+            ) from None
+        rows = raw.shape[0] if len(self.shape) == 2 else -1
+        out = torch.from_numpy(values.reshape(rows, -1) if len(self.shape) == 2 else values.copy())
+        if narrow is not None:
+            out = out.narrow(1, narrow[0], narrow[1] - narrow[0])
+        return out.contiguous()
+
+    def _raw(self, dim: int | None, start: int, size: int | None, strict: bool = False) -> np.ndarray | None:
+        """The stored rows/bytes of the slice, un-permuted; for a column slice that cuts a block, a
+        ``ValueError`` with ``strict``, else None."""
+        data = self.tensor.data
+        if dim is None:
+            return self._unpermute(np.asarray(data), self.qk_heads)
+        start, end = _slice_bounds(self.shape, dim, start, size)
+        if dim == 0:
+            heads = self.qk_heads
+            if heads is not None:
+                head_dim = self.shape[0] // heads
+                if start % head_dim or end % head_dim:  # not whole heads: permute everything, then cut
+                    return self._unpermute(np.asarray(data), heads)[start:end]
+                heads = (end - start) // head_dim
+            return self._unpermute(np.asarray(data[start:end]), heads)
+        if dim != 1 or len(self.shape) != 2:
+            raise ValueError(f"cannot slice GGUF tensor {self.tensor.name} of shape {self.shape} along dim {dim}")
+        if data.dtype != np.uint8:  # float types: elements are stored as they are
+            return self._unpermute(np.asarray(data[:, start:end]), self.qk_heads)
+        from gguf import GGML_QUANT_SIZES
+
+        block, nbytes = GGML_QUANT_SIZES[self.tensor_type]
+        if start % block or end % block:
+            if strict:
+                check_block_split(self.tensor_type, start, end - start)
+                raise ValueError(f"columns [{start}, {end}) cut the {block}-element blocks of {self.tensor.name}")
+            return None
+        cols = data[:, start // block * nbytes : end // block * nbytes]
+        return self._unpermute(np.asarray(cols), self.qk_heads)
+
+    @staticmethod
+    def _unpermute(rows: np.ndarray, heads: int | None) -> np.ndarray:
+        if heads is None:
+            return rows
+        return unpermute_qk(_readonly_tensor(np.ascontiguousarray(rows)), heads).numpy()
+
+
+def _readonly_tensor(array: np.ndarray) -> torch.Tensor:
+    """``torch.from_numpy`` of a view of the read-only memory map, without a copy; callers only read it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)
 
 
 def iter_gguf(reader: Any, architecture: str, num_heads: int, num_kv_heads: int) -> Iterator[tuple[str, WeightSource]]:
@@ -237,8 +291,7 @@ def iter_gguf(reader: Any, architecture: str, num_heads: int, num_kv_heads: int)
         if hf_name is None:
             logger.debug("skipping GGUF tensor %s (no Hugging Face counterpart)", tensor.name)
             continue
-        transform = None
+        heads = None
         if architecture == "llama" and (".attn_q." in tensor.name or ".attn_k." in tensor.name):
             heads = num_heads if ".attn_q." in tensor.name else num_kv_heads
-            transform = lambda w, heads=heads: unpermute_qk(w, heads)  # noqa: E731
-        yield hf_name, GGUFSource(tensor, transform)
+        yield hf_name, GGUFSource(tensor, heads)

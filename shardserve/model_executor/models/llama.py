@@ -20,7 +20,6 @@ from torch import nn
 
 from shardserve.config import ModelArchConfig
 from shardserve.distributed.parallel_state import get_tp_group
-from shardserve.model_executor.layers.activation import SiluAndMul
 from shardserve.model_executor.layers.attention import Attention, AttentionMetadata
 from shardserve.model_executor.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from shardserve.model_executor.layers.layernorm import RMSNorm
@@ -30,13 +29,15 @@ from shardserve.model_executor.layers.linear import (
     RowParallelLinear,
     copy_checked,
     load_slice,
-    use_gemv,
 )
+from shardserve.model_executor.layers.quantization.base import QuantizationConfig
 from shardserve.model_executor.layers.rotary_embedding import RotaryEmbedding
 
 logger = logging.getLogger(__name__)
 
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
+# Per-tensor FP8 KV-cache scales: compressed-tensors' ``self_attn.k_scale``, AutoFP8's ``k_proj.output_scale``.
+_KV_SCALE_RE = re.compile(r"^(model\.layers\.\d+\.self_attn)\.(?:([kv])_scale|([kv])_proj\.output_scale)$")
 
 # Checkpoint name fragment -> (fused parameter fragment, shard id).
 _STACKED = (
@@ -61,7 +62,13 @@ class IntermediateTensors:
 class LlamaAttention(nn.Module):
     """Self-attention of one decoder layer over this rank's heads."""
 
-    def __init__(self, config: ModelArchConfig, rotary: RotaryEmbedding):
+    def __init__(
+        self,
+        config: ModelArchConfig,
+        rotary: RotaryEmbedding,
+        quant_config: QuantizationConfig | None = None,
+        prefix: str = "",
+    ):
         super().__init__()
         self.head_dim = config.head_dim
         self.qkv_proj = QKVParallelLinear(
@@ -70,11 +77,18 @@ class LlamaAttention(nn.Module):
             config.num_attention_heads,
             config.num_key_value_heads,
             bias=config.attention_bias,
+            quant_config=quant_config,
+            prefix=f"{prefix}.qkv_proj",
         )
         self.num_heads = self.qkv_proj.num_heads
         self.num_kv_heads = self.qkv_proj.num_kv_heads
         self.q_size, self.kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
-        self.o_proj = RowParallelLinear(config.num_attention_heads * config.head_dim, config.hidden_size)
+        self.o_proj = RowParallelLinear(
+            config.num_attention_heads * config.head_dim,
+            config.hidden_size,
+            quant_config=quant_config,
+            prefix=f"{prefix}.o_proj",
+        )
         self.q_norm = self.k_norm = None
         if config.qk_norm:
             self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
@@ -97,30 +111,35 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     """SwiGLU MLP: ``down(silu(gate(x)) * up(x))``, gate and up fused and column-split, down row-split."""
 
-    def __init__(self, config: ModelArchConfig):
+    def __init__(self, config: ModelArchConfig, quant_config: QuantizationConfig | None = None, prefix: str = ""):
         super().__init__()
         size = config.intermediate_size
-        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [size, size])
-        self.act_fn = SiluAndMul()
-        self.down_proj = RowParallelLinear(size, config.hidden_size)
+        self.gate_up_proj = MergedColumnParallelLinear(
+            config.hidden_size, [size, size], quant_config=quant_config, prefix=f"{prefix}.gate_up_proj"
+        )
+        self.down_proj = RowParallelLinear(
+            size, config.hidden_size, quant_config=quant_config, prefix=f"{prefix}.down_proj"
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(num_tokens, hidden_size)`` -> ``(num_tokens, hidden_size)`` (all-reduced in ``down_proj``)."""
-        weight = self.gate_up_proj.weight
-        if self.gate_up_proj.bias is None and use_gemv(x, weight):  # decode batch: gate, up and SiLU in one kernel
-            from shardserve.model_executor.kernels.gemv import gemv
-
-            return self.down_proj(gemv(x, weight, silu_and_mul=True))
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+        # silu(gate) * up; at decode batches gate, up and SiLU run as one kernel
+        return self.down_proj(self.gate_up_proj.forward_silu_and_mul(x))
 
 
 class LlamaDecoderLayer(nn.Module):
     """Pre-norm decoder layer; the residual add is fused into the next norm (vLLM's layout)."""
 
-    def __init__(self, config: ModelArchConfig, rotary: RotaryEmbedding):
+    def __init__(
+        self,
+        config: ModelArchConfig,
+        rotary: RotaryEmbedding,
+        quant_config: QuantizationConfig | None = None,
+        prefix: str = "",
+    ):
         super().__init__()
-        self.self_attn = LlamaAttention(config, rotary)
-        self.mlp = LlamaMLP(config)
+        self.self_attn = LlamaAttention(config, rotary, quant_config, prefix=f"{prefix}.self_attn")
+        self.mlp = LlamaMLP(config, quant_config, prefix=f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -140,16 +159,27 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     """Embedding (first stage), decoder layers ``[start, end)``, final norm (last stage)."""
 
-    def __init__(self, config: ModelArchConfig, layer_range: tuple[int, int]):
+    def __init__(
+        self, config: ModelArchConfig, layer_range: tuple[int, int], quant_config: QuantizationConfig | None = None
+    ):
         super().__init__()
         start, end = layer_range
         self.start_layer, self.end_layer = start, end
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size) if start == 0 else None
+        self.embed_tokens = None
+        if start == 0:
+            self.embed_tokens = VocabParallelEmbedding(
+                config.vocab_size, config.hidden_size, quant_config=quant_config, prefix="model.embed_tokens"
+            )
         rotary = RotaryEmbedding(
             config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
         )
         # Keys are global layer indices so parameter names match the checkpoint on every stage.
-        self.layers = nn.ModuleDict({str(i): LlamaDecoderLayer(config, rotary) for i in range(start, end)})
+        self.layers = nn.ModuleDict(
+            {
+                str(i): LlamaDecoderLayer(config, rotary, quant_config, prefix=f"model.layers.{i}")
+                for i in range(start, end)
+            }
+        )
         last = end == config.num_hidden_layers
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if last else None
 
@@ -176,9 +206,21 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    """This rank's share of a Llama-family causal LM (see module docstring)."""
+    """This rank's share of a Llama-family causal LM (see module docstring).
 
-    def __init__(self, config: ModelArchConfig, layer_range: tuple[int, int] | None = None):
+    ``quant_config`` (see :mod:`shardserve.model_executor.layers.quantization`) picks each layer's weight
+    storage; None keeps every weight in the model dtype.
+    """
+
+    packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+    """Fused layers and the checkpoint modules behind them (vLLM's attribute of the same name)."""
+
+    def __init__(
+        self,
+        config: ModelArchConfig,
+        layer_range: tuple[int, int] | None = None,
+        quant_config: QuantizationConfig | None = None,
+    ):
         super().__init__()
         layer_range = layer_range or (0, config.num_hidden_layers)
         start, end = layer_range
@@ -189,12 +231,15 @@ class LlamaForCausalLM(nn.Module):
         self.tp_size = get_tp_group().world_size
         self.is_first_stage = start == 0
         self.is_last_stage = end == config.num_hidden_layers
-        self.model = LlamaModel(config, self.layer_range)
+        self.quant_config = quant_config
+        self.model = LlamaModel(config, self.layer_range, quant_config)
         self.lm_head = None
         if self.is_last_stage:
-            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
+            self.lm_head = ParallelLMHead(
+                config.vocab_size, config.hidden_size, quant_config=quant_config, prefix="lm_head"
+            )
             if config.tie_word_embeddings and self.model.embed_tokens is not None:
-                self.lm_head.weight = self.model.embed_tokens.weight
+                self.lm_head.tie_weights(self.model.embed_tokens)
 
     @property
     def attention_layers(self) -> list[Attention]:
@@ -251,6 +296,9 @@ class LlamaForCausalLM(nn.Module):
         loaded: set[tuple[str, Any]] = set()
         for name, source in weights:
             for param_name, shard_id in self.weight_targets(name):
+                if param_name.endswith(("attn.k_scale", "attn.v_scale")):
+                    self._load_kv_scale(param_name, source)
+                    continue
                 if param_name not in params:
                     logger.debug("skipping checkpoint tensor %s (no parameter %s)", name, param_name)
                     continue
@@ -267,6 +315,16 @@ class LlamaForCausalLM(nn.Module):
                 f"checkpoint leaves {len(missing)} parameter(s) of layers {self.layer_range} unloaded: "
                 f"{', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}"
             )
+        self.process_weights_after_loading()
+
+    def process_weights_after_loading(self) -> None:
+        """Let each layer's quant method repack its loaded weights (once per method: tied layers share one)."""
+        done: set[int] = set()
+        for module in self.modules():
+            method = getattr(module, "quant_method", None)
+            if method is not None and id(method) not in done:
+                done.add(id(method))
+                method.process_weights_after_loading(module)
 
     def weight_targets(self, name: str) -> list[tuple[str, Any]]:
         """``(parameter name, shard id)`` pairs a checkpoint tensor loads into (empty to skip it)."""
@@ -283,10 +341,25 @@ class LlamaForCausalLM(nn.Module):
             if tied_elsewhere and self.model.embed_tokens is None:
                 targets.append(("lm_head.weight", None))
             return targets
+        kv_scale = _KV_SCALE_RE.match(name)
+        if kv_scale is not None:
+            return [(f"{kv_scale.group(1)}.attn.{kv_scale.group(2) or kv_scale.group(3)}_scale", None)]
         for ckpt, fused, shard_id in _STACKED:
             if ckpt in name:
                 return [(name.replace(ckpt, fused), shard_id)]
         return [(name, None)]
+
+    def _load_kv_scale(self, target: str, source: Any) -> None:
+        """Set an attention layer's FP8 KV-cache scale (a float, used only with ``--kv-cache-dtype fp8``).
+
+        Raises:
+            ValueError: the scale is not positive and finite.
+        """
+        module, attr = target.rsplit(".", 1)
+        value = float(load_slice(source).float().max())  # per-tensor; several entries (split q/k/v): the largest
+        if not 0.0 < value < float("inf"):
+            raise ValueError(f"KV-cache scale {target} must be positive and finite, got {value}")
+        setattr(self.get_submodule(module), attr, value)
 
     @staticmethod
     def _expected_shards(params: dict[str, nn.Parameter]) -> set[tuple[str, Any]]:

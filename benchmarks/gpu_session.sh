@@ -1,0 +1,68 @@
+#!/bin/bash
+# One GPU session's runs on nvidia-h200 (one H200), in stages that each fit one device call:
+#   OUT=/tmp/out bash benchmarks/gpu_session.sh check|host|quant|serve
+# check: CUDA kernel tests, fp32 equivalence with transformers, bench_gpu (8B bf16 batch-1 + offline)
+# host:  offline profile (GPU idle share), host ms per step on the GPU beside the baseline commit
+# serve: a live server under `shardserve bench serve` (400 prompts, 1024 in / 128 out, rate inf)
+# quant/quant2/quant70: GGUF and FP8 CUDA tests, 8B GGUF decode beside bf16, the embedded GGUF kept quantized,
+#   FP8 weights and FP8 KV beside bf16, 70B Q4_K_M on one H200 (the embedded GGUF travels in two halves, .gguf/a|b)
+# Wheels for what the device lacks lie in .whl/ (carried); the baseline commit's tree in .baseline/.
+set -u
+STAGE=${1:-check}
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+if [ ! -d /tmp/site/fastapi ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+fi
+export PYTHONPATH=/tmp/site:$PWD
+run() { echo "== $*"; "$@" 2>&1 | grep -v "Writing model shards" | tee -a "$OUT/$STAGE.log"; }
+case "$STAGE" in
+check)
+  nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader
+  run timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/model_executor/test_kernels.py tests/model_executor/test_sampler.py
+  run timeout 120 python3 benchmarks/check_gpu_equivalence.py
+  run timeout 330 python3 benchmarks/bench_gpu.py --parts hw,shardserve --num-requests 1000 --json-out "$OUT/bench_gpu.json"
+  ;;
+host)
+  run timeout 200 python3 benchmarks/bench_host_overhead.py --device cuda --layouts 1x1 --batches 1 256 --channel-tp \
+      --baseline .baseline --steps 60 --json-out "$OUT/host_gpu.json"
+  run timeout 380 python3 benchmarks/bench_host_overhead.py --device cpu --layouts 1x1 2x1 4x1 8x1 1x2 2x2 \
+      --batches 1 256 --channel-tp 8 --baseline .baseline --steps 40 --warmup 5 --json-out "$OUT/host_cpu.json"
+  ;;
+serve)
+  DIR=$(python3 -c "import sys; sys.path.insert(0,'benchmarks'); from model_shapes import write_model_dir; print(write_model_dir('Llama-3.1-8B','/tmp/l8b'))")
+  for TREE in this baseline; do
+    SRC=$PWD; [ "$TREE" = baseline ] && SRC=$PWD/.baseline
+    (cd "$SRC" && PYTHONPATH=/tmp/site:$SRC python3 -m shardserve serve "$DIR" --load-format dummy --max-model-len 4096 \
+        --max-num-seqs 256 --max-num-batched-tokens 8192 --port 8017 > "$OUT/server_$TREE.log" 2>&1) &
+    for _ in $(seq 180); do curl -sf localhost:8017/health > /dev/null && break; sleep 1; done
+    echo "== bench serve against the $TREE tree"
+    run timeout 200 python3 -m shardserve bench serve --base-url http://127.0.0.1:8017 --model "$DIR" \
+        --request-rate inf --num-prompts 400 --random-input-len 1024 --random-output-len 128 --save-result \
+        --result-dir "$OUT" --result-filename "serve_$TREE.json"
+    pkill -f "shardserve serve" ; wait; sleep 2
+  done
+  ;;
+quant)
+  [ -f .gguf/a/part00 ] && cp .gguf/a/part00 /tmp/smollm2.part00
+  run timeout 200 python3 -m pytest -q -p no:cacheprovider tests/model_executor/test_gguf_kernels.py \
+      tests/model_executor/test_gguf_layers.py tests/model_executor/test_fp8_kv_cache.py tests/model_executor/test_fp8.py
+  run timeout 330 python3 benchmarks/bench_quant.py --skip-70b --parts hw,bf16,gguf --recipes Q4_K_M,Q8_0 \
+      --json-out "$OUT/quant_8b.json"
+  ;;
+quant2)
+  cat /tmp/smollm2.part00 .gguf/b/part01 > /tmp/smollm2.gguf
+  run timeout 120 python3 -c "
+from shardserve import LLM, SamplingParams
+llm = LLM('/tmp/smollm2.gguf', dtype='bfloat16')
+print('weights held on the GPU:', llm.engine.executor.runner.model.weight_bytes)
+out = llm.chat([{'role': 'user', 'content': 'What is the capital of France?'}], SamplingParams(temperature=0, max_tokens=24))
+print('embedded Q4_1 kept quantized, CUDA bf16:', repr(out[0].outputs[0].text))
+"
+  run timeout 420 python3 benchmarks/bench_fp8.py --parts hw,bf16,fp8,kv8 --num-requests 300 --json-out "$OUT/fp8.json"
+  ;;
+quant70)
+  run timeout 560 python3 benchmarks/bench_quant.py --models Llama-3.1-70B --parts hw,gguf --workdir /tmp/q70 \
+      --json-out "$OUT/quant_70b.json"
+  ;;
+esac

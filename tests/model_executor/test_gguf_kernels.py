@@ -1,0 +1,170 @@
+"""GGUF kernels (Triton interpreter on CPU, the device on CUDA) against ``gguf.quants.dequantize`` + fp32 matmul.
+
+Every block type with a kernel, on random blocks with finite small fp16 scales (``random_blocks``): the
+decode GEMV (1-4 rows, plain and with SwiGLU fused), the tensor-core matmul (5+ rows, plain and SwiGLU),
+the dequantize-to-scratch + cuBLAS path, whole-matrix dequantization, the embedding gather and the LM head
+with vocabulary padding rows.
+
+Tolerances (max |error| / max |reference|), per type: with fp32 activations every product is rounded once
+(``fma(2**23 + v, x, -2**23 x)``) and sums run in fp32 in another order than numpy's, so about 1e-6 for
+every type: ``TOL_FP32``. With bf16 activations the output is rounded to bf16 (2**-9 relative) and the
+matmul kernel feeds bf16 weights to the tensor cores (one more 2**-9): ``TOL_BF16``. Dequantization and the
+embedding lookup are exact in fp32 (same formulas, one rounding).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+pytest.importorskip("triton")
+
+from shardserve.model_executor.kernels.gguf_dequant import dequantize, embedding  # noqa: E402
+from shardserve.model_executor.kernels.gguf_gemv import (  # noqa: E402
+    GEMV_KERNEL_MAX_ROWS,
+    gguf_gemv,
+    gguf_linear,
+    gguf_matmul,
+)
+from shardserve.model_executor.layers.quantization.gguf_blocks import (  # noqa: E402
+    KERNEL_TYPES,
+    block_type,
+    dequantize_blocks,
+    gguf_tensor_bytes,
+    random_blocks,
+)
+
+TYPES = [t.name for t in KERNEL_TYPES.values()]
+TOL_FP32 = {name: 5e-6 for name in TYPES}
+TOL_BF16 = {name: 2.5e-2 for name in TYPES}
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _case(name: str, rows: int, seed: int = 0):
+    """``(blocks (rows, bytes) uint8 on DEVICE, reference fp32 (rows, cols), ggml type id, cols)``."""
+    t = block_type(name)
+    cols = 512 if t.block_size == 256 else 160  # two super-blocks / five blocks: an uneven tail for 32-blocks
+    raw = random_blocks(np.random.default_rng(seed), rows, cols, name, scale=(1e-4, 1e-3))
+    ref = torch.from_numpy(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[name]).copy())
+    return torch.from_numpy(raw).to(DEVICE), ref, t.type_id, cols
+
+
+def _rel(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((got.float().cpu() - ref).abs().max() / ref.abs().max()).item()
+
+
+def _swiglu(y: torch.Tensor) -> torch.Tensor:
+    half = y.shape[-1] // 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.nn.functional.silu(y[:, :half]) * y[:, half:]
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_cpu_dequantize_blocks_equals_gguf(name):
+    """The CPU path's whole-tensor dequantization (gguf's per-type formulas in one call) is gguf's."""
+    blocks, ref, qtype, cols = _case(name, 6)
+    assert torch.equal(dequantize_blocks(blocks.cpu(), qtype), ref)
+    assert dequantize_blocks(blocks.cpu(), qtype, torch.bfloat16).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_dequantize_and_embedding_exact(name):
+    blocks, ref, qtype, cols = _case(name, 6)
+    assert torch.equal(dequantize(blocks, qtype, cols, torch.float32).cpu(), ref)
+    ids = torch.tensor([5, 0, 3, 3], device=DEVICE)
+    assert torch.equal(embedding(blocks, qtype, cols, ids, torch.float32).cpu(), ref[ids.cpu()])
+    assert blocks.shape[1] == gguf_tensor_bytes(name, (6, cols)) // 6
+
+
+@pytest.mark.parametrize("name", TYPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemv_matches_reference(name, dtype):
+    blocks, ref, qtype, cols = _case(name, 24, seed=1)
+    tol = TOL_FP32[name] if dtype == torch.float32 else TOL_BF16[name]
+    x = torch.randn(GEMV_KERNEL_MAX_ROWS, cols, generator=torch.Generator().manual_seed(2)).to(dtype)
+    for m in (1, 2, 3, 4):
+        want = x[:m].float() @ ref.T
+        got = gguf_gemv(x[:m].to(DEVICE), blocks, qtype)
+        assert got.dtype == dtype and got.shape == (m, 24)
+        assert _rel(got, want) < tol, (m, _rel(got, want))
+        fused = gguf_gemv(x[:m].to(DEVICE), blocks, qtype, silu_and_mul=True)
+        assert fused.shape == (m, 12) and _rel(fused, _swiglu(want)) < tol
+
+
+@pytest.mark.parametrize("name", TYPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matmul_matches_reference(name, dtype):
+    blocks, ref, qtype, cols = _case(name, 40, seed=3)  # 40 features: a partial tile
+    tol = TOL_FP32[name] if dtype == torch.float32 else TOL_BF16[name]
+    x = torch.randn(19, cols, generator=torch.Generator().manual_seed(4)).to(dtype)
+    want = x.float() @ ref.T
+    for m in (5, 19):  # a decode batch in one row tile, and a prefill over two
+        assert _rel(gguf_matmul(x[:m].to(DEVICE), blocks, qtype), want[:m]) < tol
+    fused = gguf_matmul(x.to(DEVICE), blocks, qtype, silu_and_mul=True)
+    assert fused.shape == (19, 20) and _rel(fused, _swiglu(want)) < tol
+
+
+@pytest.mark.parametrize("name", ["Q4_K", "Q6_K", "Q8_0"])
+def test_linear_paths_agree(name):
+    """gguf_linear's three paths (GEMV, fused matmul, dequantize + cuBLAS) and an output column slice."""
+    blocks, ref, qtype, cols = _case(name, 16, seed=5)
+    x = torch.randn(9, cols, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    want = x.float().cpu() @ ref.T
+    assert _rel(gguf_linear(x, blocks, qtype, dequant_min_rows=10**9), want) < TOL_FP32[name]
+    assert _rel(gguf_linear(x, blocks, qtype, dequant_min_rows=5), want) < TOL_FP32[name]
+    assert _rel(gguf_linear(x[:2], blocks, qtype), want[:2]) < TOL_FP32[name]
+    wide = torch.zeros(9, 40, device=DEVICE)
+    gguf_linear(x, blocks, qtype, out=wide[:, 8:24], dequant_min_rows=10**9)
+    assert _rel(wide[:, 8:24], want) < TOL_FP32[name] and not wide[:, :8].any() and not wide[:, 24:].any()
+    swiglu = gguf_linear(x, blocks, qtype, silu_and_mul=True, dequant_min_rows=5)
+    assert _rel(swiglu, _swiglu(want)) < TOL_FP32[name]
+
+
+def test_lm_head_with_padding_rows():
+    """A Q6_K LM head whose vocabulary is padded with zero blocks: zero logits there, the rest exact."""
+    blocks, ref, qtype, cols = _case("Q6_K", 10, seed=7)
+    padded = torch.cat([blocks, torch.zeros(2, blocks.shape[1], dtype=torch.uint8, device=DEVICE)])
+    h = torch.randn(3, cols).to(DEVICE)
+    logits = gguf_linear(h, padded, qtype)
+    assert logits.shape == (3, 12) and not logits[:, 10:].any()
+    assert _rel(logits[:, :10], h.cpu() @ ref.T) < TOL_FP32["Q6_K"]
+
+
+def test_shape_errors():
+    blocks, _, qtype, cols = _case("Q4_K", 4)
+    with pytest.raises(ValueError, match="does not match"):
+        gguf_gemv(torch.randn(1, cols + 256, device=DEVICE), blocks, qtype)
+    with pytest.raises(ValueError, match="at most"):
+        gguf_gemv(torch.randn(GEMV_KERNEL_MAX_ROWS + 1, cols, device=DEVICE), blocks, qtype)
+    with pytest.raises(ValueError, match="no GGUF kernel"):
+        dequantize(blocks, 20, cols, torch.float32)  # IQ4_NL
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="forces configs through the interpreter's autotuner stand-in")
+@pytest.mark.parametrize("name", ["Q4_K", "Q6_K", "Q2_K", "Q4_1"])
+def test_tiles_shorter_than_a_block(name, monkeypatch):
+    """Tiles of 32-128 elements (the GPU configs that keep registers in check) cut K-quant super-blocks."""
+    import triton
+
+    from shardserve.model_executor.kernels import gguf_gemv as kernels
+
+    blocks, ref, qtype, cols = _case(name, 32, seed=8)
+    x = torch.randn(6, cols, generator=torch.Generator().manual_seed(9))
+    want = x @ ref.T
+    for kernel, config, m in (
+        (kernels._gguf_gemv_kernel, triton.Config({"BLOCK_N": 8, "TILE_K": 128}), 2),
+        (kernels._gguf_matmul_kernel, triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "TILE_K": 32}), 6),
+        (kernels._gguf_matmul_kernel, triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "TILE_K": 64}), 6),
+    ):
+        monkeypatch.setattr(kernel, "early_config_prune", lambda configs, args, c=config, **kw: [c])
+        kernel.cache.clear()
+        got = kernels.gguf_linear(x[:m], blocks, qtype, dequant_min_rows=10**9)
+        assert kernel.best_config.kwargs == config.kwargs
+        assert _rel(got, want[:m]) < TOL_FP32[name], config
+    kernels._gguf_gemv_kernel.cache.clear()
+    kernels._gguf_matmul_kernel.cache.clear()
