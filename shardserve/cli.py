@@ -105,6 +105,7 @@ def build_engine_config(
     disable_custom_all_reduce: bool = False,
     async_scheduling: bool = True,
     fault_injection: str | None = None,
+    max_logprobs: int = 20,
 ) -> EngineConfig:
     """Flags to typed config; ``ValueError`` messages name the flag."""
     return EngineConfig(
@@ -118,6 +119,7 @@ def build_engine_config(
             seed=seed,
             device=device,
             enforce_eager=enforce_eager,
+            max_logprobs=max_logprobs,
         ),
         parallel=ParallelConfig(
             tensor_parallel_size=tp,
@@ -271,6 +273,7 @@ def serve(
                 disable_custom_all_reduce=disable_custom_all_reduce,
                 async_scheduling=async_scheduling,
                 fault_injection=os.environ.get(FAULT_INJECTION_ENV),
+                max_logprobs=max_logprobs,
             )
             server = ServerConfig(
                 host=host,
@@ -320,7 +323,6 @@ NOT_YET_WIRED = {
     "chat_template": "--chat-template",
     "default_chat_template_kwargs": "--default-chat-template-kwargs",
     "generation_config": "--generation-config",
-    "max_logprobs": "--max-logprobs",
 }
 """Server flags that are parsed but not yet honoured end to end: refused rather than silently ignored."""
 

@@ -237,6 +237,9 @@ class ModelConfig:
     """Run every step eagerly (no CUDA graphs for decode)."""
     max_cuda_graph_batch_size: int = 512
     """Largest decode batch captured in a CUDA graph (requests); larger batches run eagerly."""
+    max_logprobs: int = 20
+    """``--max-logprobs``: most logprobs (and prompt logprobs) a request may ask for per token; ``-1`` asks
+    are capped to it; -1 is no cap (vLLM's name)."""
     quantization: str | None = None
     """Weight quantization (vLLM's ``--quantization``): None uses the checkpoint's own (a GGUF file's blocks
     stay quantized on CUDA and are dequantized at load on CPU); ``gguf`` keeps GGUF blocks on CPU too."""
@@ -252,6 +255,8 @@ class ModelConfig:
             raise ValueError(f"--max-model-len must be positive, got {self.max_model_len}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        if self.max_logprobs < -1:
+            raise ValueError(f"--max-logprobs must be -1 (no cap) or >= 0, got {self.max_logprobs}")
         if self.quantization is not None:
             from shardserve.model_executor.layers.quantization import QUANTIZATION_METHODS
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import enum
 import time
+from collections import deque
+from typing import Any
 
-from shardserve.executor.messages import i32
+from shardserve.executor.messages import SamplingOptions, i32
 from shardserve.sampling_params import RequestOutputKind, SamplingParams
 
 
@@ -75,6 +77,17 @@ class Request:
         self.streams = params.output_kind is RequestOutputKind.DELTA or bool(params.stop) or params.logprobs is not None
         """The caller needs every step's tokens (streaming, stop strings, logprobs); otherwise only the end."""
         self._prompt_bytes: bytes | None = None
+        self.sampling_options: SamplingOptions | None = None
+        """What the ranks get of ``params`` (set by the engine, which resolves counts and bad words)."""
+        self.grammar: Any = None
+        """The request's :class:`~shardserve.structured_output.GrammarMatcher` once its grammar is compiled."""
+        self.waiting_for_grammar = False
+        """Its grammar is still compiling: the scheduler leaves it in the queue (vLLM's WAITING_FOR_FSM)."""
+        self.grammar_steps: deque[int] = deque()
+        """Ids of in-flight steps that sample this grammar request, oldest first."""
+        self.prompt_logprobs: list[Any] | None = [None] if params.prompt_logprobs is not None else None
+        """Prompt logprobs received so far, one per prompt position (None for the first token)."""
+        self.prompt_logprobs_sent = False
 
     def reset_progress(self) -> None:
         """Back to waiting with nothing in the KV cache (after the cache was lost with a restart)."""
@@ -97,6 +110,11 @@ class Request:
         self.num_pending_tokens = 0
 
     @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Prompt logprobs were asked for and some are still missing (so no prefix-cache hit may skip them)."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens
+
+    @property
     def prompt_bytes(self) -> bytes:
         """The prompt as int32 bytes (what a new request carries to the ranks), encoded once."""
         if self._prompt_bytes is None:
@@ -110,6 +128,12 @@ class Request:
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
         self.num_tokens += 1
+
+    def remove_last_output_token(self, token_id: int) -> None:
+        """Take back the newest output token if it is ``token_id`` (its grammar rejected it)."""
+        if self.output_token_ids and self.output_token_ids[-1] == token_id:
+            self.output_token_ids.pop()
+            self.num_tokens -= 1
 
     @property
     def all_token_ids(self) -> list[int]:

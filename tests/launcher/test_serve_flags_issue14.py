@@ -91,3 +91,9 @@ def test_inline_chat_template_escapes_are_decoded():
 def test_generation_config_vllm_and_auto_are_accepted():
     assert ServerConfig(generation_config="vllm").generation_config == "vllm"
     assert ServerConfig(structured_outputs_backend="auto").structured_outputs_backend == "auto"
+
+
+def test_max_logprobs_is_wired_to_the_engine(captured):
+    result = CliRunner().invoke(app, ["serve", "--device", "cpu", "--max-logprobs", "5"])
+    assert result.exit_code == 0, result.output
+    assert captured["config"].model.max_logprobs == 5 and captured["server"].max_logprobs == 5
