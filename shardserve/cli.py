@@ -99,6 +99,7 @@ def build_engine_config(
     disable_custom_all_reduce: bool = False,
     async_scheduling: bool = True,
     fault_injection: str | None = None,
+    tokenizer: str | None = None,
 ) -> EngineConfig:
     """Flags to typed config; ``ValueError`` messages name the flag."""
     return EngineConfig(
@@ -111,6 +112,7 @@ def build_engine_config(
             seed=seed,
             device=device,
             enforce_eager=enforce_eager,
+            tokenizer=tokenizer,
         ),
         parallel=ParallelConfig(
             tensor_parallel_size=tp,
@@ -211,6 +213,9 @@ def serve(
     structured_outputs_backend: Annotated[
         str, typer.Option("--structured-outputs-config.backend", help="Grammar engine: xgrammar (the only one)")
     ] = "xgrammar",
+    enable_force_include_usage: Annotated[
+        bool, typer.Option("--enable-force-include-usage", help="Every stream ends with a usage chunk")
+    ] = False,
     log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
 ) -> None:
     """Serve MODEL behind an OpenAI-compatible HTTP API."""
@@ -257,6 +262,7 @@ def serve(
                 disable_custom_all_reduce=disable_custom_all_reduce,
                 async_scheduling=async_scheduling,
                 fault_injection=os.environ.get(FAULT_INJECTION_ENV),
+                tokenizer=tokenizer,
             )
             server = ServerConfig(
                 host=host,
@@ -281,6 +287,7 @@ def serve(
                 tokenizer=tokenizer,
                 root_path=root_path,
                 structured_outputs_backend=structured_outputs_backend,
+                enable_force_include_usage=enable_force_include_usage,
             )
             check_model_layout(config)
             problems += unwired_server_flags(server)
@@ -299,13 +306,6 @@ def serve(
 
 
 NOT_YET_WIRED = {
-    "tool_call_parser": "--tool-call-parser",
-    "reasoning_parser": "--reasoning-parser",
-    "tokenizer": "--tokenizer",
-    "enable_auto_tool_choice": "--enable-auto-tool-choice",
-    "chat_template": "--chat-template",
-    "default_chat_template_kwargs": "--default-chat-template-kwargs",
-    "generation_config": "--generation-config",
     "max_logprobs": "--max-logprobs",
 }
 """Server flags that are parsed but not yet honoured end to end: refused rather than silently ignored."""
@@ -335,12 +335,17 @@ def check_model_layout(config: EngineConfig) -> None:
     Runs before any process is spawned, so a bad layout or a missing model fails in a second.
 
     Raises:
-        ValueError: the model is not found, or :func:`shardserve.config.check_parallel_layout` refuses it.
+        ValueError: the model or ``--tokenizer`` is not found, or :func:`shardserve.config.check_parallel_layout`
+            refuses the layout.
     """
     from shardserve.config import check_parallel_layout
     from shardserve.model_executor.loader.resolve import resolve_model
 
     source = resolve_model(config.model.model, config.model.hf_overrides)
+    if config.model.tokenizer:
+        from shardserve.engine.llm_engine import tokenizer_source
+
+        tokenizer_source(config.model.tokenizer)  # a missing tokenizer fails here, before any process starts
     par = config.parallel
     check_parallel_layout(
         source.arch, par.tensor_parallel_size, par.pipeline_parallel_size, par.pp_layer_partition, source.name

