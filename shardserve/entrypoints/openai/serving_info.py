@@ -45,7 +45,7 @@ def model_info(ctx: ServingContext) -> dict[str, Any]:
         "model_path": model_path,
         "tokenizer_path": ctx.config.tokenizer or model_path,
         "is_generation": True,
-        "preferred_sampling_params": dict(engine.generation_defaults) or None,
+        "preferred_sampling_params": ctx.generation_defaults or None,
         "weight_version": "default",
         "has_image_understanding": False,
         "has_audio_understanding": False,
