@@ -19,7 +19,7 @@ from shardserve.structured_output import InvalidStructuredOutputError, Structure
 
 STRUCTURED_OUTPUT_FIELD = "structured_outputs"
 """The SamplingParams field that carries a :class:`StructuredOutputSpec` (vLLM's name)."""
-REASONING_END_FIELD = "reasoning_end_token_ids"
+REASONING_END_FIELD = "reasoning_end_ids"
 """The SamplingParams field with the ``</think>`` token ids after which the grammar starts."""
 
 

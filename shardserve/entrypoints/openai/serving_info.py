@@ -101,7 +101,7 @@ async def health_generate(ctx: ServingContext, timeout: float = HEALTH_GENERATE_
         async with asyncio.timeout(timeout):
             async for output in stream:
                 if output.finished:
-                    return bool(output.outputs and output.outputs[0].token_ids)
+                    return bool(output.outputs and output.outputs[0].num_output_tokens)  # DELTA outputs
     except (TimeoutError, Exception):  # noqa: BLE001 - any failure means unhealthy
         return False
     finally:
