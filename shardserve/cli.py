@@ -100,6 +100,7 @@ def build_engine_config(
     async_scheduling: bool = True,
     fault_injection: str | None = None,
     tokenizer: str | None = None,
+    max_logprobs: int = 20,
 ) -> EngineConfig:
     """Flags to typed config; ``ValueError`` messages name the flag."""
     return EngineConfig(
@@ -113,6 +114,7 @@ def build_engine_config(
             device=device,
             enforce_eager=enforce_eager,
             tokenizer=tokenizer,
+            max_logprobs=max_logprobs,
         ),
         parallel=ParallelConfig(
             tensor_parallel_size=tp,
@@ -263,6 +265,7 @@ def serve(
                 async_scheduling=async_scheduling,
                 fault_injection=os.environ.get(FAULT_INJECTION_ENV),
                 tokenizer=tokenizer,
+                max_logprobs=max_logprobs,
             )
             server = ServerConfig(
                 host=host,
@@ -305,10 +308,9 @@ def serve(
     raise typer.Exit(run_node(config, server, launch))
 
 
-NOT_YET_WIRED = {
-    "max_logprobs": "--max-logprobs",
-}
-"""Server flags that are parsed but not yet honoured end to end: refused rather than silently ignored."""
+NOT_YET_WIRED: dict[str, str] = {}
+"""Server flags that are parsed but not yet honoured end to end (``field -> flag``): refused rather than silently
+ignored. Every flag of issue 14 is honoured now."""
 
 
 def unwired_server_flags(server: ServerConfig) -> list[str]:

@@ -210,6 +210,9 @@ class ModelConfig:
     """``--tokenizer``: a GGUF file, HF directory or hub id to load the tokenizer from instead of the model."""
     max_cuda_graph_batch_size: int = 512
     """Largest decode batch captured in a CUDA graph (requests); larger batches run eagerly."""
+    max_logprobs: int = 20
+    """``--max-logprobs``: most logprobs (and prompt logprobs) a request may ask for per token; ``-1`` asks
+    are capped to it; -1 is no cap (vLLM's name)."""
 
     LOAD_FORMATS = ("auto", "gguf", "safetensors", "dummy")
 
@@ -222,6 +225,8 @@ class ModelConfig:
             raise ValueError(f"--max-model-len must be positive, got {self.max_model_len}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        if self.max_logprobs < -1:
+            raise ValueError(f"--max-logprobs must be -1 (no cap) or >= 0, got {self.max_logprobs}")
 
     def resolved_device(self) -> str:
         """``cuda`` or ``cpu``."""

@@ -16,7 +16,9 @@ class Logprob:
     """Log-probability of one token at one position."""
 
     logprob: float
-    """Natural log of the token's probability under the model's distribution (before sampling transforms)."""
+    """Natural log of the token's probability under the model's distribution: after the grammar mask (a token
+    the grammar forbids has ``-inf``), before penalties, ``logit_bias``, the other constraints and temperature
+    (vLLM's ``raw_logprobs``)."""
     rank: int
     """1 for the most likely token."""
     decoded_token: str
@@ -80,3 +82,7 @@ class RequestOutput:
     num_cached_tokens: int = 0
     """Prompt tokens served from the prefix cache."""
     metrics: RequestMetrics | None = None
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    """vLLM's ``prompt_logprobs``: per prompt token, None for the first, else its logprob given the tokens
+    before it and the top alternatives (token id -> :class:`Logprob`, the prompt token included with its
+    rank). DELTA streams carry it once, on the first output with a token; FINAL_ONLY on the final output."""

@@ -6,6 +6,8 @@ import enum
 import math
 from dataclasses import dataclass, field
 
+from shardserve.structured_output.spec import StructuredOutputSpec
+
 _GREEDY_EPS = 1e-5
 
 
@@ -55,7 +57,23 @@ class SamplingParams:
     ignore_eos: bool = False
     """Keep generating past EOS (benchmarks)."""
     logprobs: int | None = None
-    """Return the log-probability of each sampled token and this many top alternatives."""
+    """Return the log-probability of each sampled token and this many top alternatives; -1 is the whole
+    vocabulary (the engine caps it at ``--max-logprobs`` and stores the number it returns)."""
+    prompt_logprobs: int | None = None
+    """Return the log-probability of each prompt token given its prefix, and this many top alternatives
+    (vLLM's ``prompt_logprobs``; -1 is the whole vocabulary, capped like ``logprobs``)."""
+    logit_bias: dict[int, float] | None = None
+    """Token id -> value in [-100, 100] added to its logit before sampling (OpenAI's ``logit_bias``)."""
+    allowed_token_ids: list[int] | None = None
+    """Only these token ids may be sampled (vLLM's ``allowed_token_ids``)."""
+    bad_words: list[str] | None = None
+    """Words never generated: the last token of a word is banned where the tokens before it were just
+    generated (each word is tokenized with and without a leading space, as vLLM does)."""
+    structured_outputs: StructuredOutputSpec | None = None
+    """The grammar the output must match (JSON schema, regex, choice, EBNF); see :mod:`shardserve.structured_output`."""
+    reasoning_end_ids: list[int] | None = None
+    """With ``structured_outputs``: token ids that close the reasoning section (``</think>``); the grammar
+    applies only after the model produced them (the API layer sets it when a reasoning parser is on)."""
     skip_special_tokens: bool = True
     """Leave special tokens out of the detokenized text."""
     output_kind: RequestOutputKind = RequestOutputKind.DELTA
@@ -70,6 +88,10 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.logit_bias is not None:
+            self.logit_bias = {_token_id(k, "logit_bias"): v for k, v in self.logit_bias.items()}
+        if self.bad_words is not None:
+            self.bad_words = list(self.bad_words)
         if self.top_k == 0:
             self.top_k = -1
         self._validate()
@@ -105,22 +127,83 @@ class SamplingParams:
             ),
             (self.min_tokens >= 0, "min_tokens", f"must be non-negative, got {self.min_tokens}"),
             (
-                self.logprobs is None or 0 <= self.logprobs <= self.MAX_LOGPROBS,
+                self.logprobs is None or self.logprobs >= -1,
                 "logprobs",
-                f"must be in [0, {self.MAX_LOGPROBS}], got {self.logprobs}",
+                f"must be -1 (whole vocabulary) or non-negative, got {self.logprobs}",
+            ),
+            (
+                self.prompt_logprobs is None or self.prompt_logprobs >= -1,
+                "prompt_logprobs",
+                f"must be -1 (whole vocabulary) or non-negative, got {self.prompt_logprobs}",
             ),
             (all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings"),
-        ]
+            (all(_is_token_id(t) for t in self.stop_token_ids), "stop_token_ids", "must be non-negative token ids"),
+            (
+                self.bad_words is None or all(isinstance(w, str) and w.strip() for w in self.bad_words),
+                "bad_words",
+                "must be non-empty strings",
+            ),
+            (
+                self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputSpec),
+                "structured_outputs",
+                "must be a StructuredOutputSpec (parse the request with shardserve.structured_output)",
+            ),
+            (
+                self.reasoning_end_ids is None or (bool(self.reasoning_end_ids)
+                                                   and all(_is_token_id(t) for t in self.reasoning_end_ids)),
+                "reasoning_end_ids",
+                "must be a non-empty list of token ids",
+            ),
+        ]  # fmt: skip
         for ok, name, message in checks:
             if not ok:
                 raise ValueError(f"{name} {message}")
+        self._validate_token_lists()
+
+    def _validate_token_lists(self) -> None:
+        for token, value in (self.logit_bias or {}).items():
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and -100.0 <= value <= 100.0):
+                raise ValueError(f"logit_bias value for token {token} must be in [-100, 100], got {value!r}")
+        allowed = self.allowed_token_ids
+        if allowed is not None and (not allowed or not all(_is_token_id(t) for t in allowed)):
+            raise ValueError("allowed_token_ids must be a non-empty list of non-negative token ids")
 
     @property
     def greedy(self) -> bool:
         """Temperature is (close to) zero: take the argmax."""
         return self.temperature < _GREEDY_EPS
 
+    def token_ids_outside(self, vocab_size: int) -> tuple[str, int] | None:
+        """The first (field, token id) of ``logit_bias``, ``allowed_token_ids`` or ``stop_token_ids`` that is
+        not below ``vocab_size``, None when all are."""
+        fields = (("logit_bias", self.logit_bias or ()), ("allowed_token_ids", self.allowed_token_ids or ()),
+                  ("stop_token_ids", self.stop_token_ids))  # fmt: skip
+        for name, ids in fields:
+            bad = next((t for t in ids if t >= vocab_size), None)
+            if bad is not None:
+                return name, bad
+        return None
+
     @property
     def has_penalties(self) -> bool:
         """Any of the repetition, presence or frequency penalties is active."""
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+def _is_token_id(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _token_id(key: object, name: str) -> int:
+    """A token id given as an int or a decimal string (JSON object keys are strings).
+
+    Raises:
+        ValueError: not a non-negative integer.
+    """
+    try:
+        token = int(key) if isinstance(key, (int, str)) and not isinstance(key, bool) else -1
+    except ValueError:
+        token = -1
+    if token < 0:
+        raise ValueError(f"{name} keys must be non-negative token ids, got {key!r}")
+    return token

@@ -25,3 +25,23 @@ def test_int64_seeds_are_accepted():
     assert SamplingParams(seed=2**63 - 1).seed == 2**63 - 1
     assert SamplingParams(seed=-(2**63)).seed == -(2**63)
     assert SamplingParams(seed=2**63 - 3, n=3).n == 3
+
+
+@pytest.mark.parametrize(
+    "kw, name",
+    [({"logit_bias": {5: 100.5}}, "logit_bias"), ({"logit_bias": {5: math.nan}}, "logit_bias"),
+     ({"logit_bias": {"x": 1.0}}, "logit_bias"), ({"logit_bias": {-1: 1.0}}, "logit_bias"),
+     ({"allowed_token_ids": []}, "allowed_token_ids"), ({"allowed_token_ids": [-3]}, "allowed_token_ids"),
+     ({"bad_words": [""]}, "bad_words"), ({"prompt_logprobs": -2}, "prompt_logprobs"), ({"logprobs": -2}, "logprobs"),
+     ({"stop_token_ids": [-1]}, "stop_token_ids"), ({"structured_outputs": {"json": {}}}, "structured_outputs"),
+     ({"reasoning_end_ids": []}, "reasoning_end_ids")],
+)  # fmt: skip
+def test_new_fields_are_validated_naming_the_field(kw, name):
+    with pytest.raises(ValueError, match=rf"^{name} "):
+        SamplingParams(**kw)
+
+
+def test_logit_bias_keys_may_be_json_strings_and_whole_vocabulary_logprobs_are_minus_one():
+    p = SamplingParams(logit_bias={"17": -100, 3: 2.5}, logprobs=-1, prompt_logprobs=-1)
+    assert p.logit_bias == {17: -100, 3: 2.5}
+    assert p.token_ids_outside(18) is None and p.token_ids_outside(17) == ("logit_bias", 17)

@@ -279,6 +279,7 @@ class AsyncLLM:
         index = {req.request_id: i for i, req in enumerate(children)}
         final_only = params.output_kind is RequestOutputKind.FINAL_ONLY
         finals: dict[int, CompletionOutput] = {}
+        prompt_logprobs = None  # computed by the first completion only
         done = 0
         try:
             while done < len(children):
@@ -291,9 +292,11 @@ class AsyncLLM:
                 done += item.finished
                 if final_only:
                     finals[completion.index] = completion
+                    prompt_logprobs = item.prompt_logprobs or prompt_logprobs
                     if done < len(children):
                         continue
                     outputs = [finals[i] for i in sorted(finals)]
+                    item = replace(item, prompt_logprobs=prompt_logprobs)
                 else:
                     outputs = [completion]
                 yield replace(item, request_id=request_id, outputs=outputs, finished=done == len(children))

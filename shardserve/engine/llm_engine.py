@@ -15,11 +15,13 @@ from pathlib import Path
 
 from shardserve.config import EngineConfig
 from shardserve.engine.block_manager import BlockManager
+from shardserve.engine.grammar import GrammarCoordinator
 from shardserve.engine.output_processor import EngineCoreOutput
 from shardserve.engine.request import Request, RequestStatus
-from shardserve.engine.scheduler import Scheduler, SchedulerOutput
+from shardserve.engine.scheduler import Scheduler, SchedulerOutput, TokenEvent
 from shardserve.engine.throughput import TokenThroughput
 from shardserve.executor.executor import Executor
+from shardserve.executor.messages import SamplingOptions, Step
 from shardserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -72,12 +74,16 @@ class LLMEngine:
         self.executor: Executor = (executor_factory or make_executor)(config, self.source)
         self.max_model_len = 0
         self.throughput = TokenThroughput()
+        self.grammar = GrammarCoordinator(self.tokenizer, self.source.arch.vocab_size,
+                                          self.executor.send_grammar_bitmask)  # fmt: skip
         try:
             self._init_kv_cache()
         except BaseException:
             self.executor.shutdown()  # the ranks must not outlive a failed start
             raise
         self._in_flight: deque[SchedulerOutput] = deque()
+        self._held: deque[tuple[SchedulerOutput, Step]] = deque()
+        """Scheduled steps not sent yet: they wait for a grammar bitmask (see :meth:`GrammarCoordinator.blocks`)."""
 
     def _init_kv_cache(self) -> None:
         """Size the KV cache on every rank and start a fresh block pool and scheduler."""
@@ -98,6 +104,7 @@ class LLMEngine:
             pipeline_parallel_size=self.config.parallel.pipeline_parallel_size,
         )
         self.scheduler.eos_token_ids = frozenset(self.tokenizer.eos_token_ids)
+        self.grammar.scheduler = self.scheduler
 
     def _max_model_len(self, kv_capacity_tokens: int) -> int:
         arch = self.source.arch
@@ -112,9 +119,11 @@ class LLMEngine:
         """Tokenize and validate. Thread-safe (touches no engine state).
 
         Raises:
-            ValueError: empty prompt, token ids out of the vocabulary, or prompt plus max_tokens
-                longer than the context (the message gives both counts).
+            ValueError: empty prompt, token ids out of the vocabulary (in the prompt, ``logit_bias``,
+                ``allowed_token_ids`` or ``stop_token_ids``), more logprobs than ``--max-logprobs``, or
+                prompt plus max_tokens longer than the context (the message gives both counts).
         """
+        params = self._resolve_params(params)
         if isinstance(prompt, str):
             token_ids = self.tokenizer.encode(prompt)
         else:
@@ -138,17 +147,65 @@ class LLMEngine:
                 "Reduce the prompt or max_tokens."
             )
         max_tokens = params.max_tokens if params.max_tokens is not None else limit - n
-        return Request(request_id, token_ids, params, max_tokens)
+        request = Request(request_id, token_ids, params, max_tokens)
+        request.sampling_options = SamplingOptions.of(
+            params, eos_token_ids=tuple(self.tokenizer.eos_token_ids), bad_words=self._bad_words_ids(params.bad_words)
+        )
+        return request
+
+    def _resolve_params(self, params: SamplingParams) -> SamplingParams:
+        """Check token ids against the vocabulary and turn ``-1`` logprob counts into numbers."""
+        vocab = self.source.arch.vocab_size
+        outside = params.token_ids_outside(vocab)
+        if outside is not None:
+            raise ValueError(f"{outside[0]}: token id {outside[1]} is outside the vocabulary [0, {vocab})")
+        logprobs = self._num_logprobs("logprobs", params.logprobs, vocab)
+        prompt_logprobs = self._num_logprobs("prompt_logprobs", params.prompt_logprobs, vocab)
+        if (logprobs, prompt_logprobs) != (params.logprobs, params.prompt_logprobs):
+            params = dataclasses.replace(params, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+        return params
+
+    def _num_logprobs(self, name: str, requested: int | None, vocab: int) -> int | None:
+        """Alternatives per token for ``requested`` (-1: the whole vocabulary), capped by ``--max-logprobs``.
+
+        Raises:
+            ValueError: more than ``--max-logprobs`` asked for explicitly.
+        """
+        if requested is None:
+            return None
+        cap = self.config.model.max_logprobs
+        most = vocab if cap < 0 else min(cap, vocab)
+        if requested < 0:
+            return most
+        if cap >= 0 and requested > cap:
+            raise ValueError(f"{name} {requested} is more than the server allows (--max-logprobs {cap})")
+        return min(requested, vocab)
+
+    def _bad_words_ids(self, words: list[str] | None) -> list[list[int]]:
+        """Token sequences of each bad word, with and without a leading space (as vLLM tokenizes them)."""
+        sequences: list[list[int]] = []
+        for word in words or ():
+            for prefix in ("", " "):
+                ids = self.tokenizer.encode(prefix + word.lstrip(), add_special_tokens=False)
+                if ids and ids not in sequences:
+                    sequences.append(ids)
+        return sequences
 
     def make_requests(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> list[Request]:
-        """One request per completion: ``n`` > 1 becomes ``<id>-0 .. <id>-(n-1)``, seeds ``seed + i``."""
+        """One request per completion: ``n`` > 1 becomes ``<id>-0 .. <id>-(n-1)``, seeds ``seed + i``; only
+        the first computes the prompt logprobs (they are the same for all)."""
         if params.n == 1:
             return [self.make_request(request_id, prompt, params)]
         return [
             self.make_request(
                 f"{request_id}-{i}",
                 prompt,
-                dataclasses.replace(params, n=1, seed=None if params.seed is None else params.seed + i),
+                dataclasses.replace(
+                    params,
+                    n=1,
+                    seed=None if params.seed is None else params.seed + i,
+                    prompt_logprobs=params.prompt_logprobs if i == 0 else None,
+                ),
             )
             for i in range(params.n)
         ]
@@ -156,6 +213,7 @@ class LLMEngine:
     def add_request(self, request: Request) -> None:
         if request.request_id in self.scheduler.requests:
             raise ValueError(f"request id {request.request_id!r} is already running")
+        self.grammar.admit(request)
         self.scheduler.add_request(request)
 
     def abort_request(self, request_id: str) -> None:
@@ -191,6 +249,8 @@ class LLMEngine:
         """
         waiting = list(self.scheduler.waiting)
         self._in_flight.clear()
+        self._held.clear()
+        self.grammar.reset()
         self.executor.restart()
         self._init_kv_cache()
         for req in waiting:
@@ -201,39 +261,71 @@ class LLMEngine:
     def step(self) -> list[EngineCoreOutput]:
         """Submit steps until ``max_in_flight`` are going, then finish the oldest; returns its token deltas."""
         scheduler = self.scheduler
+        outputs = [EngineCoreOutput(r.request_id, [], finish_reason="error", error=r.error)
+                   for r in self.grammar.poll()]  # fmt: skip
         while len(self._in_flight) < self.executor.max_in_flight and scheduler.has_work():
             sched = scheduler.schedule()
             if sched.is_empty:
                 break
-            self.executor.submit(sched.to_message(self.block_manager))
-            self._in_flight.append(sched)
+            self._submit(sched)
         if not self._in_flight:
-            return []
+            if self.grammar.num_compiling:  # only grammars to wait for: do not spin
+                self.grammar.wait_for_compiles(0.05)
+            return outputs
         sched = self._in_flight.popleft()
+        if self._held and self._held[0][0] is sched:
+            raise RuntimeError(f"step {sched.step_id} is collected before it was sent")
         result = self.executor.collect()
         failed = scheduler.fail_requests(list(result.failures) + self.executor.take_failures())
         events = scheduler.update_from_output(sched, result)
+        rejected = self.grammar.on_collect(sched, events) if sched.grammar else set()
+        self._release_held()
         prefill = sum(s.num_tokens for s in sched.scheduled if s.start_position < s.request.num_prompt_tokens)
         self.throughput.add(prefill, len(events))
-        outputs = [
-            EngineCoreOutput(
-                request_id=e.request.request_id,
-                new_token_ids=[e.token_id],
-                new_logprobs=[e.logprob] if e.logprob is not None else None,
-                finish_reason=e.request.status.finish_reason,
-                stop_reason=e.request.stop_reason,
-                num_cached_tokens=e.request.num_cached_tokens,
-            )
-            for e in events
-        ]
+        outputs += [self._output(e, e.request.request_id in rejected) for e in events]
         for req in failed:
             logger.error("request %s failed on a rank: %s", req.request_id, req.error)
             outputs.append(EngineCoreOutput(req.request_id, [], finish_reason="error", error=req.error))
         return outputs
+
+    def _submit(self, sched: SchedulerOutput) -> None:
+        """Send a scheduled step, or hold it (and every later one) while it must wait for a bitmask."""
+        step = sched.to_message(self.block_manager)
+        sched.grammar = step.grammar
+        self._in_flight.append(sched)
+        if self._held or self.grammar.blocks(step):
+            self._held.append((sched, step))
+            return
+        self.executor.submit(step)
+        self.grammar.on_submit(sched, step)
+
+    def _release_held(self) -> None:
+        while self._held and not self.grammar.blocks(self._held[0][1]):
+            sched, step = self._held.popleft()
+            self.executor.submit(step)
+            self.grammar.on_submit(sched, step)
+
+    @staticmethod
+    def _output(e: TokenEvent, rejected: bool) -> EngineCoreOutput:
+        req = e.request
+        prompt_logprobs = None
+        if req.prompt_logprobs is not None and not req.prompt_logprobs_sent and not req.needs_prompt_logprobs:
+            req.prompt_logprobs_sent = True  # with the first token, as vLLM delivers them
+            prompt_logprobs = req.prompt_logprobs
+        return EngineCoreOutput(
+            request_id=req.request_id,
+            new_token_ids=[] if rejected else [e.token_id],
+            new_logprobs=[e.logprob] if e.logprob is not None and not rejected else None,
+            finish_reason=req.status.finish_reason,
+            stop_reason=req.stop_reason,
+            num_cached_tokens=req.num_cached_tokens,
+            prompt_logprobs=prompt_logprobs,
+        )
 
     def stats(self) -> tuple[int, int, float]:
         """(running, waiting, KV usage 0..1)."""
         return self.scheduler.num_running, self.scheduler.num_waiting, self.block_manager.usage
 
     def shutdown(self) -> None:
+        self.grammar.shutdown()
         self.executor.shutdown()

@@ -35,6 +35,8 @@ class EngineCoreOutput:
     stop_reason: str | int | None = None
     num_cached_tokens: int = 0
     error: str | None = None
+    prompt_logprobs: list[LogprobTuple | None] | None = None
+    """Per prompt position (None for the first), once, with the request's first token."""
 
 
 @dataclass
@@ -49,6 +51,7 @@ class _RequestState:
     token_ids: list[int] = field(default_factory=list)
     text_chunks: list[str] = field(default_factory=list)
     logprobs: list[dict[int, Logprob]] | None = None
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
 
 class OutputProcessor:
@@ -122,6 +125,13 @@ class OutputProcessor:
             elif finish_reason is not None:
                 delta += state.stops.flush()
         finished = finish_reason is not None
+        prompt_logprobs = None
+        if out.prompt_logprobs is not None:
+            prompt_logprobs = [
+                None if lp is None else self._logprob_entry(t, lp)
+                for t, lp in zip(state.prompt_token_ids, out.prompt_logprobs)
+            ]
+            state.prompt_logprobs = prompt_logprobs
         kind = state.params.output_kind
         if kind is RequestOutputKind.FINAL_ONLY:
             if state.detokenizer is not None:
@@ -149,6 +159,7 @@ class OutputProcessor:
                                                     state.params.skip_special_tokens)  # fmt: skip
             completion.token_ids = state.token_ids
             completion.logprobs = state.logprobs
+            prompt_logprobs = state.prompt_logprobs
         return RequestOutput(
             request_id=out.request_id,
             prompt=state.prompt,
@@ -157,6 +168,7 @@ class OutputProcessor:
             finished=finished,
             num_cached_tokens=out.num_cached_tokens,
             metrics=m,
+            prompt_logprobs=prompt_logprobs,
         ), hit
 
     def _logprob_entry(self, token_id: int, lp: LogprobTuple) -> dict[int, Logprob]:

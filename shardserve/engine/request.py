@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import enum
 import time
+from collections import deque
+from typing import Any
 
-from shardserve.executor.messages import i32
+from shardserve.executor.messages import SamplingOptions, i32
 from shardserve.sampling_params import SamplingParams
 
 
@@ -65,6 +67,17 @@ class Request:
         self.error: str | None = None
         """Why the request failed (``FINISHED_ERROR``)."""
         self._prompt_bytes: bytes | None = None
+        self.sampling_options: SamplingOptions | None = None
+        """What the ranks get of ``params`` (set by the engine, which resolves counts and bad words)."""
+        self.grammar: Any = None
+        """The request's :class:`~shardserve.structured_output.GrammarMatcher` once its grammar is compiled."""
+        self.waiting_for_grammar = False
+        """Its grammar is still compiling: the scheduler leaves it in the queue (vLLM's WAITING_FOR_FSM)."""
+        self.grammar_steps: deque[int] = deque()
+        """Ids of in-flight steps that sample this grammar request, oldest first."""
+        self.prompt_logprobs: list[Any] | None = [None] if params.prompt_logprobs is not None else None
+        """Prompt logprobs received so far, one per prompt position (None for the first token)."""
+        self.prompt_logprobs_sent = False
 
     def reset_progress(self) -> None:
         """Back to waiting with nothing in the KV cache (after the cache was lost with a restart)."""
@@ -85,6 +98,11 @@ class Request:
             raise ValueError("in_flight is set by scheduling a step; only clearing it is allowed")
         self.num_in_flight_steps = 0
         self.num_pending_tokens = 0
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Prompt logprobs were asked for and some are still missing (so no prefix-cache hit may skip them)."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens
 
     @property
     def prompt_bytes(self) -> bytes:

@@ -21,6 +21,7 @@ import logging
 from collections import deque
 from dataclasses import dataclass, field
 
+import msgspec
 import numpy as np
 
 from shardserve.config import SchedulerConfig
@@ -75,6 +76,8 @@ class SchedulerOutput:
     block_rows: list[int] = field(default_factory=list)
     block_ids: list[int] = field(default_factory=list)
     tokens_until: int = -1
+    grammar: bool = False
+    """The step samples a grammar request (set when it is sent; see ``Step.grammar``)."""
 
     @property
     def num_tokens(self) -> int:
@@ -92,7 +95,7 @@ class SchedulerOutput:
                 row=r.row,
                 prompt_token_ids=r.prompt_bytes,
                 output_token_ids=i32(r.output_token_ids) if r.output_token_ids else b"",
-                sampling=SamplingOptions.of(r.params),
+                sampling=r.sampling_options or SamplingOptions.of(r.params),
                 block_ids=i32(block_manager.block_ids(r.request_id)),
                 num_computed_tokens=computed,
             )
@@ -112,6 +115,7 @@ class SchedulerOutput:
             block_rows=i32(self.block_rows) if self.block_rows else b"",
             block_ids=i32(self.block_ids) if self.block_ids else b"",
             tokens_until=self.tokens_until,
+            grammar=any(s.sample and s.request.grammar is not None for s in self.scheduled),
         )
 
 
@@ -273,10 +277,22 @@ class Scheduler:
         self.waiting.appendleft(req)
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        compiling: list[Request] = []  # grammars still compiling: they keep their place in the queue
+        try:
+            self._admit_waiting(out, budget, compiling)
+        finally:
+            self.waiting.extendleft(reversed(compiling))
+
+    def _admit_waiting(self, out: SchedulerOutput, budget: int, compiling: list[Request]) -> None:
         bm = self.block_manager
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
-            if not bm.block_ids(req.request_id):
+            if req.waiting_for_grammar:
+                compiling.append(self.waiting.popleft())
+                continue
+            if not bm.block_ids(req.request_id) and req.needs_prompt_logprobs:
+                req.num_computed_tokens = 0  # every prompt position is computed for its logprob
+            elif not bm.block_ids(req.request_id):
                 cached = bm.match_prefix(req.request_id, req.all_token_ids)
                 req.num_computed_tokens = cached
                 if req.num_preemptions == 0:
@@ -315,6 +331,8 @@ class Scheduler:
         if len(tokens) != num_sampling:
             raise ValueError(f"step {step.step_id}: {len(tokens)} tokens for {num_sampling} sampling requests")
         logprobs = _logprobs_by_index(output)
+        if output.prompt_logprobs:
+            self._record_prompt_logprobs(step, output)
         tokens = tokens.tolist()
         events = []
         j = -1
@@ -341,6 +359,32 @@ class Scheduler:
             if status is not None:
                 self.finish_request(req.request_id, status)
         return events
+
+    def _record_prompt_logprobs(self, step: SchedulerOutput, output: StepOutput) -> None:
+        """Append the step's prompt logprobs to their requests (positions already held are skipped: a
+        prefill recomputed after a preemption computes them again).
+
+        Raises:
+            ValueError: an entry names no scheduled request.
+        """
+        for p in output.prompt_logprobs:
+            if not 0 <= p.index < len(step.scheduled):
+                raise ValueError(f"step {step.step_id}: prompt logprobs for request {p.index} of {len(step.scheduled)}")
+            req = step.scheduled[p.index].request
+            if self.requests.get(req.request_id) is not req or not req.needs_prompt_logprobs:
+                continue
+            held = req.prompt_logprobs
+            if p.start > len(held):
+                logger.error("request %s: prompt logprobs from %d, %d held", req.request_id, p.start, len(held))
+                continue
+            chosen, ranks = as_f32(p.chosen_logprobs).tolist(), as_i32(p.chosen_ranks).tolist()
+            top_ids = as_i32(p.top_ids).reshape(len(chosen), p.num_top).tolist()
+            top_vals = as_f32(p.top_logprobs).reshape(len(chosen), p.num_top).tolist()
+            end = min(len(chosen), req.num_prompt_tokens - p.start)
+            for i in range(len(held) - p.start, end):
+                held.append((chosen[i], ranks[i], list(zip(top_ids[i], top_vals[i]))))
+            if not req.needs_prompt_logprobs and req.sampling_options is not None:  # a recompute needs none
+                req.sampling_options = msgspec.structs.replace(req.sampling_options, prompt_logprobs=None)
 
     def fail_requests(self, failures: list[RequestFailure]) -> list[Request]:
         """End the requests a rank could not serve (``FINISHED_ERROR``); returns them."""

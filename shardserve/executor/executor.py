@@ -66,6 +66,10 @@ class Executor:
     def submit(self, step: m.Step) -> None:
         raise NotImplementedError
 
+    def send_grammar_bitmask(self, bitmask: m.GrammarBitmask) -> None:
+        """Deliver the bitmask a submitted step with ``grammar`` set waits for before it samples."""
+        raise NotImplementedError
+
     def collect(self) -> m.StepOutput:
         """Output of the oldest submitted step (blocks until it is ready).
 
@@ -111,6 +115,8 @@ class UniProcExecutor(Executor):
         ps.init_single_process(device)
         self.runner = ModelRunner(config, source, device)
         self._pending: deque = deque()
+        self._queued: deque[m.Step] = deque()
+        """Steps submitted while a grammar step waits for its bitmask: they run after it, as on a rank."""
         self.async_scheduling = config.scheduler.async_scheduling
         self.max_in_flight = max_steps_in_flight(config)
 
@@ -121,9 +127,20 @@ class UniProcExecutor(Executor):
         self.runner.init_kv_cache(num_blocks, max_model_len)
 
     def submit(self, step: m.Step) -> None:
+        if self.runner.awaiting is not None:
+            self._queued.append(step)
+            return
         self._pending.append(self.runner.execute(step))
 
+    def send_grammar_bitmask(self, bitmask: m.GrammarBitmask) -> None:
+        index = next(i for i, p in enumerate(self._pending) if p is self.runner.awaiting)
+        self._pending[index] = self.runner.sample_with_bitmask(bitmask)
+        while self._queued and self.runner.awaiting is None:
+            self._pending.append(self.runner.execute(self._queued.popleft()))
+
     def collect(self) -> m.StepOutput:
+        if self._pending and self._pending[0] is self.runner.awaiting:
+            raise RuntimeError(f"step {self.runner.awaiting.step_id} is collected before its grammar bitmask was sent")
         return self._pending.popleft().result()
 
     def worker_stats(self) -> list[m.WorkerStats]:
@@ -435,6 +452,9 @@ class MultiprocExecutor(Executor):
     def submit(self, step: m.Step) -> None:
         self._send(step, f"sending step {step.step_id}")
         self._steps.append(step.step_id)
+
+    def send_grammar_bitmask(self, bitmask: m.GrammarBitmask) -> None:
+        self._send(bitmask, f"sending the grammar bitmask of step {bitmask.step_id}")
 
     def collect(self) -> m.StepOutput:
         step_id = self._steps[0]

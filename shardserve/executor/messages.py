@@ -57,7 +57,12 @@ def as_f32(data: bytes) -> np.ndarray:
 
 
 class SamplingOptions(msgspec.Struct, frozen=True):
-    """What a rank needs of a request's :class:`SamplingParams` to sample its tokens."""
+    """What a rank needs of a request's :class:`SamplingParams` to sample its tokens.
+
+    Token lists travel as int32 bytes. The head resolves what needs the tokenizer or the engine's limits:
+    ``logprobs`` / ``prompt_logprobs`` of -1 become a count, bad words become token sequences, and
+    ``min_tokens_stop_ids`` holds the stop token ids and EOS ids that ``min_tokens`` bans.
+    """
 
     temperature: float = 1.0
     top_p: float = 1.0
@@ -69,9 +74,34 @@ class SamplingOptions(msgspec.Struct, frozen=True):
     frequency_penalty: float = 0.0
     logprobs: int | None = None
     """Top alternatives to report per token; None reports no logprobs."""
+    prompt_logprobs: int | None = None
+    """Top alternatives to report per prompt token (computed by the last stage during prefill); None: none."""
+    logit_bias_ids: bytes = b""
+    """int32: token ids with a bias."""
+    logit_bias_values: bytes = b""
+    """float32: their biases in [-100, 100], parallel to ``logit_bias_ids``."""
+    allowed_token_ids: bytes = b""
+    """int32: the only tokens that may be sampled; empty allows all."""
+    bad_words: list[bytes] = []
+    """Each an int32 token sequence whose last token is banned where the others were just generated."""
+    min_tokens: int = 0
+    """Output tokens before the tokens of ``min_tokens_stop_ids`` may be sampled."""
+    min_tokens_stop_ids: bytes = b""
+    """int32: tokens banned until ``min_tokens`` outputs exist (stop token ids, and EOS unless ignored)."""
 
     @classmethod
-    def of(cls, p: SamplingParams) -> SamplingOptions:
+    def of(
+        cls,
+        p: SamplingParams,
+        *,
+        logprobs: int | None = None,
+        prompt_logprobs: int | None = None,
+        eos_token_ids: tuple[int, ...] = (),
+        bad_words: list[list[int]] | None = None,
+    ) -> SamplingOptions:
+        """The options of ``p``; ``logprobs`` / ``prompt_logprobs`` override counts the engine resolved."""
+        bias = p.logit_bias or {}
+        stops = sorted(set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos_token_ids))) if p.min_tokens else []
         return cls(
             temperature=p.temperature,
             top_p=p.top_p,
@@ -81,7 +111,14 @@ class SamplingOptions(msgspec.Struct, frozen=True):
             repetition_penalty=p.repetition_penalty,
             presence_penalty=p.presence_penalty,
             frequency_penalty=p.frequency_penalty,
-            logprobs=p.logprobs,
+            logprobs=p.logprobs if logprobs is None else logprobs,
+            prompt_logprobs=p.prompt_logprobs if prompt_logprobs is None else prompt_logprobs,
+            logit_bias_ids=i32(list(bias)) if bias else b"",
+            logit_bias_values=np.asarray(list(bias.values()), FLOAT32).tobytes() if bias else b"",
+            allowed_token_ids=i32(p.allowed_token_ids) if p.allowed_token_ids else b"",
+            bad_words=[i32(w) for w in bad_words or () if w],
+            min_tokens=p.min_tokens if stops else 0,
+            min_tokens_stop_ids=i32(stops) if stops else b"",
         )
 
     @property
@@ -130,6 +167,28 @@ class Step(msgspec.Struct, tag="step", frozen=True):
     """int32: the appended block ids, parallel to ``block_rows``."""
     tokens_until: int = -1
     """PP > 1: before computing, the first stage takes the sampled tokens of every step up to this id."""
+    grammar: bool = False
+    """Some sampled request has a grammar: the last stage waits for :class:`GrammarBitmask` of this step
+    before sampling (the output rank applies it; with PP = 1 the other TP ranks wait for it too, so that
+    they read the ring while the head writes it)."""
+
+
+class GrammarBitmask(msgspec.Struct, tag="grammar_bitmask", frozen=True):
+    """The allowed next tokens of a step's grammar rows, sent by the head once it has accepted the
+    previous tokens of those requests (the step may already be running; vLLM's ``sample_tokens``).
+
+    Bit ``j % 32`` of word ``j // 32`` of a row is 1 when token ``j`` may be sampled (xgrammar's layout).
+    Every step with ``grammar`` set gets exactly one, possibly with no rows.
+    """
+
+    step_id: int
+    rows: bytes = b""
+    """int32 ``(num_rows,)``: indices into the step's sampled rows (batch order) to mask."""
+    bitmask: bytes = b""
+    """int32 ``(num_rows, ceil(vocab_size / 32))``, row ``i`` for ``rows[i]``."""
+    stop_allowed: bytes = b""
+    """int32: sampled-row indices whose grammar is complete: ``min_tokens`` does not ban their stop
+    tokens (the grammar may allow nothing else)."""
 
 
 class FlushOutputs(msgspec.Struct, tag="flush", frozen=True):
@@ -161,7 +220,7 @@ class Shutdown(msgspec.Struct, tag="shutdown", frozen=True):
     """Tells the ranks to leave their loop."""
 
 
-HeadMessage = Union[Step, FlushOutputs, ProfileRequest, InitKVCache, StatsRequest, Shutdown]
+HeadMessage = Union[Step, GrammarBitmask, FlushOutputs, ProfileRequest, InitKVCache, StatsRequest, Shutdown]
 
 
 # ------------------------------------------------------------------------------ ranks -> head
@@ -194,6 +253,28 @@ class RequestFailure(msgspec.Struct, frozen=True):
     message: str
 
 
+class PromptLogprobs(msgspec.Struct, frozen=True):
+    """Logprobs of a run of one request's prompt tokens, computed during a prefill chunk.
+
+    Entry ``i`` is prompt token ``start + i`` given the tokens before it (vLLM's ``prompt_logprobs``; the
+    first prompt token has none, so ``start >= 1``).
+    """
+
+    index: int
+    """The request's index in the step's scheduled rows (batch order)."""
+    start: int
+    """Prompt position of the first entry."""
+    chosen_logprobs: bytes
+    """float32 ``(n,)``: natural log-probability of each prompt token."""
+    chosen_ranks: bytes
+    """int32 ``(n,)``: its rank, 1 for the most likely."""
+    num_top: int = 0
+    top_ids: bytes = b""
+    """int32 ``(n, num_top)``, best first."""
+    top_logprobs: bytes = b""
+    """float32 ``(n, num_top)``."""
+
+
 class StepOutput(msgspec.Struct, tag="output", frozen=True):
     """What the output rank (last stage, TP rank 0) sends back for one step.
 
@@ -218,6 +299,8 @@ class StepOutput(msgspec.Struct, tag="output", frozen=True):
     top_logprobs: bytes = b""
     """float32 ``(num_with_logprobs, num_top)``."""
     failures: list[RequestFailure] = []
+    prompt_logprobs: list[PromptLogprobs] = []
+    """Prompt logprobs of the requests that asked for them, for the prompt positions this step computed."""
 
 
 class RequestFailed(msgspec.Struct, tag="request_failed", frozen=True):

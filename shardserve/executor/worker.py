@@ -177,6 +177,35 @@ class Worker:
         self.runner = runner
         self.async_outputs = config.scheduler.async_scheduling
         self.recv_s = self.send_s = 0.0
+        self._inbox: deque = deque()
+        """Messages read while waiting for a grammar bitmask, handled next in order."""
+
+    def _recv(self) -> m.HeadMessage:
+        if self._inbox:
+            return self._inbox.popleft()
+        start = time.perf_counter()
+        msg = self.channel.recv()
+        self.recv_s += time.perf_counter() - start
+        return msg
+
+    def _wait_for_bitmask(self, step_id: int) -> m.GrammarBitmask | None:
+        """The head's bitmask for ``step_id``; other messages that come first are kept for later.
+
+        Returns None when a :class:`Shutdown` comes instead (the head stopped before sending it).
+        """
+        for i, msg in enumerate(self._inbox):
+            if isinstance(msg, m.GrammarBitmask) and msg.step_id == step_id:
+                del self._inbox[i]
+                return msg
+        while True:
+            start = time.perf_counter()
+            msg = self.channel.recv()
+            self.recv_s += time.perf_counter() - start
+            if isinstance(msg, m.GrammarBitmask) and msg.step_id == step_id:
+                return msg
+            self._inbox.append(msg)
+            if isinstance(msg, m.Shutdown):
+                return None
 
     def _send(self, message: m.RankMessage) -> None:
         start = time.perf_counter()
@@ -192,11 +221,16 @@ class Worker:
         held: deque = deque()  # output rank, async scheduling: results launched but not yet sent
         runner = self.runner
         while True:
-            start = time.perf_counter()
-            msg = self.channel.recv()
-            self.recv_s += time.perf_counter() - start
+            msg = self._recv()
             if isinstance(msg, m.Step):
                 pending = runner.execute(msg)
+                if pending is not None and pending is runner.awaiting:  # a grammar step: sample after its bitmask
+                    while held:  # the head needs the earlier results before it can fill this bitmask
+                        self._send(held.popleft().result())
+                    bitmask = self._wait_for_bitmask(msg.step_id)
+                    if bitmask is None:
+                        continue  # Shutdown is next in the inbox
+                    pending = runner.sample_with_bitmask(bitmask)
                 if pending is None:
                     if runner.failures:
                         self._send(m.RequestFailed(self.rank, msg.step_id, runner.failures))

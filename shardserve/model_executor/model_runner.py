@@ -32,6 +32,8 @@ from shardserve.distributed.parallel_state import get_pp_group, get_token_group,
 from shardserve.executor.messages import (
     FLOAT32,
     INT32,
+    GrammarBitmask,
+    MalformedMessageError,
     RequestFailure,
     SamplingOptions,
     Step,
@@ -44,6 +46,11 @@ from shardserve.model_executor.layers.attention import AttentionMetadata
 from shardserve.model_executor.loader import load_model, pp_layer_range, pp_partition_by_memory
 from shardserve.model_executor.loader.resolve import ModelSource
 from shardserve.model_executor.models.llama import IntermediateTensors
+from shardserve.model_executor.prompt_logprobs import (
+    PendingPromptLogprobs,
+    PromptLogprobRows,
+    compute_prompt_logprobs,
+)
 from shardserve.model_executor.sampler import SamplingState, compute_logprobs
 
 logger = logging.getLogger(__name__)
@@ -75,13 +82,16 @@ class PendingOutput:
                  event: torch.cuda.Event | None, failures: list[RequestFailure]):  # fmt: skip
         self.step_id, self.host, self.logprob_rows, self.num_top = step_id, host, logprob_rows, num_top
         self.event, self.failures = event, failures
+        self.prompt: PendingPromptLogprobs | None = None
+        """The step's prompt logprobs, when a request asked for them."""
 
     def result(self) -> StepOutput:
         if self.event is not None:
             self.event.synchronize()
         tokens = self.host[0].numpy().astype(INT32, copy=False).tobytes()
+        prompt = self.prompt.result() if self.prompt is not None else []
         if len(self.host) == 1:
-            return StepOutput(self.step_id, sampled=tokens, failures=self.failures)
+            return StepOutput(self.step_id, sampled=tokens, failures=self.failures, prompt_logprobs=prompt)
         chosen, ranks, top_vals, top_ids = (t.numpy() for t in self.host[1:])
         return StepOutput(
             self.step_id,
@@ -93,7 +103,22 @@ class PendingOutput:
             top_ids=top_ids.astype(INT32, copy=False).tobytes(),
             top_logprobs=top_vals.astype(FLOAT32, copy=False).tobytes(),
             failures=self.failures,
+            prompt_logprobs=prompt,
         )
+
+
+@dataclass
+class AwaitingBitmask:
+    """A step whose logits wait for the head's :class:`GrammarBitmask` before sampling (see
+    :meth:`ModelRunner.sample_with_bitmask`)."""
+
+    step_id: int
+    logits: torch.Tensor
+    inputs: StepInputs
+    failures: list[RequestFailure]
+    positions: np.ndarray
+    """Host positions of the tokens being sampled."""
+    prompt: PendingPromptLogprobs | None
 
 
 class ModelRunner:
@@ -139,6 +164,10 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         self.batch: InputBatch | None = None
         self.sampling = SamplingState(self.max_rows, self.arch.vocab_size, device) if self.is_output_rank else None
+        self.prompt_logprobs = PromptLogprobRows(self.max_rows, self.arch.vocab_size) if self.pp.is_last_rank else None
+        """Last stage: which rows want prompt logprobs (every TP rank plans the same LM-head calls)."""
+        self.awaiting: AwaitingBitmask | None = None
+        """A grammar step that has run its forward and waits for its bitmask."""
         self._token_steps: deque[tuple[int, torch.Tensor]] = deque()
         """First stage with PP > 1: (step id, sampled rows) of steps whose tokens are still to be received."""
         self._in_transit: deque = deque()
@@ -276,6 +305,8 @@ class ModelRunner:
         add_rows, add_ids = [], []
         for new in step.new_requests:
             prompt, output = batch.add(new)
+            if self.prompt_logprobs is not None:
+                self.prompt_logprobs.add(new.row, new.sampling.prompt_logprobs, len(prompt))
             add_rows.append(np.full(len(new.block_ids) // 4, new.row, np.int64))
             add_ids.append(as_i32(new.block_ids))
             try:
@@ -331,20 +362,86 @@ class ModelRunner:
         if not self.pp.is_last_rank:
             self._send_intermediate(out)
             return None
+        prompt = self._prompt_logprobs(step, inputs, out)
         if not len(inputs.sample_rows):
             if not self.is_output_rank:
                 return None
             empty = [torch.zeros(0, dtype=torch.int32)]
-            return PendingOutput(step.step_id, empty, np.zeros(0, np.int64), 0, None, failures)
+            pending = PendingOutput(step.step_id, empty, np.zeros(0, np.int64), 0, None, failures)
+            pending.prompt = prompt
+            return pending
         logits = self.model.compute_logits(out[inputs.sample_indices])
+        positions = self.batch.num_tokens[inputs.sample_rows] - 1 if self.is_output_rank else None
+        if step.grammar and (self.is_output_rank or self.pp.world_size == 1):
+            self.awaiting = AwaitingBitmask(step.step_id, logits, inputs, failures, positions, prompt)
+            return self.awaiting
+        return self._finish(step.step_id, logits, inputs, failures, positions, prompt)
+
+    def _finish(self, step_id: int, logits: torch.Tensor, inputs: StepInputs, failures: list[RequestFailure],
+                positions: np.ndarray | None, prompt: PendingPromptLogprobs | None,
+                stop_allowed: np.ndarray | None = None) -> PendingOutput | None:  # fmt: skip
+        """Last stage after the LM head: sample (output rank) or take the output rank's tokens (TP ranks)."""
         if not self.is_output_rank:
             if self.pp.world_size == 1:  # the TP ranks embed the next step: take the output rank's tokens
                 tokens = self.tp.broadcast(torch.empty(len(inputs.sample_rows), dtype=torch.long, device=self.device))
                 self.batch.last_token[inputs.sample_rows_device] = tokens
             return None
-        pending = self._sample(step.step_id, logits, inputs, failures)
-        self.times.sample_s += time.perf_counter() - t2
+        start = time.perf_counter()
+        pending = self._sample(step_id, logits, inputs, failures, positions, stop_allowed)
+        pending.prompt = prompt
+        self.times.sample_s += time.perf_counter() - start
         return pending
+
+    def _prompt_logprobs(self, step: Step, inputs: StepInputs, out: torch.Tensor) -> PendingPromptLogprobs | None:
+        """Last stage: the prompt logprobs of the step's prefill chunks that asked for them."""
+        if self.prompt_logprobs is None or not self.prompt_logprobs.used:
+            return None
+        meta = inputs.meta
+        rows = as_i32(step.rows).astype(np.int64)
+        plan = self.prompt_logprobs.plan(rows, meta.query_lens_cpu, meta.seq_lens_cpu, self.batch.host_tokens)
+        if plan is None:
+            return None
+        return compute_prompt_logprobs(self.model, out, plan, self.is_output_rank)
+
+    @torch.inference_mode()
+    def sample_with_bitmask(self, msg: GrammarBitmask) -> PendingOutput | None:
+        """Finish the step :meth:`execute` left waiting: apply the grammar bitmask to its logits (output
+        rank, before penalties, ``logit_bias`` and temperature), then sample; other ranks take the tokens.
+
+        Raises:
+            MalformedMessageError: no step waits for this bitmask, or its rows or shape do not fit.
+        """
+        waiting = self.awaiting
+        if waiting is None or waiting.step_id != msg.step_id:
+            held = None if waiting is None else waiting.step_id
+            raise MalformedMessageError(f"a grammar bitmask for step {msg.step_id}, but step {held} waits for one")
+        self.awaiting = None
+        stop_allowed = None
+        if self.is_output_rank:
+            stop_allowed = self._apply_bitmask(waiting.logits, msg)
+        return self._finish(waiting.step_id, waiting.logits, waiting.inputs, waiting.failures, waiting.positions,
+                            waiting.prompt, stop_allowed)  # fmt: skip
+
+    def _apply_bitmask(self, logits: torch.Tensor, msg: GrammarBitmask) -> np.ndarray:
+        """Mask ``logits`` ``(n, vocab_size)`` in place; returns the rows whose stop tokens min_tokens keeps."""
+        rows = as_i32(msg.rows)
+        n = logits.shape[0]
+        stop_allowed = as_i32(msg.stop_allowed)
+        if len(rows) and (rows.min() < 0 or rows.max() >= n) or len(stop_allowed) and stop_allowed.max() >= n:
+            raise MalformedMessageError(f"step {msg.step_id}: grammar rows outside the {n} sampled rows")
+        if not len(rows):
+            return stop_allowed
+        words = len(msg.bitmask) // 4 // len(rows)
+        if words == 0 or words * 4 * len(rows) != len(msg.bitmask):
+            raise MalformedMessageError(f"step {msg.step_id}: {len(msg.bitmask)} bitmask bytes for {len(rows)} rows")
+        from shardserve.structured_output.manager import apply_bitmask
+
+        host = torch.from_numpy(as_i32(msg.bitmask).reshape(len(rows), words).copy())
+        mask = torch.full((n, words), -1, dtype=torch.int32, device=logits.device)
+        index = rows.astype(np.int64).tolist()
+        mask[torch.from_numpy(rows.astype(np.int64)).to(logits.device)] = host.to(logits.device)
+        apply_bitmask(logits, mask, index)
+        return stop_allowed
 
     def _forward(self, inputs: StepInputs) -> torch.Tensor | IntermediateTensors:
         n = inputs.input_ids.shape[0]
@@ -381,13 +478,15 @@ class ModelRunner:
                 self.token_group.irecv(tokens, self.token_group.ranks[1]).wait()
             self.batch.last_token[rows] = self.tp.broadcast(tokens, 0)
 
-    def _sample(self, step_id: int, logits: torch.Tensor, inputs: StepInputs,
-                failures: list[RequestFailure]) -> PendingOutput:  # fmt: skip
+    def _sample(self, step_id: int, logits: torch.Tensor, inputs: StepInputs, failures: list[RequestFailure],
+                positions: np.ndarray | None = None,
+                stop_allowed: np.ndarray | None = None) -> PendingOutput:  # fmt: skip
         rows = inputs.sample_rows
         num_top = self.sampling.num_logprobs[rows]
         wants_logprobs = num_top >= 0
-        raw = logits.clone() if wants_logprobs.any() and self.sampling.penalized[rows].any() else logits
-        tokens = self.sampling.sample(logits, rows, inputs.sample_rows_device, inputs.sample_positions)
+        raw = logits.clone() if wants_logprobs.any() and self.sampling.modifies_logits(rows).any() else logits
+        tokens = self.sampling.sample(logits, rows, inputs.sample_rows_device, inputs.sample_positions,
+                                      positions, stop_allowed)  # fmt: skip
         if self.pp.world_size == 1:
             self.batch.last_token[inputs.sample_rows_device] = tokens
             if self.tp.world_size > 1:

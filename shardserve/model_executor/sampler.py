@@ -3,10 +3,12 @@
 :class:`SamplingState` holds, per persistent-batch row, the sampling parameters as tensors (written once
 when the request is added) and, for rows with penalties, the output-token counts and prompt-token mask
 (updated on the device after each sample). :meth:`SamplingState.sample` is one batched pass with no
-per-row Python loop and no host synchronisation: penalties, temperature, top-k / top-p / min-p on the
-sorted probabilities, and the exponential-race draw ``argmax(probs / Exponential(1))`` (gpt-fast). Rows
-with a seed draw their exponentials from a counter-based hash of ``(seed, position, token)``, so a seeded
-request gives the same tokens whatever batch it runs in, on any rank, with or without async scheduling.
+per-row Python loop and no host synchronisation: the per-row constraints (``logit_bias``,
+``allowed_token_ids``, ``bad_words``, ``min_tokens``; :mod:`.logits_processors`), penalties, temperature,
+top-k / top-p / min-p on the sorted probabilities, and the exponential-race draw
+``argmax(probs / Exponential(1))`` (gpt-fast). Rows with a seed draw their exponentials from a counter-based
+hash of ``(seed, position, token)``, so a seeded request gives the same tokens whatever batch it runs
+in, on any rank, with or without async scheduling.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import numpy as np
 import torch
 
 from shardserve.executor.messages import SamplingOptions
+from shardserve.model_executor.logits_processors import LogitsProcessors
 
 _GREEDY_EPS = 1e-5
 
@@ -82,6 +85,7 @@ class SamplingState:
         """``(max_rows, vocab_size)`` int32 counts of each row's output tokens (rows with penalties)."""
         self.prompt_mask: torch.Tensor | None = None
         """``(max_rows, vocab_size)`` bool: token ids in each row's prompt (rows with penalties)."""
+        self.processors = LogitsProcessors(max_rows, vocab_size, device)
 
     def add(self, row: int, opts: SamplingOptions, prompt: np.ndarray, output: np.ndarray) -> None:
         """Take a new request's parameters for ``row`` (written to the device by :meth:`flush`)."""
@@ -91,7 +95,7 @@ class SamplingState:
         self.filtered[row] = not greedy and (top_k < self.vocab_size or opts.top_p < 1.0 or opts.min_p > 0.0)
         self.seeded[row] = not greedy and opts.seed is not None
         self.penalized[row] = opts.has_penalties
-        self.num_logprobs[row] = -1 if opts.logprobs is None else opts.logprobs
+        self.num_logprobs[row] = -1 if opts.logprobs is None else _num_top(opts.logprobs, self.vocab_size)
         with np.errstate(over="ignore"):  # a penalty past float32's range saturates to inf (still a penalty)
             self._floats_host[row] = (opts.temperature, opts.top_p, opts.min_p, opts.repetition_penalty,
                                       opts.presence_penalty, opts.frequency_penalty)  # fmt: skip
@@ -99,6 +103,12 @@ class SamplingState:
         self._dirty.append(row)
         if opts.has_penalties:
             self._reset_penalty_row(row, prompt, output)
+        self.processors.add(row, opts, prompt, output)
+
+    def modifies_logits(self, rows: np.ndarray) -> np.ndarray:
+        """``(n,)`` bool: rows whose logits :meth:`sample` changes in place before drawing (penalties and
+        constraints; the raw logits must be kept for their logprobs)."""
+        return self.penalized[rows] | self.processors.any(rows)
 
     def flush(self) -> None:
         """Copy the parameters of rows added since the last flush to the device (two transfers)."""
@@ -124,19 +134,32 @@ class SamplingState:
 
     # -- sampling ---------------------------------------------------------------------------------
     def sample(
-        self, logits: torch.Tensor, rows: np.ndarray, rows_device: torch.Tensor, positions: torch.Tensor
+        self,
+        logits: torch.Tensor,
+        rows: np.ndarray,
+        rows_device: torch.Tensor,
+        positions: torch.Tensor,
+        positions_host: np.ndarray | None = None,
+        stop_allowed: np.ndarray | None = None,
     ) -> torch.Tensor:
         """One token per row.
 
         Args:
-            logits: ``(n, vocab_size)`` float32, modified in place.
+            logits: ``(n, vocab_size)`` float32, modified in place (a grammar bitmask is applied before).
             rows: ``(n,)`` persistent-batch rows of the logits rows (host).
             rows_device: the same on the device (int64).
             positions: ``(n,)`` int64 positions of the tokens being sampled (for seeded rows).
+            positions_host: the same on the host (for ``min_tokens``); None reads ``positions`` back.
+            stop_allowed: logits rows whose grammar is complete (``min_tokens`` does not ban their stops).
 
         Returns:
             ``(n,)`` int64 token ids (on the device; nothing is copied to the host here).
         """
+        constrained = self.processors.any(rows)
+        if constrained.any():
+            if positions_host is None:
+                positions_host = positions.cpu().numpy()
+            self.processors.apply(logits, rows, rows_device, positions_host, stop_allowed)
         greedy = self.greedy[rows]
         penalized = self.penalized[rows]
         if penalized.any():
@@ -160,6 +183,8 @@ class SamplingState:
         if penalized.any():
             self.output_counts.index_put_((rows_device, tokens), torch.ones_like(tokens, dtype=torch.int32),
                                           accumulate=True)  # fmt: skip
+        if constrained.any():
+            self.processors.after_sample(rows, rows_device, tokens)
         return tokens
 
     def _apply_penalties(self, logits: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor) -> None:
@@ -185,6 +210,11 @@ class SamplingState:
         keep &= before < self.top_p[rows][:, None]
         keep[:, 0] = True
         return torch.zeros_like(probs).scatter_(-1, order, sorted_p * keep)
+
+
+def _num_top(requested: int, vocab_size: int) -> int:
+    """Alternatives reported per token: -1 is the whole vocabulary."""
+    return vocab_size if requested < 0 else min(requested, vocab_size)
 
 
 def compute_logprobs(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -20,8 +21,8 @@ PROMPTS = [[1, 520, 3327, 314, 4649, 3135], [42, 7, 913, 2050]]
 class FakeChannel:
     """Hands the worker a fixed list of messages and records its answers."""
 
-    def __init__(self, messages: list[m.HeadMessage]):
-        self.messages = list(messages)
+    def __init__(self, messages: list[m.HeadMessage] | None):
+        self.messages = list(messages or [])
         self.sent: list[m.RankMessage] = []
 
     def recv(self, timeout=None, check=None) -> m.HeadMessage:
@@ -90,3 +91,56 @@ def test_a_malformed_message_stops_the_worker_with_an_error(tiny_config):
             worker.loop()
     finally:
         ps.destroy_model_parallel()
+
+
+def _only(token: int, vocab: int) -> bytes:
+    """A one-row bitmask that allows ``token`` alone."""
+    words = np.zeros((vocab + 31) // 32, np.uint32)
+    words[token // 32] = np.uint32(1 << (token % 32))
+    return words.view(np.int32).tobytes()
+
+
+def test_a_grammar_step_sends_what_it_holds_then_waits_for_its_bitmask_keeping_other_messages(tiny_config):
+    """Step 0 (grammar) runs its forward and waits; step 1 and a stats request that arrive before bitmask 0
+    are kept and handled after it, in order; step 1 sends step 0's held output before waiting for bitmask 1;
+    each bitmask decides its token."""
+    ps.init_single_process(torch.device("cpu"))
+    scheduler = Scheduler(tiny_config.scheduler, BlockManager(32, 4), 64, async_scheduling=True)
+    req = Request("g", PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), 8)
+    req.grammar = object()  # any matcher: the step message only carries the flag
+    scheduler.add_request(req)
+    first, second = scheduler.schedule(), scheduler.schedule()
+    steps = [first.to_message(scheduler.block_manager), second.to_message(scheduler.block_manager)]
+    assert all(s.grammar for s in steps)
+    channel = FakeChannel(None)
+    try:
+        worker = Worker(tiny_config, torch.device("cpu"), 0, channel)
+        vocab = worker.runner.arch.vocab_size
+        channel.messages = [
+            m.ProfileRequest(), m.InitKVCache(32, 64), steps[0], steps[1], m.StatsRequest(),
+            m.GrammarBitmask(0, m.i32([0]), _only(4242, vocab)), m.GrammarBitmask(1, m.i32([0]), _only(77, vocab)),
+            m.FlushOutputs(), m.Shutdown(),
+        ]  # fmt: skip
+        worker.loop()
+    finally:
+        ps.destroy_model_parallel()
+    kinds = [type(x).__name__ for x in channel.sent]
+    assert kinds == ["KVCapacity", "Ready", "StepOutput", "WorkerStats", "StepOutput"]
+    outputs = [x for x in channel.sent if isinstance(x, m.StepOutput)]
+    assert [o.step_id for o in outputs] == [0, 1]
+    assert [m.as_i32(o.sampled).tolist() for o in outputs] == [[4242], [77]]
+
+
+def test_a_shutdown_while_waiting_for_a_bitmask_ends_the_loop(tiny_config):
+    ps.init_single_process(torch.device("cpu"))
+    scheduler = Scheduler(tiny_config.scheduler, BlockManager(32, 4), 64, async_scheduling=True)
+    req = Request("g", PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=8), 8)
+    req.grammar = object()
+    scheduler.add_request(req)
+    step = scheduler.schedule().to_message(scheduler.block_manager)
+    channel = FakeChannel([m.ProfileRequest(), m.InitKVCache(32, 64), step, m.Shutdown()])
+    try:
+        Worker(tiny_config, torch.device("cpu"), 0, channel).loop()  # returns instead of waiting forever
+    finally:
+        ps.destroy_model_parallel()
+    assert [type(x).__name__ for x in channel.sent] == ["KVCapacity", "Ready"]

@@ -38,7 +38,7 @@ def test_flags_reach_the_server_config(captured, tmp_path):
     (gen / "generation_config.json").write_text(json.dumps({"temperature": 0.6}))
     args = ["serve", "--device", "cpu", "--chat-template", str(template), "--enable-auto-tool-choice",
             "--tool-call-parser", "hermes", "--reasoning-parser", "qwen3", "--generation-config", str(gen),
-            "--tokenizer", str(embedded_gguf()), "--default-chat-template-kwargs",
+            "--max-logprobs", "-1", "--tokenizer", str(embedded_gguf()), "--default-chat-template-kwargs",
             '{"enable_thinking": false}', "--root-path", "/proxy/", "--enable-force-include-usage",
             "--structured-outputs-config.backend", "xgrammar"]  # fmt: skip
     result = CliRunner().invoke(app, args)
@@ -47,6 +47,7 @@ def test_flags_reach_the_server_config(captured, tmp_path):
     assert server.chat_template_text == template.read_text()
     assert server.enable_auto_tool_choice and server.tool_call_parser == "hermes" and server.reasoning_parser == "qwen3"
     assert server.generation_config == str(gen) and server.generation_defaults == {"temperature": 0.6}
+    assert server.max_logprobs == captured["config"].model.max_logprobs == -1
     assert server.default_chat_template_kwargs == {"enable_thinking": False} and server.root_path == "/proxy"
     assert server.structured_outputs_backend == "xgrammar" and server.enable_force_include_usage
     assert captured["config"].model.tokenizer == str(embedded_gguf())
@@ -76,7 +77,6 @@ def test_defaults(captured):
         (["--root-path", "proxy"], ["--root-path"]),
         (["--tokenizer", "no-such/tokenizer"], ["--tokenizer", "hf download no-such/tokenizer"]),
         (["--tokenizer", "./missing.gguf"], ["--tokenizer", "missing.gguf"]),
-        (["--max-logprobs", "50"], ["--max-logprobs is not supported yet"]),
     ],
 )
 def test_bad_values_exit_2_naming_the_flag(captured, flags, words):
@@ -96,3 +96,9 @@ def test_generation_config_vllm_and_auto_are_accepted():
     assert ServerConfig(generation_config="vllm").generation_defaults == {}
     assert ServerConfig().generation_defaults is None  # auto: the model's own
     assert ServerConfig(structured_outputs_backend="auto").structured_outputs_backend == "auto"
+
+
+def test_max_logprobs_is_wired_to_the_engine(captured):
+    result = CliRunner().invoke(app, ["serve", "--device", "cpu", "--max-logprobs", "5"])
+    assert result.exit_code == 0, result.output
+    assert captured["config"].model.max_logprobs == 5 and captured["server"].max_logprobs == 5
