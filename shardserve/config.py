@@ -560,6 +560,11 @@ def _json_object(value: dict[str, Any] | str | None) -> dict[str, Any]:
             raise ValueError(f"--default-chat-template-kwargs is not valid JSON: {exc}") from None
     if not isinstance(value, dict):
         raise ValueError("--default-chat-template-kwargs must be a JSON object, e.g. '{\"enable_thinking\": false}'")
+    from shardserve.entrypoints.openai.chat_render import RESERVED_TEMPLATE_VARIABLES
+
+    reserved = sorted(RESERVED_TEMPLATE_VARIABLES & set(value))
+    if reserved:
+        raise ValueError(f"--default-chat-template-kwargs may not set {', '.join(reserved)}: the server sets it")
     return value
 
 

@@ -73,6 +73,7 @@ def test_defaults(captured):
         (["--chat-template", "{% if %}"], ["--chat-template", "does not compile"]),
         (["--generation-config", "/nonexistent"], ["--generation-config"]),
         (["--default-chat-template-kwargs", "not json"], ["--default-chat-template-kwargs"]),
+        (["--default-chat-template-kwargs", '{"messages": []}'], ["--default-chat-template-kwargs", "messages"]),
         (["--max-logprobs", "-5"], ["--max-logprobs"]),
         (["--root-path", "proxy"], ["--root-path"]),
         (["--tokenizer", "no-such/tokenizer"], ["--tokenizer", "hf download no-such/tokenizer"]),

@@ -42,6 +42,7 @@ from shardserve.entrypoints.openai.serving import (
 )
 from shardserve.entrypoints.openai.serving_completion import usage_of
 from shardserve.outputs import CompletionOutput, RequestOutput
+from shardserve.sampling_params import SamplingParams
 
 
 @dataclass
@@ -86,7 +87,7 @@ class ChatServer:
         # The template writes any BOS itself, so by default (as vLLM) the tokenizer adds none.
         return text, self.ctx.tokenize(text, add_special_tokens=bool(body.add_special_tokens), param="messages")
 
-    def prepare(self, body: ChatCompletionRequest) -> tuple[_Prepared, object]:
+    def prepare(self, body: ChatCompletionRequest) -> tuple[_Prepared, SamplingParams]:
         """Plan, render and map a request onto sampling parameters (no engine call).
 
         Raises:
@@ -126,7 +127,7 @@ class ChatServer:
         model = ctx.check_model(body.model)
         prep, params = self.prepare(body)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        stream = ctx.generate(prep.prompt_ids, params, request_id, stream=body.stream)  # type: ignore[arg-type]
+        stream = ctx.generate(prep.prompt_ids, params, request_id, stream=body.stream)
         merged = await prime(merge_streams([stream]))
         if body.stream:
             return streaming_response(self._stream(body, prep, model, request_id, merged))

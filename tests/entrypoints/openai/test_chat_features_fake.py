@@ -141,6 +141,17 @@ def test_tool_errors_are_400(client, tools_client):
         assert err.value.body["param"] == param, (kw, err.value.body)
 
 
+def test_template_variables_the_server_sets_are_400(client):
+    for name in ("messages", "tools", "add_generation_prompt"):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(**says("x", extra_body={"chat_template_kwargs": {name: []}}))
+        assert err.value.body["param"] == "chat_template_kwargs" and name in err.value.body["message"]
+    bad = client.chat.completions.create  # a template that does not compile is the client's error too
+    with pytest.raises(openai.BadRequestError) as err:
+        bad(model="fake-model", messages=[{"role": "user", "content": "x"}], extra_body={"chat_template": "{% if %}"})
+    assert err.value.body["param"] == "messages"
+
+
 def test_tools_and_tool_turns_render_into_the_template(client, smollm_tokenizer):
     template = (
         "{% for t in tools %}[tool {{ t.function.name }}]{% endfor %}"

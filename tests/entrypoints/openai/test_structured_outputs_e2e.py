@@ -70,11 +70,6 @@ SCHEMAS: dict[str, dict] = {
 ASK = [{"role": "user", "content": "Describe something as JSON. Keep every value short."}]
 
 
-@pytest.fixture(scope="module")
-def aclient(server_url):
-    return openai.AsyncOpenAI(base_url=server_url + "/v1", api_key="none", max_retries=0, timeout=TIMEOUT * 4)
-
-
 def _format(name: str) -> dict:
     return {"type": "json_schema", "json_schema": {"name": name, "schema": SCHEMAS[name], "strict": True}}
 
@@ -90,11 +85,13 @@ async def _one(aclient, model: str, name: str, stream: bool) -> tuple[str, str |
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
-def test_twenty_json_schemas_validate(aclient, model, stream):
+def test_twenty_json_schemas_validate(server_url, model, stream):
     assert len(SCHEMAS) == 20
 
     async def run() -> list[tuple[str, str | None]]:
-        return await asyncio.gather(*(_one(aclient, model, name, stream) for name in SCHEMAS))
+        async with openai.AsyncOpenAI(base_url=server_url + "/v1", api_key="none", max_retries=0,
+                                      timeout=TIMEOUT * 4) as aclient:  # fmt: skip
+            return await asyncio.gather(*(_one(aclient, model, name, stream) for name in SCHEMAS))
 
     for name, (text, finish) in zip(SCHEMAS, asyncio.run(run())):
         assert finish == "stop", (name, text)
@@ -193,6 +190,42 @@ def test_logit_bias_forces_and_bans_a_token(client, model, server_url):
     with pytest.raises(openai.BadRequestError) as err:
         client.completions.create(**kw, logit_bias={str(tokens[0]): 101})
     assert err.value.body["param"] == "logit_bias"
+
+
+def test_allowed_token_ids_and_bad_words(client, model, server_url):
+    def ids(text: str) -> list[int]:
+        body = {"prompt": text, "add_special_tokens": False}
+        return httpx.post(server_url + "/tokenize", json=body, timeout=TIMEOUT).json()["tokens"]
+
+    allowed = ids(" yes no")
+    extra = {"return_token_ids": True, "ignore_eos": True, "allowed_token_ids": allowed}
+    r = client.completions.create(model=model, prompt="Is the sky blue?", temperature=0, max_tokens=4, extra_body=extra)
+    assert set(r.choices[0].model_extra["token_ids"]) <= set(allowed)
+    capital = [{"role": "user", "content": "What is the capital of France?"}]
+    plain = client.chat.completions.create(model=model, messages=capital, temperature=0, max_tokens=24)
+    assert "Paris" in plain.choices[0].message.content
+    banned = client.chat.completions.create(model=model, messages=capital, temperature=0, max_tokens=24,
+                                            extra_body={"bad_words": ["Paris"]})  # fmt: skip
+    assert "Paris" not in banned.choices[0].message.content
+
+
+def test_responses_text_format_and_function_tools(client, model):
+    schema = SCHEMAS["person"]
+    r = client.responses.create(
+        model=model,
+        input=ASK[0]["content"],
+        max_output_tokens=80,
+        temperature=0,
+        text={"format": {"type": "json_schema", "name": "person", "schema": schema}},
+    )
+    assert r.status == "completed"
+    jsonschema.validate(json.loads(r.output_text), schema)
+    tool = {"type": "function", "name": "get_weather", "parameters": WEATHER["function"]["parameters"]}
+    r = client.responses.create(model=model, input=PARIS[0]["content"], max_output_tokens=80, temperature=0,
+                                tools=[tool], tool_choice="required")  # fmt: skip
+    (call,) = [item for item in r.output if item.type == "function_call"]
+    assert call.name == "get_weather" and call.call_id.startswith("call_")
+    jsonschema.validate(json.loads(call.arguments), tool["parameters"])
 
 
 def test_echo_with_logprobs_and_prompt_logprobs(client, model):
