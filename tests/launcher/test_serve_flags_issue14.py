@@ -103,3 +103,23 @@ def test_max_logprobs_is_wired_to_the_engine(captured):
     result = CliRunner().invoke(app, ["serve", "--device", "cpu", "--max-logprobs", "5"])
     assert result.exit_code == 0, result.output
     assert captured["config"].model.max_logprobs == 5 and captured["server"].max_logprobs == 5
+
+
+def test_tokenizer_source_finds_gguf_files_hf_directories_and_nothing_else(tmp_path):
+    from shardserve.engine.llm_engine import tokenizer_source
+    from shardserve.transformers_utils.tokenizer import load_tokenizer
+
+    gguf = embedded_gguf()
+    assert tokenizer_source(str(gguf)) == (gguf, "gguf")
+    one = tmp_path / "one"
+    one.mkdir()
+    (one / "model.gguf").symlink_to(gguf)
+    assert tokenizer_source(str(one)) == (one, "gguf")
+    tokenizer = load_tokenizer(*tokenizer_source(str(one)))
+    assert tokenizer.decode(tokenizer.encode("Hello there", add_special_tokens=False)) == "Hello there"
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "tokenizer.json").write_text("{}")
+    assert tokenizer_source(str(hf)) == (hf, "hf")
+    with pytest.raises(ValueError, match="--tokenizer"):
+        tokenizer_source(str(tmp_path / "nothing-here"))

@@ -1,7 +1,8 @@
 """Tool turns and the reasoning parser on a live server of the embedded SmolLM2-135M served with vLLM's flags:
 ``--chat-template`` (ChatML with Hermes tools and Qwen3's ``enable_thinking``, in ``templates/``),
 ``--enable-auto-tool-choice --tool-call-parser hermes --reasoning-parser qwen3`` and
-``--default-chat-template-kwargs '{"enable_thinking": false}'``.
+``--default-chat-template-kwargs '{"enable_thinking": false}'``, and ``--tokenizer`` (the model's own GGUF, named
+explicitly) with ``--generation-config vllm``.
 
 With thinking on, the template opens ``<think>`` and a few-shot history in which the assistant closes its
 reasoning with ``</think>`` makes the model do the same (greedy), so the split is checked on real output
@@ -16,7 +17,7 @@ from pathlib import Path
 import httpx
 import jsonschema
 import pytest
-from conftest import TIMEOUT
+from conftest import TIMEOUT, embedded_gguf
 from procs import running_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -47,7 +48,8 @@ def server_url(tmp_path_factory):
     log = tmp_path_factory.mktemp("tools-reasoning") / "server.log"
     args = ["--device", "cpu", "--max-model-len", "1024", "--log-level", "warning", "--chat-template", str(TEMPLATE),
             "--enable-auto-tool-choice", "--tool-call-parser", "hermes", "--reasoning-parser", "qwen3",
-            "--default-chat-template-kwargs", '{"enable_thinking": false}']  # fmt: skip
+            "--default-chat-template-kwargs", '{"enable_thinking": false}', "--tokenizer", str(embedded_gguf()),
+            "--generation-config", "vllm"]  # fmt: skip
     with running_server(args, log) as url:
         yield url
 
@@ -107,3 +109,9 @@ def test_tool_call_then_tool_result_turn(server_url, client, model):
                                             temperature=0, max_tokens=24)  # fmt: skip
     assert answer.usage.prompt_tokens == prompt["count"]
     assert answer.choices[0].message.content and not answer.choices[0].message.tool_calls
+
+
+def test_tokenizer_and_generation_config_flags(server_url):
+    info = httpx.get(server_url + "/get_model_info", timeout=TIMEOUT).json()
+    # auto would report the GGUF's {"bos_token_id": 1, "eos_token_id": 2}; vllm uses no model defaults
+    assert info["tokenizer_path"] == str(embedded_gguf()) and info["preferred_sampling_params"] is None
