@@ -291,7 +291,6 @@ class LLMEngine:
     def _submit(self, sched: SchedulerOutput) -> None:
         """Send a scheduled step, or hold it (and every later one) while it must wait for a bitmask."""
         step = sched.to_message(self.block_manager)
-        sched.grammar = step.grammar
         self._in_flight.append(sched)
         if self._held or self.grammar.blocks(step):
             self._held.append((sched, step))

@@ -77,7 +77,7 @@ class SchedulerOutput:
     block_ids: list[int] = field(default_factory=list)
     tokens_until: int = -1
     grammar: bool = False
-    """The step samples a grammar request (set when it is sent; see ``Step.grammar``)."""
+    """The step samples a grammar request (see ``Step.grammar``)."""
 
     @property
     def num_tokens(self) -> int:
@@ -115,7 +115,7 @@ class SchedulerOutput:
             block_rows=i32(self.block_rows) if self.block_rows else b"",
             block_ids=i32(self.block_ids) if self.block_ids else b"",
             tokens_until=self.tokens_until,
-            grammar=any(s.sample and s.request.grammar is not None for s in self.scheduled),
+            grammar=self.grammar,
         )
 
 
@@ -226,6 +226,7 @@ class Scheduler:
             for s in out.scheduled:
                 if s.sample:
                     s.request.last_sample_step = out.step_id
+                    out.grammar |= s.request.grammar is not None
         return out
 
     def _running_order(self) -> list[Request]:

@@ -70,6 +70,12 @@ class LogitsProcessors:
         self._bw_last = torch.zeros((max_rows, 0), dtype=torch.int64, device=device)
         self._bw_on = torch.zeros((max_rows, 0), dtype=torch.bool, device=device)
         self._history = torch.full((max_rows, 0), _NO_TOKEN, dtype=torch.int64, device=device)
+        self.num_rows = 0
+        """Rows whose last request set a constraint (freed rows count until reused): 0 skips every check."""
+
+    @property
+    def active(self) -> bool:
+        return self.num_rows > 0
 
     def any(self, rows: np.ndarray) -> np.ndarray:
         """``(n,)`` bool: which of ``rows`` have a constraint that may change their logits."""
@@ -83,6 +89,7 @@ class LogitsProcessors:
             ValueError: a token id outside the vocabulary.
         """
         v = self.vocab_size
+        self.num_rows -= bool(self.any(np.asarray([row]))[0])
         self.biased[row] = self.restricted[row] = self.with_bad_words[row] = False
         self.min_until[row] = 0
         if opts.logit_bias_ids:
@@ -113,6 +120,7 @@ class LogitsProcessors:
                 _check_ids(w, v, "bad_words")
             self._set_bad_words(row, words, np.concatenate([prompt, output]))
             self.with_bad_words[row] = True
+        self.num_rows += bool(self.any(np.asarray([row]))[0])
 
     def _set_bad_words(self, row: int, words: list[np.ndarray], tokens: np.ndarray) -> None:
         num, longest = len(words), max(len(w) - 1 for w in words)

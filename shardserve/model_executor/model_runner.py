@@ -371,7 +371,7 @@ class ModelRunner:
             pending.prompt = prompt
             return pending
         logits = self.model.compute_logits(out[inputs.sample_indices])
-        positions = self.batch.num_tokens[inputs.sample_rows] - 1 if self.is_output_rank else None
+        positions = self._sample_positions(inputs)
         if step.grammar and (self.is_output_rank or self.pp.world_size == 1):
             self.awaiting = AwaitingBitmask(step.step_id, logits, inputs, failures, positions, prompt)
             return self.awaiting
@@ -391,6 +391,12 @@ class ModelRunner:
         pending.prompt = prompt
         self.times.sample_s += time.perf_counter() - start
         return pending
+
+    def _sample_positions(self, inputs: StepInputs) -> np.ndarray | None:
+        """Output rank, when some row has a constraint (min_tokens): host positions of the sampled tokens."""
+        if self.sampling is None or not self.sampling.processors.active:
+            return None
+        return self.batch.num_tokens[inputs.sample_rows] - 1
 
     def _prompt_logprobs(self, step: Step, inputs: StepInputs, out: torch.Tensor) -> PendingPromptLogprobs | None:
         """Last stage: the prompt logprobs of the step's prefill chunks that asked for them."""

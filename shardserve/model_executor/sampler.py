@@ -108,6 +108,8 @@ class SamplingState:
     def modifies_logits(self, rows: np.ndarray) -> np.ndarray:
         """``(n,)`` bool: rows whose logits :meth:`sample` changes in place before drawing (penalties and
         constraints; the raw logits must be kept for their logprobs)."""
+        if not self.processors.active:
+            return self.penalized[rows]
         return self.penalized[rows] | self.processors.any(rows)
 
     def flush(self) -> None:
@@ -155,8 +157,8 @@ class SamplingState:
         Returns:
             ``(n,)`` int64 token ids (on the device; nothing is copied to the host here).
         """
-        constrained = self.processors.any(rows)
-        if constrained.any():
+        constrained = self.processors.active and self.processors.any(rows).any()
+        if constrained:
             if positions_host is None:
                 positions_host = positions.cpu().numpy()
             self.processors.apply(logits, rows, rows_device, positions_host, stop_allowed)
@@ -183,7 +185,7 @@ class SamplingState:
         if penalized.any():
             self.output_counts.index_put_((rows_device, tokens), torch.ones_like(tokens, dtype=torch.int32),
                                           accumulate=True)  # fmt: skip
-        if constrained.any():
+        if constrained:
             self.processors.after_sample(rows, rows_device, tokens)
         return tokens
 

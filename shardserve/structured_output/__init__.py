@@ -8,6 +8,11 @@ sequence a :class:`GrammarMatcher`, fills the batch token bitmask on a backgroun
 
 Integration (what the engine calls, and when)
 ---------------------------------------------
+The engine does this in :class:`shardserve.engine.grammar.GrammarCoordinator` (head: compile, matchers,
+fills, the hold of steps behind an unsent bitmask) and ``ModelRunner.sample_with_bitmask`` (ranks), with
+:class:`shardserve.executor.messages.GrammarBitmask` on the control channel; the spec rides on
+``SamplingParams.structured_outputs`` and ``reasoning_end_ids``.
+
 1. API layer, per request: ``spec = from_openai_request(body)`` (chat/completions: ``response_format``,
    ``structured_outputs``, ``guided_*``) or ``from_sglang_sampling_params(sampling_params)``; a tool choice
    of ``required`` or a named function gives a spec through ``tool_parsers.tool_choice_spec``. Errors are

@@ -5,6 +5,7 @@ TP=2 and PP=2 worker processes give one process's tokens."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import re
 
@@ -148,17 +149,24 @@ def test_async_llm_streams_constrained_outputs(tiny_llama_dir, async_scheduling)
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
 def test_parallel_grammar_outputs_equal_one_process(tiny_llama_dir, tp, pp):
     """Greedy + grammar: TP=2 (the output rank applies the bitmask, the other rank waits for it before the
-    token broadcast) and PP=2 (the last stage applies it) give one process's tokens, async scheduling on."""
+    token broadcast) and PP=2 (the last stage applies it) give one process's tokens, async scheduling on;
+    prompt logprobs (every last-stage TP rank runs the LM head for them) match too."""
     greedy = [p for p in batch_params() if p.temperature == 0.0]
-    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[3]]
+    greedy[1] = dataclasses.replace(greedy[1], prompt_logprobs=2)
+    prompts = [PROMPTS[0], list(range(300, 340)), PROMPTS[3]]
 
     def run(tp_size, pp_size):
         llm = make_llm(tiny_llama_dir, tensor_parallel_size=tp_size, pipeline_parallel_size=pp_size)
         try:
-            return [o.outputs[0].token_ids for o in llm.generate(prompts, greedy)]
+            outs = llm.generate(prompts, greedy)
         finally:
             llm.shutdown()
+        return [o.outputs[0].token_ids for o in outs], outs[1].prompt_logprobs
 
-    want = run(1, 1)
-    assert run(tp, pp) == want
-    assert all(want)
+    want, want_prompt = run(1, 1)
+    got, got_prompt = run(tp, pp)
+    assert got == want and all(want)
+    assert len(got_prompt) == len(prompts[1]) == len(want_prompt)
+    for a, b in zip(want_prompt[1:], got_prompt[1:]):
+        assert a.keys() == b.keys()
+        assert all(b[t].logprob == pytest.approx(a[t].logprob, abs=1e-4) for t in a)
