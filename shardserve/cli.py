@@ -105,6 +105,7 @@ def build_engine_config(
     disable_custom_all_reduce: bool = False,
     async_scheduling: bool = True,
     fault_injection: str | None = None,
+    tokenizer: str | None = None,
     max_logprobs: int = 20,
 ) -> EngineConfig:
     """Flags to typed config; ``ValueError`` messages name the flag."""
@@ -119,6 +120,7 @@ def build_engine_config(
             seed=seed,
             device=device,
             enforce_eager=enforce_eager,
+            tokenizer=tokenizer,
             max_logprobs=max_logprobs,
         ),
         parallel=ParallelConfig(
@@ -225,6 +227,9 @@ def serve(
     structured_outputs_backend: Annotated[
         str, typer.Option("--structured-outputs-config.backend", help="Grammar engine: xgrammar (the only one)")
     ] = "xgrammar",
+    enable_force_include_usage: Annotated[
+        bool, typer.Option("--enable-force-include-usage", help="Every stream ends with a usage chunk")
+    ] = False,
     log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
 ) -> None:
     """Serve MODEL behind an OpenAI-compatible HTTP API."""
@@ -273,6 +278,7 @@ def serve(
                 disable_custom_all_reduce=disable_custom_all_reduce,
                 async_scheduling=async_scheduling,
                 fault_injection=os.environ.get(FAULT_INJECTION_ENV),
+                tokenizer=tokenizer,
                 max_logprobs=max_logprobs,
             )
             server = ServerConfig(
@@ -298,6 +304,7 @@ def serve(
                 tokenizer=tokenizer,
                 root_path=root_path,
                 structured_outputs_backend=structured_outputs_backend,
+                enable_force_include_usage=enable_force_include_usage,
             )
             check_model_layout(config)
             problems += unwired_server_flags(server)
@@ -315,16 +322,9 @@ def serve(
     raise typer.Exit(run_node(config, server, launch))
 
 
-NOT_YET_WIRED = {
-    "tool_call_parser": "--tool-call-parser",
-    "reasoning_parser": "--reasoning-parser",
-    "tokenizer": "--tokenizer",
-    "enable_auto_tool_choice": "--enable-auto-tool-choice",
-    "chat_template": "--chat-template",
-    "default_chat_template_kwargs": "--default-chat-template-kwargs",
-    "generation_config": "--generation-config",
-}
-"""Server flags that are parsed but not yet honoured end to end: refused rather than silently ignored."""
+NOT_YET_WIRED: dict[str, str] = {}
+"""Server flags that are parsed but not yet honoured end to end (``field -> flag``): refused rather than silently
+ignored. Every flag of issue 14 is honoured now."""
 
 
 def unwired_server_flags(server: ServerConfig) -> list[str]:
@@ -351,12 +351,17 @@ def check_model_layout(config: EngineConfig) -> None:
     Runs before any process is spawned, so a bad layout or a missing model fails in a second.
 
     Raises:
-        ValueError: the model is not found, or :func:`shardserve.config.check_parallel_layout` refuses it.
+        ValueError: the model or ``--tokenizer`` is not found, or :func:`shardserve.config.check_parallel_layout`
+            refuses the layout.
     """
     from shardserve.config import check_parallel_layout
     from shardserve.model_executor.loader.resolve import resolve_model
 
     source = resolve_model(config.model.model, config.model.hf_overrides)
+    if config.model.tokenizer:
+        from shardserve.engine.llm_engine import tokenizer_source
+
+        tokenizer_source(config.model.tokenizer)  # a missing tokenizer fails here, before any process starts
     par = config.parallel
     check_parallel_layout(
         source.arch, par.tensor_parallel_size, par.pipeline_parallel_size, par.pp_layer_partition, source.name

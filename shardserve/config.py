@@ -235,6 +235,8 @@ class ModelConfig:
     """Overrides applied to config.json fields (for dummy shapes)."""
     enforce_eager: bool = False
     """Run every step eagerly (no CUDA graphs for decode)."""
+    tokenizer: str | None = None
+    """``--tokenizer``: a GGUF file, HF directory or hub id to load the tokenizer from instead of the model."""
     max_cuda_graph_batch_size: int = 512
     """Largest decode batch captured in a CUDA graph (requests); larger batches run eagerly."""
     max_logprobs: int = 20
@@ -449,6 +451,11 @@ class ServerConfig:
     """Path prefix the server is reached under behind a proxy (``/api``); routes answer with and without it."""
     structured_outputs_backend: str = "xgrammar"
     """Grammar engine for structured outputs; xgrammar (or ``auto``) is the only one."""
+    enable_force_include_usage: bool = False
+    """Every streamed response ends with a usage chunk, as if ``stream_options.include_usage`` were set."""
+    generation_defaults: dict[str, Any] | None = field(default=None, init=False)
+    """The sampling defaults ``generation_config`` gives: None (``auto``: the model's), ``{}`` (``vllm``) or the
+    given directory's ``generation_config.json``."""
 
     STRUCTURED_OUTPUTS_BACKENDS = ("auto", "xgrammar")
 
@@ -457,14 +464,7 @@ class ServerConfig:
         self.chat_template_text = load_chat_template(self.chat_template)
         self.default_chat_template_kwargs = _json_object(self.default_chat_template_kwargs)
         self._check_parsers()
-        if (
-            self.generation_config not in ("auto", "vllm")
-            and not (Path(self.generation_config) / "generation_config.json").is_file()
-        ):
-            raise ValueError(
-                f"--generation-config must be auto, vllm or a directory with generation_config.json, "
-                f"got {self.generation_config!r}"
-            )
+        self.generation_defaults = load_generation_defaults(self.generation_config)
         if self.max_logprobs < -1:
             raise ValueError(f"--max-logprobs must be -1 (no cap) or >= 0, got {self.max_logprobs}")
         if self.root_path and not self.root_path.startswith("/"):
@@ -575,6 +575,31 @@ def load_chat_template(value: str | None) -> str | None:
     return text
 
 
+def load_generation_defaults(value: str) -> dict[str, Any] | None:
+    """``--generation-config``: None for ``auto`` (the model's own), ``{}`` for ``vllm``, else the sampling
+    fields of ``DIR/generation_config.json`` (its EOS ids are not used: the tokenizer's stay).
+
+    Raises:
+        ValueError: neither auto nor vllm, and not a directory with a readable generation_config.json.
+    """
+    if value == "auto":
+        return None
+    if value == "vllm":
+        return {}
+    path = Path(value).expanduser() / "generation_config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(
+            f"--generation-config must be auto, vllm or a directory with generation_config.json, got {value!r} "
+            f"({type(exc).__name__}: {exc})"
+        ) from None
+    if not isinstance(config, dict):
+        raise ValueError(f"--generation-config: {path} does not hold a JSON object")
+    return {k: v for k, v in config.items() if k not in ("transformers_version", "_from_model_config", "eos_token_id",
+                                                          "bos_token_id", "pad_token_id")}  # fmt: skip
+
+
 def _json_object(value: dict[str, Any] | str | None) -> dict[str, Any]:
     """``--default-chat-template-kwargs`` as a dict (given as one, or as JSON text)."""
     if value is None:
@@ -586,6 +611,11 @@ def _json_object(value: dict[str, Any] | str | None) -> dict[str, Any]:
             raise ValueError(f"--default-chat-template-kwargs is not valid JSON: {exc}") from None
     if not isinstance(value, dict):
         raise ValueError("--default-chat-template-kwargs must be a JSON object, e.g. '{\"enable_thinking\": false}'")
+    from shardserve.entrypoints.openai.chat_render import RESERVED_TEMPLATE_VARIABLES
+
+    reserved = sorted(RESERVED_TEMPLATE_VARIABLES & set(value))
+    if reserved:
+        raise ValueError(f"--default-chat-template-kwargs may not set {', '.join(reserved)}: the server sets it")
     return value
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections import deque
+from pathlib import Path
 
 from shardserve.config import EngineConfig
 from shardserve.engine.block_manager import BlockManager
@@ -28,6 +29,30 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_MODEL_LEN = 8192
 
 
+def tokenizer_source(tokenizer: str) -> tuple[Path, str]:
+    """``(path, format)`` of ``--tokenizer``: a ``.gguf`` file, a directory with ``tokenizer.json`` (or exactly
+    one ``.gguf``), or a hub id read from the local Hugging Face cache.
+
+    Raises:
+        ValueError: none of these (the message names the value).
+    """
+    from shardserve.model_executor.loader.resolve import _hub_snapshot, is_hub_id
+
+    path = Path(tokenizer).expanduser()
+    if not path.exists() and is_hub_id(tokenizer):
+        try:
+            path = _hub_snapshot(tokenizer)
+        except ValueError as exc:
+            raise ValueError(f"--tokenizer: {exc}") from None
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return path, "gguf"
+    if path.is_dir() and (path / "tokenizer.json").is_file():
+        return path, "hf"
+    if path.is_dir() and len(list(path.glob("*.gguf"))) == 1:
+        return path, "gguf"
+    raise ValueError(f"--tokenizer {tokenizer!r}: not a .gguf file, a directory with tokenizer.json, or a hub id")
+
+
 class LLMEngine:
     """Owns the tokenizer, scheduler, KV block pool and executor.
 
@@ -42,7 +67,10 @@ class LLMEngine:
 
         self.config = config
         self.source = resolve_model(config.model.model, config.model.hf_overrides)
-        self.tokenizer = load_tokenizer(self.source.path, self.source.format, self.source.generation_config)
+        tokenizer, tokenizer_format = self.source.path, self.source.format
+        if config.model.tokenizer:  # --tokenizer
+            tokenizer, tokenizer_format = tokenizer_source(config.model.tokenizer)
+        self.tokenizer = load_tokenizer(tokenizer, tokenizer_format, self.source.generation_config)
         self.executor: Executor = (executor_factory or make_executor)(config, self.source)
         self.max_model_len = 0
         self.throughput = TokenThroughput()

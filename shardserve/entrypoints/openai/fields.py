@@ -9,40 +9,40 @@ once per field name.
 
 ``/v1/chat/completions`` (OpenAI, then vLLM extras):
 
-- honoured: ``messages``, ``model``, ``max_completion_tokens``, ``max_tokens``, ``n``, ``temperature``,
-  ``top_p``, ``stop``, ``seed``, ``presence_penalty``, ``frequency_penalty``, ``logprobs``, ``top_logprobs``,
-  ``stream``, ``stream_options.include_usage``; vLLM: ``top_k``, ``min_p``, ``repetition_penalty``,
-  ``ignore_eos``, ``stop_token_ids``, ``min_tokens``, ``skip_special_tokens``, ``add_generation_prompt``,
-  ``add_special_tokens``, ``best_of`` equal to ``n``.
-- refused: ``tools``, ``tool_choice``, ``functions``, ``function_call``, ``response_format`` (json_object,
-  json_schema), ``logit_bias`` (validated first: token-id keys in the vocabulary, values in [-100, 100]),
-  ``audio``, ``modalities`` other than text, ``prediction``, ``reasoning_effort``, ``verbosity``,
-  ``web_search_options``, ``store: true``; vLLM: ``guided_json``, ``guided_regex``, ``guided_choice``,
-  ``guided_grammar``, ``guided_decoding_backend``, ``guided_whitespace_pattern``, ``structural_tag``,
-  ``structured_outputs``, ``continue_final_message``, ``echo``, ``best_of`` above ``n``,
-  ``use_beam_search``, ``length_penalty``, ``include_stop_str_in_output``,
-  ``spaces_between_special_tokens``, ``truncate_prompt_tokens``, ``prompt_logprobs``,
-  ``allowed_token_ids``, ``bad_words``, ``documents``, ``chat_template``, ``chat_template_kwargs``,
-  ``mm_processor_kwargs``, ``priority``, ``logits_processors``, ``return_tokens_as_token_ids``,
-  ``return_token_ids``, ``cache_salt`` (prefix-cache isolation: ignoring it would share cached blocks
-  between tenants), ``kv_transfer_params``, ``vllm_xargs``.
+- honoured: ``messages`` (``tool_calls`` and ``tool_call_id`` included), ``model``, ``max_completion_tokens``,
+  ``max_tokens``, ``n``, ``temperature``, ``top_p``, ``stop``, ``seed``, ``presence_penalty``,
+  ``frequency_penalty``, ``logprobs``, ``top_logprobs`` (-1 too), ``logit_bias``, ``tools``, ``tool_choice``,
+  ``parallel_tool_calls``, ``functions``, ``function_call``, ``response_format``, ``stream``,
+  ``stream_options.include_usage`` / ``continuous_usage_stats``; vLLM: ``top_k``, ``min_p``,
+  ``repetition_penalty``, ``ignore_eos``, ``stop_token_ids``, ``min_tokens``, ``skip_special_tokens``,
+  ``add_generation_prompt``, ``continue_final_message``, ``echo``, ``add_special_tokens``, ``chat_template``,
+  ``chat_template_kwargs``, ``include_reasoning``, ``structured_outputs``, ``guided_json``, ``guided_regex``,
+  ``guided_choice``, ``guided_grammar``, ``guided_decoding_backend`` (xgrammar), ``bad_words``,
+  ``allowed_token_ids``, ``prompt_logprobs``, ``return_token_ids``, ``return_tokens_as_token_ids``,
+  ``best_of`` equal to ``n``. The fields the engine enforces (constraints, ``logit_bias``, ``bad_words``,
+  ``allowed_token_ids``, ``prompt_logprobs``) are refused by :mod:`.request_options` when the engine has no
+  such sampling field.
+- refused: ``audio``, ``modalities`` other than text, ``prediction``, ``reasoning_effort``, ``verbosity``,
+  ``web_search_options``, ``store: true``; vLLM: ``structural_tag``, ``best_of`` above ``n``,
+  ``use_beam_search``, ``length_penalty``, ``include_stop_str_in_output``, ``spaces_between_special_tokens``,
+  ``truncate_prompt_tokens``, ``documents``, ``mm_processor_kwargs``, ``priority``, ``logits_processors``,
+  ``cache_salt`` (prefix-cache isolation: ignoring it would share cached blocks between tenants),
+  ``kv_transfer_params``, ``vllm_xargs``.
 - metadata (accepted, no effect on the output): ``user``, ``metadata``, ``safety_identifier``,
-  ``prompt_cache_key``, ``service_tier``, ``parallel_tool_calls`` (only means something with tools),
-  ``request_id``.
+  ``prompt_cache_key``, ``service_tier``, ``request_id``.
 
-``/v1/completions``: the same sampling fields plus ``prompt``, ``echo``, ``logprobs``; refused:
-``suffix``, ``logit_bias``, ``response_format``, the ``guided_*`` family, ``structured_outputs``,
-``prompt_embeds`` and the vLLM extras refused for chat; metadata: ``user``, ``request_id``.
+``/v1/completions``: the same sampling fields plus ``prompt``, ``echo`` (with ``logprobs`` too), ``logprobs``;
+refused: ``suffix``, ``prompt_embeds`` and the vLLM extras refused for chat; metadata: ``user``, ``request_id``.
 
 ``/generate`` (SGLang): honoured ``text``, ``input_ids``, ``stream``, ``rid`` and in ``sampling_params``
 ``max_new_tokens``, ``min_new_tokens``, ``temperature``, ``top_p``, ``top_k``, ``min_p``,
 ``repetition_penalty``, ``presence_penalty``, ``frequency_penalty``, ``stop``, ``stop_token_ids``,
-``ignore_eos``, ``skip_special_tokens``, ``n``, ``seed`` (or SGLang's ``sampling_seed``); refused:
-``return_logprob``, ``logprob_start_len``, ``top_logprobs_num``, ``token_ids_logprob``,
-``return_text_in_logprobs``, ``return_hidden_states``, ``image_data``, ``audio_data``, ``video_data``,
-``lora_path``, ``custom_logit_processor``, ``session_params`` and in ``sampling_params`` ``json_schema``,
-``regex``, ``ebnf``, ``structural_tag``, ``logit_bias``, ``custom_params``, ``no_stop_trim``,
-``spaces_between_special_tokens``; metadata: ``stream_interval`` (chunking), ``log_metrics``.
+``ignore_eos``, ``skip_special_tokens``, ``n``, ``seed`` (or SGLang's ``sampling_seed``), ``json_schema``,
+``regex``, ``ebnf``, ``logit_bias``; refused: ``return_logprob``, ``logprob_start_len``, ``top_logprobs_num``,
+``token_ids_logprob``, ``return_text_in_logprobs``, ``return_hidden_states``, ``image_data``, ``audio_data``,
+``video_data``, ``lora_path``, ``custom_logit_processor``, ``session_params`` and in ``sampling_params``
+``structural_tag``, ``custom_params``, ``no_stop_trim``, ``spaces_between_special_tokens``; metadata:
+``stream_interval`` (chunking), ``log_metrics``.
 """
 
 from __future__ import annotations
@@ -80,41 +80,21 @@ def _best_of_is_n(value: Any, body: BaseModel) -> bool:
 
 
 _VLLM_EXTRAS: dict[str, Neutral] = {
-    "guided_json": _ABSENT,
-    "guided_regex": _ABSENT,
-    "guided_choice": _ABSENT,
-    "guided_grammar": _ABSENT,
-    "guided_decoding_backend": _ABSENT,
-    "guided_whitespace_pattern": _ABSENT,
     "structural_tag": _ABSENT,
-    "structured_outputs": _ABSENT,
-    "response_format": neutral({"type": "text"}),
-    "logit_bias": neutral({}),
     "best_of": _best_of_is_n,
     "use_beam_search": _OFF,
     "length_penalty": neutral(1.0, 1),
     "include_stop_str_in_output": _OFF,
     "spaces_between_special_tokens": _ABSENT,
     "truncate_prompt_tokens": _ABSENT,
-    "prompt_logprobs": _ABSENT,
-    "allowed_token_ids": _ABSENT,
-    "bad_words": neutral([]),
     "priority": neutral(0),
     "logits_processors": _ABSENT,
-    "return_tokens_as_token_ids": _OFF,
-    "return_token_ids": _OFF,
     "cache_salt": _ABSENT,
     "kv_transfer_params": _ABSENT,
     "vllm_xargs": _ABSENT,
 }
 
 UNSUPPORTED_CHAT: dict[str, Neutral] = {
-    "tools": neutral([]),
-    "tool_choice": neutral("none"),
-    "functions": neutral([]),
-    "function_call": neutral("none"),
-    "continue_final_message": _OFF,
-    "echo": _OFF,
     "audio": _ABSENT,
     "modalities": neutral(["text"]),
     "prediction": _ABSENT,
@@ -123,8 +103,6 @@ UNSUPPORTED_CHAT: dict[str, Neutral] = {
     "web_search_options": _ABSENT,
     "store": _OFF,
     "documents": _ABSENT,
-    "chat_template": _ABSENT,
-    "chat_template_kwargs": neutral({}),
     "mm_processor_kwargs": _ABSENT,
     **_VLLM_EXTRAS,
 }
@@ -154,11 +132,7 @@ UNSUPPORTED_GENERATE: dict[str, Neutral] = {
 """``/generate`` top-level fields refused until implemented."""
 
 UNSUPPORTED_GENERATE_SAMPLING: dict[str, Neutral] = {
-    "json_schema": _ABSENT,
-    "regex": _ABSENT,
-    "ebnf": _ABSENT,
     "structural_tag": _ABSENT,
-    "logit_bias": neutral({}),
     "custom_params": _ABSENT,
     "no_stop_trim": _OFF,
     "spaces_between_special_tokens": _ABSENT,
@@ -166,10 +140,17 @@ UNSUPPORTED_GENERATE_SAMPLING: dict[str, Neutral] = {
 """``/generate`` ``sampling_params`` fields refused until implemented."""
 
 METADATA = frozenset(
-    {"user", "metadata", "safety_identifier", "prompt_cache_key", "service_tier", "parallel_tool_calls",
-     "request_id", "stream_interval", "log_metrics"}
+    {"user", "metadata", "safety_identifier", "prompt_cache_key", "service_tier", "request_id",
+     "stream_interval", "log_metrics"}
 )  # fmt: skip
 """Accepted and without effect on the output, by their definition (no log line)."""
+
+GUIDED_FIELDS = frozenset(
+    {"guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_json_object",
+     "guided_decoding_backend", "guided_whitespace_pattern"}
+)  # fmt: skip
+"""vLLM's older constraint names, read from the extra fields by
+:func:`shardserve.structured_output.from_guided_fields` (honoured, so not logged as unknown)."""
 
 _logged_unknown: set[str] = set()
 """Unknown field names already logged (``sampling_params.x`` for /generate's nested ones)."""
@@ -210,6 +191,12 @@ def _check_vocabulary(body: BaseModel, vocab_size: int | None, prefix: str = "")
                 f"{prefix}stop_token_ids: token id {token_id} is outside the vocabulary [0, {vocab_size})",
                 param=f"{prefix}stop_token_ids",
             )
+    for token_id in getattr(body, "allowed_token_ids", None) or []:
+        if token_id >= vocab_size:
+            raise InvalidRequestError(
+                f"{prefix}allowed_token_ids: token id {token_id} is outside the vocabulary [0, {vocab_size})",
+                param=f"{prefix}allowed_token_ids",
+            )
     for key in getattr(body, "logit_bias", None) or {}:
         if int(key) >= vocab_size:
             raise InvalidRequestError(
@@ -239,7 +226,7 @@ def _refuse(body: BaseModel, table: dict[str, Neutral], endpoint: str, prefix: s
 def _log_unknown(extras: Iterable[str], known: set[str], endpoint: str, prefix: str) -> None:
     for name in extras:
         key = prefix + name
-        if name in known or name in METADATA or key in _logged_unknown:
+        if name in known or name in METADATA or name in GUIDED_FIELDS or key in _logged_unknown:
             continue
         _logged_unknown.add(key)
         logger.warning("%s: ignoring the unknown request field %r (logged once per field name)", endpoint, key)

@@ -11,6 +11,7 @@ accepted as metadata is decided in :mod:`shardserve.entrypoints.openai.fields`.
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Annotated, Any, Literal
 
@@ -100,6 +101,8 @@ class _Body(BaseModel):
 class StreamOptions(_Body):
     include_usage: bool | None = False
     """Send a last chunk with ``usage`` and empty ``choices`` before ``[DONE]``."""
+    continuous_usage_stats: bool | None = False
+    """vLLM: every chunk carries the ``usage`` so far too (with ``include_usage``)."""
 
 
 def check_logit_bias(bias: dict[str, float] | None) -> dict[str, float] | None:
@@ -129,7 +132,9 @@ class _SamplingRequest(_Body):
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
-    """Validated here (token ids, [-100, 100]); refused as not supported in :mod:`.fields`."""
+    """Token id (decimal string) -> bias in [-100, 100] added to its logit; ids checked against the vocabulary."""
+    response_format: dict[str, Any] | None = None
+    """OpenAI: ``{"type": "text" | "json_object" | "json_schema", ...}`` (see :mod:`shardserve.structured_output`)."""
     user: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -144,6 +149,18 @@ class _SamplingRequest(_Body):
     skip_special_tokens: bool = True
     add_special_tokens: bool | None = None
     """vLLM: add the tokenizer's special tokens (BOS) to the prompt; default True for completions, False for chat."""
+    structured_outputs: dict[str, Any] | None = None
+    """vLLM: ``{"json" | "regex" | "choice" | "grammar" | "json_object": ...}`` (older names: ``guided_*``)."""
+    bad_words: list[str] | None = None
+    """vLLM: words that are never generated (each as the tokens it encodes to, with and without a leading space)."""
+    allowed_token_ids: list[TokenId] | None = None
+    """vLLM: the only tokens that may be generated."""
+    prompt_logprobs: int | None = Field(None, ge=-1, le=INT32_MAX)
+    """vLLM: logprobs of each prompt token and this many alternatives (-1: the whole vocabulary)."""
+    return_token_ids: bool = False
+    """vLLM: the prompt's and each choice's token ids in the response."""
+    return_tokens_as_token_ids: bool = False
+    """vLLM: logprob tokens written as ``token_id:N`` (for tokens that are not valid UTF-8 alone)."""
 
     _check_logit_bias = field_validator("logit_bias")(check_logit_bias)
 
@@ -171,7 +188,12 @@ class _SamplingRequest(_Body):
         return None
 
     def to_sampling_params(
-        self, defaults: dict[str, Any], prompt_len: int, max_model_len: int, prompt_noun: str = "prompt"
+        self,
+        defaults: dict[str, Any],
+        prompt_len: int,
+        max_model_len: int,
+        prompt_noun: str = "prompt",
+        extra: dict[str, Any] | None = None,
     ) -> SamplingParams:
         """Map onto engine sampling parameters.
 
@@ -180,6 +202,8 @@ class _SamplingRequest(_Body):
             prompt_len: prompt tokens.
             max_model_len: context length (tokens).
             prompt_noun: "prompt" or "messages", for the context-length message.
+            extra: engine fields the server worked out (structured output, logit bias, ...; see
+                :mod:`.request_options`), passed on as they are.
 
         Raises:
             InvalidRequestError: prompt plus output budget exceed the context, or a value is out of range.
@@ -189,9 +213,7 @@ class _SamplingRequest(_Body):
             max_tokens = defaults.get("max_tokens") or defaults.get("max_new_tokens")
         max_tokens = check_context_length(prompt_len, max_tokens, max_model_len, prompt_noun)
         knobs = {name: getattr(self, name) for name in DEFAULTABLE_FIELDS}
-        return build_sampling_params(
-            knobs,
-            defaults,
+        fixed = dict(
             n=self.n,
             max_tokens=max_tokens,
             stop=self.stop,
@@ -202,6 +224,7 @@ class _SamplingRequest(_Body):
             skip_special_tokens=self.skip_special_tokens,
             logprobs=self.num_logprobs(),
         )
+        return build_sampling_params(knobs, defaults, **{**fixed, **(extra or {})})
 
 
 class CompletionRequest(_SamplingRequest):
@@ -210,7 +233,8 @@ class CompletionRequest(_SamplingRequest):
     prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
     max_tokens: int | None = Field(16, ge=1, le=INT32_MAX)
     """OpenAI's and vLLM's default is 16 tokens; ``null`` runs to the end of the context."""
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    logprobs: int | None = Field(None, ge=-1, le=INT32_MAX)
+    """Alternatives per token (-1: the whole vocabulary); capped by ``--max-logprobs`` (checked by the server)."""
     echo: bool = False
 
     @model_validator(mode="after")
@@ -237,21 +261,48 @@ class TextContentPart(_Body):
     text: str | None = None
 
 
+class MessageFunction(_Body):
+    name: str
+    arguments: str | dict[str, Any] | None = None
+    """JSON text (OpenAI's form) or an object."""
+
+
+class MessageToolCall(_Body):
+    """``tool_calls[]`` of an assistant message sent back in the next turn."""
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: MessageFunction
+
+
 class ChatMessage(_Body):
-    """One message of the conversation; ``content`` is a string or a list of text parts."""
+    """One message of the conversation; ``content`` is a string or a list of text parts.
+
+    An assistant message may carry ``tool_calls`` (and a legacy ``function_call``), a ``tool`` message its
+    ``tool_call_id``; other keys (``reasoning_content``, ...) pass to the template as they are.
+    """
 
     role: str
     content: str | list[TextContentPart] | None = None
     name: str | None = None
+    tool_calls: list[MessageToolCall] | None = None
+    tool_call_id: str | None = None
 
     def to_template_dict(self) -> dict[str, Any]:
         """The message as chat templates expect it, with text parts joined by newlines (like vLLM).
 
+        Tool-call ``arguments`` become objects, as transformers' templates expect (``arguments | tojson``),
+        the way vLLM hands them over.
+
         Raises:
-            InvalidRequestError: a content part is not text.
+            InvalidRequestError: a content part is not text, or tool-call arguments are not a JSON object.
         """
         message: dict[str, Any] = {k: v for k, v in (self.model_extra or {}).items() if v is not None}
         message["role"] = self.role
+        if self.tool_calls is not None:
+            message["tool_calls"] = [_template_tool_call(call) for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
         content = self.content
         if isinstance(content, list):
             texts = []
@@ -269,19 +320,56 @@ class ChatMessage(_Body):
         return message
 
 
+def _template_tool_call(call: MessageToolCall) -> dict[str, Any]:
+    arguments = call.function.arguments
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except ValueError as exc:
+            raise InvalidRequestError(
+                f"tool call {call.function.name!r}: arguments are not valid JSON: {exc}", param="messages"
+            ) from None
+    out = call.model_dump(exclude_none=True)
+    out["function"] = {**out["function"], "arguments": arguments if arguments is not None else {}}
+    return out
+
+
 class ChatCompletionRequest(_SamplingRequest):
     """``POST /v1/chat/completions``."""
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    top_logprobs: int | None = Field(None, ge=-1, le=INT32_MAX)
+    """Alternatives per token (-1: the whole vocabulary); capped by ``--max-logprobs`` (checked by the server)."""
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    """vLLM: leave the last (assistant) message open so the model continues it (``add_generation_prompt`` false)."""
+    echo: bool = False
+    """vLLM: start the answer with the last message's content when it is the assistant's."""
+    chat_template: str | None = None
+    """vLLM: a template used instead of the server's."""
+    chat_template_kwargs: dict[str, Any] | None = None
+    """vLLM: extra template variables (over ``--default-chat-template-kwargs``)."""
+    tools: list[dict[str, Any]] | None = None
+    """OpenAI: ``[{"type": "function", "function": {"name", "description", "parameters"}}]``."""
+    tool_choice: str | dict[str, Any] | None = None
+    """``none``, ``auto`` (the default with tools), ``required`` or ``{"type": "function", "function": {"name"}}``."""
+    parallel_tool_calls: bool | None = None
+    """False: at most one call per answer."""
+    functions: list[dict[str, Any]] | None = None
+    """OpenAI's deprecated form of ``tools``; answered in its own shape (``message.function_call``)."""
+    function_call: str | dict[str, Any] | None = None
+    """OpenAI's deprecated form of ``tool_choice``: ``none``, ``auto`` or ``{"name": ...}``."""
+    include_reasoning: bool = True
+    """vLLM: with ``--reasoning-parser``, return the reasoning (``reasoning`` / ``reasoning_content``)."""
 
     @model_validator(mode="after")
     def _check_logprobs(self) -> ChatCompletionRequest:
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
+        if self.tools is not None and self.functions is not None:
+            raise ValueError("give tools or the deprecated functions, not both")
         return self
 
     def requested_max_tokens(self) -> int | None:
@@ -309,6 +397,12 @@ class GenerateSamplingParams(_Body):
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     n: int = Field(1, ge=1, le=128)
+    json_schema: str | dict[str, Any] | None = None
+    """SGLang: the output is JSON valid for this schema (JSON text or an object)."""
+    regex: str | None = None
+    """SGLang: the output matches this regular expression."""
+    ebnf: str | None = None
+    """SGLang: the output follows this EBNF grammar (root rule ``root``)."""
     seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX, validation_alias=AliasChoices("seed", "sampling_seed"))
     """``sampling_seed`` is SGLang's name."""
 
@@ -319,13 +413,13 @@ class GenerateSamplingParams(_Body):
         check_min_tokens(self.min_new_tokens, self.max_new_tokens, "min_new_tokens", "max_new_tokens")
         return self
 
-    def to_sampling_params(self, defaults: dict[str, Any], prompt_len: int, max_model_len: int) -> SamplingParams:
+    def to_sampling_params(
+        self, defaults: dict[str, Any], prompt_len: int, max_model_len: int, extra: dict[str, Any] | None = None
+    ) -> SamplingParams:
         """Map onto engine sampling parameters (see :meth:`_SamplingRequest.to_sampling_params`)."""
         max_tokens = check_context_length(prompt_len, self.max_new_tokens, max_model_len, "prompt")
         knobs = {name: getattr(self, name) for name in DEFAULTABLE_FIELDS}
-        return build_sampling_params(
-            knobs,
-            defaults,
+        fixed = dict(
             n=self.n,
             max_tokens=max_tokens,
             stop=self.stop,
@@ -336,6 +430,7 @@ class GenerateSamplingParams(_Body):
             skip_special_tokens=self.skip_special_tokens,
             logprobs=None,
         )
+        return build_sampling_params(knobs, defaults, **{**fixed, **(extra or {})})
 
 
 class GenerateRequest(_Body):
@@ -469,9 +564,26 @@ class _Response(BaseModel):
     system_fingerprint: str | None = None
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's entry of ``prompt_logprobs``: one candidate token at one prompt position."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
+"""vLLM's ``prompt_logprobs``: per prompt token (None for the first), token id (as a string) -> its logprob."""
+
+
 class CompletionChoice(_Choice):
     text: str
     logprobs: CompletionLogprobs | None = None
+    prompt_logprobs: PromptLogprobs | None = None
+    prompt_token_ids: list[int] | None = None
+    """vLLM ``return_token_ids``: the prompt's tokens (first chunk of a stream)."""
+    token_ids: list[int] | None = None
+    """vLLM ``return_token_ids``: this choice's generated tokens (the new ones in a stream chunk)."""
 
 
 class CompletionResponse(_Response):
@@ -493,26 +605,74 @@ class ChoiceLogprobs(BaseModel):
     content: list[TokenLogprob] | None = None
 
 
+class ResponseFunctionCall(BaseModel):
+    """``tool_calls[].function`` (and the legacy ``function_call``): ``arguments`` is JSON text."""
+
+    name: str
+    arguments: str
+
+
+class ResponseToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: ResponseFunctionCall
+
+
 class AssistantMessage(BaseModel):
+    """The answer; ``reasoning`` and ``reasoning_content`` (the same text: vLLM's and SGLang/DeepSeek's names) are
+    set with ``--reasoning-parser``, ``tool_calls`` when the model called tools, ``function_call`` for requests
+    that used the deprecated ``functions``."""
+
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    reasoning: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[ResponseToolCall] | None = None
+    function_call: ResponseFunctionCall | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_extras(self, handler: Any) -> dict[str, Any]:
+        data = handler(self)
+        return {k: v for k, v in data.items() if v is not None or k in ("role", "content")}
 
 
 class ChatCompletionChoice(_Choice):
     message: AssistantMessage
     logprobs: ChoiceLogprobs | None = None
+    token_ids: list[int] | None = None
+    """vLLM ``return_token_ids``: this choice's generated tokens."""
 
 
 class ChatCompletionResponse(_Response):
     object: Literal["chat.completion"] = "chat.completion"
     choices: list[ChatCompletionChoice]
+    prompt_logprobs: PromptLogprobs | None = None
+    prompt_token_ids: list[int] | None = None
+    """vLLM ``return_token_ids``: the rendered prompt's tokens."""
+
+
+class DeltaFunction(BaseModel):
+    """A chunk's legacy ``delta.function_call``: the name once, then ``arguments`` pieces."""
+
+    name: str | None = None
+    arguments: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_none(self, handler: Any) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
 
 
 class DeltaMessage(BaseModel):
-    """Chunk delta; fields left None are omitted from the JSON like OpenAI does."""
+    """Chunk delta; fields left None are omitted from the JSON like OpenAI does. ``tool_calls`` entries are
+    :class:`~shardserve.entrypoints.openai.tool_parsers.DeltaToolCall` dumps (``index``, then ``id``/``type``/
+    ``function.name`` once, then ``function.arguments`` pieces)."""
 
     role: str | None = None
     content: str | None = None
+    reasoning: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    function_call: DeltaFunction | None = None
 
     @model_serializer(mode="wrap")
     def _drop_none(self, handler: Any) -> dict[str, Any]:
@@ -522,8 +682,10 @@ class DeltaMessage(BaseModel):
 class ChatCompletionStreamChoice(_Choice):
     delta: DeltaMessage
     logprobs: ChoiceLogprobs | None = None
+    token_ids: list[int] | None = None
 
 
 class ChatCompletionStreamResponse(_Response):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     choices: list[ChatCompletionStreamChoice]
+    prompt_token_ids: list[int] | None = None

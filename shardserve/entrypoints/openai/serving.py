@@ -87,6 +87,22 @@ class ServingContext:
         known = [s for s in sizes if isinstance(s, int)]
         return min(known) if known else None
 
+    @property
+    def generation_defaults(self) -> dict[str, Any]:
+        """Sampling defaults for knobs a request leaves out: the model's generation_config.json
+        (``--generation-config auto``), none (``vllm``) or a given directory's."""
+        chosen = self.config.generation_defaults
+        return dict(self.engine.generation_defaults) if chosen is None else dict(chosen)
+
+    def include_usage(self, stream: bool, stream_options: Any) -> tuple[bool, bool]:
+        """(send a usage chunk at the end, put the usage so far in every chunk) of a streamed request:
+        ``stream_options.include_usage`` or ``--enable-force-include-usage``, and
+        ``stream_options.continuous_usage_stats`` (vLLM's rules)."""
+        if not stream:
+            return False, False
+        final = bool(self.config.enable_force_include_usage or (stream_options and stream_options.include_usage))
+        return final, final and bool(stream_options and stream_options.continuous_usage_stats)
+
     def tokenize(self, prompt: str | list[int], add_special_tokens: bool = True, param: str = "prompt") -> list[int]:
         """Token ids of a prompt given as text or as ids (ids are range-checked against the vocabulary).
 
@@ -239,8 +255,12 @@ class UsageCounter:
         for c in output.outputs:
             self._completion[(stream, c.index)] = c.num_output_tokens
 
+    def expect_prompt(self, stream: int, num_tokens: int) -> None:
+        """Count a prompt before its first output arrived (for usage in the first chunks)."""
+        self._prompt.setdefault(stream, num_tokens)
+
     def usage(self) -> UsageInfo:
-        """Prompt tokens once per prompt, completion tokens of every choice."""
+        """Prompt tokens once per prompt, completion tokens of every choice (so far)."""
         prompt, completion = sum(self._prompt.values()), sum(self._completion.values())
         return UsageInfo(
             prompt_tokens=prompt,

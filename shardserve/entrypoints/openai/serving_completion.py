@@ -1,25 +1,34 @@
 """``POST /v1/completions``: one or several prompts, ``n`` completions each, streamed or not.
 
 A list of prompts gives ``len(prompts) * n`` choices; choice ``index = i * n + j`` for completion
-``j`` of prompt ``i``, as in OpenAI and vLLM.
+``j`` of prompt ``i``, as in OpenAI and vLLM. ``echo`` puts the prompt in front of the text; with
+``logprobs`` the prompt's tokens get their logprobs too (the first has none), as vLLM returns them.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 
 from starlette.requests import Request
 from starlette.responses import Response
 
+from shardserve.entrypoints.openai.logprobs import TokenText, completion_logprobs, prompt_logprobs_json
 from shardserve.entrypoints.openai.protocol import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
-    InvalidRequestError,
     PromptTokensDetails,
     UsageInfo,
+)
+from shardserve.entrypoints.openai.request_options import (
+    engine_field,
+    logprobs_count,
+    request_error,
+    sampling_fields,
+    structured_output_fields,
 )
 from shardserve.entrypoints.openai.serving import (
     SSE_DONE,
@@ -32,39 +41,23 @@ from shardserve.entrypoints.openai.serving import (
     streaming_response,
 )
 from shardserve.outputs import CompletionOutput, Logprob, RequestOutput
+from shardserve.sampling_params import SamplingParams
+from shardserve.structured_output import InvalidStructuredOutputError, from_openai_request
 
-MISSING_LOGPROB = -9999.0  # vLLM's stand-in when the engine did not return the sampled token's logprob
 
+@dataclass
+class _Prepared:
+    """A completion request ready for the engine."""
 
-def completion_logprobs(
-    token_ids: list[int],
-    logprobs: list[dict[int, Logprob]],
-    num_top: int,
-    text_offset: int,
-    piece: Callable[[int], str],
-) -> CompletionLogprobs:
-    """Legacy completions logprobs for some generated tokens.
-
-    Args:
-        token_ids: the tokens, in order.
-        logprobs: per token, the sampled token and the top alternatives (``Logprob.rank`` 1 = best).
-        num_top: alternatives per position (the request's ``logprobs``); the sampled token is always listed too.
-        text_offset: characters of text before the first token (the echoed prompt, earlier chunks).
-        piece: the text of a token id, for a token the engine did not decode.
-    """
-    result = CompletionLogprobs()
-    for token_id, candidates in zip(token_ids, logprobs):
-        entry = candidates.get(token_id)
-        token = entry.decoded_token if entry is not None else piece(token_id)
-        result.tokens.append(token)
-        result.token_logprobs.append(entry.logprob if entry is not None else MISSING_LOGPROB)
-        result.text_offset.append(text_offset)
-        text_offset += len(token)
-        ranked = sorted(candidates.values(), key=lambda lp: lp.rank)[:num_top]
-        top = {lp.decoded_token: lp.logprob for lp in ranked}
-        top.setdefault(token, result.token_logprobs[-1])
-        result.top_logprobs.append(top)
-    return result
+    prompt_ids: list[list[int]]
+    params: list[SamplingParams]
+    echoes: list[str]
+    num_top: int | None
+    text: TokenText
+    echo_logprobs: bool
+    """``echo`` with ``logprobs``: the prompt's tokens lead each choice's logprobs."""
+    prompt_logprobs: dict[int, list[dict[int, Logprob] | None]] = field(default_factory=dict)
+    """Per prompt, its prompt logprobs once the engine sent them."""
 
 
 class CompletionServer:
@@ -72,6 +65,36 @@ class CompletionServer:
 
     def __init__(self, ctx: ServingContext) -> None:
         self.ctx = ctx
+
+    def prepare(self, body: CompletionRequest) -> _Prepared:
+        """Tokenize the prompts and map the request onto sampling parameters (no engine call).
+
+        Raises:
+            InvalidRequestError: an invalid or unsupported field, or too long a prompt.
+        """
+        ctx, engine = self.ctx, self.ctx.engine
+        prompts = body.prompts()
+        prompt_ids = [ctx.tokenize(p, add_special_tokens=body.add_special_tokens is not False) for p in prompts]
+        max_logprobs, vocab = ctx.config.max_logprobs, ctx.vocab_size
+        num_top = logprobs_count(body.logprobs, max_logprobs, vocab, "logprobs")
+        prompt_lp = logprobs_count(body.prompt_logprobs, max_logprobs, vocab, "prompt_logprobs")
+        extra: dict = {"logprobs": num_top}
+        echo_logprobs = body.echo and num_top is not None
+        if echo_logprobs or prompt_lp is not None:
+            wanted = max(prompt_lp or 0, num_top or 0)
+            extra |= engine_field("prompt_logprobs", wanted, "prompt_logprobs" if prompt_lp is not None else "echo")
+        try:
+            extra |= structured_output_fields(from_openai_request(body))
+        except InvalidStructuredOutputError as exc:
+            raise request_error(exc) from None
+        extra |= sampling_fields(body)
+        params = [
+            body.to_sampling_params(ctx.generation_defaults, len(ids), engine.max_model_len, extra=extra)
+            for ids in prompt_ids
+        ]
+        echoes = [self._echo_text(p) for p in prompts] if body.echo else [""] * len(prompts)
+        text = TokenText(engine.tokenizer.id_to_piece_text, body.return_tokens_as_token_ids)
+        return _Prepared(prompt_ids, params, echoes, num_top, text, echo_logprobs)
 
     async def create(self, body: CompletionRequest, raw: Request) -> Response | CompletionResponse:
         """Run a completion request; a ``StreamingResponse`` of SSE events when ``stream`` is set.
@@ -82,92 +105,105 @@ class CompletionServer:
         """
         ctx = self.ctx
         model = ctx.check_model(body.model)
-        if body.echo and body.logprobs is not None:
-            raise InvalidRequestError("echo together with logprobs is not supported", param="echo")
-        engine = ctx.engine
-        prompts = body.prompts()
-        prompt_ids = [ctx.tokenize(p, add_special_tokens=body.add_special_tokens is not False) for p in prompts]
-        params = [
-            body.to_sampling_params(engine.generation_defaults, len(ids), engine.max_model_len) for ids in prompt_ids
-        ]
+        prep = self.prepare(body)
         request_id = f"cmpl-{uuid.uuid4().hex}"
         streams = [
             ctx.generate(ids, p, f"{request_id}-{i}", stream=body.stream)
-            for i, (ids, p) in enumerate(zip(prompt_ids, params))
+            for i, (ids, p) in enumerate(zip(prep.prompt_ids, prep.params))
         ]
-        echoes = [self._echo_text(p) for p in prompts] if body.echo else [""] * len(prompts)
         merged = await prime(merge_streams(streams))
         if body.stream:
-            return streaming_response(self._stream(body, model, request_id, merged, echoes))
+            return streaming_response(self._stream(body, prep, model, request_id, merged))
         finals: dict[int, RequestOutput] = {}
         async for i, output in merged:
             if output.finished:
                 finals[i] = output
-        if len(finals) != len(prompts):
+        if len(finals) != len(prep.prompt_ids):
             raise RuntimeError(f"engine streams of {request_id} ended without a finished output")
-        return self._response(body, model, request_id, [finals[i] for i in range(len(prompts))], echoes)
+        return self._response(body, prep, model, request_id, [finals[i] for i in range(len(finals))])
 
     def _echo_text(self, prompt: str | list[int]) -> str:
         return prompt if isinstance(prompt, str) else self.ctx.engine.tokenizer.decode(prompt)
 
     def _logprobs(
-        self, body: CompletionRequest, c: CompletionOutput, full: bool, offset: int
+        self, prep: _Prepared, i: int, c: CompletionOutput, full: bool, offset: int, first: bool
     ) -> CompletionLogprobs | None:
-        if body.logprobs is None:
+        if prep.num_top is None:
             return None
-        token_ids = c.token_ids if full else c.delta_token_ids
-        logprobs = (c.logprobs if full else c.delta_logprobs) or []
-        return completion_logprobs(
-            token_ids, logprobs, body.logprobs, offset, self.ctx.engine.tokenizer.id_to_piece_text
-        )
+        token_ids = list(c.token_ids if full else c.delta_token_ids)
+        logprobs: list = list((c.logprobs if full else c.delta_logprobs) or [])
+        if prep.echo_logprobs and first:  # the echoed prompt's tokens come first, from offset 0
+            prompt = prep.prompt_logprobs.get(i) or [None] * len(prep.prompt_ids[i])
+            token_ids, logprobs, offset = prep.prompt_ids[i] + token_ids, list(prompt) + logprobs, 0
+        return completion_logprobs(token_ids, logprobs, prep.num_top, offset, prep.text)
+
+    def _extras(self, body: CompletionRequest, prep: _Prepared, i: int, first: bool) -> dict:
+        """vLLM's per-choice extras: ``prompt_logprobs`` and ``prompt_token_ids`` (first chunk of a choice)."""
+        extras: dict = {}
+        if body.prompt_logprobs is not None and first:
+            extras["prompt_logprobs"] = prompt_logprobs_json(prep.prompt_logprobs.get(i), prep.text)
+        if body.return_token_ids and first:
+            extras["prompt_token_ids"] = list(prep.prompt_ids[i])
+        return extras
+
+    def _observe_prompt_logprobs(self, prep: _Prepared, i: int, output: RequestOutput) -> None:
+        prompt_logprobs = getattr(output, "prompt_logprobs", None)
+        if prompt_logprobs is not None and i not in prep.prompt_logprobs:
+            prep.prompt_logprobs[i] = prompt_logprobs
 
     def _response(
-        self, body: CompletionRequest, model: str, request_id: str, finals: list[RequestOutput], echoes: list[str]
+        self, body: CompletionRequest, prep: _Prepared, model: str, request_id: str, finals: list[RequestOutput]
     ) -> CompletionResponse:
         choices = []
         for i, final in enumerate(finals):
+            self._observe_prompt_logprobs(prep, i, final)
             for c in sorted(final.outputs, key=lambda c: c.index):
-                choices.append(
-                    CompletionChoice(
-                        index=i * body.n + c.index,
-                        text=echoes[i] + c.text,
-                        logprobs=self._logprobs(body, c, full=True, offset=len(echoes[i])),
-                        finish_reason=c.finish_reason,
-                        stop_reason=c.stop_reason,
-                    )
-                )
+                choices.append(CompletionChoice(
+                    index=i * body.n + c.index, text=prep.echoes[i] + c.text,
+                    logprobs=self._logprobs(prep, i, c, full=True, offset=len(prep.echoes[i]), first=True),
+                    finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                    token_ids=list(c.token_ids) if body.return_token_ids else None,
+                    **self._extras(body, prep, i, first=True),
+                ))  # fmt: skip
         return CompletionResponse(id=request_id, model=model, choices=choices, usage=usage_of(finals))
 
     async def _stream(
         self,
         body: CompletionRequest,
+        prep: _Prepared,
         model: str,
         request_id: str,
         merged: AsyncIterator[tuple[int, RequestOutput]],
-        echoes: list[str],
     ) -> AsyncIterator[str]:
         usage = UsageCounter()
+        for i, ids in enumerate(prep.prompt_ids):
+            usage.expect_prompt(i, len(ids))
+        final_usage, continuous = self.ctx.include_usage(body.stream, body.stream_options)
         offsets: dict[int, int] = {}  # characters sent so far per choice, for text_offset
         try:
             async for i, output in merged:
                 usage.observe(i, output)
+                self._observe_prompt_logprobs(prep, i, output)
                 for c in output.outputs:
                     index = i * body.n + c.index
-                    if not (c.delta_text or c.finished or (body.logprobs is not None and c.delta_token_ids)):
+                    tokens = bool(c.delta_token_ids) and (prep.num_top is not None or body.return_token_ids)
+                    if not (c.delta_text or c.finished or tokens):
                         continue
-                    prefix = echoes[i] if index not in offsets else ""
+                    first = index not in offsets
+                    prefix = prep.echoes[i] if first else ""
                     offset = offsets.get(index, 0) + len(prefix)
                     text = prefix + c.delta_text
                     offsets[index] = offsets.get(index, 0) + len(text)
                     choice = CompletionChoice(
-                        index=index,
-                        text=text,
-                        logprobs=self._logprobs(body, c, full=False, offset=offset),
-                        finish_reason=c.finish_reason,
-                        stop_reason=c.stop_reason,
-                    )
-                    yield sse(CompletionResponseChunk(id=request_id, model=model, choices=[choice]))
-            if body.include_usage:
+                        index=index, text=text,
+                        logprobs=self._logprobs(prep, i, c, full=False, offset=offset, first=first),
+                        finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                        token_ids=list(c.delta_token_ids) if body.return_token_ids else None,
+                        **self._extras(body, prep, i, first),
+                    )  # fmt: skip
+                    extra = {"usage": usage.usage()} if continuous else {}
+                    yield sse(CompletionResponseChunk(id=request_id, model=model, choices=[choice], **extra))
+            if final_usage:
                 yield sse(CompletionResponseChunk(id=request_id, model=model, choices=[], usage=usage.usage()))
         except Exception as exc:  # noqa: BLE001 - headers are out; report in-band like vLLM
             yield stream_error_event(exc)

@@ -1,6 +1,8 @@
 """SGLang's native ``POST /generate``.
 
-Body: ``{"text" | "input_ids", "sampling_params": {"max_new_tokens", "temperature", ...}, "stream"}``.
+Body: ``{"text" | "input_ids", "sampling_params": {"max_new_tokens", "temperature", ...}, "stream"}``;
+``sampling_params`` may constrain the output with ``regex``, ``json_schema`` or ``ebnf`` and bias it with
+``logit_bias``.
 Answer per completion: ``{"text", "meta_info": {"id", "prompt_tokens", "completion_tokens",
 "cached_tokens", "finish_reason": {"type": "stop" | "length" | "abort", ...}}}``; a list when
 the request holds a batch of prompts or ``n > 1``. Streaming sends the same objects with the
@@ -16,6 +18,7 @@ from typing import Any
 from starlette.responses import JSONResponse, Response
 
 from shardserve.entrypoints.openai.protocol import GenerateRequest
+from shardserve.entrypoints.openai.request_options import request_error, sampling_fields, structured_output_fields
 from shardserve.entrypoints.openai.serving import (
     SSE_DONE,
     ServingContext,
@@ -26,6 +29,7 @@ from shardserve.entrypoints.openai.serving import (
     streaming_response,
 )
 from shardserve.outputs import CompletionOutput, RequestOutput
+from shardserve.structured_output import InvalidStructuredOutputError, from_sglang_sampling_params
 
 
 def finish_reason_info(c: CompletionOutput) -> dict[str, Any] | None:
@@ -57,8 +61,13 @@ class GenerateServer:
         param = "text" if body.text is not None else "input_ids"
         prompt_ids = [ctx.tokenize(p, param=param) for p in body.prompts()]
         sampling = body.sampling_params
+        try:
+            extra = structured_output_fields(from_sglang_sampling_params(sampling))
+        except InvalidStructuredOutputError as exc:
+            raise request_error(exc) from None
+        extra |= sampling_fields(sampling, prefix="sampling_params.")
         params = [
-            sampling.to_sampling_params(engine.generation_defaults, len(ids), engine.max_model_len)
+            sampling.to_sampling_params(ctx.generation_defaults, len(ids), engine.max_model_len, extra)
             for ids in prompt_ids
         ]
         base_id = body.rid or uuid.uuid4().hex

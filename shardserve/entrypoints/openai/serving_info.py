@@ -45,7 +45,7 @@ def model_info(ctx: ServingContext) -> dict[str, Any]:
         "model_path": model_path,
         "tokenizer_path": ctx.config.tokenizer or model_path,
         "is_generation": True,
-        "preferred_sampling_params": dict(engine.generation_defaults) or None,
+        "preferred_sampling_params": ctx.generation_defaults or None,
         "weight_version": "default",
         "has_image_understanding": False,
         "has_audio_understanding": False,
@@ -101,7 +101,7 @@ async def health_generate(ctx: ServingContext, timeout: float = HEALTH_GENERATE_
         async with asyncio.timeout(timeout):
             async for output in stream:
                 if output.finished:
-                    return bool(output.outputs and output.outputs[0].num_output_tokens)
+                    return bool(output.outputs and output.outputs[0].num_output_tokens)  # DELTA outputs
     except (TimeoutError, Exception):  # noqa: BLE001 - any failure means unhealthy
         return False
     finally:

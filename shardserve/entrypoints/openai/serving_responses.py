@@ -23,6 +23,7 @@ from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from shardserve.entrypoints.openai.fields import check_fields
 from shardserve.entrypoints.openai.protocol import ChatCompletionRequest, InvalidRequestError
 from shardserve.entrypoints.openai.protocol_responses import ResponsesRequest, to_chat_body
 from shardserve.entrypoints.openai.serving import SSE_DONE, ServingContext, streaming_response
@@ -51,6 +52,7 @@ class ResponsesServer:
             EngineOverloadedError, EngineDeadError: from the engine.
         """
         chat_body = to_chat_request(to_chat_body(body))
+        check_fields(chat_body, self.ctx.vocab_size)
         result = await ChatServer(self.ctx).create(chat_body, raw)
         response_id, created = _new_id("resp"), int(time.time())
         if body.stream:

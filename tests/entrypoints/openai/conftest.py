@@ -24,7 +24,7 @@ from procs import running_server
 
 from shardserve.config import ServerConfig
 from shardserve.outputs import CompletionOutput, Logprob, RequestOutput
-from shardserve.sampling_params import SamplingParams
+from shardserve.sampling_params import RequestOutputKind, SamplingParams
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MAX_MODEL_LEN = 512
@@ -47,7 +47,8 @@ def smollm_tokenizer():
 
 
 class FakeAsyncLLM:
-    """Generates by copying the prompt's tokens (completion j starts j tokens later), one token per step.
+    """Generates by copying the prompt's tokens (completion j starts j tokens later), one token per step; a
+    copied EOS token ends a completion with ``stop`` (unless ``ignore_eos``), as a model's would.
 
     Attributes:
         active: request ids whose stream is open.
@@ -113,12 +114,19 @@ class FakeAsyncLLM:
             CompletionOutput(index=j, logprobs=[] if params.logprobs is not None else None) for j in range(params.n)
         ]
         finished = False
+        eos = set(getattr(self.tokenizer, "eos_token_ids", ()))
         try:
             for step in range(max_tokens):
                 await asyncio.sleep(self.step_s)
+                changed = []
                 for j, out in enumerate(outs):
+                    if out.finish_reason is not None:
+                        continue
+                    changed.append(out)
                     token = ids[(step + j) % len(ids)]
-                    text = self.tokenizer.decode(out.token_ids + [token])
+                    text = self.tokenizer.decode(
+                        out.token_ids + [token], skip_special_tokens=params.skip_special_tokens
+                    )
                     out.delta_text, out.text = text[len(out.text) :], text
                     out.token_ids = out.token_ids + [token]
                     out.delta_token_ids = [token]
@@ -126,11 +134,16 @@ class FakeAsyncLLM:
                     if params.logprobs is not None:
                         out.delta_logprobs = [self._logprobs(token, params.logprobs)]
                         out.logprobs = out.logprobs + out.delta_logprobs
-                    if step == max_tokens - 1:
+                    if token in eos and not params.ignore_eos:
+                        out.finish_reason, out.stop_reason = "stop", None
+                    elif step == max_tokens - 1:
                         out.finish_reason = "length"
-                finished = step == max_tokens - 1
-                yield RequestOutput(request_id, None, ids, [CompletionOutput(**vars(o)) for o in outs], finished,
+                finished = all(o.finish_reason is not None for o in outs)
+                sent = changed if params.output_kind is RequestOutputKind.DELTA else outs
+                yield RequestOutput(request_id, None, ids, [CompletionOutput(**vars(o)) for o in sent], finished,
                                     num_cached_tokens=0)  # fmt: skip
+                if finished:
+                    break
         finally:
             self.active.discard(request_id)
             if not finished:

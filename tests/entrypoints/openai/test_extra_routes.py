@@ -242,8 +242,8 @@ def test_responses_instructions_and_items_render_into_the_prompt(client, fake, s
         {"type": "function_call_output", "call_id": "call_1", "output": "sunny"},
     ]
     r = client.responses.create(model="fake-model", instructions="Be terse.", input=items, max_output_tokens=40,
-                                temperature=0.5)  # fmt: skip
-    text = r.output_text
+                                temperature=0.5, extra_body={"ignore_eos": True})  # fmt: skip
+    text = r.output_text  # ignore_eos: the fake copies past <|im_end|>
     assert "Be terse." in text and "Weather in Paris?" in text and "sunny" in text  # the fake echoes its prompt
     assert fake.seen_params[-1].temperature == 0.5
 

@@ -65,7 +65,7 @@ def test_context_length_error_gives_both_counts():
 @pytest.mark.parametrize(
     "field, value",
     [("temperature", -1), ("temperature", "hot"), ("top_p", 0), ("n", 0), ("max_tokens", 0),
-     ("top_logprobs", 50), ("presence_penalty", 3), ("messages", []), ("stop", 5)],
+     ("top_logprobs", -2), ("presence_penalty", 3), ("messages", []), ("stop", 5)],
 )  # fmt: skip
 def test_out_of_range_fields_fail_validation_with_their_name(field, value):
     body = {"messages": [{"role": "user", "content": "hi"}], "logprobs": True, field: value}
