@@ -307,7 +307,6 @@ def serve(
                 enable_force_include_usage=enable_force_include_usage,
             )
             check_model_layout(config)
-            problems += unwired_server_flags(server)
         except ValueError as e:
             problems.append(str(e))
     if dry_run:
@@ -320,21 +319,6 @@ def serve(
     from shardserve.launcher import run_node
 
     raise typer.Exit(run_node(config, server, launch))
-
-
-NOT_YET_WIRED: dict[str, str] = {}
-"""Server flags that are parsed but not yet honoured end to end (``field -> flag``): refused rather than silently
-ignored. Every flag of issue 14 is honoured now."""
-
-
-def unwired_server_flags(server: ServerConfig) -> list[str]:
-    """A problem line for each flag given that the server cannot honour yet."""
-    defaults = ServerConfig()
-    return [
-        f"{flag} is not supported yet"
-        for field_name, flag in NOT_YET_WIRED.items()
-        if getattr(server, field_name) != getattr(defaults, field_name)
-    ]
 
 
 def _discover_launch(nnodes: int | None, node_rank: int | None, master_addr: str | None, master_port: int | None):
