@@ -362,7 +362,7 @@ class ModelRunner:
         """
         t0 = time.perf_counter()
         if self.cpu_threads is not None:
-            self.cpu_threads.adjust()
+            self.cpu_threads.adjust(int(as_i32(step.num_new_tokens).sum()))
         if self.fault is not None:
             for new in step.new_requests:
                 self.fault.check("step", self.rank, as_i32(new.prompt_token_ids))
@@ -540,8 +540,8 @@ class ModelRunner:
         return PendingOutput(step_id, device_out, lp_rows, k, None, failures)
 
 
-SMALL_HIDDEN_SIZE = 256
-"""Up to this model width a CPU rank runs one intra-op thread (see :class:`CpuThreads`)."""
+SMALL_STEP = 16384
+"""A CPU step with fewer tokens x hidden size than this runs on one intra-op thread (see :class:`CpuThreads`)."""
 
 
 def _available_cores() -> int:
@@ -571,26 +571,29 @@ class CpuThreads:
     A rank gets its share of the node's cores, less the cores other processes are using right now (read
     from the kernel's run queue once a second), and at least one. OpenMP threads that find no free core
     wait at every operator's barrier for a descheduled sibling, which made a loaded 2-core machine ~10x
-    slower with two threads than with one. Narrow models (hidden size up to ``SMALL_HIDDEN_SIZE``) always
-    run one thread: their matmuls are too small to split.
+    slower with two threads than with one. A small step (tokens x hidden size below ``SMALL_STEP``, e.g. a
+    batch-1 decode) runs one thread: its operators are too small to split (the hidden-64 model of
+    ``benchmarks/bench_host_overhead.py`` on 16 cores: 1.9 ms per batch-1 step on one thread against 3.2 ms
+    on sixteen; at 256 running requests one thread was 1.3x slower than sixteen).
     """
 
     CHECK_S = 1.0
 
     def __init__(self, hidden_size: int, ranks_per_node: int):
-        self.share = 1 if hidden_size <= SMALL_HIDDEN_SIZE else max(1, _available_cores() // max(1, ranks_per_node))
+        self.hidden_size = hidden_size
+        self.share = max(1, _available_cores() // max(1, ranks_per_node))
+        self.free = self.share
         self.threads = self.share
         self._next_check = 0.0
         torch.set_num_threads(self.threads)
-        self.adjust()
 
-    def adjust(self) -> None:
-        """Re-read the load (at most once per ``CHECK_S``) and set the thread count."""
-        if self.share == 1 or time.monotonic() < self._next_check:
-            return
-        self._next_check = time.monotonic() + self.CHECK_S
-        busy = _runnable_elsewhere()
-        threads = self.share if busy is None else max(1, min(self.share, _available_cores() - busy))
+    def adjust(self, num_tokens: int) -> None:
+        """Set the thread count for a step of ``num_tokens`` (the load is re-read at most once per ``CHECK_S``)."""
+        if self.share > 1 and time.monotonic() >= self._next_check:
+            self._next_check = time.monotonic() + self.CHECK_S
+            busy = _runnable_elsewhere()
+            self.free = self.share if busy is None else max(1, min(self.share, _available_cores() - busy))
+        threads = 1 if num_tokens * self.hidden_size < SMALL_STEP else self.free
         if threads != self.threads:
             torch.set_num_threads(threads)
             self.threads = threads
