@@ -65,6 +65,30 @@ def test_completion_stream_joins_to_greedy_text(client, model):
     assert streamed == full and full
 
 
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+def test_streamed_n_choices_end_once_and_join_to_the_non_streamed_texts(client, model, endpoint):
+    """n=3 under a fixed seed: each streamed choice gets exactly one chunk with a finish_reason, and the
+    chunks of each choice join to that choice's non-streamed text (a choice that finished early used to
+    get its final chunk again at the end)."""
+    if endpoint == "completions":
+        kw = dict(model=model, prompt="Once upon a time, in a", n=3, seed=7, max_tokens=12, temperature=0.9)
+        full = {c.index: c.text for c in client.completions.create(**kw).choices}
+        chunks = [(c.index, c.text, c.finish_reason) for ch in client.completions.create(stream=True, **kw)
+                  for c in ch.choices]  # fmt: skip
+    else:
+        kw = dict(model=model, messages=CAPITAL, n=3, seed=7, max_tokens=12, temperature=0.9)
+        full = {c.index: c.message.content for c in client.chat.completions.create(**kw).choices}
+        chunks = [(c.index, c.delta.content or "", c.finish_reason) for ch in client.chat.completions.create(
+            stream=True, **kw) for c in ch.choices]  # fmt: skip
+    assert sorted(full) == [0, 1, 2]
+    for index in range(3):
+        mine = [c for c in chunks if c[0] == index]
+        assert sum(reason is not None for _, _, reason in mine) == 1
+        assert mine[-1][2] is not None  # the finishing chunk is the choice's last
+        assert "".join(text for _, text, _ in mine) == full[index]
+    assert len(set(full.values())) > 1  # sampled, not three copies of one text
+
+
 def test_n_and_logprobs_shapes(client, model):
     chat = client.chat.completions.create(model=model, messages=CAPITAL, n=2, max_tokens=4, temperature=0.8,
                                           logprobs=True, top_logprobs=3, seed=1)  # fmt: skip
