@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import logging
+import shutil
 import sys
 import types
 from collections.abc import Iterator
@@ -744,6 +746,9 @@ def fp8_checkpoint(tiny_llama_dir, tmp_path_factory) -> Path:
         else:
             tensors[name] = w
     save_file(tensors, str(path / "model.safetensors"))
+    for other in tiny_llama_dir.iterdir():  # the tokenizer, for the engine
+        if other.name not in ("model.safetensors", "config.json"):
+            shutil.copy(other, path / other.name)
     cfg = json.loads((tiny_llama_dir / "config.json").read_text())
     (path / "config.json").write_text(json.dumps({**cfg, "quantization_config": BUILTIN_FP8_QUANTIZATION}))
     return path
@@ -784,3 +789,42 @@ def test_fp8_per_rank_bytes_equal_what_the_loader_holds(case, tiny_llama_dir, fp
             config = fp8_config_for(quantization, source)
             expected = rank_resident_bytes(weights, tp, layer_range, "bf16", quantization)
             assert _allocated_bytes(source.arch, tp, layer_range, torch.bfloat16, config) == expected, tp
+
+
+def test_kv_capacity_log_names_the_weight_bytes_and_kv_type_plan_counts(fp8_checkpoint, caplog):
+    """serve's KV-capacity line names each rank's weight bytes and the KV element type, so a user sees what plan
+    predicted (plan's per-rank bytes hold the RoPE cache too)."""
+    from shardserve import LLM
+
+    caplog.set_level(logging.INFO, logger="shardserve.engine.llm_engine")
+    llm = LLM(str(fp8_checkpoint), dtype="bfloat16", device="cpu", kv_cache_dtype="fp8", num_kv_blocks=8, block_size=4)
+    try:
+        held = llm.engine.executor.weight_bytes_per_rank
+    finally:
+        llm.shutdown()
+    weights = load_model_weights(str(fp8_checkpoint))
+    rope = 2 * weights.arch.max_position_embeddings * weights.arch.head_dim * 4
+    predicted = stage_weight_bytes(weights, 1, 1, "bf16", device="cpu")[0] - rope
+    assert held == (predicted,)
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("KV cache:"))
+    assert f"weights {predicted / 1e6:.2f} MB per rank" in line and "32 tokens of float8_e4m3fn" in line
+    report = make_plan(weights, PlanInputs(gpu_memory_bytes=10**9, gpus_per_node=1, kv_cache_dtype="fp8", device="cpu"))
+    assert report.kv_cache_dtype == "float8_e4m3fn"
+
+
+@pytest.mark.slow
+def test_served_ranks_hold_what_plan_counts_with_pp2_on_gguf_blocks():
+    """The embedded SmolLM2 Q4_1 served by two pipeline ranks (worker processes) with its blocks kept: the weight
+    bytes each rank reports with its KV capacity are those plan counts for its stage (less the RoPE cache)."""
+    from shardserve import LLM
+
+    llm = LLM(None, pipeline_parallel_size=2, dtype="float32", num_kv_blocks=16, quantization="gguf")
+    try:
+        held = llm.engine.executor.weight_bytes_per_rank
+    finally:
+        llm.shutdown()
+    weights = load_model_weights(str(GGUF))
+    rope = 2 * weights.arch.max_position_embeddings * weights.arch.head_dim * 4
+    assert held == tuple(b - rope for b in stage_weight_bytes(weights, 1, 2, "fp32", "gguf", "cpu"))
+    # both stages hold the tied Q8_0 table (embedding; LM head), the last one the final norm too
+    assert held[1] - held[0] == 576 * 4 and held[0] > 49152 * 576 // 32 * 34
