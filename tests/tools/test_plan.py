@@ -640,12 +640,15 @@ vocabulary so that TP pads the embedding and LM head."""
 def recipe_gguf(tmp_path_factory):
     """``recipe_gguf(recipe)``: a random untied Llama of RECIPE_SHAPE in GGUF in the tensor types llama.cpp's
     ``recipe`` gives (benchmarks/gguf_models.py): K-quant blocks of random bytes with small finite fp16 scales, Q/K
-    rows in llama.cpp's rotary order, F32 norms."""
+    rows in llama.cpp's rotary order, F32 norms. ``recipe+IQ4_NL``: two matrices of fused layers in IQ4_NL, a type
+    without a kernel (as an IQ4_XS file's attn_q beside its Q5_K attn_v)."""
     files: dict[str, Path] = {}
 
-    def make(recipe: str) -> Path:
-        if recipe in files:
-            return files[recipe]
+    def make(name: str) -> Path:
+        if name in files:
+            return files[name]
+        recipe, _, other = name.partition("+")
+        no_kernel = ("blk.0.attn_q.weight", "blk.1.ffn_up.weight") if other else ()
         rng = np.random.default_rng(len(files))
         h, i, n = RECIPE_SHAPE["hidden"], RECIPE_SHAPE["inter"], RECIPE_SHAPE["layers"]
         heads, kv, vocab = RECIPE_SHAPE["heads"], RECIPE_SHAPE["kv_heads"], RECIPE_SHAPE["vocab"]
@@ -657,6 +660,8 @@ def recipe_gguf(tmp_path_factory):
         for layer in range(n):
             for part, (rows, cols) in shapes.items():
                 qtype = recipe_type(recipe, part, layer, n)
+                if f"blk.{layer}.{part}.weight" in no_kernel:
+                    qtype = other
                 data = blocks(rng, rows, cols, qtype)
                 if part in ("attn_q", "attn_k"):
                     data = llamacpp_permute(data, heads if part == "attn_q" else kv)
@@ -669,10 +674,8 @@ def recipe_gguf(tmp_path_factory):
                 "llama.attention.head_count": heads, "llama.attention.head_count_kv": kv,
                 "llama.attention.layer_norm_rms_epsilon": 1e-5, "llama.rope.freq_base": 10000.0,
                 "llama.context_length": 128, "llama.vocab_size": vocab}  # fmt: skip
-        files[recipe] = write_gguf(
-            tmp_path_factory.mktemp("plan-recipe") / f"tiny.{recipe}.gguf", tensors, "llama", meta
-        )
-        return files[recipe]
+        files[name] = write_gguf(tmp_path_factory.mktemp("plan-recipe") / f"tiny.{name}.gguf", tensors, "llama", meta)
+        return files[name]
 
     return make
 
@@ -681,7 +684,8 @@ def recipe_gguf(tmp_path_factory):
     "fmt, quantization, dtype",
     [("safetensors", None, "fp32"), ("safetensors", None, "bf16"), ("Q8_0 tied", None, "fp32"),
      ("Q8_0 tied", None, "bf16"), ("Q8_0 tied", "gguf", "bf16"), ("Q4_K_S", "gguf", "bf16"),
-     ("Q4_K_M", "gguf", "fp32"), ("Q8_0", "gguf", "bf16"), ("Q4_K_M", None, "bf16")],
+     ("Q4_K_M", "gguf", "fp32"), ("Q8_0", "gguf", "bf16"), ("Q4_K_M", None, "bf16"),
+     ("Q8_0+IQ4_NL", "gguf", "bf16")],
 )  # fmt: skip
 def test_per_rank_bytes_equal_what_load_model_allocates(
     fmt, quantization, dtype, tiny_llama_dir, tiny_gguf, recipe_gguf
@@ -689,7 +693,7 @@ def test_per_rank_bytes_equal_what_load_model_allocates(
     """Load a small random model with the real loader on the CPU, stage by stage and TP rank by TP rank, and sum its
     parameter and buffer bytes: the planner counts exactly those. safetensors and GGUF dequantized at load (the CPU
     default), GGUF kept in its blocks (``--quantization gguf``: what CUDA holds by default) in Q4_K_S, Q4_K_M and
-    Q8_0's type mixes."""
+    Q8_0's type mixes, and with fused layers dequantized at load for a part without a kernel."""
     from shardserve.model_executor.layers.quantization.gguf import GGUFConfig
     from shardserve.model_executor.loader.resolve import open_gguf, resolve_model
 
