@@ -91,9 +91,12 @@ class LLMEngine:
         bs = self.config.cache.block_size
         self.max_model_len = self.max_model_len or self._max_model_len(num_blocks * bs)
         self.executor.init_kv_cache(num_blocks, self.max_model_len)
+        kv_dtype = str(self.config.cache.cache_torch_dtype(self.config.model.torch_dtype())).removeprefix("torch.")
         logger.info(
-            "KV cache: %d blocks of %d tokens = %d tokens; max concurrency at %d tokens per request: %.1fx",
-            num_blocks, bs, num_blocks * bs, self.max_model_len, num_blocks * bs / self.max_model_len,
+            "KV cache: %d blocks of %d tokens = %d tokens of %s; weights %s per rank; "
+            "max concurrency at %d tokens per request: %.1fx",
+            num_blocks, bs, num_blocks * bs, kv_dtype, _format_bytes(self.executor.weight_bytes_per_rank),
+            self.max_model_len, num_blocks * bs / self.max_model_len,
         )  # fmt: skip
         self.block_manager = BlockManager(num_blocks, bs, self.config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(
@@ -332,3 +335,14 @@ class LLMEngine:
     def shutdown(self) -> None:
         self.grammar.shutdown()
         self.executor.shutdown()
+
+
+def _format_bytes(per_rank: tuple[int, ...]) -> str:
+    """``20.31 GB`` when every rank holds the same, else each rank's, in decimal GB (MB below 0.1 GB) as
+    ``shardserve plan`` prints them."""
+    if not per_rank:
+        return "unknown"
+    unit, scale = ("GB", 1e9) if max(per_rank) >= 1e8 else ("MB", 1e6)
+    if len(set(per_rank)) == 1:
+        return f"{per_rank[0] / scale:.2f} {unit}"
+    return ", ".join(f"{b / scale:.2f}" for b in per_rank) + f" {unit}"

@@ -55,6 +55,8 @@ class Executor:
     max_in_flight: int = 1
     async_scheduling: bool = False
     """Whether steps may be scheduled before the previous step's sample is back (the ranks fill it in)."""
+    weight_bytes_per_rank: tuple[int, ...] = ()
+    """Bytes each rank's weights take on its device, by rank (set by :meth:`determine_num_blocks`)."""
 
     def determine_num_blocks(self) -> int:
         """KV blocks every rank can hold (the minimum over ranks)."""
@@ -121,6 +123,7 @@ class UniProcExecutor(Executor):
         self.max_in_flight = max_steps_in_flight(config)
 
     def determine_num_blocks(self) -> int:
+        self.weight_bytes_per_rank = (self.runner.model.weight_allocated_bytes,)
         return self.runner.available_kv_blocks()
 
     def init_kv_cache(self, num_blocks: int, max_model_len: int) -> None:
@@ -441,7 +444,9 @@ class MultiprocExecutor(Executor):
     def determine_num_blocks(self) -> int:
         self._send(m.ProfileRequest(), "asking for the KV-cache capacity")
         # Workers load the model before they answer: liveness is checked, but no deadline is set.
-        counts = [c.num_blocks for c in self._gather(m.KVCapacity, "waiting for the ranks to load the model", None)]
+        capacities = self._gather(m.KVCapacity, "waiting for the ranks to load the model", None)
+        counts = [c.num_blocks for c in capacities]
+        self.weight_bytes_per_rank = tuple(c.weight_bytes for c in capacities)
         logger.info("KV blocks per rank: %s; using the minimum", counts)
         return min(counts)
 

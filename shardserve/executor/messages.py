@@ -235,8 +235,12 @@ class Hello(msgspec.Struct, tag="hello", frozen=True):
 
 
 class KVCapacity(msgspec.Struct, tag="kv_capacity", frozen=True):
+    """A rank's KV blocks after its profile run, and what its weights take on its device."""
+
     rank: int
     num_blocks: int
+    weight_bytes: int = 0
+    """Bytes of the rank's weights on its device (``load_model``'s ``weight_allocated_bytes``), for the log."""
 
 
 class Ready(msgspec.Struct, tag="ready", frozen=True):

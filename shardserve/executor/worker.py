@@ -243,7 +243,7 @@ class Worker:
                 while held:
                     self._send(held.popleft().result())
             elif isinstance(msg, m.ProfileRequest):
-                self._send(m.KVCapacity(self.rank, runner.available_kv_blocks()))
+                self._send(m.KVCapacity(self.rank, runner.available_kv_blocks(), runner.model.weight_allocated_bytes))
             elif isinstance(msg, m.InitKVCache):
                 runner.init_kv_cache(msg.num_blocks, msg.max_model_len)
                 self.on_status()

@@ -51,14 +51,23 @@ def plan_command(
     max_model_len: int = typer.Option(8192, help="Tokens each sequence must reach (prompt + output)."),
     max_num_seqs: int = typer.Option(64, help="Concurrent sequences wanted at --max-model-len."),
     dtype: str = typer.Option(
-        "bf16", help="serve's --dtype (bf16, fp16, fp32): weights, activations and KV cache are held in it."
+        "bf16", help="serve's --dtype (bf16, fp16, fp32): activations, unquantized weights and the KV cache."
     ),
     weight_dtype: Optional[str] = typer.Option(
         None,
-        help="How a config model's checkpoint is stored: bf16, fp8, a GGML type (q8_0) or a llama.cpp file type "
-        "(Q4_K_S, Q4_K_M, Q5_K_M, Q6_K); sizes the file only, serve holds weights in --dtype "
+        help="How a built-in model's checkpoint is stored: bf16, fp8 (an FP8 checkpoint), a GGML type (q8_0) or a "
+        "llama.cpp file type (Q4_K_S, Q4_K_M, Q5_K_M, Q6_K: the GGUF file llama-quantize writes) "
         "(default: the name's quant suffix, else bf16).",
     ),
+    quantization: Optional[str] = typer.Option(
+        None,
+        "--quantization",
+        "-q",
+        help="serve's --quantization: gguf (keep GGUF blocks, also on --device cpu) or fp8 (quantize a bf16 "
+        "checkpoint at load); default: the checkpoint's own (GGUF blocks on CUDA, FP8 checkpoints in FP8).",
+    ),
+    kv_cache_dtype: str = typer.Option("auto", help="serve's --kv-cache-dtype: auto (--dtype) or fp8 (1 byte)."),
+    device: str = typer.Option("cuda", help="The device serve runs on: cuda, or cpu (dequantizes GGUF and FP8)."),
     gpu: Optional[str] = typer.Option(
         None, help="GPU model for memory and HBM bandwidth: H100, H200, A100-80, L40S, RTX 4090, RTX 3090 Ti."
     ),
@@ -84,6 +93,7 @@ def plan_command(
     """
     from shardserve.tools import plan as planner
     from shardserve.tools.netbench import NetbenchReport
+    from shardserve.tools.plan_weights import load_model_weights
 
     try:
         spec = planner.find_gpu(gpu) if gpu else None
@@ -96,6 +106,10 @@ def plan_command(
             max_model_len=max_model_len,
             max_num_seqs=max_num_seqs,
             dtype=dtype,
+            quantization=quantization,
+            kv_cache_dtype=kv_cache_dtype,
+            device=device,
+            compute_capability=spec.compute_capability if spec else None,
             gpu_memory_utilization=gpu_memory_utilization,
             max_num_batched_tokens=max_num_batched_tokens,
             activation_reserve_bytes=planner.parse_bytes(activation_reserve) if activation_reserve else None,
@@ -105,7 +119,7 @@ def plan_command(
             tp=tp,
             pp=pp,
         )
-        weights = planner.load_model_weights(model, weight_dtype)
+        weights = load_model_weights(model, weight_dtype)
         report = planner.make_plan(weights, inputs)
     except (ValueError, OSError) as e:
         raise typer.BadParameter(str(e)) from e

@@ -182,7 +182,7 @@ KNOWN_MODELS: tuple[KnownModel, ...] = (
 
 
 _VARIANT_RE = re.compile(r"-(instruct|chat|it|base)(?=-|$)")
-_QUANT_RE = re.compile(r"[-._](I?Q\d\w*|F16|F32|BF16)(\.gguf)?$", re.IGNORECASE)
+_QUANT_RE = re.compile(r"[-._](I?Q\d\w*|F16|F32|BF16|FP8(?:[-_]dynamic)?)(\.gguf)?$", re.IGNORECASE)
 
 
 def _normalise(name: str) -> str:
@@ -192,11 +192,13 @@ def _normalise(name: str) -> str:
 
 
 def split_quant_suffix(name: str) -> tuple[str, str | None]:
-    """``Llama-3.1-70B-Instruct-Q4_K_S.gguf`` -> (``Llama-3.1-70B-Instruct``, ``Q4_K_S``); no suffix: None."""
+    """``Llama-3.1-70B-Instruct-Q4_K_S.gguf`` -> (``Llama-3.1-70B-Instruct``, ``Q4_K_S``); ``...-FP8`` and
+    ``...-FP8-dynamic`` -> ``FP8``; no suffix: None."""
     m = _QUANT_RE.search(name.strip())
     if m is None:
         return name, None
-    return name.strip()[: m.start()], m.group(1).upper()
+    quant = m.group(1).upper()
+    return name.strip()[: m.start()], "FP8" if quant.startswith("FP8") else quant
 
 
 def _index() -> dict[str, KnownModel]:
@@ -223,3 +225,86 @@ def find_known_model(name: str) -> KnownModel | None:
 def known_model_names() -> list[str]:
     """Canonical hub ids of every built-in model."""
     return [m.hub_id for m in KNOWN_MODELS]
+
+
+# ----------------------------------------------------------------------------- llama.cpp file types
+
+LLAMA_CPP_RECIPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M",
+                     "Q5_K_S", "Q5_K_M", "Q6_K")  # fmt: skip
+"""llama.cpp file types whose per-tensor types :func:`llama_cpp_tensor_type` reproduces for Llama models; other
+file types (IQ*, TQ*) are read as their main GGML type in every matrix, the LM head in Q6_K."""
+_K_QUANT_FALLBACK = {"Q2_K": "IQ4_NL", "Q3_K": "IQ4_NL", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+"""llama.cpp's replacement when a row is not whole 256-element super-blocks (``convert_incompatible_tensor``)."""
+
+
+def use_more_bits(i_layer: int, n_layers: int) -> bool:
+    """llama.cpp's ``use_more_bits``: the layers the *_M recipes give more bits (first and last eighth, every third
+    in between)."""
+    return i_layer < n_layers // 8 or i_layer >= 7 * n_layers // 8 or (i_layer - n_layers // 8) % 3 == 2
+
+
+def llama_cpp_tensor_type(file_type: str, part: str, layer: int | None, arch: ModelArchConfig) -> str:
+    """The GGML type ``llama-quantize`` gives matrix ``part`` of a Llama-family model in file type ``file_type``.
+
+    Follows ``llama_tensor_get_type`` in llama.cpp's ``src/llama-quant.cpp`` (no importance matrix, no MoE):
+    the file type's main type everywhere, except the LM head (``output``, or the embedding when tied) in Q6_K
+    unless the main type is Q8_0; Q4_K_M / Q5_K_M: ``attn_v`` and ``ffn_down`` Q6_K on the layers of
+    :func:`use_more_bits`; Q4_K_S: ``attn_v`` Q5_K on the first 4 layers and ``ffn_down`` Q5_K on the first
+    eighth; Q3_K_M / Q3_K_L / Q2_K: more bits in ``attn_v``, ``attn_output`` and ``ffn_down`` as listed in
+    the code; 70B-class models (80 layers, grouped KV heads): a Q3_K / Q4_K ``attn_v`` becomes Q5_K. A K-quant
+    row that is not whole super-blocks of 256 takes the 32-element type llama.cpp falls back to.
+
+    Args:
+        file_type: llama.cpp file type (``Q4_K_M``, any case) or a GGML type (``q8_0``).
+        part: ``token_embd``, ``output``, ``attn_q``, ``attn_k``, ``attn_v``, ``attn_output``, ``ffn_gate``,
+            ``ffn_up`` or ``ffn_down``.
+        layer: the decoder layer (None for the embedding and the LM head).
+
+    Raises:
+        ValueError: an unknown file type or part.
+    """
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    key = file_type.strip().upper().removeprefix("MOSTLY_")
+    main = re.sub(r"_(S|M|L|XS|XXS)$", "", key) if key not in GGMLQuantizationType.__members__ else key
+    if main not in GGMLQuantizationType.__members__:
+        raise ValueError(f"unknown llama.cpp file type {file_type!r}")
+    n, qtype = arch.num_hidden_layers, main
+    head = part == "output" or (part == "token_embd" and arch.tie_word_embeddings)
+    if head:
+        qtype = "Q8_0" if main == "Q8_0" else "Q6_K"
+    elif part == "attn_v":
+        gqa = arch.num_attention_heads // arch.num_key_value_heads
+        if key == "Q2_K":
+            qtype = "Q4_K" if gqa >= 4 else "Q3_K"
+        elif key == "Q3_K_M":
+            qtype = "Q5_K" if layer < 2 else "Q4_K"
+        elif key == "Q3_K_L":
+            qtype = "Q5_K"
+        elif key in ("Q4_K_M", "Q5_K_M") and use_more_bits(layer, n):
+            qtype = "Q6_K"
+        elif key == "Q4_K_S" and layer < 4:
+            qtype = "Q5_K"
+        if n == 80 and gqa > 1 and qtype in ("Q3_K", "Q4_K"):
+            qtype = "Q5_K"  # LLM_TYPE_70B: attn_v is 8x smaller than attn_q, more bits cost little
+    elif part == "ffn_down":
+        if key == "Q2_K":
+            qtype = "Q3_K"
+        elif key == "Q3_K_M":
+            qtype = "Q5_K" if layer < n // 16 else "Q4_K"
+        elif key == "Q3_K_L":
+            qtype = "Q5_K"
+        elif key in ("Q4_K_M", "Q5_K_M") and use_more_bits(layer, n):
+            qtype = "Q6_K"
+        elif key == "Q4_K_S" and layer < n // 8:
+            qtype = "Q5_K"
+    elif part == "attn_output":
+        qtype = {"Q2_K": "Q3_K", "Q3_K_M": "Q4_K", "Q3_K_L": "Q5_K"}.get(key, qtype)
+    elif part not in ("token_embd", "attn_q", "attn_k", "ffn_gate", "ffn_up"):
+        raise ValueError(f"unknown tensor part {part!r}")
+    cols = {"attn_output": arch.num_attention_heads * arch.head_dim, "ffn_down": arch.intermediate_size}
+    if cols.get(part, arch.hidden_size) % GGML_QUANT_SIZES[GGMLQuantizationType[qtype]][0]:
+        qtype = _K_QUANT_FALLBACK.get(qtype, "F16")
+        if cols.get(part, arch.hidden_size) % GGML_QUANT_SIZES[GGMLQuantizationType[qtype]][0]:
+            qtype = "F16"
+    return qtype

@@ -4,19 +4,26 @@ Pure functions over :class:`ModelArchConfig` (or a GGUF file's tensors) and a ha
 no device is touched. The rules, and their sources:
 
 * Memory per rank: the bytes ``serve`` allocates, counted by :func:`rank_resident_bytes` (the one
-  place that knows in which dtype each parameter is held) over :func:`rank_parameters`, which lists
-  the parameters ``LlamaForCausalLM`` creates on one rank: linear layers split over TP (Megatron-LM
-  column/row parallel), K/V projections split by KV head and replicated when TP exceeds the KV heads
-  (``QKVParallelLinear``), the embedding and LM head split over TP by vocabulary rows padded to a
-  multiple of TP (``VocabParallelEmbedding``, ``ParallelLMHead``) on the first and last stage (a
-  tied LM head is a second copy on the last stage when PP > 1), norms replicated, plus the RoPE
-  cos/sin cache. Today the loader dequantizes every tensor, GGUF or not, to the compute dtype
-  (``--dtype``), so a 4-bit file takes 2 bytes per weight in bf16; the file's own size is reported
-  apart. Layers split over PP as the loader splits them (``pp_layer_range``).
-* KV cache bytes per token = ``2 * num_layers * num_kv_heads * head_dim * dtype_bytes``; per rank
-  ``num_kv_heads / tp`` (at least one head, replicated when tp > kv heads) and the layers of its stage.
+  place that adds up a rank's bytes) over :func:`rank_weight_parts`, the bytes of each layer, the
+  embedding, the LM head and the final norm as the quantization schemes count them for the device:
+  GGUF tensors at their block sizes where ``serve`` keeps them (CUDA, or ``--quantization gguf``;
+  ``gguf_weight_bytes``), dequantized to ``--dtype`` where it dequantizes (the CPU default, types
+  without a kernel); FP8 at one byte per weight plus a scale per output row (``Fp8Config.weight_bytes``);
+  everything else in ``--dtype``, over :func:`rank_parameters`: linear layers split over TP
+  (Megatron-LM column/row parallel), K/V projections split by KV head and replicated when TP exceeds
+  the KV heads (``QKVParallelLinear``), the embedding and LM head split over TP by vocabulary rows
+  padded to a multiple of TP (``VocabParallelEmbedding``, ``ParallelLMHead``) on the first and last
+  stage (a tied LM head is a second copy on the last stage when PP > 1), norms replicated; plus the
+  RoPE cos/sin cache. The file's own size is reported apart. Layers split over PP as the loader
+  splits them (``pp_layer_range``). A built-in name in a llama.cpp file type (``-Q4_K_S``) is the
+  tensor table ``llama-quantize`` writes (:func:`~shardserve.tools.known_models.llama_cpp_tensor_type`).
+* KV cache bytes per token = ``2 * num_layers * num_kv_heads * head_dim * element_bytes`` (``--dtype``,
+  or 1 with ``--kv-cache-dtype fp8``); per rank ``num_kv_heads / tp`` (at least one head, replicated
+  when tp > kv heads) and the layers of its stage.
 * Sequences that fit = ``(gpu_memory * utilization - weights - activation reserve) // (max_model_len
-  * kv_bytes_per_token_per_rank)``, the minimum over stages.
+  * kv_bytes_per_token_per_rank)``, the minimum over stages; the reserve includes the buffer a long
+  prefill dequantizes a GGUF layer weight into. A ``--gpu``'s memory is the total CUDA reports for
+  it, which ``serve`` multiplies by ``--gpu-memory-utilization``.
 * Batch-1 decode bound: every stage reads its weight shard once per token, one stage after the
   other, at HBM bandwidth: ``sum_s weight_bytes_per_rank(s) / hbm_bandwidth`` seconds per token.
 * TP communication: two all-reduces of ``hidden_size * dtype_bytes * batch`` bytes per layer
@@ -30,33 +37,24 @@ import logging
 import math
 import re
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
+import torch
+
 from shardserve.config import DTYPES, ModelArchConfig, check_parallel_layout, tensor_parallel_sizes
-from shardserve.tools.known_models import find_known_model, known_model_names, split_quant_suffix
 from shardserve.tools.netbench import BUSBW_FACTORS, NetbenchReport, interpolate_busbw
+from shardserve.tools.plan_weights import (
+    COMPUTE_DTYPES,
+    DTYPE_BYTES,
+    ModelWeights,
+    held_scheme,
+    rank_resident_bytes,
+    rank_weight_parts,
+    rope_cache_bytes,
+    weights_held,
+)
 
 logger = logging.getLogger(__name__)
-
-DTYPE_BYTES: dict[str, float] = {
-    "float32": 4,
-    "fp32": 4,
-    "float16": 2,
-    "fp16": 2,
-    "half": 2,
-    "bfloat16": 2,
-    "bf16": 2,
-    "fp8": 1,
-    "float8": 1,
-    "int8": 1,
-    "int4": 0.5,
-}
-"""Bytes per element of unquantised dtypes (int4 as packed pairs); storage types of checkpoints."""
-COMPUTE_DTYPES = tuple(DTYPES)
-"""dtypes ``serve --dtype`` computes (and so holds weights and KV cache) in."""
-ROPE_CACHE_BYTES_PER_ELEMENT = 4
-"""``RotaryEmbedding`` keeps its cos/sin caches in fp32."""
 
 _UNITS = {
     "": 1e9,
@@ -80,24 +78,28 @@ DEFAULT_MAX_NODES = 16
 
 @dataclass(frozen=True)
 class GpuSpec:
-    """Nominal figures of one GPU model."""
+    """Figures of one GPU model."""
 
     name: str
     memory_bytes: int
-    """Nominal memory (decimal GB as marketed)."""
+    """Total memory as CUDA reports it (``torch.cuda.mem_get_info``; "GPU 0 has a total capacity of ..." in
+    torch's out-of-memory message): what ``serve --gpu-memory-utilization`` takes its fraction of. A little
+    under the marketed size, which counts GiB (a "24 GB" card has 24564 MiB in nvidia-smi, 23.64 GiB in CUDA)."""
     hbm_bandwidth: float
-    """Peak memory bandwidth (bytes/s)."""
+    """Peak memory bandwidth (bytes/s, datasheet)."""
+    compute_capability: tuple[int, int]
+    """CUDA compute capability (FP8 weights and KV cache need 8.9)."""
 
 
 GPUS: dict[str, GpuSpec] = {
     spec.name.lower(): spec
     for spec in (
-        GpuSpec("H100", 80 * 10**9, 3.35e12),  # H100 SXM5 80GB datasheet
-        GpuSpec("H200", 141 * 10**9, 4.8e12),
-        GpuSpec("A100-80", 80 * 10**9, 2.0e12),
-        GpuSpec("L40S", 48 * 10**9, 0.864e12),
-        GpuSpec("RTX 4090", 24 * 10**9, 1.008e12),
-        GpuSpec("RTX 3090 Ti", 24 * 10**9, 1.008e12),
+        GpuSpec("H100", int(79.11 * 2**30), 3.35e12, (9, 0)),  # H100 SXM5 80GB
+        GpuSpec("H200", int(139.80 * 2**30), 4.8e12, (9, 0)),
+        GpuSpec("A100-80", int(79.15 * 2**30), 2.0e12, (8, 0)),
+        GpuSpec("L40S", int(44.39 * 2**30), 0.864e12, (8, 9)),
+        GpuSpec("RTX 4090", int(23.64 * 2**30), 1.008e12, (8, 9)),
+        GpuSpec("RTX 3090 Ti", int(23.64 * 2**30), 1.008e12, (8, 6)),  # 24564 MiB in nvidia-smi, as the 4090
     )
 }
 
@@ -142,228 +144,6 @@ def parse_bytes(text: str | float | int) -> int:
     return int(value * _UNITS[unit])
 
 
-def ggml_type_of(name: str) -> str | None:
-    """The GGML tensor type behind a GGML type or llama.cpp file-type name, any case (``q4_k_m`` -> ``Q4_K``).
-
-    A file type such as Q4_K_M mixes types; its main one (Q4_K) is returned. None for other names.
-    """
-    from gguf import GGMLQuantizationType, LlamaFileType
-
-    key = name.strip().upper().removeprefix("MOSTLY_")
-    if key in GGMLQuantizationType.__members__:
-        return key
-    if f"MOSTLY_{key}" in LlamaFileType.__members__:
-        base = re.sub(r"_(S|M|L|XS|XXS)$", "", key)
-        return base if base in GGMLQuantizationType.__members__ else None
-    return None
-
-
-def bytes_per_param(dtype: str) -> float:
-    """Bytes per weight as stored, for a dtype name (bf16, fp8, ...), a GGML type (q4_k, q8_0) or a
-    llama.cpp file type (Q4_K_S, Q4_K_M, Q5_K_M, Q6_K, Q8_0; any case, read as its main GGML type).
-
-    GGML types use ``type_size / block_size`` from ``gguf.GGML_QUANT_SIZES`` (Q4_K: 144/256 = 0.5625).
-
-    Raises:
-        ValueError: unknown name.
-    """
-    if dtype.lower() in DTYPE_BYTES:
-        return float(DTYPE_BYTES[dtype.lower()])
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
-    ggml = ggml_type_of(dtype)
-    if ggml is None:
-        raise ValueError(
-            f"unknown dtype {dtype!r}; use one of {sorted(DTYPE_BYTES)}, a GGML type such as q4_k or q8_0, "
-            "or a llama.cpp file type such as Q4_K_M"
-        )
-    block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType[ggml]]
-    return type_size / block
-
-
-# ----------------------------------------------------------------------------- weights
-
-
-@dataclass(frozen=True)
-class WeightTensor:
-    """One checkpoint tensor as stored."""
-
-    name: str
-    """Hugging Face name (config models) or llama.cpp name (GGUF files)."""
-    numel: int
-    stored_type: str
-    """Storage dtype or GGML type (``bf16``, ``Q4_K``, ...)."""
-    nbytes: int
-    """Bytes in the checkpoint."""
-
-
-@dataclass
-class ModelWeights:
-    """A model's architecture and its checkpoint tensors, from a config (estimated) or a GGUF file (actual)."""
-
-    name: str
-    arch: ModelArchConfig
-    tensors: list[WeightTensor]
-    source: str
-    """``config`` (num_params x storage dtype bytes) or ``gguf`` (tensor bytes of the file)."""
-    weight_dtype: str
-    """Storage dtype of the checkpoint, or ``gguf`` (mixed types as stored)."""
-    file_bytes: int | None = None
-    """Size of the GGUF file (bytes) when read from one."""
-
-    @property
-    def stored_bytes(self) -> int:
-        """Bytes of the checkpoint's tensors."""
-        return sum(t.nbytes for t in self.tensors)
-
-    def stored_types(self) -> set[str]:
-        return {t.stored_type for t in self.tensors}
-
-
-def arch_tensors(arch: ModelArchConfig, weight_dtype: str = "bf16") -> list[WeightTensor]:
-    """The checkpoint tensors of a config, named as in Hugging Face checkpoints, stored in ``weight_dtype``.
-
-    Their element counts add up to ``arch.num_params()``.
-    """
-    bpp = bytes_per_param(weight_dtype)
-    stored = weight_dtype.lower() if weight_dtype.lower() in DTYPE_BYTES else weight_dtype.upper()
-    h, i, d = arch.hidden_size, arch.intermediate_size, arch.head_dim
-    q, kv = arch.num_attention_heads * d, arch.num_key_value_heads * d
-    shapes = [("model.embed_tokens.weight", arch.vocab_size * h)]
-    for n in range(arch.num_hidden_layers):
-        p = f"model.layers.{n}."
-        shapes += [(p + "input_layernorm.weight", h), (p + "self_attn.q_proj.weight", q * h),
-                   (p + "self_attn.k_proj.weight", kv * h), (p + "self_attn.v_proj.weight", kv * h),
-                   (p + "self_attn.o_proj.weight", h * q), (p + "post_attention_layernorm.weight", h),
-                   (p + "mlp.gate_proj.weight", i * h), (p + "mlp.up_proj.weight", i * h),
-                   (p + "mlp.down_proj.weight", h * i)]  # fmt: skip
-        if arch.attention_bias:
-            shapes += [(p + "self_attn.q_proj.bias", q), (p + "self_attn.k_proj.bias", kv),
-                       (p + "self_attn.v_proj.bias", kv)]  # fmt: skip
-        if arch.qk_norm:
-            shapes += [(p + "self_attn.q_norm.weight", d), (p + "self_attn.k_norm.weight", d)]
-    shapes.append(("model.norm.weight", h))
-    if not arch.tie_word_embeddings:
-        shapes.append(("lm_head.weight", arch.vocab_size * h))
-    return [WeightTensor(name, numel, stored, math.ceil(numel * bpp)) for name, numel in shapes]
-
-
-def weights_from_arch(name: str, arch: ModelArchConfig, weight_dtype: str = "bf16") -> ModelWeights:
-    """Estimated checkpoint of a config stored in ``weight_dtype``."""
-    return ModelWeights(name, arch, arch_tensors(arch, weight_dtype), "config", weight_dtype)
-
-
-def weights_from_gguf(path: str | Path) -> ModelWeights:
-    """Actual checkpoint of a GGUF file: each tensor's type and stored bytes from the file's header; the
-    architecture from its metadata (:func:`shardserve.model_executor.loader.resolve.resolve_model`).
-
-    Raises:
-        ValueError: unreadable file, unsupported architecture or incomplete metadata.
-    """
-    from shardserve.model_executor.loader.resolve import read_gguf_header, resolve_model
-
-    path = Path(path)
-    source = resolve_model(str(path))
-    tensors = [
-        WeightTensor(t.name, t.n_elements, t.type_name, t.n_bytes) for t in read_gguf_header(path).tensors.values()
-    ]
-    return ModelWeights(source.name, source.arch, tensors, "gguf", "gguf", path.stat().st_size)
-
-
-def load_model_weights(model: str, weight_dtype: str | None = None) -> ModelWeights:
-    """Resolve ``model`` offline: a .gguf file or HF directory, a built-in name (:mod:`known_models`: base or
-    Instruct, with or without ``Meta-``, optionally with a llama.cpp quant suffix such as ``-Q4_K_S``),
-    or a hub id in the local HF cache (files and hub ids through ``resolve_model``).
-
-    ``weight_dtype`` is the checkpoint's storage for config-based models (default: a name's quant suffix,
-    else bf16); a GGUF's own tensor types are used as stored.
-
-    Raises:
-        ValueError: nothing matches (the message lists the built-in names).
-    """
-    from shardserve.model_executor.loader.resolve import resolve_model
-
-    if not Path(model).expanduser().exists():
-        base, quant = split_quant_suffix(model)
-        known = find_known_model(base)
-        if known is not None:
-            return weights_from_arch(known.short_name, known.arch(), weight_dtype or quant or "bf16")
-    try:
-        source = resolve_model(model)
-    except ValueError as e:
-        raise ValueError(
-            f"cannot resolve model {model!r}: {e}; built-in names: {', '.join(known_model_names())}"
-        ) from e
-    if source.format == "gguf":
-        return weights_from_gguf(source.path)
-    return weights_from_arch(source.name, source.arch, weight_dtype or source.arch.torch_dtype or "bf16")
-
-
-def rank_parameters(arch: ModelArchConfig, tp: int, layer_range: tuple[int, int]) -> list[tuple[str, int]]:
-    """``(checkpoint tensor name, elements on one TP rank)`` of every parameter that ``LlamaForCausalLM``
-    creates on a rank holding decoder layers ``layer_range`` (the fused q/k/v and gate/up parameters are
-    listed by their checkpoint parts). Every TP rank of a stage holds the same counts.
-
-    Raises:
-        ValueError: ``tp`` does not split the model (:func:`shardserve.config.check_parallel_layout`).
-    """
-    check_parallel_layout(arch, tp, 1)
-    h, d = arch.hidden_size, arch.head_dim
-    heads = arch.num_attention_heads // tp
-    kv_heads = kv_heads_per_rank(arch, tp)
-    mlp = arch.intermediate_size // tp
-    vocab_rows = -(-arch.vocab_size // tp)  # padded to a multiple of tp
-    start, end = layer_range
-    out = [("model.embed_tokens.weight", vocab_rows * h)] if start == 0 else []
-    for n in range(start, end):
-        p = f"model.layers.{n}."
-        out += [(p + "input_layernorm.weight", h), (p + "self_attn.q_proj.weight", heads * d * h),
-                (p + "self_attn.k_proj.weight", kv_heads * d * h), (p + "self_attn.v_proj.weight", kv_heads * d * h),
-                (p + "self_attn.o_proj.weight", h * heads * d), (p + "post_attention_layernorm.weight", h),
-                (p + "mlp.gate_proj.weight", mlp * h), (p + "mlp.up_proj.weight", mlp * h),
-                (p + "mlp.down_proj.weight", h * mlp)]  # fmt: skip
-        if arch.attention_bias:
-            out += [(p + "self_attn.q_proj.bias", heads * d), (p + "self_attn.k_proj.bias", kv_heads * d),
-                    (p + "self_attn.v_proj.bias", kv_heads * d)]  # fmt: skip
-        if arch.qk_norm:
-            out += [(p + "self_attn.q_norm.weight", d), (p + "self_attn.k_norm.weight", d)]
-    if end == arch.num_hidden_layers:
-        out.append(("model.norm.weight", h))
-        if not (arch.tie_word_embeddings and start == 0):  # tied on one stage: the LM head is the embedding
-            out.append(("lm_head.weight", vocab_rows * h))
-    return out
-
-
-def rank_resident_bytes(weights: ModelWeights, tp: int, layer_range: tuple[int, int], compute_dtype: str) -> int:
-    """Bytes of model state one rank holds: its parameters plus the RoPE cos/sin caches.
-
-    THE weight accounting of the planner, kept to this one function: at this commit the loader creates
-    every parameter in the compute dtype and dequantizes each checkpoint tensor (GGUF quants included)
-    into it, so a parameter takes ``numel * bytes(compute_dtype)`` whatever ``weights``' stored types
-    are. When weights stay quantized on the device, this is where their stored types (``weights.tensors``)
-    come in.
-
-    Args:
-        weights: the checkpoint (its architecture; its stored types are not used yet).
-        tp: tensor parallel size.
-        layer_range: decoder layers ``[start, end)`` of the rank's stage.
-        compute_dtype: ``serve --dtype`` (bf16, fp16, fp32).
-
-    Raises:
-        ValueError: ``tp`` does not split the model, or an unknown compute dtype.
-    """
-    if compute_dtype.lower() not in COMPUTE_DTYPES:
-        raise ValueError(f"compute dtype must be one of {sorted(COMPUTE_DTYPES)}, got {compute_dtype!r}")
-    element = DTYPE_BYTES[compute_dtype.lower()]
-    params = sum(numel for _, numel in rank_parameters(weights.arch, tp, layer_range))
-    return int(params * element) + rope_cache_bytes(weights.arch)
-
-
-def rope_cache_bytes(arch: ModelArchConfig) -> int:
-    """The ``RotaryEmbedding`` cos and sin caches of one rank: ``2 * max_position_embeddings * head_dim`` fp32."""
-    return 2 * arch.max_position_embeddings * arch.head_dim * ROPE_CACHE_BYTES_PER_ELEMENT
-
-
 # ----------------------------------------------------------------------------- layouts
 
 
@@ -401,15 +181,22 @@ def kv_bytes_per_token(arch: ModelArchConfig, dtype_bytes: float, num_layers: in
     return int(2 * layers * kv_heads_per_rank(arch, tp) * arch.head_dim * dtype_bytes)
 
 
-def stage_weight_bytes(weights: ModelWeights, tp: int, pp: int, compute_dtype: str = "bf16") -> list[int]:
+def stage_weight_bytes(
+    weights: ModelWeights,
+    tp: int,
+    pp: int,
+    compute_dtype: str = "bf16",
+    quantization: str | None = None,
+    device: str = "cuda",
+) -> list[int]:
     """Bytes of model state held by one rank of each pipeline stage (list of length ``pp``), by
     :func:`rank_resident_bytes`.
 
     Raises:
-        ValueError: ``pp`` exceeds the layer count, or ``tp`` does not split the model.
+        ValueError: ``pp`` exceeds the layer count, or as :func:`rank_weight_parts`.
     """
     ranges = stage_layer_ranges(weights.arch.num_hidden_layers, pp)
-    return [rank_resident_bytes(weights, tp, r, compute_dtype) for r in ranges]
+    return [rank_resident_bytes(weights, tp, r, compute_dtype, quantization, device) for r in ranges]
 
 
 @dataclass
@@ -426,7 +213,16 @@ class PlanInputs:
     max_num_seqs: int = 64
     """Concurrent sequences wanted at max_model_len."""
     dtype: str = "bf16"
-    """Compute dtype of ``serve`` (``--dtype``): weights, activations and KV cache are held in it."""
+    """Compute dtype of ``serve`` (``--dtype``): activations, unquantized weights and (by default) the KV cache."""
+    quantization: str | None = None
+    """``serve --quantization``: None (the checkpoint's own: GGUF blocks on CUDA, FP8 checkpoints in FP8),
+    ``gguf`` (keep GGUF blocks on the CPU too) or ``fp8`` (quantize a bf16 checkpoint at load)."""
+    kv_cache_dtype: str = "auto"
+    """``serve --kv-cache-dtype``: auto (the compute dtype) or fp8 / fp8_e4m3 (one byte per element)."""
+    device: str = "cuda"
+    """The device ``serve`` runs on: ``cuda``, or ``cpu`` (GGUF and FP8 weights dequantized at load)."""
+    compute_capability: tuple[int, int] | None = None
+    """The GPU's CUDA compute capability, when known (``--gpu``): FP8 needs 8.9."""
     gpu_memory_utilization: float = 0.9
     max_num_batched_tokens: int = 2048
     """Tokens per forward (prefill chunk), for the activation estimate."""
@@ -450,25 +246,78 @@ class PlanInputs:
             raise ValueError(f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.dtype.lower() not in COMPUTE_DTYPES:
             raise ValueError(f"--dtype must be one of serve's {sorted(COMPUTE_DTYPES)}, got {self.dtype!r}")
+        if self.device not in ("cuda", "cpu"):
+            raise ValueError(f"--device must be cuda or cpu, got {self.device!r}")
+        if self.kv_dtype != DTYPES[self.dtype.lower()]:  # reading it checks --kv-cache-dtype
+            self.check_fp8(f"--kv-cache-dtype {self.kv_cache_dtype}")
+        if self.quantization == "fp8":
+            self.check_fp8("--quantization fp8")
 
     @property
     def dtype_bytes(self) -> float:
         return DTYPE_BYTES[self.dtype.lower()]
 
+    @property
+    def kv_dtype(self) -> torch.dtype:
+        """The KV cache's element type, as ``CacheConfig.cache_torch_dtype`` gives it.
 
-def activation_reserve(arch: ModelArchConfig, inputs: PlanInputs, tp: int) -> int:
+        Raises:
+            ValueError: an unknown ``kv_cache_dtype``.
+        """
+        from shardserve.config import CacheConfig
+
+        return CacheConfig(kv_cache_dtype=self.kv_cache_dtype).cache_torch_dtype(DTYPES[self.dtype.lower()])
+
+    @property
+    def kv_dtype_bytes(self) -> int:
+        """Bytes per KV cache element (1 with fp8)."""
+        return torch.empty((), dtype=self.kv_dtype).element_size()
+
+    def check_fp8(self, what: str) -> None:
+        """Refuse an FP8 option on a GPU below compute capability 8.9, as ``serve`` does.
+
+        Raises:
+            ValueError: ``compute_capability`` is known and too old.
+        """
+        from shardserve.config import FP8_MIN_CAPABILITY
+
+        cap = self.compute_capability
+        if self.device == "cuda" and cap is not None and tuple(cap) < FP8_MIN_CAPABILITY:
+            raise ValueError(
+                f"{what} needs a GPU with FP8 support (compute capability >= 8.9); this GPU has {cap[0]}.{cap[1]}, "
+                "so serve refuses it"
+            )
+
+
+def activation_reserve(arch: ModelArchConfig, inputs: PlanInputs, tp: int, scratch: int = 0) -> int:
     """Estimated peak per-rank memory outside weights and KV cache (bytes).
 
     ``max_num_batched_tokens * (4 * hidden + 3 * intermediate / tp) * dtype_bytes`` (residual, normed
     input, attention output, MLP gate/up/activation live at once) plus fp32 logits of
-    ``max_num_seqs`` rows, plus RUNTIME_OVERHEAD_BYTES. vLLM measures this with a profile run; this is
-    the offline stand-in. ``inputs.activation_reserve_bytes`` overrides it.
+    ``max_num_seqs`` rows, plus ``scratch`` (:func:`dequant_scratch_bytes`), plus RUNTIME_OVERHEAD_BYTES.
+    vLLM measures this with a profile run (as ``serve`` does on CUDA); this is the offline stand-in.
+    ``inputs.activation_reserve_bytes`` overrides it.
     """
     if inputs.activation_reserve_bytes is not None:
         return inputs.activation_reserve_bytes
     acts = inputs.max_num_batched_tokens * (4 * arch.hidden_size + 3 * arch.intermediate_size / tp) * inputs.dtype_bytes
     logits = inputs.max_num_seqs * arch.vocab_size * 4
-    return int(acts + logits + RUNTIME_OVERHEAD_BYTES)
+    return int(acts + logits + scratch + RUNTIME_OVERHEAD_BYTES)
+
+
+def dequant_scratch_bytes(weights: ModelWeights, inputs: PlanInputs, tp: int) -> int:
+    """The transient buffer a step dequantizes one GGUF layer weight into (``ModelWeightBytes.scratch``): on
+    CUDA when a forward has at least ``DEQUANT_MIN_ROWS`` tokens (``gguf_linear``), on the CPU at every step;
+    0 when the weights are not GGUF blocks.
+
+    Raises:
+        ValueError: as :func:`rank_weight_parts`.
+    """
+    from shardserve.model_executor.layers.quantization.gguf_blocks import DEQUANT_MIN_ROWS
+
+    if inputs.device == "cuda" and inputs.max_num_batched_tokens < DEQUANT_MIN_ROWS:
+        return 0
+    return rank_weight_parts(weights, tp, inputs.dtype, inputs.quantization, inputs.device).scratch
 
 
 @dataclass
@@ -528,12 +377,12 @@ def evaluate_layout(weights: ModelWeights, inputs: PlanInputs, tp: int, pp: int)
     arch = weights.arch
     world = tp * pp
     nodes, per_node = _nodes_for(world, inputs.gpus_per_node)
-    stage_bytes = stage_weight_bytes(weights, tp, pp, inputs.dtype)
+    stage_bytes = stage_weight_bytes(weights, tp, pp, inputs.dtype, inputs.quantization, inputs.device)
     parts = split_layers(arch.num_hidden_layers, pp)
-    reserve = activation_reserve(arch, inputs, tp)
+    reserve = activation_reserve(arch, inputs, tp, dequant_scratch_bytes(weights, inputs, tp))
     budget = inputs.gpu_memory_bytes * inputs.gpu_memory_utilization - reserve
     kv_rooms = [int(budget - b) for b in stage_bytes]
-    kv_tokens = [kv_bytes_per_token(arch, inputs.dtype_bytes, n, tp) for n in parts]
+    kv_tokens = [kv_bytes_per_token(arch, inputs.kv_dtype_bytes, n, tp) for n in parts]
     seqs = min(max(0, room) // (inputs.max_model_len * per_tok) for room, per_tok in zip(kv_rooms, kv_tokens))
     plan = LayoutPlan(
         tp=tp,
@@ -552,17 +401,27 @@ def evaluate_layout(weights: ModelWeights, inputs: PlanInputs, tp: int, pp: int)
         fits=seqs >= 1,
         meets_max_num_seqs=seqs >= inputs.max_num_seqs,
     )
-    if inputs.hbm_bandwidth:  # every parameter is read once per token; the RoPE cache only at the positions
+    if inputs.hbm_bandwidth:  # every weight byte is read once per token; the RoPE cache only at the positions
         read = sum(stage_bytes) - pp * rope_cache_bytes(arch)
         plan.decode_s_per_token_weights = read / inputs.hbm_bandwidth
     _add_comm_times(plan, arch, inputs)
     return plan
 
 
-def valid_tp_sizes(arch: ModelArchConfig, gpus_per_node: int) -> list[int]:
-    """TP sizes ``serve`` accepts for ``arch`` (:func:`shardserve.config.tensor_parallel_sizes`) up to
-    ``gpus_per_node``."""
-    return [tp for tp in tensor_parallel_sizes(arch) if tp <= gpus_per_node]
+def valid_tp_sizes(weights: ModelWeights, inputs: PlanInputs) -> list[int]:
+    """TP sizes ``serve`` accepts for the model (:func:`shardserve.config.tensor_parallel_sizes`) up to
+    ``inputs.gpus_per_node``, less those that would cut a GGUF block the weights are kept in."""
+    sizes = []
+    for tp in tensor_parallel_sizes(weights.arch):
+        if tp > inputs.gpus_per_node:
+            continue
+        try:
+            rank_weight_parts(weights, tp, inputs.dtype, inputs.quantization, inputs.device)
+        except ValueError as e:
+            logger.debug("TP=%d left out: %s", tp, e)
+            continue
+        sizes.append(tp)
+    return sizes
 
 
 def enumerate_layouts(weights: ModelWeights, inputs: PlanInputs) -> list[LayoutPlan]:
@@ -570,7 +429,7 @@ def enumerate_layouts(weights: ModelWeights, inputs: PlanInputs) -> list[LayoutP
     nodes, evaluated (fitting or not)."""
     max_gpus = (inputs.nodes or DEFAULT_MAX_NODES) * inputs.gpus_per_node
     layouts = []
-    for tp in valid_tp_sizes(weights.arch, inputs.gpus_per_node):
+    for tp in valid_tp_sizes(weights, inputs):
         for pp in range(1, min(weights.arch.num_hidden_layers, max_gpus // tp) + 1):
             nodes, per_node = _nodes_for(tp * pp, inputs.gpus_per_node)
             if nodes <= max_gpus // inputs.gpus_per_node and per_node % tp == 0:
@@ -681,7 +540,14 @@ class PlanReport:
     weight_dtype: str
     """Storage of the checkpoint (``gguf``: the file's own tensor types)."""
     dtype: str
-    """Compute dtype the weights are held in."""
+    """Compute dtype (``--dtype``)."""
+    weights_held: str
+    """How ``serve`` holds the weights on the device (blocks, FP8, dequantized, ``--dtype``), in words."""
+    quantization: str | None
+    """The scheme the weights are held in: ``gguf``, ``fp8`` or None (plain ``--dtype``)."""
+    kv_cache_dtype: str
+    """The KV cache's element type (``bfloat16``, ``float8_e4m3fn``, ...)."""
+    device: str
     weight_bytes: int
     """Parameter bytes ``serve`` holds over all ranks of one copy (TP = PP = 1)."""
     stored_bytes: int
@@ -728,6 +594,10 @@ def make_plan(weights: ModelWeights, inputs: PlanInputs) -> PlanReport:
         ValueError: a --tp/--pp layout that is invalid for the model.
     """
     arch = weights.arch
+    held = rank_weight_parts(weights, 1, inputs.dtype, inputs.quantization, inputs.device)  # checks --quantization
+    scheme = held_scheme(weights, inputs.quantization, inputs.device)
+    if scheme == "fp8":
+        inputs.check_fp8(f"the FP8 weights of {weights.name}")
     layouts = enumerate_layouts(weights, inputs)
     chosen = None
     if inputs.tp is not None or inputs.pp is not None:
@@ -739,10 +609,14 @@ def make_plan(weights: ModelWeights, inputs: PlanInputs) -> PlanReport:
         source=weights.source,
         weight_dtype=weights.weight_dtype,
         dtype=inputs.dtype,
-        weight_bytes=int(arch.num_params() * inputs.dtype_bytes),
+        weights_held=weights_held(weights, inputs.dtype, inputs.quantization, inputs.device),
+        quantization=scheme,
+        kv_cache_dtype=str(inputs.kv_dtype).removeprefix("torch."),
+        device=inputs.device,
+        weight_bytes=held.total,
         stored_bytes=weights.stored_bytes,
         num_params=arch.num_params(),
-        kv_bytes_per_token=kv_bytes_per_token(arch, inputs.dtype_bytes),
+        kv_bytes_per_token=kv_bytes_per_token(arch, inputs.kv_dtype_bytes),
         file_bytes=weights.file_bytes,
         layouts=layouts,
         nodes_given=inputs.nodes,
@@ -760,10 +634,9 @@ def _explain(report: PlanReport, inputs: PlanInputs, weights: ModelWeights) -> N
     r = report.reasoning
     stored = "the GGUF file's tensors" if report.source == "gguf" else f"{report.num_params / 1e9:.2f}e9 params"
     r.append(
-        f"weights {_gb(report.weight_bytes)} as serve holds them: {report.num_params / 1e9:.2f}e9 params x "
-        f"{report.dtype} (the loader dequantizes every tensor to --dtype); the checkpoint stores "
-        f"{_gb(report.stored_bytes)} ({stored} as {_stored_types(weights)}); KV cache "
-        f"{report.kv_bytes_per_token} B/token ({inputs.dtype}); usable per GPU {_gb(usable)} "
+        f"weights {_gb(report.weight_bytes)} as serve holds them on {report.device}: {report.weights_held}; the "
+        f"checkpoint stores {_gb(report.stored_bytes)} ({stored} as {_stored_types(weights)}); KV cache "
+        f"{report.kv_bytes_per_token} B/token ({report.kv_cache_dtype}); usable per GPU {_gb(usable)} "
         f"({inputs.gpu_memory_utilization:.0%} of {_gb(inputs.gpu_memory_bytes)})"
     )
     _warn_unloadable(report, weights)
@@ -834,14 +707,12 @@ def _stored_types(weights: ModelWeights) -> str:
 
 
 def _warn_unloadable(report: PlanReport, weights: ModelWeights) -> None:
-    from shardserve.model_executor.loader.weights import GGUF_SUPPORTED_TYPES
+    from shardserve.tools.plan_weights import unloadable_gguf_types
 
-    ggml = {ggml_type_of(t) for t in weights.stored_types() if t.lower() not in DTYPE_BYTES}
-    unloadable = sorted(g for g in ggml - set(GGUF_SUPPORTED_TYPES) if g is not None)
+    unloadable = unloadable_gguf_types(weights)
     if unloadable:
         report.warnings.append(
-            f"serve cannot load {', '.join(unloadable)} tensors "
-            f"(the GGUF types it reads: {', '.join(GGUF_SUPPORTED_TYPES)})"
+            f"serve cannot load {', '.join(unloadable)} tensors (no kernel, and gguf cannot dequantize them)"
         )
 
 

@@ -65,7 +65,8 @@ def test_worker_answers_profile_init_steps_flush_stats_and_stops(tiny_config, ti
     kinds = [type(x).__name__ for x in channel.sent]
     # Step 0's output goes out once step 1 is launched; step 1's when the head asks for it.
     assert kinds == ["KVCapacity", "Ready", "StepOutput", "StepOutput", "WorkerStats"]
-    assert channel.sent[0] == m.KVCapacity(0, 32)
+    assert channel.sent[0] == m.KVCapacity(0, 32, worker.runner.model.weight_allocated_bytes)
+    assert channel.sent[0].weight_bytes > 0
     outputs = channel.sent[2:4]
     assert [o.step_id for o in outputs] == [first.step_id, second.step_id]
     for step, out in zip(steps, outputs):
