@@ -257,7 +257,7 @@ class MultiprocExecutor(Executor):
         par = self.config.parallel
         self._steps: deque[int] = deque()
         self._broken = False
-        self.workers = spawn_local_workers(self.config, 0, self.store_host, self.store_port, self.generation, self.env)
+        self.workers = self._spawn_workers()
         self._io = IOThread(f"shardserve-gloo-gen{self.generation}")
         logger.info("generation %d: waiting for %d ranks to join the process group", self.generation, par.world_size)
         backend = "nccl" if self.config.model.resolved_device() == "cuda" else "gloo"
@@ -272,6 +272,10 @@ class MultiprocExecutor(Executor):
 
         self._call(join, "joining the process group", par.rendezvous_timeout)
         logger.info("generation %d: all %d ranks joined", self.generation, par.world_size)
+
+    def _spawn_workers(self) -> LocalWorkers:
+        """Start this generation's ranks: the head node's worker processes (the Ray executor starts actors)."""
+        return spawn_local_workers(self.config, 0, self.store_host, self.store_port, self.generation, self.env)
 
     def restart(self) -> None:
         old = self.generation
