@@ -170,3 +170,79 @@ def test_lws_group_too_large_for_tp_fails_the_dry_run(lws_docs):
     report = dry_run(pod_argv(container, env), env)
     assert any("inside a node" in p for p in report.problems), report.output
     assert report.returncode != 0, "a dry run that prints a PROBLEM must exit non-zero"
+
+
+# --------------------------------------------------------------------------------- KubeRay RayService
+
+
+@pytest.fixture(scope="module")
+def rayservice():
+    (doc,) = load_all("rayservice.yaml")
+    return doc
+
+
+def kuberay_nodes(rayservice: dict) -> list:
+    """The Ray nodes KubeRay would start, with the resources ``ray start`` gets: ``num-cpus`` from the
+    container's CPU limit (else request) and ``num-gpus`` from its GPU limit unless ``rayStartParams`` sets
+    them (``generateRayStartCommand``/``addWellKnownAcceleratorResources``, kuberay v1.7.0 pod.go)."""
+    from shardserve.executor.ray_utils import RayNode
+
+    cluster = rayservice["spec"]["rayClusterConfig"]
+    groups = [("head", 1, cluster["headGroupSpec"])]
+    groups += [(g["groupName"], g["replicas"], g) for g in cluster["workerGroupSpecs"]]
+    nodes = []
+    for name, replicas, group in groups:
+        (container,) = group["template"]["spec"]["containers"]
+        params = group.get("rayStartParams", {})
+        res = container["resources"]
+        cpus = float(params.get("num-cpus", res.get("limits", {}).get("cpu") or res["requests"]["cpu"]))
+        gpus = float(params.get("num-gpus", res.get("limits", {}).get("nvidia.com/gpu", 0)))
+        for i in range(replicas):
+            total = {"CPU": cpus, "GPU": gpus}
+            nodes.append(RayNode(f"{name}-{i}", f"10.0.0.{len(nodes) + 1}", total, dict(total)))
+    return nodes
+
+
+def test_rayservice_passes_the_crd_schema(rayservice):
+    validator = crd_validator(crd("ray.io_rayservices.yaml"), "v1")
+    assert schema_errors(validator, rayservice) == []
+    broken = copy.deepcopy(rayservice)
+    broken["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["replica"] = 2
+    assert any("replica" in e for e in schema_errors(validator, broken))
+
+
+def test_rayservice_serve_config_is_valid_and_runs_shardserve_with_the_ray_backend(rayservice):
+    from ray.serve.schema import ServeDeploySchema
+
+    from shardserve.entrypoints.ray_serve import configs_from_args
+
+    serve_config = ServeDeploySchema.model_validate(yaml.safe_load(rayservice["spec"]["serveConfigV2"]))
+    (app,) = serve_config.applications
+    assert app.import_path == "shardserve.entrypoints.ray_serve:build_app"
+    engine, _ = configs_from_args(app.args)
+    assert engine.parallel.distributed_executor_backend == "ray"
+    (deployment,) = app.deployments
+    assert deployment.name == "ShardServe" and deployment.num_replicas == 1  # one replica owns every rank
+
+
+def test_rayservice_pods_hold_the_layout_with_a_tp_group_per_gpu_pod(rayservice):
+    """The placement planner on the pods KubeRay creates: each stage's TP group on its own GPU pod, none on
+    the head, and nothing missing."""
+    from shardserve.entrypoints.ray_serve import configs_from_args
+    from shardserve.executor.ray_utils import plan_placement, rank_bundle
+
+    args = yaml.safe_load(rayservice["spec"]["serveConfigV2"])["applications"][0]["args"]
+    par = configs_from_args(args)[0].parallel
+    nodes = kuberay_nodes(rayservice)
+    plan = plan_placement(par.tensor_parallel_size, par.pipeline_parallel_size, nodes, rank_bundle("cuda"))
+    used = [s.node_id for s in plan]
+    assert len(set(used)) == par.pipeline_parallel_size and not any(n.startswith("head") for n in used)
+    assert sum(n.total["GPU"] for n in nodes) == par.world_size  # no GPU idle
+    # The worker pods carry /dev/shm in memory and the RDMA network, as the LWS recipe.
+    for group in rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]:
+        pod = group["template"]
+        (container,) = pod["spec"]["containers"]
+        assert pod["metadata"]["annotations"]["k8s.v1.cni.cncf.io/networks"] == "kube-system/roce"
+        assert container["resources"]["limits"]["rdma/rdma"] == "1"
+        mount = next(m for m in container["volumeMounts"] if m["mountPath"] == "/dev/shm")
+        assert {v["name"]: v for v in pod["spec"]["volumes"]}[mount["name"]]["emptyDir"]["medium"] == "Memory"
