@@ -2,9 +2,9 @@
 
 With root and ``ip netns`` (CI): the head (``ray start --head``) in one network namespace and the second
 node in another, joined by a veth pair (``procs.veth_namespaces``); drivers (``shardserve serve``, client
-scripts) run in the head's namespace. Elsewhere: two ``ray start`` on loopback (Ray is told to stay on
-127.0.0.1 with ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, which makes it use the loopback address as the node
-address, and every port that Ray would otherwise take at a fixed number is given a free one).
+scripts) run in the head's namespace. Elsewhere: two ``ray start`` on loopback, at 127.0.0.2 and 127.0.0.3 (Ray
+replaces 127.0.0.1 by the host's outward address, but keeps the rest of 127/8), every port that Ray would
+otherwise take at a fixed number given a free one.
 
 Each ``ray start --block`` runs in its own session; teardown signals those sessions, then kills by pid any
 process left that carries this cluster's marker variable (Ray's worker processes inherit it). Nothing else is
@@ -152,8 +152,8 @@ def ray_cluster(
             node_args = ["--address", f"{addrs[0]}:{port}", "--node-ip-address", addrs[1]]
             namespaces = [ns[0], ns[1]]
         else:
-            base_env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # node address 127.0.0.1 (Ray's loopback mode)
-            addrs, port = ["127.0.0.1", "127.0.0.1"], free_port()
+            # Ray replaces 127.0.0.1 by the host's outward address; other loopback addresses it keeps.
+            addrs, port = ["127.0.0.2", "127.0.0.3"], free_port()
             head_args = ["--head", "--node-ip-address", addrs[0], "--port", str(port), "--include-dashboard=false",
                          "--ray-client-server-port", str(free_port())]  # fmt: skip
             node_args = ["--address", f"{addrs[0]}:{port}", "--node-ip-address", addrs[1]]
