@@ -99,6 +99,7 @@ def build_engine_config(
     disable_custom_all_reduce: bool = False,
     async_scheduling: bool = True,
     fault_injection: str | None = None,
+    distributed_executor_backend: str = "mp",
 ) -> EngineConfig:
     """Flags to typed config; ``ValueError`` messages name the flag."""
     return EngineConfig(
@@ -125,6 +126,7 @@ def build_engine_config(
             rendezvous_timeout=rendezvous_timeout,
             watchdog_timeout=watchdog_timeout,
             max_restarts=max_restarts,
+            distributed_executor_backend=distributed_executor_backend,
         ),
         cache=CacheConfig(
             block_size=block_size,
@@ -176,6 +178,9 @@ def serve(
         float, typer.Option(help="Seconds a step may stall before every rank is restarted")
     ] = 120.0,
     max_restarts: Annotated[int, typer.Option(help="Restarts after a rank fails; then exit non-zero")] = 3,
+    distributed_executor_backend: Annotated[
+        str, typer.Option(help="mp: worker processes per node; ray: Ray actors on a running Ray cluster")
+    ] = "mp",
     api_key: Annotated[Optional[str], typer.Option(help="Bearer token required on /v1 and /generate")] = None,
     protect_metrics: Annotated[bool, typer.Option("--protect-metrics", help="Require the API key on /metrics")] = False,
     allowed_origins: Annotated[
@@ -257,6 +262,7 @@ def serve(
                 disable_custom_all_reduce=disable_custom_all_reduce,
                 async_scheduling=async_scheduling,
                 fault_injection=os.environ.get(FAULT_INJECTION_ENV),
+                distributed_executor_backend=distributed_executor_backend,
             )
             server = ServerConfig(
                 host=host,
