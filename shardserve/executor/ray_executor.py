@@ -1,31 +1,37 @@
-"""Ray backend, part 2: one Ray actor per rank, supervised like a worker process.
+"""Ray backend, part 2: one Ray actor per rank and one relay actor per node, supervised like worker processes.
 
-:class:`RayWorkers` is the Ray counterpart of :class:`~shardserve.executor.executor.LocalWorkers` (same
-``alive()``, ``failures()``, ``kill()``, ``stop(timeout)``): :func:`start_ray_workers` reserves the placement
-groups (:mod:`shardserve.executor.ray_utils`), starts a :class:`RankActor` in each bundle, and each actor
-finds its own node's network settings (``network_env``, as an ``mp`` node does) and then runs the same
-``worker_main(WorkerArgs)`` as a worker process. Optionally one small actor per node (``num_cpus=0``) runs a
-per-node service for the generation (``node_service``; the per-node relay of the control channel).
+A generation starts in three moves (:meth:`RayExecutor._launch`):
 
-A rank actor that dies, or whose node dies, shows in ``failures()``; the executor then restarts every rank
-as a new generation: all actors are killed, the placement groups released, and both made again, on the
-nodes that are alive then. :class:`RayExecutor` is ``MultiprocExecutor`` with these workers in place of
-local processes; the head (scheduler and HTTP) stays in the process that started it.
+1. :func:`place_ray_workers` reserves the placement groups (:mod:`shardserve.executor.ray_utils`), creates a
+   :class:`RankActor` in each bundle and a :class:`NodeActor` (``num_cpus=0``) pinned to each Ray node that
+   holds ranks, and waits until every actor says where it runs;
+2. the head opens a :class:`~shardserve.executor.channel.HeadChannel` with no ring of its own and one stream
+   per such node, the head's node included (one path for every node), and :meth:`RayWorkers.start_relays`
+   has each NodeActor start a :class:`~shardserve.executor.channel.NodeRelay` for its node's stream, which
+   returns the ring it feeds;
+3. :meth:`RayWorkers.run_ranks` starts the ranks: each actor finds its own node's network settings
+   (``network_env``, as an ``mp`` node does), then runs the same ``worker_main(WorkerArgs)`` as a worker
+   process, reading its node's ring at its position among the node's ranks (``WorkerArgs.reader_index``).
+
+:class:`RayWorkers` has the interface of :class:`~shardserve.executor.executor.LocalWorkers` (``alive()``,
+``failures()``, ``kill()``, ``stop(timeout)``): a rank actor or a relay actor that ends, or whose node dies,
+is a failure, and the executor then restarts every rank as a new generation: every actor is killed, the
+placement groups are released, and all are made again on the nodes alive then. The head (scheduler and
+HTTP) stays in the process that started it; it is not a rank.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import re
-import socket
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-from typing import Any
+from dataclasses import dataclass, replace
 
 from shardserve.config import EngineConfig
+from shardserve.executor.channel import HeadChannel, RingSpec, publish_addresses
 from shardserve.executor.executor import MultiprocExecutor
 from shardserve.executor.rank_info import RankInfo
+from shardserve.executor.ray_actors import NodeActor, RankActor, RayPlace
 from shardserve.executor.ray_utils import (
     InsufficientResourcesError,
     Reservation,
@@ -35,139 +41,156 @@ from shardserve.executor.ray_utils import (
     reserve,
 )
 from shardserve.executor.supervisor import EngineDeadError, WorkerFailure
-from shardserve.executor.worker import WorkerArgs, worker_main
+from shardserve.executor.worker import WorkerArgs
 
 logger = logging.getLogger(__name__)
 
 ACTOR_START_TIMEOUT_S = 120.0
-"""Seconds for the rank actors to start and say where they are (bounded by ``--rendezvous-timeout`` too)."""
+"""Seconds for the actors to start and say where they are, and for the relays to start (bounded by
+``--rendezvous-timeout`` too)."""
 KILL_WAIT_S = 5.0
 """Seconds ``kill()`` waits for Ray to confirm that the actors are gone."""
-
-
-@dataclass
-class RayPlace:
-    """Where one actor runs, as it reported itself."""
-
-    node_id: str
-    node_ip: str
-    host: str
-    pid: int
-    gpu_ids: list[str] = field(default_factory=list)
-    """GPUs Ray assigned to the actor (``ray.get_gpu_ids()``); empty on CPUs."""
-
-
-def _where() -> RayPlace:
-    import ray
-
-    ctx = ray.get_runtime_context()
-    return RayPlace(ctx.get_node_id(), ray.util.get_node_ip_address(), socket.gethostname(), os.getpid(),
-                    [str(g) for g in ray.get_gpu_ids()])  # fmt: skip
-
-
-class RankActor:
-    """One rank of the grid in a Ray actor. Its methods run on the actor's main thread, one at a time."""
-
-    def where(self) -> RayPlace:
-        return _where()
-
-    def run(self, args: WorkerArgs, entry: Callable[[WorkerArgs], None] | None = None) -> None:
-        """Find this node's network settings (route to the head, RDMA devices), then run the rank until it ends.
-
-        ``entry`` defaults to ``worker_main``; a variable already set on the node (by the user) is kept.
-        """
-        from shardserve.distributed.netconf import network_env
-
-        net_env, notes = network_env(args.store_host, os.environ)
-        for note in notes:
-            logger.info("rank %d network: %s", args.rank, note)
-        args = replace(args, env={**net_env, **(args.env or {})})
-        (entry or worker_main)(args)
-
-
-class NodeActor:
-    """A per-node service of one generation (e.g. the control channel's relay), on a node that holds ranks."""
-
-    def where(self) -> RayPlace:
-        return _where()
-
-    def run(self, service: Callable[..., None], *args: Any) -> None:
-        service(*args)
+RELAY_CLOSE_WAIT_S = 2.0
+"""Seconds ``kill()`` waits for the relays to unlink their rings (a relay on a dead node never answers)."""
 
 
 @dataclass
 class RayNodeSlot:
-    """What a per-node service is told: its node, and the ranks that node holds."""
+    """A Ray node that holds ranks of the generation."""
 
     node_index: int
     """Index of the node in rank order (the node of rank 0 is 0): the ``node_rank`` of its ranks."""
     node_id: str
     node_ip: str
     ranks: list[int]
-    generation: int
+    """Global ranks on the node, ascending; a rank's position here is its reader slot in the node's ring."""
 
 
 @dataclass
 class RayWorkerFailure(WorkerFailure):
-    """A rank actor (or a node service) that ended, with Ray's reason."""
+    """A rank actor (or a relay actor, rank -1) that ended, with Ray's reason."""
 
     node_ip: str = ""
     reason: str = ""
 
     def describe(self) -> str:
-        what = f"rank {self.rank}" if self.rank >= 0 else f"the node service of node {self.node_rank}"
+        what = f"rank {self.rank}" if self.rank >= 0 else f"the control relay of node {self.node_rank}"
         return f"{what} (Ray node {self.node_rank} at {self.node_ip}, pid {self.pid}) {self.reason}"
 
 
 class RayWorkers:
-    """The rank actors of one generation, in rank order, and the placement groups that hold them.
+    """The actors of one generation and the placement groups that hold them (made by :func:`place_ray_workers`).
 
     Same interface as ``LocalWorkers``: :meth:`alive`, :meth:`failures`, :meth:`kill`, :meth:`stop`.
     """
 
-    def __init__(self, reservation: Reservation, actors: list, places: list[RayPlace], runs: list):
-        self.reservation = reservation
-        self.actors, self.places, self._runs = actors, places, runs
-        self.node_actors: list = []
-        """Per-node service actors (see :func:`start_ray_workers`), by node index."""
-        self.node_places: list[RayPlace] = []
-        self._node_runs: list = []
+    def __init__(self, config: EngineConfig, generation: int, reservation: Reservation, actors: list,
+                 places: list[RayPlace], node_actors: list, node_places: list[RayPlace]):  # fmt: skip
+        self.config, self.generation, self.reservation = config, generation, reservation
+        self.actors, self.places = actors, places
+        """Rank actors and where they run, by rank."""
         order = list(dict.fromkeys(p.node_id for p in places))
         self.node_index = {node_id: i for i, node_id in enumerate(order)}
         """Ray node id -> node index in rank order."""
-        self._ended: dict[int, RayWorkerFailure] = {}
+        self.nodes = [
+            RayNodeSlot(i, node_id, next(p.node_ip for p in places if p.node_id == node_id),
+                        [r for r, p in enumerate(places) if p.node_id == node_id])
+            for i, node_id in enumerate(order)
+        ]  # fmt: skip
+        by_node = {p.node_id: (a, p) for a, p in zip(node_actors, node_places)}
+        self.node_actors = [by_node[node_id][0] for node_id in order]
+        """Relay actors, by node index."""
+        self.node_places = [by_node[node_id][1] for node_id in order]
+        self._runs: list = []
+        """Each rank's ``run`` call, by rank (once :meth:`run_ranks` started them)."""
+        self._node_runs: list = []
+        """Each relay actor's ``watch`` call, by node index (once :meth:`start_relays` started them)."""
+        self._ended: dict[tuple[int, int], RayWorkerFailure] = {}
 
     @property
     def nnodes(self) -> int:
-        return len(self.node_index)
+        return len(self.nodes)
 
     def node_rank(self, rank: int) -> int:
         return self.node_index[self.places[rank].node_id]
 
+    def _timeout(self) -> float:
+        return min(ACTOR_START_TIMEOUT_S, self.config.parallel.rendezvous_timeout)
+
+    # -- starting --------------------------------------------------------------------------------
+    def start_relays(self, streams: dict[int, str]) -> list[RingSpec]:
+        """Start each node's relay on the head's stream for it (``streams``: node index -> address).
+
+        Returns:
+            The ring each relay feeds, by node index.
+
+        Raises:
+            EngineDeadError: a relay did not start within the actor start timeout.
+        """
+        import ray
+
+        refs = [actor.start_relay.remote(streams[slot.node_index], len(slot.ranks))
+                for actor, slot in zip(self.node_actors, self.nodes)]  # fmt: skip
+        try:
+            rings = ray.get(refs, timeout=self._timeout())
+        except Exception as e:  # GetTimeoutError, RayTaskError, RayActorError
+            raise EngineDeadError(f"generation {self.generation}: the control relays did not start: {e}") from e
+        self._node_runs = [actor.watch.remote() for actor in self.node_actors]
+        return rings
+
+    def run_ranks(self, store_host: str, store_port: int, rings: list[RingSpec], env: dict[str, str] | None = None,
+                  entry: Callable[[WorkerArgs], None] | None = None) -> None:  # fmt: skip
+        """Start every rank's ``run`` (returns at once): ``entry`` (default ``worker_main``) reading ``rings[node]``.
+
+        Args:
+            store_host, store_port: the head's TCPStore, reachable from every Ray node.
+            rings: each node's ring, by node index (:meth:`start_relays`).
+            env: variables for every rank (on top of what each node finds itself).
+        """
+        local_ranks, rank_env = _device_layout(self.places)
+        for rank, actor in enumerate(self.actors):
+            node = self.nodes[self.node_rank(rank)]
+            args = WorkerArgs(
+                config=self.config,
+                rank=rank,
+                local_rank=local_ranks[rank],
+                store_host=store_host,
+                store_port=store_port,
+                generation=self.generation,
+                device_type=self.config.model.device,
+                ring=rings[node.node_index],
+                log_level=logging.getLogger().getEffectiveLevel(),
+                env={**rank_env[rank], **(env or {})},
+                reader_index=node.ranks.index(rank),
+            )
+            self._runs.append(actor.run.remote(args, entry))
+
+    # -- supervision -----------------------------------------------------------------------------
     def alive(self) -> bool:
         return not self.failures()
 
     def failures(self) -> list[WorkerFailure]:
-        """The actors whose ``run`` has ended (cleanly: exit code 0; an exception: 1; a dead actor or node:
-        ``None``, with Ray's reason), rank actors first."""
+        """The actors whose call has ended (cleanly: exit code 0; an exception: 1; a dead actor or node:
+        ``None``, with Ray's reason), rank actors first, then relay actors."""
         import ray
 
-        pending = [(i, ref) for i, ref in enumerate(self._runs + self._node_runs) if i not in self._ended]
+        calls = [((0, r), ref) for r, ref in enumerate(self._runs)]
+        calls += [((1, n), ref) for n, ref in enumerate(self._node_runs)]
+        pending = [(key, ref) for key, ref in calls if key not in self._ended]
         if pending:
             ready, _ = ray.wait([ref for _, ref in pending], num_returns=len(pending), timeout=0)
             done = {r.hex() for r in ready}
-            for i, ref in pending:
+            for key, ref in pending:
                 if ref.hex() in done:
-                    self._ended[i] = self._outcome(i, ref)
-        return [self._ended[i] for i in sorted(self._ended)]
+                    self._ended[key] = self._outcome(key, ref)
+        return [self._ended[key] for key in sorted(self._ended)]
 
-    def _outcome(self, index: int, ref) -> RayWorkerFailure:
+    def _outcome(self, key: tuple[int, int], ref) -> RayWorkerFailure:
         import ray
         from ray.exceptions import RayActorError, RayTaskError
 
-        n = len(self._runs)
-        place = self.places[index] if index < n else self.node_places[index - n]
-        rank = index if index < n else -1
+        is_relay, index = key
+        place = self.node_places[index] if is_relay else self.places[index]
         try:
             ray.get(ref, timeout=0)
             code, reason = 0, "exited cleanly"
@@ -175,7 +198,7 @@ class RayWorkers:
             code, reason = 1, f"raised {type(e.cause).__name__}: {e.cause}"
         except RayActorError as e:
             code, reason = None, f"died: {_first_line(e)}"
-        return RayWorkerFailure(rank, self.node_index.get(place.node_id, -1), place.pid, code,
+        return RayWorkerFailure(-1 if is_relay else index, self.node_index.get(place.node_id, -1), place.pid, code,
                                 node_ip=place.node_ip, reason=reason)  # fmt: skip
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -190,11 +213,10 @@ class RayWorkers:
         """Kill every actor of the generation and release its placement groups (idempotent)."""
         import ray
 
-        for actor in self.actors + self.node_actors:
-            try:
-                ray.kill(actor, no_restart=True)
-            except Exception:  # already dead, or its node is gone
-                logger.debug("ray.kill failed", exc_info=True)
+        closing = [actor.close.remote() for actor in self.node_actors]
+        if closing:
+            ray.wait(closing, num_returns=len(closing), timeout=RELAY_CLOSE_WAIT_S)
+        _kill_all(self.actors + self.node_actors)
         refs = self._runs + self._node_runs
         if refs:  # bounded: a node that is gone may never confirm
             ray.wait(refs, num_returns=len(refs), timeout=KILL_WAIT_S)
@@ -218,25 +240,13 @@ def _first_line(error: BaseException) -> str:
     return because.group(1) + (f" ({kind.group(1)})" if kind else "")
 
 
-def start_ray_workers(
-    config: EngineConfig,
-    store_host: str,
-    store_port: int,
-    generation: int,
-    env: dict[str, str] | None = None,
-    *,
-    entry: Callable[[WorkerArgs], None] | None = None,
-    node_service: Callable[[RayNodeSlot], None] | None = None,
-) -> RayWorkers:
-    """Reserve the placement groups and start one :class:`RankActor` per rank of ``config``.
+def place_ray_workers(config: EngineConfig, generation: int) -> RayWorkers:
+    """Reserve the placement groups, create a :class:`RankActor` per rank and a :class:`NodeActor` per Ray node
+    that holds ranks, and wait until each says where it runs (nothing runs yet: see :class:`RayWorkers`).
 
     Args:
         config: with ``model.device`` already ``cuda`` or ``cpu`` (:func:`~.ray_utils.cluster_device_type`).
-        store_host, store_port: the head's TCPStore, reachable from every Ray node.
-        generation: restart generation (the worker's process group lives under its own store prefix).
-        env: variables for every rank (on top of what each node finds itself).
-        entry: what each actor runs (default ``worker_main``).
-        node_service: run once per node that holds ranks, in a ``num_cpus=0`` actor, for the generation.
+        generation: restart generation (names the placement groups; the ranks' world lives under its prefix).
 
     Raises:
         InsufficientResourcesError: no placement within ``--rendezvous-timeout``.
@@ -246,45 +256,36 @@ def start_ray_workers(
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
     par = config.parallel
-    tp, device_type = par.tensor_parallel_size, config.model.device
-    bundle = rank_bundle(device_type)
+    tp = par.tensor_parallel_size
+    bundle = rank_bundle(config.model.device)
     reservation = reserve(tp, par.pipeline_parallel_size, bundle, par.rendezvous_timeout, f"shardserve-gen{generation}")
-    actor_cls = ray.remote(RankActor)
-    actors = []
-    for stage, pg in zip(reservation.stages, reservation.groups):
-        for tp_rank in range(tp):
-            strategy = PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=tp_rank)
-            resources = {"num_cpus": bundle.get("CPU", 0), "num_gpus": bundle.get("GPU", 0)}
-            actors.append(actor_cls.options(**resources, scheduling_strategy=strategy).remote())
-        logger.debug("stage %d: %d actors on %s", stage.stage, tp, stage.node_ip)
+    rank_cls, node_cls = ray.remote(RankActor), ray.remote(NodeActor)
+    resources = {"num_cpus": bundle.get("CPU", 0), "num_gpus": bundle.get("GPU", 0)}
+    actors = [
+        rank_cls.options(**resources, scheduling_strategy=PlacementGroupSchedulingStrategy(
+            placement_group=pg, placement_group_bundle_index=tp_rank)).remote()
+        for pg in reservation.groups
+        for tp_rank in range(tp)
+    ]  # fmt: skip
+    # Relays take no CPU of the ranks' bundles: pinned to each stage's node, outside the placement groups.
+    node_actors = [
+        node_cls.options(
+            num_cpus=0, max_concurrency=2, scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)
+        ).remote()
+        for node_id in dict.fromkeys(s.node_id for s in reservation.stages)
+    ]
     timeout = min(ACTOR_START_TIMEOUT_S, par.rendezvous_timeout)
     try:
-        places = ray.get([a.where.remote() for a in actors], timeout=timeout)
+        places = ray.get([a.where.remote() for a in actors + node_actors], timeout=timeout)
     except Exception as e:  # GetTimeoutError, or an actor that could not start
-        _kill_all(actors)
+        _kill_all(actors + node_actors)
         reservation.release()
         msg = f"generation {generation}: the rank actors did not start within {timeout:.0f} s: {e}"
         raise EngineDeadError(msg) from e
-    local_ranks, rank_env = _device_layout(places)
-    runs = []
-    for rank, actor in enumerate(actors):
-        args = WorkerArgs(
-            config=config,
-            rank=rank,
-            local_rank=local_ranks[rank],
-            store_host=store_host,
-            store_port=store_port,
-            generation=generation,
-            device_type=device_type,
-            log_level=logging.getLogger().getEffectiveLevel(),
-            env={**rank_env[rank], **(env or {})},
-        )
-        runs.append(actor.run.remote(args, entry))
-    workers = RayWorkers(reservation, actors, places, runs)
-    if node_service is not None:
-        _start_node_services(workers, node_service, generation, NodeAffinitySchedulingStrategy, timeout)
+    workers = RayWorkers(config, generation, reservation, actors, places[: len(actors)], node_actors,
+                         places[len(actors) :])  # fmt: skip
     logger.info("generation %d: %d rank actors on %d Ray node(s): %s", generation, len(actors), workers.nnodes,
-                ", ".join(f"rank {r} -> {p.node_ip} pid {p.pid}" for r, p in enumerate(places)))  # fmt: skip
+                ", ".join(f"rank {r} -> {p.node_ip} pid {p.pid}" for r, p in enumerate(workers.places)))  # fmt: skip
     return workers
 
 
@@ -310,66 +311,53 @@ def _device_layout(places: list[RayPlace]) -> tuple[list[int], list[dict[str, st
     return local, env
 
 
-def _start_node_services(workers: RayWorkers, service, generation: int, affinity, timeout: float) -> None:
-    """One ``num_cpus=0`` :class:`NodeActor` pinned to each node that holds ranks, running ``service(slot)``."""
-    import ray
-
-    node_cls = ray.remote(NodeActor)
-    slots = []
-    for node_id, index in workers.node_index.items():
-        ranks = [r for r, p in enumerate(workers.places) if p.node_id == node_id]
-        slots.append(RayNodeSlot(index, node_id, workers.places[ranks[0]].node_ip, ranks, generation))
-        actor = node_cls.options(num_cpus=0, scheduling_strategy=affinity(node_id=node_id, soft=False)).remote()
-        workers.node_actors.append(actor)
-    workers.node_places = ray.get([a.where.remote() for a in workers.node_actors], timeout=timeout)
-    workers._node_runs = [a.run.remote(service, slot) for a, slot in zip(workers.node_actors, slots)]
-
-
 def _kill_all(actors: list) -> None:
     import ray
 
     for actor in actors:
         try:
             ray.kill(actor, no_restart=True)
-        except Exception:  # never started
+        except Exception:  # already dead, never started, or its node is gone
             logger.debug("ray.kill failed", exc_info=True)
 
 
 class RayExecutor(MultiprocExecutor):
-    """``MultiprocExecutor`` whose ranks are Ray actors placed by :func:`start_ray_workers`.
+    """``MultiprocExecutor`` whose ranks are Ray actors, each Ray node's ring fed by a relay actor.
 
-    The head (this process) hosts the TCPStore on its Ray node's address and joins the control world as
-    with ``mp``. On a restart the placement is made again, so a generation may land on other nodes.
+    The head (this process) hosts the TCPStore and the control channel on its Ray node's address; it is not
+    in the ranks' world. On a restart every actor is made again and the placement redone, so a generation
+    may land on other nodes.
     """
 
     def __init__(self, config: EngineConfig, store_port: int, generation: int = 0, env: dict[str, str] | None = None):
         node_ip = connect()
-        config.model.device = cluster_device_type(config.model.device)  # the head's groups follow the ranks
-        _set_head_network(node_ip)
+        config.model.device = cluster_device_type(config.model.device)  # the ranks' bundles: a GPU or a CPU each
         logger.info("Ray backend: head at %s, ranks on %s", node_ip, "GPUs" if config.model.device == "cuda" else "CPU")
         super().__init__(config, node_ip, store_port, generation=generation, env=env)
 
-    def _spawn_workers(self) -> RayWorkers:
+    def _launch(self) -> RayWorkers:
+        """Place the actors, open a channel with one stream per Ray node that holds ranks (this one included:
+        every node's ring is fed by its relay, one path for all), start the relays, then the ranks."""
         try:
-            return start_ray_workers(self.config, self.store_host, self.store_port, self.generation, self.env)
+            workers = place_ray_workers(self.config, self.generation)
         except InsufficientResourcesError as e:
             if self.generation == 0:
                 raise
             raise EngineDeadError(f"generation {self.generation}: {e}") from e
+        try:
+            self.channel = HeadChannel(self.store_host, 0, list(range(workers.nnodes)))
+            publish_addresses(self.store, self.generation, self.channel.addresses)
+            rings = workers.start_relays(self.channel.addresses.nodes)
+            workers.run_ranks(self.store_host, self.store_port, rings, self.env)
+        except BaseException:
+            workers.kill()
+            raise
+        return workers
 
     def rank_info(self) -> list[RankInfo]:
-        return [self.workers.overlay(info) for info in super().rank_info()]
+        infos = super().rank_info()
+        workers = self.workers  # a placeholder LocalWorkers while a generation starts
+        return [workers.overlay(info) for info in infos] if isinstance(workers, RayWorkers) else infos
 
     def _node_of(self, rank: int) -> int:
-        return self.workers.node_rank(rank)
-
-
-def _set_head_network(node_ip: str) -> None:
-    """GLOO_SOCKET_IFNAME/NCCL_SOCKET_IFNAME for the head itself: the interface of its Ray node address
-    (variables already set are kept; ``shardserve serve`` has set them for that address already)."""
-    from shardserve.distributed.netconf import network_env
-
-    net_env, notes = network_env(node_ip, os.environ)
-    for note in notes:
-        logger.debug("head network: %s", note)
-    os.environ.update(net_env)
+        return self.workers.node_rank(rank) if isinstance(self.workers, RayWorkers) else 0

@@ -1,8 +1,11 @@
 """``--distributed-executor-backend ray`` on a real two-node Ray cluster (``tests/ray_cluster.py``).
 
 The cluster: a head and a second node with 2 CPUs each, in two network namespaces joined by veth (or on
-loopback without namespaces). Drivers (``shardserve serve``, ``tests/ray_driver.py``) run in
-the head's namespace; ranks are CPU bundles of one CPU each.
+loopback without namespaces), one for the whole module. Drivers (``shardserve serve``, ``tests/ray_driver.py``)
+run in the head's namespace; ranks are CPU bundles of one CPU each.
+
+The server tests share one server (``--max-restarts 1``, one start for all of them) and run in file order:
+it answers like ``mp``, restarts every rank once when one dies, and ends non-zero when a rank dies again.
 """
 
 from __future__ import annotations
@@ -29,12 +32,15 @@ def cluster(tmp_path_factory):
         yield c
 
 
-def serve_argv(*extra: str) -> list[str]:
-    return [sys.executable, "-m", "shardserve", "serve", "--distributed-executor-backend", "ray", *TINY, *extra]
+def serve_argv(*extra: str, model: str | None = None) -> list[str]:
+    """``shardserve serve [MODEL] --distributed-executor-backend ray`` (default: the embedded model)."""
+    models = [model] if model else []
+    return [sys.executable, "-m", "shardserve", "serve", *models, "--distributed-executor-backend", "ray", *TINY,
+            *extra]  # fmt: skip
 
 
-def test_rank_actors_land_one_tp_group_per_node_and_a_killed_actor_is_reported(cluster):
-    """TP 2 x PP 2 actors running a stand-in rank entry (no model)."""
+def test_rank_actors_land_one_tp_group_per_node_read_their_nodes_relay_and_deaths_are_reported(cluster):
+    """TP 2 x PP 2 actors running a stand-in rank entry (no model) on the real channel path."""
     out = cluster.run_json([sys.executable, DRIVER, "workers"], timeout=300)
     places, heads_node, second_node = out["places"], cluster.node_ips[0], cluster.node_ips[1]
     # Stage 0's TP group on the driver's (head) node, stage 1's spread to the other, each on one node.
@@ -42,14 +48,26 @@ def test_rank_actors_land_one_tp_group_per_node_and_a_killed_actor_is_reported(c
     assert places[0]["node_id"] == places[1]["node_id"] != places[2]["node_id"] == places[3]["node_id"]
     assert len({p["pid"] for p in places}) == 4
     assert out["groups"] == ["CREATED", "CREATED"] and out["bundles"] == [2, 2] and out["healthy"]
-    # One node service per node that holds ranks.
-    assert sorted(p["node_id"] for p in out["node_places"]) == sorted({p["node_id"] for p in places})
+    # One relay actor per node that holds ranks (the head's node too), each feeding a ring of its own for the
+    # node's two ranks; every rank got the head's message from its node's ring, at its position on the node.
+    assert [p["node_id"] for p in out["node_places"]] == [places[0]["node_id"], places[2]["node_id"]]
+    assert [r["num_readers"] for r in out["rings"]] == [2, 2] and len({r["name"] for r in out["rings"]}) == 2
+    assert out["hello_pids"] == {str(r): p["pid"] for r, p in enumerate(places)}
+    assert out["reader_slots"] == {"0": 0, "1": 1, "2": 0, "3": 1}
     # The SIGKILLed actor of rank 2 is a failure naming its rank, node and Ray's reason, within a second or so.
-    (failure,) = out["failures"]
-    assert failure["rank"] == 2 and failure["node_rank"] == 1 and failure["exitcode"] is None
-    assert f"at {second_node}" in failure["text"] and "died" in failure["text"]
+    assert out["rank_failures"] == [2]
+    rank2, relay = out["failures"]
+    assert rank2["rank"] == 2 and rank2["node_rank"] == 1 and rank2["exitcode"] is None
+    assert f"at {second_node}" in rank2["text"] and "died" in rank2["text"]
     assert out["noticed_after"] < 5
-    # kill() removed the placement groups and gave their CPUs back.
+    # A dead relay actor is a failure too (rank -1), naming its node.
+    assert relay["rank"] == -1 and relay["node_rank"] == 1 and relay["exitcode"] is None
+    assert relay["text"].startswith(f"the control relay of node 1 (Ray node 1 at {second_node}"), relay["text"]
+    assert "died" in relay["text"]
+    assert out["relay_noticed_after"] < 5
+    # kill() unlinked the ring of the node whose actors were alive (ray.kill alone would leave it in /dev/shm),
+    # removed the placement groups and gave their CPUs back.
+    assert out["ring_before_kill"] and not out["ring_after_kill"]
     assert out["removed"] == ["REMOVED", "REMOVED"]
     assert out["free_after"] == out["free_before"]
 
@@ -58,7 +76,7 @@ def test_a_layout_larger_than_the_cluster_fails_in_bounded_time_naming_what_is_m
     """TP 3 needs 3 free CPUs on one node; each node has 2."""
     log = tmp_path / "serve.log"
     start = time.monotonic()
-    proc = cluster.popen(serve_argv("-tp", "3", "--rendezvous-timeout", "8"), log)
+    proc = cluster.popen(serve_argv("-tp", "3", "--rendezvous-timeout", "3"), log)
     try:
         code = proc.wait(timeout=120)
     finally:
@@ -75,12 +93,13 @@ def test_a_layout_larger_than_the_cluster_fails_in_bounded_time_naming_what_is_m
         assert re.search(rf"node \w+ \({re.escape(ip)}\): 2/2 CPU free -> 0 stages", text), text[-3000:]
 
 
-def test_dry_run_prints_where_each_stage_would_go_or_what_is_missing(cluster):
-    def dry_run(*flags: str) -> subprocess.CompletedProcess:
-        return subprocess.run(cluster.command(serve_argv(*flags, "--dry-run")), env=cluster.env, capture_output=True,
-                              text=True, timeout=120)  # fmt: skip
+def test_dry_run_prints_where_each_stage_would_go_or_what_is_missing(cluster, tiny_llama_dir):
+    def dry_run(*flags: str, model: str | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run(cluster.command(serve_argv(*flags, "--dry-run", model=model)), env=cluster.env,
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
 
-    fits = dry_run("-tp", "2", "-pp", "2")
+    # A model whose 8 heads split over TP 2 (the embedded model's 9 do not: that would be a PROBLEM of its own).
+    fits = dry_run("-tp", "2", "-pp", "2", model=str(tiny_llama_dir))
     assert fits.returncode == 0, fits.stderr[-2000:]
     assert "world size:        4 = TP 2 x PP 2" in fits.stdout and "PROBLEM" not in fits.stdout, fits.stdout
     for stage, ip in enumerate(cluster.node_ips):
@@ -89,21 +108,6 @@ def test_dry_run_prints_where_each_stage_would_go_or_what_is_missing(cluster):
     short = dry_run("-tp", "3")
     assert "PROBLEM: cannot place TP 3 x PP 1" in short.stdout, short.stdout
     assert short.returncode != 0, "a dry run that prints a PROBLEM must exit non-zero"
-
-
-def test_with_max_restarts_0_a_killed_actor_ends_the_server_non_zero(cluster, tmp_path):
-    log = tmp_path / "serve.log"
-    port = 8124
-    proc = cluster.popen(serve_argv("-pp", "2", "--port", str(port), "--max-restarts", "0"), log)
-    try:
-        cluster.run_json([sys.executable, DRIVER, "kill-only", f"http://127.0.0.1:{port}", "1"], timeout=420)
-        code = proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-    assert code != 0, log.read_text()[-3000:]
-    assert "no restart left" in log.read_text()
 
 
 @pytest.fixture(scope="module")
@@ -123,10 +127,12 @@ def mp_reference():
 
 @pytest.fixture(scope="module")
 def ray_server(cluster, tmp_path_factory):
-    """``shardserve serve --distributed-executor-backend ray -pp 2`` (the embedded model: 9 heads, so no TP 2)."""
+    """``shardserve serve --distributed-executor-backend ray -pp 2 --max-restarts 1`` (the embedded model: 9 heads,
+    so no TP 2)."""
     log = tmp_path_factory.mktemp("ray-serve") / "serve.log"
     port = 8123
-    proc = cluster.popen(serve_argv("-pp", "2", "--port", str(port), "--rendezvous-timeout", "60"), log)
+    proc = cluster.popen(serve_argv("-pp", "2", "--port", str(port), "--rendezvous-timeout", "60",
+                                    "--max-restarts", "1"), log)  # fmt: skip
     try:
         yield f"http://127.0.0.1:{port}", proc, log
     finally:
@@ -175,3 +181,18 @@ def test_killed_rank_actor_restarts_the_whole_group(cluster, ray_server):
     assert "generation 1" in log.read_text()
     assert [after[r]["node_ip"] for r in (0, 1)] == cluster.node_ips
     assert proc.poll() is None
+
+
+def test_with_no_restart_left_a_killed_actor_ends_the_server_non_zero(cluster, ray_server):
+    """The one restart of ``--max-restarts 1`` was used above: rank 0's actor (on the head's node) dying now ends
+    the server."""
+    url, proc, log = ray_server
+    out = cluster.run_json([sys.executable, DRIVER, "kill-only", url, "0"], timeout=420)
+    try:
+        code = proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        code = None
+    text = log.read_text()
+    assert code is not None and code != 0, text[-3000:]
+    assert "no restart left (--max-restarts 1)" in text, text[-3000:]
+    assert f"rank 0 (Ray node 0 at {out['victim']['node_ip']}" in text, text[-3000:]
