@@ -293,8 +293,10 @@ def serve(
         except ValueError as e:
             problems.append(str(e))
     if dry_run:
-        typer.echo(_dry_run_report(launch, tensor_parallel_size, pipeline_parallel_size, problems))
-        raise typer.Exit(1 if topology or problems else 0)
+        report = _dry_run_report(launch, tensor_parallel_size, pipeline_parallel_size, problems,
+                                 distributed_executor_backend, device)  # fmt: skip
+        typer.echo(report)
+        raise typer.Exit(1 if any(line.startswith("PROBLEM:") for line in report.splitlines()) else 0)
     for problem in topology + problems:
         typer.echo(f"error: {problem}", err=True)
     if topology or problems:
@@ -353,7 +355,16 @@ def check_model_layout(config: EngineConfig) -> None:
     )
 
 
-def _dry_run_report(launch, tp: int, pp: int, problems: list[str]) -> str:
+def _dry_run_report(launch, tp: int, pp: int, problems: list[str], backend: str = "mp", device: str = "auto") -> str:
+    """What ``serve --dry-run`` prints; each problem found is a ``PROBLEM:`` line (the dry run then exits 1).
+
+    With the Ray backend: the Ray cluster's nodes and where each pipeline stage would go (nothing reserved).
+    """
+    if backend == "ray":
+        from shardserve.distributed.dry_run import launch_problems
+        from shardserve.executor.ray_utils import describe_ray_launch
+
+        return describe_ray_launch(tp, pp, device, [*launch_problems(launch, tp, pp)[0], *problems])
     from shardserve.distributed.dry_run import describe_launch
     from shardserve.distributed.netconf import network_env
 

@@ -282,15 +282,25 @@ def cluster_device_type(device: str) -> str:
     return "cuda" if has_gpu else "cpu"
 
 
-def describe_ray_launch(tensor_parallel_size: int, pipeline_parallel_size: int, device: str) -> str:
+def describe_ray_launch(
+    tensor_parallel_size: int, pipeline_parallel_size: int, device: str, problems: Sequence[str] = ()
+) -> str:
     """What ``shardserve serve --distributed-executor-backend ray --dry-run`` prints: the Ray cluster's nodes with
-    their free resources, and where each pipeline stage would go; a layout that does not fit is a ``PROBLEM:``
-    line (nothing is reserved)."""
+    their free resources, and where each pipeline stage would go; a layout that does not fit, no Ray cluster,
+    and each of ``problems`` (configuration, model layout) are ``PROBLEM:`` lines (nothing is reserved)."""
     lines = ["shardserve launch (dry run, Ray backend)"]
+    found = _describe_placement(tensor_parallel_size, pipeline_parallel_size, device, lines)
+    return "\n".join([*lines, *(f"PROBLEM: {p}" for p in [*found, *problems])])
+
+
+def _describe_placement(
+    tensor_parallel_size: int, pipeline_parallel_size: int, device: str, lines: list[str]
+) -> list[str]:
+    """Append the cluster and placement lines of :func:`describe_ray_launch`; returns the problems found."""
     try:
         head_ip = connect()
     except ValueError as e:
-        return "\n".join([*lines, f"PROBLEM: {e}"])
+        return [str(e)]
     import ray
 
     device_type = cluster_device_type(device)
@@ -309,7 +319,7 @@ def describe_ray_launch(tensor_parallel_size: int, pipeline_parallel_size: int, 
     try:
         plan = plan_placement(tensor_parallel_size, pipeline_parallel_size, nodes, bundle)
     except InsufficientResourcesError as e:
-        return "\n".join([*lines, f"PROBLEM: {e}"])
+        return [str(e)]
     lines.append("  placement (STRICT_PACK per stage):")
     by_id = {n.node_id: n for n in nodes}
     for s in plan:
@@ -318,4 +328,4 @@ def describe_ray_launch(tensor_parallel_size: int, pipeline_parallel_size: int, 
             f"    pp stage {s.stage}, ranks {first}..{first + tensor_parallel_size - 1}: {by_id[s.node_id].short()}"
         )
     lines.append("  network:           found by each rank on its own node (route to the head, RDMA devices)")
-    return "\n".join(lines)
+    return []
