@@ -180,16 +180,21 @@ def ray_cluster(
             shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def _stop(cluster: RayCluster, marker: str, timeout: float = 20) -> None:
+STOP_GRACE_S = 3.0
+"""Seconds the ``ray start`` sessions get to stop after SIGTERM before they are killed: a throwaway cluster needs
+no orderly shutdown (``ray start --block`` often takes 20 s or more to exit), only that nothing is left."""
+
+
+def _stop(cluster: RayCluster, marker: str, grace: float = STOP_GRACE_S) -> None:
     for proc in reversed(cluster.procs):  # the node first, then the head
         _killpg(proc, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + grace
     for proc in cluster.procs:
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            _killpg(proc)
-            proc.wait(10)
+    for proc in cluster.procs:
+        _killpg(proc)  # what is left of each session
+        proc.wait(10)
     # Ray's worker processes leave the session; they exit once their raylet is gone, or are killed here.
     deadline = time.monotonic() + 10
     while _marked_pids(marker) and time.monotonic() < deadline:

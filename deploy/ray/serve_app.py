@@ -30,6 +30,12 @@ def parse_args(argv: list[str]) -> tuple[dict, dict]:
     parser.add_argument("--host", default="0.0.0.0", help="address of Serve's HTTP proxy")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--name", default="shardserve", help="Serve application name")
+    parser.add_argument(
+        "--health-check-period-s",
+        type=float,
+        default=10.0,
+        help="seconds between Serve's health checks of the replica (it is replaced after 3 failures)",
+    )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="another config field")
     ns = parser.parse_args(argv)
     args = {
@@ -42,7 +48,7 @@ def parse_args(argv: list[str]) -> tuple[dict, dict]:
         if not sep:
             parser.error(f"--set wants KEY=VALUE, got {item!r}")
         args[key.replace("-", "_")] = value
-    return args, {"host": ns.host, "port": ns.port, "name": ns.name}
+    return args, {"host": ns.host, "port": ns.port, "name": ns.name, "health_check_period_s": ns.health_check_period_s}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,9 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     from shardserve.entrypoints.ray_serve import build_app
 
     args, http = parse_args(sys.argv[1:] if argv is None else argv)
-    name = http.pop("name")
+    name, period = http.pop("name"), http.pop("health_check_period_s")
     try:
-        app = build_app(args)
+        app = build_app(args, {"health_check_period_s": period})
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

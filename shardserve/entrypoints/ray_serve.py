@@ -120,11 +120,13 @@ class ShardServe:
             engine.shutdown()  # kills the rank actors and removes the placement groups
 
 
-def build_app(args: dict[str, Any]) -> serve.Application:
-    """Ray Serve application builder: ``args`` as in :func:`configs_from_args`.
+def build_app(args: dict[str, Any], deployment_options: dict[str, Any] | None = None) -> serve.Application:
+    """Ray Serve application builder: ``args`` as in :func:`configs_from_args`; ``deployment_options`` override
+    the deployment's (``health_check_period_s``, ...; a Serve config file sets them under ``deployments:``).
 
     Raises:
         ValueError: see :func:`configs_from_args`.
     """
     engine_config, server_config = configs_from_args(dict(args))
-    return ShardServe.bind(engine_config, server_config)
+    deployment = ShardServe.options(**deployment_options) if deployment_options else ShardServe
+    return deployment.bind(engine_config, server_config)

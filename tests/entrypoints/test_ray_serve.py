@@ -20,11 +20,19 @@ SERVE_APP = REPO / "deploy" / "ray" / "serve_app.py"
 SERVE_CONFIG = REPO / "deploy" / "ray" / "serve_config.yaml"
 
 
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A head and a second Ray node (2 CPUs and 1), for the module."""
+    with ray_cluster(tmp_path_factory.mktemp("ray-cluster")) as c:
+        yield c
+
+
 def serve_app_argv(port: int) -> list[str]:
-    """``deploy/ray/serve_app.py`` for the embedded model, PP 2 on CPUs, no restart left inside the replica."""
+    """``deploy/ray/serve_app.py`` for the embedded model, PP 2 on CPUs, no restart left inside the replica, and
+    Serve's health checks every 2 s (a dead replica is replaced after 3 failed checks)."""
     sets = [f"--set={k.lstrip('-').replace('-', '_')}={v}" for k, v in zip(TINY[::2], TINY[1::2]) if k != "--log-level"]
     return [sys.executable, str(SERVE_APP), "-pp", "2", "--host", "127.0.0.1", "--port", str(port), *sets,
-            "--set", "max_restarts=0", "--set", "rendezvous_timeout=60"]  # fmt: skip
+            "--set", "max_restarts=0", "--set", "rendezvous_timeout=60", "--health-check-period-s", "2"]  # fmt: skip
 
 
 def test_serve_config_is_a_valid_serve_config_with_valid_args():
@@ -51,31 +59,30 @@ def test_serve_app_rejects_an_unknown_argument():
 
 
 @pytest.mark.slow
-def test_ray_serve_app_answers_and_a_dead_rank_replaces_the_whole_group(tmp_path):
+def test_ray_serve_app_answers_and_a_dead_rank_replaces_the_whole_group(cluster, tmp_path):
     port = 8131
-    with ray_cluster(tmp_path / "cluster") as cluster:
-        app = cluster.popen(serve_app_argv(port), tmp_path / "serve_app.log")
-        url = f"http://127.0.0.1:{port}"
+    app = cluster.popen(serve_app_argv(port), tmp_path / "serve_app.log")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        chat = cluster.run_json([sys.executable, DRIVER, "chat", url], timeout=420)
+        assert "Paris" in chat["answer"], chat["answer"]
+        ranks = sorted(chat["status"]["ranks"], key=lambda r: r["rank"])
+        assert [r["node_ip"] for r in ranks] == cluster.node_ips  # one replica, ranks on both Ray nodes
+        out = cluster.run_json([sys.executable, DRIVER, "failover", url, "1"], timeout=420)
+        assert out["after"] is not None, f"no new replica answered: {out}"
+        before = {r["rank"]: r["pid"] for r in out["before"]["ranks"]}
+        after = {r["rank"]: r["pid"] for r in out["after"]["ranks"]}
+        assert set(before) == set(after) == {0, 1}
+        assert all(after[r] != before[r] for r in before), "every rank must be new, not only the dead one"
+        assert out["after"]["head"]["pid"] != out["before"]["head"]["pid"]  # a new replica
+        assert out["same_text"]
+        assert app.poll() is None
+    finally:
+        app.terminate()
         try:
-            chat = cluster.run_json([sys.executable, DRIVER, "chat", url], timeout=420)
-            assert "Paris" in chat["answer"], chat["answer"]
-            ranks = sorted(chat["status"]["ranks"], key=lambda r: r["rank"])
-            assert [r["node_ip"] for r in ranks] == cluster.node_ips  # one replica, ranks on both Ray nodes
-            out = cluster.run_json([sys.executable, DRIVER, "failover", url, "1"], timeout=420)
-            assert out["after"] is not None, f"no new replica answered: {out}"
-            before = {r["rank"]: r["pid"] for r in out["before"]["ranks"]}
-            after = {r["rank"]: r["pid"] for r in out["after"]["ranks"]}
-            assert set(before) == set(after) == {0, 1}
-            assert all(after[r] != before[r] for r in before), "every rank must be new, not only the dead one"
-            assert out["after"]["head"]["pid"] != out["before"]["head"]["pid"]  # a new replica
-            assert out["same_text"]
-            assert app.poll() is None
-        finally:
-            app.terminate()
-            try:
-                code = app.wait(60)
-            except subprocess.TimeoutExpired:
-                app.kill()
-                code = app.wait(10)
-            log = (tmp_path / "serve_app.log").read_text()
-        assert code == 0, log[-3000:]
+            code = app.wait(60)
+        except subprocess.TimeoutExpired:
+            app.kill()
+            code = app.wait(10)
+        log = (tmp_path / "serve_app.log").read_text()
+    assert code == 0, log[-3000:]
