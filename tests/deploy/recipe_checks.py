@@ -35,6 +35,24 @@ class DryRun:
     problems: list[str]
 
 
+def local_model(model: str, root: Path) -> Path:
+    """A stand-in for a recipe's model directory (``/models/Llama-3.1-70B-Instruct``, absent in CI): ``root/NAME``
+    holding the real model's ``config.json`` from shardserve's table of known models, which is all that
+    ``--dry-run`` reads (it checks that the layout splits the model)."""
+    import json
+
+    from shardserve.tools.known_models import find_known_model
+
+    name = Path(model).name
+    known = find_known_model(name)
+    assert known is not None, f"{name} is not in shardserve.tools.known_models"
+    path = root / name
+    path.mkdir(parents=True, exist_ok=True)
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **known.hf_config}
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
 def dry_run(argv: list[str], env: dict[str, str], timeout: float = 60) -> DryRun:
     """Run ``python -m shardserve <argv> --dry-run`` with exactly ``env`` (plus PATH and this checkout on PYTHONPATH).
 

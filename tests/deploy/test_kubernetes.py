@@ -14,7 +14,7 @@ import re
 
 import pytest
 import yaml
-from recipe_checks import DEPLOY, container_env, crd_validator, dry_run, expand_k8s, schema_errors
+from recipe_checks import DEPLOY, container_env, crd_validator, dry_run, expand_k8s, local_model, schema_errors
 
 K8S = DEPLOY / "kubernetes"
 SCHEMAS = K8S / "schemas"
@@ -141,12 +141,14 @@ def pod_argv(container: dict, env: dict[str, str]) -> list[str]:
     return command[1:]
 
 
-def test_lws_each_pod_finds_its_node_rank_world_and_leader(lws_docs):
+def test_lws_each_pod_finds_its_node_rank_world_and_leader(lws_docs, tmp_path):
     lws, _ = lws_docs
     name, size = lws["metadata"]["name"], lws["spec"]["leaderWorkerTemplate"]["size"]
     for index, (pod, container, env) in enumerate(lws_pods(lws)):
         argv = pod_argv(container, env)
         assert "$(" not in " ".join(argv), f"{pod}: an unexpanded variable in {argv}"
+        assert argv[1] == "/models/Llama-3.1-70B-Instruct", argv  # on the models volume; here a stand-in
+        argv[1] = str(local_model(argv[1], tmp_path))
         tp = int(argv[argv.index("--tensor-parallel-size") + 1])
         pp = int(argv[argv.index("--pipeline-parallel-size") + 1])
         report = dry_run(argv, env)

@@ -17,7 +17,7 @@ import subprocess
 import sys
 
 import pytest
-from recipe_checks import DEPLOY, REPO, parse_report
+from recipe_checks import DEPLOY, REPO, local_model, parse_report
 
 SBATCH = DEPLOY / "slurm" / "serve.sbatch"
 JOB_ID = "4242"
@@ -130,7 +130,8 @@ def test_sbatch_passes_shellcheck():
 )
 def test_each_node_of_a_two_node_job_finds_its_rank_world_and_head(tmp_path, extra_env):
     """Slurm's variables decide, even when WORLD_SIZE/RANK leak into the job from the submitting shell."""
-    done, srun_opts, reports = run_batch(tmp_path, ["/shared/Llama-3.1-70B-Instruct", "-tp", "8", "-pp", "2"],
+    model = str(local_model("/shared/Llama-3.1-70B-Instruct", tmp_path / "shared"))
+    done, srun_opts, reports = run_batch(tmp_path, [model, "-tp", "8", "-pp", "2"],
                                          {k: v for k, v in extra_env.items() if v})  # fmt: skip
     assert done.returncode == 0, done.stderr + "".join(r.output for r in reports)
     assert "--ntasks-per-node=1" in srun_opts
