@@ -107,6 +107,7 @@ def build_engine_config(
     fault_injection: str | None = None,
     tokenizer: str | None = None,
     max_logprobs: int = 20,
+    distributed_executor_backend: str = "mp",
 ) -> EngineConfig:
     """Flags to typed config; ``ValueError`` messages name the flag."""
     return EngineConfig(
@@ -136,6 +137,7 @@ def build_engine_config(
             rendezvous_timeout=rendezvous_timeout,
             watchdog_timeout=watchdog_timeout,
             max_restarts=max_restarts,
+            distributed_executor_backend=distributed_executor_backend,
         ),
         cache=CacheConfig(
             block_size=block_size,
@@ -192,6 +194,9 @@ def serve(
         float, typer.Option(help="Seconds a step may stall before every rank is restarted")
     ] = 120.0,
     max_restarts: Annotated[int, typer.Option(help="Restarts after a rank fails; then exit non-zero")] = 3,
+    distributed_executor_backend: Annotated[
+        str, typer.Option(help="mp: worker processes per node; ray: Ray actors on a running Ray cluster")
+    ] = "mp",
     api_key: Annotated[Optional[str], typer.Option(help="Bearer token required on /v1 and /generate")] = None,
     protect_metrics: Annotated[bool, typer.Option("--protect-metrics", help="Require the API key on /metrics")] = False,
     allowed_origins: Annotated[
@@ -280,6 +285,7 @@ def serve(
                 fault_injection=os.environ.get(FAULT_INJECTION_ENV),
                 tokenizer=tokenizer,
                 max_logprobs=max_logprobs,
+                distributed_executor_backend=distributed_executor_backend,
             )
             server = ServerConfig(
                 host=host,
@@ -310,8 +316,10 @@ def serve(
         except ValueError as e:
             problems.append(str(e))
     if dry_run:
-        typer.echo(_dry_run_report(launch, tensor_parallel_size, pipeline_parallel_size, problems))
-        raise typer.Exit(1 if topology or problems else 0)
+        report = _dry_run_report(launch, tensor_parallel_size, pipeline_parallel_size, problems,
+                                 distributed_executor_backend, device)  # fmt: skip
+        typer.echo(report)
+        raise typer.Exit(1 if any(line.startswith("PROBLEM:") for line in report.splitlines()) else 0)
     for problem in topology + problems:
         typer.echo(f"error: {problem}", err=True)
     if topology or problems:
@@ -352,7 +360,16 @@ def check_model_layout(config: EngineConfig) -> None:
     )
 
 
-def _dry_run_report(launch, tp: int, pp: int, problems: list[str]) -> str:
+def _dry_run_report(launch, tp: int, pp: int, problems: list[str], backend: str = "mp", device: str = "auto") -> str:
+    """What ``serve --dry-run`` prints; each problem found is a ``PROBLEM:`` line (the dry run then exits 1).
+
+    With the Ray backend: the Ray cluster's nodes and where each pipeline stage would go (nothing reserved).
+    """
+    if backend == "ray":
+        from shardserve.distributed.dry_run import launch_problems
+        from shardserve.executor.ray_utils import describe_ray_launch
+
+        return describe_ray_launch(tp, pp, device, [*launch_problems(launch, tp, pp)[0], *problems])
     from shardserve.distributed.dry_run import describe_launch
     from shardserve.distributed.netconf import network_env
 

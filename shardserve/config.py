@@ -306,6 +306,9 @@ class ParallelConfig:
     """Seconds to wait for every node to join before failing (names the missing ranks)."""
     distributed_backend: str = "auto"
     """auto (nccl on CUDA, gloo on CPU), nccl or gloo."""
+    distributed_executor_backend: str = "mp"
+    """How ranks are started: mp (worker processes spawned by each node's shardserve) or ray (Ray actors
+    placed on a running Ray cluster from one ``shardserve serve``)."""
     disable_custom_all_reduce: bool = False
     """Use NCCL for every TP all-reduce, not the one-shot peer-memory kernel for small messages."""
     watchdog_timeout: float = 120.0
@@ -325,6 +328,15 @@ class ParallelConfig:
             raise ValueError(f"--watchdog-timeout must be positive seconds, got {self.watchdog_timeout}")
         if self.max_restarts < 0:
             raise ValueError(f"--max-restarts must be >= 0, got {self.max_restarts}")
+        if self.distributed_executor_backend not in ("mp", "ray"):
+            raise ValueError(
+                f"--distributed-executor-backend must be mp or ray, got {self.distributed_executor_backend!r}"
+            )
+        if self.distributed_executor_backend == "ray" and self.nnodes > 1:
+            raise ValueError(
+                "--distributed-executor-backend ray places every rank on the Ray cluster from one `shardserve serve`"
+                f" (on any of its nodes): drop --nnodes {self.nnodes} (it is for the mp backend)"
+            )
         if self.pp_layer_partition is not None and len(self.pp_layer_partition) != self.pipeline_parallel_size:
             raise ValueError(
                 f"--pp-layer-partition has {len(self.pp_layer_partition)} entries, "

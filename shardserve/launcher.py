@@ -25,6 +25,14 @@ def run_node(config: EngineConfig, server: ServerConfig, launch: LaunchInfo) -> 
     from shardserve.distributed.rendezvous import RendezvousError, node_info, node_rendezvous
 
     par = config.parallel
+    if par.distributed_executor_backend == "ray":
+        from shardserve.executor.ray_utils import connect
+
+        try:  # the head's store and control traffic use its address in the Ray cluster
+            par.master_addr = connect()
+        except ValueError as e:
+            logger.error("launch failed: %s", e)
+            return 1
     net_env, notes = network_env(par.master_addr, os.environ)
     if not launch.is_node_leader:
         logger.info(

@@ -8,8 +8,15 @@ each rank has a PUSH socket connected to the head's one PULL socket (replies, fa
 
 The addresses of a generation live in the launch's TCPStore under ``shardserve/gen{g}/channel``
 (JSON), so headless nodes and late workers find them; a ring's name and shape travel with the worker's
-arguments from the process that created it. Nothing received is unpickled: frames that do not decode
-as a message of the expected kind raise :class:`~shardserve.executor.messages.MalformedMessageError`.
+arguments from the process that created it, which exists before the worker starts. Nothing received is
+unpickled: frames that do not decode as a message of the expected kind raise
+:class:`~shardserve.executor.messages.MalformedMessageError`.
+
+With the Ray backend (:mod:`shardserve.executor.ray_executor`) the head has no ring of its own: every Ray
+node that holds ranks, the head's included, gets a stream, and a relay actor on that node creates the ring
+and returns its :class:`RingSpec` to the head (a Ray call's result); the head starts the node's rank actors
+only after that, with the spec in their ``WorkerArgs``. So on both paths a rank attaches to a ring that
+already exists: no retry, no name chosen in advance, no ring key in the store.
 """
 
 from __future__ import annotations
@@ -186,7 +193,7 @@ class WorkerChannel:
 
     Args:
         ring: the node's ring (created by the head on its own node, by the :class:`NodeRelay` elsewhere).
-        reader_index: this rank's reader slot in that ring (its local rank).
+        reader_index: this rank's reader slot in that ring (its position among the node's ranks).
         replies: the head's reply address.
     """
 
@@ -218,6 +225,8 @@ class WorkerChannel:
 
 class NodeRelay:
     """Feeds one node's ring from the head's TCP stream for that node (runs on a daemon thread).
+
+    It runs in a headless node's launcher (``mp``) or in a relay actor on a Ray node (``ray``).
 
     Args:
         address: the head's stream for this node (``ChannelAddresses.nodes[node_rank]``).

@@ -288,14 +288,9 @@ class MultiprocExecutor(Executor):
         self._failures: list[m.RequestFailure] = []
         self._errors: dict[int, str] = {}
         self._broken = False
-        base_port = par.master_port if par.nnodes > 1 else None
-        self.channel = HeadChannel(par.master_addr, par.ranks_per_node, list(range(1, par.nnodes)), base_port)
         self.workers = LocalWorkers()
         try:
-            publish_addresses(self.store, self.generation, self.channel.addresses)
-            self.workers = spawn_local_workers(
-                self.config, 0, self.store_host, self.store_port, self.generation, self.channel.ring_spec, self.env
-            )
+            self.workers = self._launch()
             logger.info("generation %d: waiting for %d ranks to connect", self.generation, par.world_size)
             hosts = self._gather(m.Hello, "waiting for the ranks to connect", par.rendezvous_timeout)
         except BaseException:
@@ -303,6 +298,25 @@ class MultiprocExecutor(Executor):
             raise
         logger.info("generation %d: all %d ranks connected (%s)", self.generation, par.world_size,
                     ", ".join(sorted({h.host for h in hosts})))  # fmt: skip
+
+    def _launch(self) -> LocalWorkers:
+        """Open this generation's channel (``self.channel``), publish its addresses and start the ranks.
+
+        Here: the head node's worker processes read the local ring, every other node gets a stream that its
+        launcher's relay feeds into its ring. Returns the workers for supervision (``alive``, ``failures``,
+        ``kill``, ``stop``); what it started before raising, it stops (the channel is closed by the caller).
+        """
+        par = self.config.parallel
+        base_port = par.master_port if par.nnodes > 1 else None
+        self.channel = HeadChannel(par.master_addr, par.ranks_per_node, list(range(1, par.nnodes)), base_port)
+        publish_addresses(self.store, self.generation, self.channel.addresses)
+        return spawn_local_workers(
+            self.config, 0, self.store_host, self.store_port, self.generation, self.channel.ring_spec, self.env
+        )
+
+    def _node_of(self, rank: int) -> int:
+        """The node that runs ``rank`` (named in error messages)."""
+        return rank // self.config.parallel.ranks_per_node
 
     def restart(self) -> None:
         old = self.generation
@@ -465,8 +479,7 @@ class MultiprocExecutor(Executor):
         step_id = self._steps[0]
         if self.async_scheduling and len(self._steps) == 1 and step_id not in self._outputs:
             self._send(m.FlushOutputs(), f"asking for step {step_id}")  # no later step released it
-        node = self.output_rank // self.config.parallel.ranks_per_node
-        doing = f"waiting for step {step_id} from rank {self.output_rank} (node {node})"
+        doing = f"waiting for step {step_id} from rank {self.output_rank} (node {self._node_of(self.output_rank)})"
         self._wait(doing, self.config.parallel.watchdog_timeout, lambda: step_id in self._outputs)
         self._steps.popleft()
         return self._outputs.pop(step_id)

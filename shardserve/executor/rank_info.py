@@ -55,6 +55,10 @@ class RankInfo:
     """``gpu`` or ``rss``: what ``memory_used_bytes`` measures."""
     reported_at: float
     """Unix time (seconds) of the report."""
+    node_id: str = ""
+    """Ray node id of the rank's actor (``--distributed-executor-backend ray``); empty with ``mp``."""
+    node_ip: str = ""
+    """Address of the rank's Ray node; empty with ``mp``."""
 
 
 def describe_rank(runner: ModelRunner, rank: int, ranks_per_node: int) -> RankInfo:

@@ -43,7 +43,7 @@ class WorkerArgs:
     rank: int
     """Global rank on the grid (0 .. TP x PP - 1)."""
     local_rank: int
-    """Index of this worker's device on its node, and its reader slot in the node's ring."""
+    """Index of this worker's device on its node."""
     store_host: str
     store_port: int
     generation: int
@@ -55,6 +55,13 @@ class WorkerArgs:
     log_level: int = logging.INFO
     env: dict[str, str] | None = None
     """Variables to set before torch.distributed starts (NCCL_SOCKET_IFNAME, ...)."""
+    reader_index: int | None = None
+    """This rank's reader slot in its node's ring: its position among the node's ranks. None: ``local_rank``
+    (worker processes); Ray actors on CPUs all have device index 0, so the Ray executor sets it."""
+
+    def __post_init__(self) -> None:
+        if self.reader_index is None:
+            self.reader_index = self.local_rank
 
 
 def open_store(host: str, port: int, is_master: bool, timeout_s: float) -> dist.TCPStore:
@@ -121,7 +128,7 @@ def worker_main(args: WorkerArgs) -> None:
     logging.basicConfig(level=args.log_level, format=fmt)
     store = open_store(args.store_host, args.store_port, False, args.config.parallel.rendezvous_timeout)
     addresses = read_addresses(store, args.generation)
-    channel = WorkerChannel(args.ring, args.local_rank, addresses.replies)
+    channel = WorkerChannel(args.ring, args.reader_index, addresses.replies)
     channel.send(m.Hello(args.rank, os.getpid(), socket.gethostname()))
     try:
         if args.device_type == "cuda":

@@ -76,10 +76,15 @@ def render_status(console: Console, s: dict[str, Any], url: str = "") -> None:
     for r in s["ranks"]:
         by_node.setdefault(r["node_rank"], []).append(r)
     head = s["head"]
-    for node in range(lay["nnodes"]):
+    on_ray = any(r.get("node_id") for r in s["ranks"])  # the head may be on a node without ranks
+    if on_ray:
+        console.print(f" [dim]head: HTTP + scheduler on {head['host']}, pid {head['pid']}; ranks are Ray actors[/]")
+    for node in sorted(set(range(lay["nnodes"])) | set(by_node)):
         ranks = by_node.get(node, [])
         host = ranks[0]["host"] if ranks else (head["host"] if node == 0 else "?")
-        role = f"  [dim]head: HTTP + scheduler, pid {head['pid']}[/]" if node == 0 else ""
+        if ranks and ranks[0].get("node_id"):
+            host += f", Ray node {ranks[0]['node_id'][:8]} at {ranks[0]['node_ip']}"
+        role = f"  [dim]head: HTTP + scheduler, pid {head['pid']}[/]" if node == 0 and not on_ray else ""
         console.print(f" node {node} ({host}){role}")
         for r in ranks:
             console.print(f"   {_rank_line(r)}", highlight=False)

@@ -35,6 +35,8 @@ def build_cluster_status(engine: Any, model_name: str) -> dict[str, Any]:
     executor = getattr(getattr(engine, "engine", None), "executor", None)
     ranks = executor.rank_info() if executor is not None else []
     window = getattr(getattr(engine, "throughput", None), "window_s", DEFAULT_WINDOW_S)
+    # With the Ray backend the nodes are the Ray nodes the ranks landed on (one shardserve process started them).
+    nnodes = max(par.nnodes, len({r.node_rank for r in ranks}))
     return {
         "version": STATUS_VERSION,
         "time": time.time(),
@@ -42,9 +44,9 @@ def build_cluster_status(engine: Any, model_name: str) -> dict[str, Any]:
         "layout": {
             "tp": par.tensor_parallel_size,
             "pp": par.pipeline_parallel_size,
-            "nnodes": par.nnodes,
+            "nnodes": nnodes,
             "world_size": par.world_size,
-            "ranks_per_node": par.ranks_per_node,
+            "ranks_per_node": par.world_size // nnodes if par.world_size % nnodes == 0 else par.ranks_per_node,
         },
         "head": {
             "host": socket.gethostname(),
