@@ -415,12 +415,7 @@ class MultiprocExecutor(Executor):
         start = time.monotonic()
         while not done():
             if self._errors:
-                self._broken = True
-                self._check(doing)  # names the process too once it has exited
-                rank, error = next(iter(self._errors.items()))
-                raise EngineDeadError(
-                    f"rank {rank} failed while the head was {doing} (generation {self.generation}): {error}"
-                )
+                self._fail_on_worker_error(doing)
             left = None if timeout is None else max(0.0, timeout - (time.monotonic() - start))
             try:
                 msg = self.channel.recv(left, lambda: self._check(doing))
@@ -434,6 +429,21 @@ class MultiprocExecutor(Executor):
             rest = self._file(msg)
             if rest is not None and take is not None:
                 take(rest)
+
+    def _fail_on_worker_error(self, doing: str) -> None:
+        """A rank sent its error: raise once its process is seen gone, so that the root-cause rules apply (a rank
+        that lost a peer errors first, but the peer killed on another node is the cause).
+
+        Raises:
+            EngineDeadError: always; naming the failed ranks with their errors.
+        """
+        self._broken = True
+        deadline = time.monotonic() + self.DIAGNOSE_S
+        while time.monotonic() < deadline:
+            self._check(doing)  # raises with the ranks ordered by likely cause once any process is gone
+            time.sleep(0.1)
+        rank, error = next(iter(self._errors.items()))
+        raise EngineDeadError(f"rank {rank} failed while the head was {doing} (generation {self.generation}): {error}")
 
     def _gather(self, kind: type, doing: str, timeout: float | None) -> list:
         """One message of ``kind`` from every rank, by rank."""

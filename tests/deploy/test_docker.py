@@ -73,7 +73,8 @@ def dockerfile_pip_installs(path) -> list[list[str]]:
 def readme_pip_installs() -> list[list[str]]:
     readme = (REPO / "README.md").read_text()
     blocks = re.findall(r"```bash\n(.*?)```", readme, re.DOTALL)
-    lines = [line.strip() for block in blocks for line in block.splitlines()]
+    # A command may continue over lines ending in a backslash, as the shell reads it.
+    lines = [line.strip() for block in blocks for line in block.replace("\\\n", " ").splitlines()]
     return [cmd for line in lines if line for cmd in pip_installs(shell_commands(line.split("  #")[0]))]
 
 
