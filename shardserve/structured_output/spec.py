@@ -127,9 +127,12 @@ class StructuredOutputSpec:
                 xgr.Grammar.from_ebnf(self.ebnf())  # type: ignore[arg-type]
             elif self.kind == "lark":
                 xgr.Grammar.from_lark(self.payload)  # type: ignore[arg-type]
-        except RuntimeError as exc:
+        except InvalidStructuredOutputError:
+            raise
+        except (RuntimeError, ValueError) as exc:  # ValueError: xgrammar's own message may not decode (UTF-8 cut)
             noun = {"json": "JSON schema", "regex": "regex", "lark": "Lark grammar"}.get(self.kind, "grammar")
-            raise InvalidStructuredOutputError(f"{where}: invalid {noun}: {xgrammar_message(exc)}", where) from exc
+            detail = xgrammar_message(exc) if isinstance(exc, RuntimeError) else "the grammar engine cannot parse it"
+            raise InvalidStructuredOutputError(f"{where}: invalid {noun}: {detail}", where) from exc
         return self
 
 

@@ -264,3 +264,10 @@ def test_spec_is_hashable_and_picklable():
     spec = from_structured_outputs({"choice": ["a", "b"]})
     assert pickle.loads(pickle.dumps(spec)) == spec
     assert len({spec, from_structured_outputs({"choice": ["a", "b"]})}) == 1
+
+
+def test_a_grammar_whose_parse_error_does_not_decode_is_still_a_clear_error():
+    """Found by the OpenAPI fuzz test: xgrammar's error message quoted the grammar with a UTF-8 sequence cut in
+    two, and decoding that message raised instead of the error: a 500 where a 400 belongs."""
+    with pytest.raises(InvalidStructuredOutputError, match="sampling_params.ebnf: invalid"):
+        from_sglang_sampling_params({"ebnf": "Q\u00e2\u00fa\u00b9t4\U0008b1a5\x99\u00fb"})
