@@ -39,6 +39,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -123,6 +124,8 @@ def part_kernels(spec: dict) -> dict:
 
     from shardserve.model_executor.kernels.gemv import gemv
     from shardserve.model_executor.kernels.gguf_dequant import dequantize
+    from shardserve.model_executor.kernels.gguf_dp4a import gguf_gemv_dp4a
+    from shardserve.model_executor.kernels.gguf_dp4a import supports as dp4a_supports
     from shardserve.model_executor.kernels.gguf_gemv import gguf_gemv, gguf_matmul
     from shardserve.model_executor.layers.quantization.gguf_blocks import block_type, random_blocks
 
@@ -154,11 +157,22 @@ def part_kernels(spec: dict) -> dict:
             bt = block_type(qtype)
             blocks = torch.from_numpy(random_blocks(rng, n, k, qtype, (2e-4, 2e-3))).to(dev)
             copies = [blocks] + [blocks.clone() for _ in range(-(-l2_bytes // blocks.nbytes) - 1)]
-            for m, fn in ((1, gguf_gemv), (16, gguf_matmul)):
+            paths = spec.get("paths", ["fma", "tensor_core", "dp4a"])
+            runs = [("fma", 1, gguf_gemv), ("tensor_core", 16, gguf_matmul)]
+            runs = [r for r in runs if r[0] in paths]
+            x1 = torch.randn(1, k, dtype=dtype, device=dev)
+            if "dp4a" in paths and dp4a_supports(x1, blocks, bt.type_id):
+                runs += [("dp4a", m, gguf_gemv_dp4a) for m in spec.get("dp4a_rows", (1, 2, 4))]
+            for kernel, m, fn in runs:
                 x = torch.randn(m, k, dtype=dtype, device=dev)
                 t = _cold(lambda w, x=x, fn=fn, q=bt.type_id, f=silu: fn(x, w, q, silu_and_mul=f), copies)
-                rows.append({"shape": name, "N": n, "K": k, "type": qtype, "rows": m, "GBps": blocks.nbytes / t / 1e9})
-            if name != "lm_head":  # prefill paths at 2048 rows: TFLOP/s
+                rows.append(
+                    {"shape": name, "N": n, "K": k, "type": qtype, "kernel": kernel, "rows": m,
+                     "GBps": blocks.nbytes / t / 1e9}
+                )  # fmt: skip
+                print(f"PROGRESS {name} {qtype} {kernel} rows={m}: {rows[-1]['GBps']:.0f} GB/s "
+                      f"({rows[-1]['GBps'] * 1e9 / copy_bw:.2f} of copy)", flush=True)  # fmt: skip
+            if name != "lm_head" and spec.get("prefill", True):  # prefill paths at 2048 rows: TFLOP/s
                 x = torch.randn(prefill_m, k, dtype=dtype, device=dev)
                 flops = 2 * prefill_m * n * k
                 t_fused = _timed(lambda x=x, b=blocks, q=bt.type_id: gguf_matmul(x, b, q), 3)
@@ -259,16 +273,31 @@ PARTS = {"hw": part_hw, "kernels": part_kernels, "serve": part_serve}
 
 
 def _child(part: str, spec: dict, timeout: float, env: dict) -> dict:
+    """Run one part in a child process; its progress lines (``PROGRESS ...``) are echoed as they come."""
     cmd = [sys.executable, __file__, "--part", part, "--spec", json.dumps(spec)]
     t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    lines: list[str] = []
+
+    def pump() -> None:
+        for ln in proc.stdout:
+            lines.append(ln)
+            if ln.startswith("PROGRESS "):
+                print(ln[len("PROGRESS ") :], end="", flush=True)
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+        proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
+        proc.kill()
         print(f"[{part} {spec.get('label', '')}] timed out after {timeout:.0f} s", flush=True)
         return {"error": "timeout"}
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    reader.join(timeout=10)
+    stderr = proc.stderr.read()
+    line = next((ln for ln in lines if ln.startswith("RESULT ")), None)
     if proc.returncode or line is None:
-        print(proc.stdout[-3000:], proc.stderr[-6000:], file=sys.stderr)
+        print("".join(lines)[-3000:], stderr[-6000:], file=sys.stderr)
         print(f"[{part} {spec.get('label', '')}] failed (exit {proc.returncode})", flush=True)
         return {"error": f"exit {proc.returncode}"}
     out = json.loads(line[len("RESULT ") :])
@@ -284,6 +313,9 @@ def main() -> None:
     ap.add_argument("--recipes-70b", default="Q4_K_M", help="GGUF recipes for the 70B model")
     ap.add_argument("--parts", default="hw,kernels,bf16,gguf")
     ap.add_argument("--kernel-types", default="Q4_K,Q6_K,Q8_0")
+    ap.add_argument("--kernel-paths", default="fma,tensor_core,dp4a", help="kernels part: which GEMV paths to time")
+    ap.add_argument("--dp4a-rows", default="1,2,4", help="kernels part: rows of x for the int8 GEMV")
+    ap.add_argument("--no-kernel-prefill", action="store_true", help="kernels part: skip the 2048-row prefill paths")
     ap.add_argument("--tiny", action="store_true", help="a tiny Llama on the CPU: checks the script, not speed")
     ap.add_argument("--workdir", default=None, help="where GGUF files go (default: a temporary directory)")
     ap.add_argument("--keep-files", action="store_true")
@@ -321,6 +353,9 @@ def main() -> None:
         if "kernels" in parts and "70B" not in model and "copy_bandwidth_GBps" in hw:
             spec = {"label": model, "hf_config": cfg, "copy_bandwidth_GBps": hw["copy_bandwidth_GBps"]}
             spec["types"] = args.kernel_types.split(",")
+            spec["paths"] = args.kernel_paths.split(",")
+            spec["dp4a_rows"] = [int(r) for r in args.dp4a_rows.split(",")]
+            spec["prefill"] = not args.no_kernel_prefill
             entry["kernels"] = _child("kernels", spec, args.part_timeout, env).get("kernels", [])
             _print_kernels(model, entry["kernels"])
         if "bf16" in parts:
@@ -357,7 +392,7 @@ def _print_kernels(model: str, rows: list[dict]) -> None:
     for r in rows:
         if "GBps" in r:
             print(
-                f"[{model} kernel] {r['shape']} {r['N']}x{r['K']} {r['type']} rows={r['rows']}: "
+                f"[{model} kernel] {r['shape']} {r['N']}x{r['K']} {r['type']} {r.get('kernel', '')} rows={r['rows']}: "
                 f"{r['GBps']:.0f} GB/s of weights = {r['of_copy']:.2f} of copy bandwidth",
                 flush=True,
             )

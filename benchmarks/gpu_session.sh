@@ -1,9 +1,11 @@
 #!/bin/bash
 # One GPU session's runs on nvidia-h200 (one H200), in stages that each fit one device call:
-#   OUT=/tmp/out bash benchmarks/gpu_session.sh check|host|quant|serve
+#   OUT=/tmp/out bash benchmarks/gpu_session.sh check|host|serve|kernels|final|quant|quant2|quant70
 # check: CUDA kernel tests, fp32 equivalence with transformers, bench_gpu (8B bf16 batch-1 + offline)
 # host:  offline profile (GPU idle share), host ms per step on the GPU beside the baseline commit
 # serve: a live server under `shardserve bench serve` (400 prompts, 1024 in / 128 out, rate inf)
+# final: the int8 GEMV tests on CUDA, 8B Q4_K_M and Q8_0 batch-1 beside bf16, the Q4_K GEMV variants
+# kernels: GGUF kernel tests on CUDA, the GGUF GEMV kernels beside bf16 (8B shapes), structured outputs (8B, 64 requests)
 # quant/quant2/quant70: GGUF and FP8 CUDA tests, 8B GGUF decode beside bf16, the embedded GGUF kept quantized,
 #   FP8 weights and FP8 KV beside bf16, 70B Q4_K_M on one H200 (the embedded GGUF travels in two halves, .gguf/a|b)
 # Wheels for what the device lacks lie in .whl/ (carried); the baseline commit's tree in .baseline/.
@@ -60,6 +62,20 @@ out = llm.chat([{'role': 'user', 'content': 'What is the capital of France?'}], 
 print('embedded Q4_1 kept quantized, CUDA bf16:', repr(out[0].outputs[0].text))
 "
   run timeout 420 python3 benchmarks/bench_fp8.py --parts hw,bf16,fp8,kv8 --num-requests 300 --json-out "$OUT/fp8.json"
+  ;;
+kernels)
+  nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader
+  run timeout 120 python3 -m pytest -q -x -p no:cacheprovider tests/model_executor/test_gguf_kernels.py -k "dp4a or paths_agree"
+  run timeout 260 python3 benchmarks/bench_quant.py --skip-70b --parts hw,kernels --no-kernel-prefill \
+      --kernel-paths dp4a --dp4a-rows 1,4 --json-out "$OUT/kernels.json"
+  run timeout 170 python3 benchmarks/bench_structured_output.py --engine --model Llama-3.1-8B --requests 64
+  ;;
+final)
+  run timeout 60 python3 -m pytest -q -x -p no:cacheprovider tests/model_executor/test_gguf_kernels.py -k "dp4a_gemv and Q4_K"
+  run timeout 420 python3 benchmarks/bench_quant.py --skip-70b --parts hw,bf16,gguf --recipes Q4_K_M,Q8_0 \
+      --part-timeout 200 --json-out "$OUT/quant_8b.json"
+  run timeout 100 python3 benchmarks/bench_quant.py --skip-70b --parts hw,kernels --no-kernel-prefill --kernel-types Q4_K \
+      --kernel-paths dp4a --dp4a-rows 1 --json-out "$OUT/kernels_q4k.json"
   ;;
 quant70)
   run timeout 560 python3 benchmarks/bench_quant.py --models Llama-3.1-70B --parts hw,gguf --workdir /tmp/q70 \

@@ -168,3 +168,80 @@ def test_tiles_shorter_than_a_block(name, monkeypatch):
         assert _rel(got, want[:m]) < TOL_FP32[name], config
     kernels._gguf_gemv_kernel.cache.clear()
     kernels._gguf_matmul_kernel.cache.clear()
+
+
+# -- the int8 dot-product GEMV (kernels/gguf_dp4a.py) ----------------------------------------------------
+# Its only error is rounding x to int8 per 32 elements (at most dx / 2 per element), so it is checked two
+# ways: against the exact product of the weights with the *quantized* x (the kernel's arithmetic: products
+# are exact integers, sums fp32, the output rounded to bf16: TOL_DP4A_EXACT), and against the exact product
+# with x itself (the int8 rounding on top, about 0.4% of a group's largest value: TOL_DP4A).
+
+DP4A_NAMES = ["Q4_K", "Q6_K", "Q8_0"]
+TOL_DP4A_EXACT = 1e-2  # bf16 output rounding (2**-9) and the fp32 sums
+TOL_DP4A_SWIGLU = 3e-2  # gate and up each within TOL_DP4A_EXACT of their max, rounded to bf16, multiplied
+TOL_DP4A = 3e-2
+
+
+def _dp4a_case(name: str, rows: int, seed: int):
+    """Like ``_case``, with rows long enough for a whole thread unit (a block pair for Q6_K and Q8_0)."""
+    t = block_type(name)
+    cols = 512 if t.block_size == 256 else 192
+    raw = random_blocks(np.random.default_rng(seed), rows, cols, name, scale=(1e-4, 1e-3))
+    ref = torch.from_numpy(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[name]).copy())
+    return torch.from_numpy(raw).to(DEVICE), ref, t.type_id, cols
+
+
+@pytest.mark.parametrize("name", DP4A_NAMES)
+def test_dp4a_quantize_activations_round_trip(name):
+    """xq * dx is within dx / 2 of x; dx = max|x| / 127 per group of 32; xs = dx * sum(xq) per 16."""
+    from shardserve.model_executor.kernels.gguf_dp4a import quantize_activations
+
+    x = (torch.randn(3, 256, generator=torch.Generator().manual_seed(11)) * 3).to(torch.bfloat16)
+    xq, dx, xs = quantize_activations(x.to(DEVICE))
+    xq, dx, xs, xf = xq.cpu().float(), dx.cpu(), xs.cpu(), x.float()
+    groups = xf.view(3, -1, 32)
+    assert torch.allclose(dx, groups.abs().amax(-1) / 127)
+    assert ((xq.view(3, -1, 32) * dx[..., None] - groups).abs() <= dx[..., None] / 2 * 1.0001).all()
+    assert xq.abs().max() == 127
+    assert torch.allclose(xs, xq.view(3, -1, 16).sum(-1) * dx.repeat_interleave(2, dim=1))
+
+
+@pytest.mark.parametrize("name", DP4A_NAMES)
+@pytest.mark.parametrize("rows", [8, 6])  # whole tiles, and a partial one (masked rows)
+def test_dp4a_gemv_matches_reference(name, rows):
+    """Against the two references above, 1, 3 and 4 rows of x, plain and SwiGLU."""
+    from shardserve.model_executor.kernels.gguf_dp4a import DP4A_MAX_ROWS, gguf_gemv_dp4a, quantize_activations
+
+    blocks, ref, qtype, cols = _dp4a_case(name, rows, seed=12)
+    x = torch.randn(DP4A_MAX_ROWS, cols, generator=torch.Generator().manual_seed(13)).to(torch.bfloat16)
+    for m in (1, 3, DP4A_MAX_ROWS):  # 3: a row tile with a masked row
+        xq, dx, _ = quantize_activations(x[:m].to(DEVICE))
+        xdq = (xq.cpu().float().view(m, -1, 32) * dx.cpu()[..., None]).view(m, cols)
+        got = gguf_gemv_dp4a(x[:m].to(DEVICE), blocks, qtype)
+        assert got.dtype == torch.bfloat16 and got.shape == (m, rows)
+        assert _rel(got, xdq @ ref.T) < TOL_DP4A_EXACT, m
+        assert _rel(got, x[:m].float() @ ref.T) < TOL_DP4A, m
+        fused = gguf_gemv_dp4a(x[:m].to(DEVICE), blocks, qtype, silu_and_mul=True)
+        assert fused.shape == (m, rows // 2)
+        assert _rel(fused, _swiglu(xdq @ ref.T)) < TOL_DP4A_SWIGLU, m
+        # the fused epilogue itself: gate, silu, up and the output rounded to bf16 (the interpreter truncates)
+        assert _rel(fused, _swiglu(got.float().cpu())) < 2 * TOL_DP4A_EXACT, m
+
+
+def test_dp4a_routing_and_refusals():
+    """gguf_linear sends bf16 decode rows of the three types to the int8 GEMV (an output slice too) and
+    everything else elsewhere; the kernel refuses what it cannot take."""
+    from shardserve.model_executor.kernels import gguf_dp4a
+
+    blocks, ref, qtype, cols = _dp4a_case("Q4_K", 16, seed=14)
+    x = torch.randn(2, cols, generator=torch.Generator().manual_seed(15)).to(torch.bfloat16).to(DEVICE)
+    assert gguf_dp4a.supports(x, blocks, qtype)
+    assert not gguf_dp4a.supports(x.float(), blocks, qtype)  # fp32: the exact FMA GEMV
+    assert not gguf_dp4a.supports(x[:, :256], blocks[:, :144], 2)  # Q4_0: no int8 kernel
+    q8, _, q8_type, q8_cols = _dp4a_case("Q8_0", 4, seed=16)
+    assert not gguf_dp4a.supports(torch.zeros(1, 96, dtype=torch.bfloat16, device=DEVICE), q8[:, : 3 * 34], q8_type)
+    wide = torch.zeros(2, 40, dtype=torch.bfloat16, device=DEVICE)
+    gguf_linear(x, blocks, qtype, out=wide[:, 8:24])
+    assert _rel(wide[:, 8:24], x.float().cpu() @ ref.T) < TOL_DP4A and not wide[:, :8].any()
+    with pytest.raises(ValueError, match="takes Q4_K/Q6_K/Q8_0"):
+        gguf_dp4a.gguf_gemv_dp4a(x.float(), blocks, qtype)

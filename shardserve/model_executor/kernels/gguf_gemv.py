@@ -1,6 +1,8 @@
 """``y = x @ W.T`` with ``W`` in GGUF blocks, dequantized inside the kernel.
 
-Three paths, picked by the number of rows ``M`` of ``x`` (:func:`gguf_linear`):
+Three paths, picked by the number of rows ``M`` of ``x`` (:func:`gguf_linear`), after a fourth: Q4_K, Q6_K
+and Q8_0 weights with bf16/fp16 activations of up to ``DP4A_MAX_ROWS`` rows go to the int8 dot-product GEMV
+of ``kernels/gguf_dp4a.py`` (activations rounded to int8 per 32, as llama.cpp's ``mul_mat_vec_q``).
 
 - ``M <= GEMV_MAX_ROWS`` (decode at 1-2 rows): :func:`gguf_gemv`, CUDA-core FMAs in the layout of
   ``kernels/gemv.py``: each program owns ``BLOCK_N`` weight rows, walks all of K and reads every weight
@@ -42,6 +44,8 @@ from shardserve.model_executor.kernels.gguf_dequant import (
     kernel_type,
     tile_k,
 )
+from shardserve.model_executor.kernels.gguf_dp4a import DP4A_MAX_ROWS, gguf_gemv_dp4a
+from shardserve.model_executor.kernels.gguf_dp4a import supports as dp4a_supports
 from shardserve.model_executor.layers.quantization.gguf_blocks import (
     DEQUANT_MIN_ROWS,
     GEMV_KERNEL_MAX_ROWS,
@@ -386,11 +390,14 @@ def gguf_linear(
     Args:
         x: ``(M, K)`` activations; weight: ``(N, K / block_size * type_size)`` uint8 of type ``qtype``.
         dequant_min_rows: from this many rows, dequantize ``W`` to a scratch buffer and use cuBLAS.
+        Q4_K/Q6_K/Q8_0 with bf16/fp16 ``x`` of at most ``DP4A_MAX_ROWS`` rows take the int8 GEMV.
 
     Returns:
         ``(M, N)`` (``(M, N / 2)`` with ``silu_and_mul``) in ``x``'s dtype.
     """
     m = x.shape[0]
+    if m <= DP4A_MAX_ROWS and dp4a_supports(x, weight, qtype):
+        return gguf_gemv_dp4a(x, weight, qtype, silu_and_mul, out)
     if m <= GEMV_MAX_ROWS:
         return gguf_gemv(x, weight, qtype, silu_and_mul, out)
     if m < dequant_min_rows:

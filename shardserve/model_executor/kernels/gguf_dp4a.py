@@ -1,0 +1,536 @@
+"""Decode GEMV for the common GGUF types on int8 dot products: ``y = x @ W.T`` for ``x`` of 1-4 rows.
+
+The FMA GEMV of ``kernels/gguf_gemv.py`` spends about four instructions per weight element (decode the
+code, two FMAs, address work) and reads its blocks byte by byte; at 4.5 bits per weight an H200 must
+retire ~29 weight elements per SM per clock, which leaves no room, so it runs at a small fraction of the
+copy bandwidth. This path does what llama.cpp's ``mul_mat_vec_q`` does (``ggml/src/ggml-cuda/mmvq.cu``,
+``vecdotq.cuh``): the activations are quantized to int8 in groups of 32 (llama.cpp's ``block_q8_1``:
+``dx = max|x| / 127``, ``xq = round(x / dx)``, and the group's ``dx * sum(xq)`` per 16 elements), and the
+weights are read as 32-bit words whose four bytes hold four codes, multiplied by four int8 activations in
+one ``dp4a`` (PTX ``dp4a.u32.s32``; emulated with shifts under the Triton interpreter). A word of Q4_K
+codes costs one AND (low nibbles), a shift and an AND (high nibbles) and one ``dp4a`` per half, per row
+of ``x``: about one instruction per weight element. The sub-block's scale and offset are applied once per
+16 or 32 elements::
+
+    sum_e w_e x_e ~= sum_sub [ s_sub * dx_g * sum_e q_e xq_e  -  m_sub * dx_g * sum_e xq_e ]
+
+(``w = s q - m``: Q4_K ``s = d sc``, ``m = dmin mn``; Q6_K ``s = d sc``, ``m = 32 d sc``; Q8_0 ``s = d``,
+``m = 0``), which is the exact dot product of the weights with the quantized activations: the only error
+is int8 rounding of ``x`` (at most ``dx / 2`` per element, about 0.4% of the group's largest value).
+
+Types: Q4_K, Q6_K and Q8_0 (what llama.cpp's Q4_K_M, Q6_K and Q8_0 files are made of), with bf16 or fp16
+activations; fp32 activations and the other types use the exact FMA GEMV. Q6_K (210-byte blocks) and Q8_0
+(34) are not 4-byte aligned: their words are read as two aligned words and funnel-shifted.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from shardserve.model_executor.kernels.gguf_dequant import _i2f
+
+DP4A_TYPES = {12: "Q4_K", 14: "Q6_K", 8: "Q8_0"}
+"""``ggml_type`` -> name of the types with an int8 dot-product GEMV."""
+DP4A_MAX_ROWS = 4
+"""Most rows of ``x`` the kernels take (the weights are decoded once for all of them; each row adds 16
+x words per 64 weights to a thread's registers)."""
+_TYPE_SIZE = {12: 144, 14: 210, 8: 34}
+_BLOCK_SIZE = {12: 256, 14: 256, 8: 32}
+_PER = {12: 1, 14: 2, 8: 2}
+"""Blocks per thread: Q6_K and Q8_0 blocks are read in pairs, which are 4-byte aligned."""
+
+
+def supports(x: torch.Tensor, weight: torch.Tensor, qtype: int) -> bool:
+    """Whether :func:`gguf_gemv_dp4a` takes this call: a type above, bf16/fp16 activations of at most
+    :data:`DP4A_MAX_ROWS` rows, and a weight whose first byte is 4-byte aligned (a view of a flat buffer may
+    not be) and rows of a whole number of thread units (one block, or a pair of blocks for Q6_K and Q8_0:
+    4-byte aligned)."""
+    return (
+        qtype in DP4A_TYPES
+        and x.dtype in (torch.bfloat16, torch.float16)
+        and x.dim() == 2
+        and 0 < x.shape[0] <= DP4A_MAX_ROWS
+        and weight.data_ptr() % 4 == 0
+        and weight.stride(1) == 1
+        and x.shape[1] % (_BLOCK_SIZE[qtype] * _PER[qtype]) == 0
+        and weight.stride(0) % 4 == 0
+    )
+
+
+# -- activations ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _quantize_kernel(X, XQ, XD, XS, K, stride_xm, GROUPS: tl.constexpr):
+    # One program: GROUPS groups of 32 elements of one row of x.
+    row = tl.program_id(1)
+    g = tl.program_id(0) * GROUPS + tl.arange(0, GROUPS)[:, None]
+    lane = tl.arange(0, 32)[None, :]
+    k = g * 32 + lane
+    ok = k < K
+    x = tl.load(X + row.to(tl.int64) * stride_xm + k, mask=ok, other=0.0).to(tl.float32)
+    amax = tl.max(tl.abs(x), axis=1, keep_dims=True)
+    d = amax / 127.0
+    inv = tl.where(amax > 0.0, 127.0 / tl.maximum(amax, 1e-30), 0.0)
+    v = x * inv
+    q = tl.where(v >= 0.0, tl.floor(v + 0.5), -tl.floor(0.5 - v)).to(tl.int32)  # round half away from 0
+    tl.store(XQ + row.to(tl.int64) * K + k, q.to(tl.int8), mask=ok)
+    gv = tl.program_id(0) * GROUPS + tl.arange(0, GROUPS)
+    tl.store(XD + row * (K // 32) + gv, tl.reshape(d, (GROUPS,)), mask=gv < K // 32)
+    sums = tl.sum(tl.reshape(q, (GROUPS, 2, 16)), axis=2).to(tl.float32) * d  # (GROUPS, 2): dx * sum(xq) per 16
+    h = tl.arange(0, 2)[None, :]
+    tl.store(XS + row * (K // 16) + gv[:, None] * 2 + h, sums, mask=(gv < K // 32)[:, None])
+
+
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``x`` in int8 groups of 32 (llama.cpp's ``block_q8_1``, in three arrays).
+
+    Args:
+        x: ``(M, K)``, ``K`` a multiple of 32, contiguous along K.
+
+    Returns:
+        ``xq (M, K)`` int8 ``round(x / dx)``; ``dx (M, K / 32)`` fp32 ``max|x| / 127`` per group;
+        ``xs (M, K / 16)`` fp32 ``dx * sum(xq)`` per 16 elements.
+    """
+    m, k = x.shape
+    if k % 32:
+        raise ValueError(f"activations are quantized in groups of 32, got {k} features")
+    xq = torch.empty((m, k), dtype=torch.int8, device=x.device)
+    xd = torch.empty((m, k // 32), dtype=torch.float32, device=x.device)
+    xs = torch.empty((m, k // 16), dtype=torch.float32, device=x.device)
+    groups = min(32, triton.next_power_of_2(k // 32))
+    _quantize_kernel[(triton.cdiv(k // 32, groups), m)](x, xq, xd, xs, k, x.stride(0), GROUPS=groups, num_warps=4)
+    return xq, xd, xs
+
+
+# -- shared pieces -------------------------------------------------------------------------------------
+# Layout: every tensor of a program is (BLOCK_M, BLOCK_N, NBT) (x row, weight row, block or block pair),
+# sometimes with a trailing 4 for a 16-byte vector; Triton's blocked layout then gives each thread whole
+# blocks (the configs have BLOCK_N * NBT = 32 * num_warps), so the sums over a block's words stay in one
+# thread (dp4a chains, no shuffles) and a block's scales are decoded once, in the thread that uses them.
+# x pointers carry the full shape with a zero stride along BLOCK_N for the same reason.
+
+M4 = tl.constexpr(0x0F0F0F0F)
+M2 = tl.constexpr(0x03030303)
+
+
+@triton.jit
+def _dp4a(a, b, c, SIGNED_A: tl.constexpr, ASM: tl.constexpr):
+    """Per element, ``c + sum_k a_k * b_k`` over the four bytes of int32 ``a`` (unsigned, or signed with
+    SIGNED_A) and ``b`` (signed), broadcast together; ``c`` None starts a sum. PTX ``dp4a``, or the same sum
+    by shifts (the interpreter)."""
+    a, b = tl.broadcast(a, b)
+    if ASM:
+        op: tl.constexpr = "dp4a.s32.s32" if SIGNED_A else "dp4a.u32.s32"
+        if c is None:
+            r = tl.inline_asm_elementwise(
+                op + " $0, $1, $2, 0;", "=r,r,r", [a, b], dtype=tl.int32, is_pure=True, pack=1
+            )
+        else:
+            a, c = tl.broadcast(a, c)
+            b, c = tl.broadcast(b, c)
+            r = tl.inline_asm_elementwise(
+                op + " $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32, is_pure=True, pack=1
+            )
+    else:
+        if c is None:
+            r = tl.zeros(a.shape, dtype=tl.int32)
+        else:
+            r = c
+        for i in tl.static_range(4):
+            if SIGNED_A:
+                ai = (a << (24 - 8 * i)) >> 24
+            else:
+                ai = (a >> (8 * i)) & 0xFF
+            r += ai * ((b << (24 - 8 * i)) >> 24)
+    return r
+
+
+@triton.jit
+def _split4(t):
+    """The four words of a trailing dimension of 4 (one thread's 16-byte vector) as four tensors."""
+    a, b = tl.split(tl.reshape(t, t.shape[:-1] + [2, 2]))
+    w0, w2 = tl.split(a)
+    w1, w3 = tl.split(b)
+    return w0, w1, w2, w3
+
+
+@triton.jit
+def _funnel16(lo, hi):
+    """The int32 made of the high half of ``lo`` and the low half of ``hi`` (a word at 2 mod 4)."""
+    return ((lo >> 16) & 0xFFFF) | (hi << 16)
+
+
+@triton.jit
+def _half(word, HIGH: tl.constexpr):
+    """The fp16 in the low (or high) half of int32 ``word``, as fp32."""
+    if HIGH:
+        word = word >> 16
+    return word.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _byte(word, k: tl.constexpr):
+    """Byte ``k`` of int32 ``word`` (unsigned)."""
+    return (word >> (8 * k)) & 0xFF
+
+
+@triton.jit
+def _rows(BLOCK_N: tl.constexpr, N, SILU_MUL: tl.constexpr):
+    """This program's weight rows ``(BLOCK_N,)`` and the output feature each feeds (see gguf_gemv.py)."""
+    HALF: tl.constexpr = BLOCK_N // 2
+    r = tl.arange(0, BLOCK_N)
+    if SILU_MUL:
+        feature = tl.program_id(0) * HALF + r % HALF
+        rows = tl.where(r < HALF, feature, N + feature)
+    else:
+        feature = tl.program_id(0) * BLOCK_N + r
+        rows = feature
+    return feature, rows
+
+
+@triton.jit
+def _store(Y, y, M, N, stride_ym, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SILU_MUL: tl.constexpr):
+    """``y (BLOCK_M, BLOCK_N)`` fp32 to the output rows < M; with SILU_MUL the first half of the columns are
+    gate and the second up features, rounded as the unfused path rounds."""
+    HALF: tl.constexpr = BLOCK_N // 2
+    out_ty = Y.dtype.element_ty
+    if SILU_MUL:
+        gate, up = tl.split(tl.permute(tl.reshape(y, (BLOCK_M, 2, HALF)), (0, 2, 1)))
+        g = gate.to(out_ty).to(tl.float32)
+        act = (g / (1.0 + tl.exp(-g))).to(out_ty)
+        y = act.to(tl.float32) * up.to(out_ty).to(tl.float32)
+        cols = tl.program_id(0) * HALF + tl.arange(0, HALF)
+    else:
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.arange(0, BLOCK_M)[:, None]
+    tl.store(Y + rows * stride_ym + cols[None, :], y.to(out_ty), mask=(rows < M) & (cols < N)[None, :])
+
+
+@triton.jit
+def _ld(p, mask, EVEN: tl.constexpr):
+    if EVEN:
+        return tl.load(p)
+    return tl.load(p, mask=mask, other=0)
+
+
+def _even(a: dict) -> bool:
+    per = 2 if a["SILU_MUL"] else 1
+    return a["N"] % (a["BLOCK_N"] // per) == 0 and a["NB"] % (a["NBT"] * a["PER"]) == 0
+
+
+def _prune(configs, named_args, **kwargs):
+    """Under the interpreter one small config; on the GPU drop tiles much deeper than the row."""
+    if not named_args["W"].is_cuda:
+        return [triton.Config({"BLOCK_N": 4, "NBT": 2}, num_warps=1)]
+    units = named_args["NB"] // kwargs["PER"]
+    keep = [c for c in configs if c.kwargs["NBT"] <= triton.next_power_of_2(units)]
+    return keep or configs[-1:]
+
+
+# BLOCK_N * NBT = 32 * num_warps: one block (Q4_K) or block pair (Q6_K, Q8_0) per thread.
+_CONFIGS = [
+    triton.Config({"BLOCK_N": bn, "NBT": nbt}, num_warps=w) for bn, nbt, w in ((16, 8, 4), (32, 4, 4), (8, 8, 2))
+]
+_KEY = ["N", "NB", "BLOCK_M", "SILU_MUL"]
+
+
+def _autotuned(fn):
+    return triton.autotune(configs=_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune})(
+        triton.heuristics({"EVEN": _even})(fn)
+    )
+
+
+@triton.jit
+def _indices(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NBT: tl.constexpr):
+    """``(BLOCK_M, 1, 1)``, ``(1, 1, NBT)`` and a ``(1, BLOCK_N, 1)`` zero (to give x pointers the full shape)."""
+    mi = tl.arange(0, BLOCK_M)[:, None, None]
+    bi = tl.arange(0, NBT)[None, None, :]
+    zn = tl.arange(0, BLOCK_N)[None, :, None] * 0
+    return mi, bi, zn
+
+
+# -- Q4_K ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _q4_k_scale_min(h1, h2, h3, j: tl.constexpr):
+    """6-bit scale and min of sub-block ``j`` from the 12 scale bytes in words h1..h3 (``get_scale_min_k4``)."""
+    if j < 4:
+        sc = _byte(h1, j) & 63
+        mn = _byte(h2, j) & 63
+    else:
+        sc = (_byte(h3, j - 4) & 15) | ((_byte(h1, j - 4) >> 6) << 4)
+        mn = (_byte(h3, j - 4) >> 4) | ((_byte(h2, j - 4) >> 6) << 4)
+    return _i2f(sc), _i2f(mn)
+
+
+@_autotuned
+@triton.jit
+def _q4_k_kernel(
+    XQ, XD, XS, W, Y, M, N, NB, stride_wn, stride_ym,
+    PER: tl.constexpr, BLOCK_M: tl.constexpr, SILU_MUL: tl.constexpr, ASM: tl.constexpr,
+    BLOCK_N: tl.constexpr, NBT: tl.constexpr, EVEN: tl.constexpr,
+):  # fmt: skip
+    # Block (144 B = 36 words): d, dmin (fp16), scales[12], qs[128]. qs word t = 8c + 4v + w (chunk c of 64
+    # elements): its low nibbles are elements 4(4v + w)..+3 of sub-block 2c, its high nibbles the same of
+    # sub-block 2c + 1 (gguf Q4_K.dequantize_blocks), i.e. x words 64 b + 16 c + 4 v + w and that + 8.
+    feature, rows = _rows(BLOCK_N, N, SILU_MUL)
+    K = NB * 256
+    W32 = W.to(tl.pointer_type(tl.int32))
+    XQ32 = XQ.to(tl.pointer_type(tl.int32))
+    mi, bi, zn = _indices(BLOCK_M, BLOCK_N, NBT)
+    vec = tl.arange(0, 4)[None, None, None, :]
+    wrow = (rows.to(tl.int64) * (stride_wn // 4))[None, :, None]
+    n_ok = (feature < N)[None, :, None]
+    acc = tl.zeros([BLOCK_M, BLOCK_N, NBT], dtype=tl.float32)
+    for b0 in range(0, NB, NBT):
+        blk = b0 + bi
+        wmask = n_ok & (blk < NB)
+        xmask = (mi < M) & (blk < NB)
+        wp = W32 + wrow + blk * 36  # (1, BLOCK_N, NBT)
+        h0, h1, h2, h3 = _split4(_ld(wp[:, :, :, None] + vec, wmask[:, :, :, None], EVEN))
+        d = _half(h0, False)
+        dmin = _half(h0, True)
+        xp = XQ32 + mi * (K // 4) + zn + blk * 64  # (BLOCK_M, BLOCK_N, NBT)
+        g = mi * (K // 32) + zn + blk * 8  # the block's first x group
+        dx0, dx1, dx2, dx3 = _split4(tl.load(XD + g[:, :, :, None] + vec, mask=xmask[:, :, :, None], other=0.0))
+        dx4, dx5, dx6, dx7 = _split4(tl.load(XD + g[:, :, :, None] + 4 + vec, mask=xmask[:, :, :, None], other=0.0))
+        for c in tl.static_range(4):
+            s_lo = None
+            s_hi = None
+            for v in tl.static_range(2):
+                q0, q1, q2, q3 = _split4(_ld(wp[:, :, :, None] + (4 + 8 * c + 4 * v) + vec, wmask[:, :, :, None], EVEN))
+                xl = tl.load(xp[:, :, :, None] + (16 * c + 4 * v) + vec, mask=xmask[:, :, :, None], other=0)
+                xh = tl.load(xp[:, :, :, None] + (16 * c + 8 + 4 * v) + vec, mask=xmask[:, :, :, None], other=0)
+                l0, l1, l2, l3 = _split4(xl)
+                u0, u1, u2, u3 = _split4(xh)
+                s_lo = _dp4a(q0 & M4, l0, s_lo, False, ASM)
+                s_lo = _dp4a(q1 & M4, l1, s_lo, False, ASM)
+                s_lo = _dp4a(q2 & M4, l2, s_lo, False, ASM)
+                s_lo = _dp4a(q3 & M4, l3, s_lo, False, ASM)
+                s_hi = _dp4a((q0 >> 4) & M4, u0, s_hi, False, ASM)
+                s_hi = _dp4a((q1 >> 4) & M4, u1, s_hi, False, ASM)
+                s_hi = _dp4a((q2 >> 4) & M4, u2, s_hi, False, ASM)
+                s_hi = _dp4a((q3 >> 4) & M4, u3, s_hi, False, ASM)
+            sc_lo, mn_lo = _q4_k_scale_min(h1, h2, h3, 2 * c)
+            sc_hi, mn_hi = _q4_k_scale_min(h1, h2, h3, 2 * c + 1)
+            if c == 0:
+                dx_lo, dx_hi = dx0, dx1
+            elif c == 1:
+                dx_lo, dx_hi = dx2, dx3
+            elif c == 2:
+                dx_lo, dx_hi = dx4, dx5
+            else:
+                dx_lo, dx_hi = dx6, dx7
+            # dx * sum(xq) per 16 elements of sub-blocks 2c and 2c + 1: one 16-byte vector
+            e0, e1, e2, e3 = _split4(
+                tl.load(XS + 2 * g[:, :, :, None] + 4 * c + vec, mask=xmask[:, :, :, None], other=0.0)
+            )
+            acc += d * (sc_lo * dx_lo * s_lo.to(tl.float32) + sc_hi * dx_hi * s_hi.to(tl.float32))
+            acc -= dmin * (mn_lo * (e0 + e1) + mn_hi * (e2 + e3))
+    _store(Y, tl.sum(acc, axis=2), M, N, stride_ym, BLOCK_M, BLOCK_N, SILU_MUL)
+
+
+# -- Q6_K ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _q6_k_word(wp, k: tl.constexpr, mask, EVEN: tl.constexpr, SHIFTED: tl.constexpr):
+    """Word ``k`` (bytes 4k..4k+3) of a Q6_K block at word pointer ``wp``, or, SHIFTED, of the block that
+    starts 2 bytes into ``wp`` (the second block of an aligned pair)."""
+    if SHIFTED:
+        return _funnel16(_ld(wp + k, mask, EVEN), _ld(wp + k + 1, mask, EVEN))
+    return _ld(wp + k, mask, EVEN)
+
+
+@triton.jit
+def _q6_k_block(acc, wp, mask, xp, gd, gs, xmask, XD, XS, EVEN: tl.constexpr, SHIFTED: tl.constexpr, ASM: tl.constexpr):
+    """``acc`` plus one Q6_K block (210 B: ql[128], qh[64], scales[16] int8, d) times its 256 x values.
+
+    Element e = 128 h + 32 t + 4 w + i (half h, quarter t, word w, byte i): low 4 bits in ql word
+    16 h + 8 (t % 2) + w, nibble t // 2; high 2 bits in qh word 32 + 8 h + w, bits 2 t of each byte;
+    w = d sc[e // 16] (q - 32) (gguf Q6_K.dequantize_blocks). x word e / 4 = 32 h + 8 t + w.
+    """
+    d = _half(_q6_k_word(wp, 52, mask, EVEN, SHIFTED), False)
+    for h in tl.static_range(2):
+        for t2 in tl.static_range(2):
+            for wq in tl.static_range(2):
+                s_lo = None  # sub-block 8h + 2 t2 + wq (quarter t2)
+                s_hi = None  # sub-block 8h + 2 t2 + 4 + wq (quarter t2 + 2)
+                for w4 in tl.static_range(4):
+                    w = 4 * wq + w4
+                    ql = _q6_k_word(wp, 16 * h + 8 * t2 + w, mask, EVEN, SHIFTED)
+                    qh = _q6_k_word(wp, 32 + 8 * h + w, mask, EVEN, SHIFTED)
+                    q_lo = (ql & M4) | (((qh >> (2 * t2)) & M2) << 4)
+                    q_hi = ((ql >> 4) & M4) | (((qh >> (2 * t2 + 4)) & M2) << 4)
+                    xo = 32 * h + 8 * t2 + w
+                    s_lo = _dp4a(q_lo, tl.load(xp + xo, mask=xmask, other=0), s_lo, False, ASM)
+                    s_hi = _dp4a(q_hi, tl.load(xp + xo + 16, mask=xmask, other=0), s_hi, False, ASM)
+                j = 8 * h + 2 * t2 + wq
+                sw_lo = _q6_k_word(wp, 48 + j // 4, mask, EVEN, SHIFTED)
+                sw_hi = _q6_k_word(wp, 48 + (j + 4) // 4, mask, EVEN, SHIFTED)
+                sc_lo = _i2f((sw_lo << (24 - 8 * (j % 4))) >> 24, 128)
+                sc_hi = _i2f((sw_hi << (24 - 8 * ((j + 4) % 4))) >> 24, 128)
+                dx_lo = tl.load(XD + gd + j // 2, mask=xmask, other=0.0)
+                dx_hi = tl.load(XD + gd + (j + 4) // 2, mask=xmask, other=0.0)
+                xs_lo = tl.load(XS + gs + j, mask=xmask, other=0.0)
+                xs_hi = tl.load(XS + gs + j + 4, mask=xmask, other=0.0)
+                acc += d * (sc_lo * (dx_lo * s_lo.to(tl.float32) - 32.0 * xs_lo))
+                acc += d * (sc_hi * (dx_hi * s_hi.to(tl.float32) - 32.0 * xs_hi))
+    return acc
+
+
+@_autotuned
+@triton.jit
+def _q6_k_kernel(
+    XQ, XD, XS, W, Y, M, N, NB, stride_wn, stride_ym,
+    PER: tl.constexpr, BLOCK_M: tl.constexpr, SILU_MUL: tl.constexpr, ASM: tl.constexpr,
+    BLOCK_N: tl.constexpr, NBT: tl.constexpr, EVEN: tl.constexpr,
+):  # fmt: skip
+    # A thread takes a pair of blocks (420 B = 105 words, 4-byte aligned): the first at word 0, the second
+    # 2 bytes into word 52 (read by funnel shifts). NB is even (the caller checks).
+    feature, rows = _rows(BLOCK_N, N, SILU_MUL)
+    K = NB * 256
+    W32 = W.to(tl.pointer_type(tl.int32))
+    XQ32 = XQ.to(tl.pointer_type(tl.int32))
+    mi, bi, zn = _indices(BLOCK_M, BLOCK_N, NBT)
+    wrow = (rows.to(tl.int64) * (stride_wn // 4))[None, :, None]
+    n_ok = (feature < N)[None, :, None]
+    acc = tl.zeros([BLOCK_M, BLOCK_N, NBT], dtype=tl.float32)
+    for p0 in range(0, NB // 2, NBT):
+        pr = p0 + bi
+        wmask = n_ok & (pr < NB // 2)
+        xmask = (mi < M) & (pr < NB // 2)
+        wp = W32 + wrow + pr * 105
+        for half in tl.static_range(2):
+            blk = 2 * pr + half
+            xp = XQ32 + mi * (K // 4) + zn + blk * 64
+            gd = mi * (K // 32) + zn + blk * 8
+            gs = mi * (K // 16) + zn + blk * 16
+            acc = _q6_k_block(acc, wp + 52 * half, wmask, xp, gd, gs, xmask, XD, XS, EVEN, half == 1, ASM)
+    _store(Y, tl.sum(acc, axis=2), M, N, stride_ym, BLOCK_M, BLOCK_N, SILU_MUL)
+
+
+# -- Q8_0 ----------------------------------------------------------------------------------------------
+
+
+@_autotuned
+@triton.jit
+def _q8_0_kernel(
+    XQ, XD, XS, W, Y, M, N, NB, stride_wn, stride_ym,
+    PER: tl.constexpr, BLOCK_M: tl.constexpr, SILU_MUL: tl.constexpr, ASM: tl.constexpr,
+    BLOCK_N: tl.constexpr, NBT: tl.constexpr, EVEN: tl.constexpr,
+):  # fmt: skip
+    # Block (34 B): d (fp16), qs[32] int8; w = d q. A thread takes a pair of blocks (68 B = 17 words,
+    # 4-byte aligned): the first's d in the low half of word 0 and its codes 2 bytes into words 0..8, the
+    # second's d in the high half of word 8 and its codes in words 9..16. NB is even (the caller checks).
+    feature, rows = _rows(BLOCK_N, N, SILU_MUL)
+    K = NB * 32
+    W32 = W.to(tl.pointer_type(tl.int32))
+    XQ32 = XQ.to(tl.pointer_type(tl.int32))
+    mi, bi, zn = _indices(BLOCK_M, BLOCK_N, NBT)
+    wrow = (rows.to(tl.int64) * (stride_wn // 4))[None, :, None]
+    n_ok = (feature < N)[None, :, None]
+    acc = tl.zeros([BLOCK_M, BLOCK_N, NBT], dtype=tl.float32)
+    for p0 in range(0, NB // 2, NBT):
+        pr = p0 + bi
+        wmask = n_ok & (pr < NB // 2)
+        xmask = (mi < M) & (pr < NB // 2)
+        wp = W32 + wrow + pr * 17
+        xp = XQ32 + mi * (K // 4) + zn + pr * 16
+        vec = tl.arange(0, 4)[None, None, None, :]
+        x0, x1, x2, x3 = _split4(tl.load(xp[:, :, :, None] + vec, mask=xmask[:, :, :, None], other=0))
+        x4, x5, x6, x7 = _split4(tl.load(xp[:, :, :, None] + 4 + vec, mask=xmask[:, :, :, None], other=0))
+        y0, y1, y2, y3 = _split4(tl.load(xp[:, :, :, None] + 8 + vec, mask=xmask[:, :, :, None], other=0))
+        y4, y5, y6, y7 = _split4(tl.load(xp[:, :, :, None] + 12 + vec, mask=xmask[:, :, :, None], other=0))
+        w0 = _ld(wp, wmask, EVEN)
+        w1 = _ld(wp + 1, wmask, EVEN)
+        w2 = _ld(wp + 2, wmask, EVEN)
+        w3 = _ld(wp + 3, wmask, EVEN)
+        w4 = _ld(wp + 4, wmask, EVEN)
+        w5 = _ld(wp + 5, wmask, EVEN)
+        w6 = _ld(wp + 6, wmask, EVEN)
+        w7 = _ld(wp + 7, wmask, EVEN)
+        w8 = _ld(wp + 8, wmask, EVEN)
+        d_a = _half(w0, False)
+        d_b = _half(w8, True)
+        s_a = _dp4a(_funnel16(w0, w1), x0, None, True, ASM)
+        s_a = _dp4a(_funnel16(w1, w2), x1, s_a, True, ASM)
+        s_a = _dp4a(_funnel16(w2, w3), x2, s_a, True, ASM)
+        s_a = _dp4a(_funnel16(w3, w4), x3, s_a, True, ASM)
+        s_a = _dp4a(_funnel16(w4, w5), x4, s_a, True, ASM)
+        s_a = _dp4a(_funnel16(w5, w6), x5, s_a, True, ASM)
+        s_a = _dp4a(_funnel16(w6, w7), x6, s_a, True, ASM)
+        s_a = _dp4a(_funnel16(w7, w8), x7, s_a, True, ASM)
+        s_b = _dp4a(_ld(wp + 9, wmask, EVEN), y0, None, True, ASM)
+        s_b = _dp4a(_ld(wp + 10, wmask, EVEN), y1, s_b, True, ASM)
+        s_b = _dp4a(_ld(wp + 11, wmask, EVEN), y2, s_b, True, ASM)
+        s_b = _dp4a(_ld(wp + 12, wmask, EVEN), y3, s_b, True, ASM)
+        s_b = _dp4a(_ld(wp + 13, wmask, EVEN), y4, s_b, True, ASM)
+        s_b = _dp4a(_ld(wp + 14, wmask, EVEN), y5, s_b, True, ASM)
+        s_b = _dp4a(_ld(wp + 15, wmask, EVEN), y6, s_b, True, ASM)
+        s_b = _dp4a(_ld(wp + 16, wmask, EVEN), y7, s_b, True, ASM)
+        gd = mi * (K // 32) + zn + 2 * pr
+        dx_a = tl.load(XD + gd, mask=xmask, other=0.0)
+        dx_b = tl.load(XD + gd + 1, mask=xmask, other=0.0)
+        acc += d_a * dx_a * s_a.to(tl.float32) + d_b * dx_b * s_b.to(tl.float32)
+    _store(Y, tl.sum(acc, axis=2), M, N, stride_ym, BLOCK_M, BLOCK_N, SILU_MUL)
+
+
+_KERNELS = {12: _q4_k_kernel, 14: _q6_k_kernel, 8: _q8_0_kernel}
+
+
+def gguf_gemv_dp4a(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    qtype: int,
+    silu_and_mul: bool = False,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x @ W.T`` (or SwiGLU) on int8 dot products, for a call :func:`supports` accepts.
+
+    Args:
+        x: ``(M, K)`` bf16/fp16, ``M <= DP4A_MAX_ROWS``, contiguous along K (a multiple of 512 for Q6_K, 64
+            for Q8_0).
+        weight: ``(N, K / block_size * type_size)`` uint8 blocks of ``qtype`` (Q4_K, Q6_K, Q8_0).
+        silu_and_mul: ``weight`` is gate rows then up rows; the result is ``silu(x gate^T) * (x up^T)``.
+        out: optional ``(M, N)`` (``(M, N / 2)``) output with a contiguous last dimension.
+
+    Returns:
+        ``(M, N)`` (``(M, N / 2)`` with ``silu_and_mul``) in ``x``'s dtype. The error against the exact
+        product is that of rounding ``x`` to int8 per 32 elements (module docstring).
+
+    Raises:
+        ValueError: a call :func:`supports` refuses, or shapes that do not fit.
+    """
+    if not supports(x, weight, qtype):
+        raise ValueError(
+            f"gguf_gemv_dp4a takes Q4_K/Q6_K/Q8_0 weights (4-byte aligned) and 1-{DP4A_MAX_ROWS} bf16/fp16 "
+            f"rows, got type {qtype}, x {tuple(x.shape)} {x.dtype}"
+        )
+    m, k = x.shape
+    bs, ts = _BLOCK_SIZE[qtype], _TYPE_SIZE[qtype]
+    n = weight.shape[0]
+    if k % bs or weight.shape[1] != k // bs * ts or x.stride(1) != 1:
+        raise ValueError(f"weight of {tuple(weight.shape)} bytes does not match x of {tuple(x.shape)}")
+    if silu_and_mul and n % 2:
+        raise ValueError("silu_and_mul needs an even number of weight rows (gate rows, then up rows)")
+    n_out = n // 2 if silu_and_mul else n
+    if out is None:
+        out = torch.empty((m, n_out), dtype=x.dtype, device=x.device)
+    elif tuple(out.shape) != (m, n_out) or out.stride(1) != 1:
+        raise ValueError(f"out must be ({m}, {n_out}) with a contiguous last dimension, got {tuple(out.shape)}")
+    xq, xd, xs = quantize_activations(x)
+    per = 2 if silu_and_mul else 1
+
+    def grid(meta):
+        return (triton.cdiv(n_out, meta["BLOCK_N"] // per),)
+
+    _KERNELS[qtype][grid](
+        xq, xd, xs, weight, out, m, n_out, k // bs, weight.stride(0), out.stride(0),
+        PER=_PER[qtype], BLOCK_M=triton.next_power_of_2(m), SILU_MUL=silu_and_mul, ASM=x.is_cuda,
+    )  # fmt: skip
+    return out
