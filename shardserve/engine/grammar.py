@@ -6,8 +6,10 @@ grammar request is sent with ``Step.grammar`` set; the output rank runs its forw
 still holds, and waits for :class:`~shardserve.executor.messages.GrammarBitmask` of that step. The head
 sends it as soon as every grammar request of the step has had the tokens of its earlier steps accepted by
 its matcher: at once when the step is submitted without async scheduling, or once the previous step is
-collected with it (while the step's forward runs). The fill runs on the structured-output manager's
-thread (xgrammar's C++ threads). Requests without a grammar never reach this module: no message, no wait.
+collected with it (while the step's forward runs on the device). The fill runs on the engine thread with
+xgrammar's C++ threads (``StructuredOutputManager.fill_packed``): the engine waits for it at once, so a hop
+to a Python thread would only add its wake-up. Requests without a grammar never reach this module: no
+message, no wait.
 """
 
 from __future__ import annotations
@@ -176,13 +178,8 @@ class GrammarCoordinator:
                 matchers[j] = req.grammar
                 if req.num_output_tokens < req.params.min_tokens and req.grammar.is_completed():
                     stop_allowed.append(j)
-            rows, bitmask = [], b""
-            future = self.manager.submit_fill(matchers) if self.manager is not None else None
-            if future is not None:
-                filled = future.result()
-                rows = filled.rows
-                if rows:
-                    bitmask = filled.bitmask[rows].numpy().tobytes()
+            # On this thread: the bitmask is needed at once, and xgrammar fills the rows on its C++ threads.
+            rows, bitmask = self.manager.fill_packed(matchers) if self.manager is not None else ([], b"")
             self._send(GrammarBitmask(gs.step_id, i32(rows) if rows else b"", bitmask,
                                       i32(stop_allowed) if stop_allowed else b""))  # fmt: skip
 

@@ -464,11 +464,23 @@ class ModelRunner:
             raise MalformedMessageError(f"step {msg.step_id}: {len(msg.bitmask)} bitmask bytes for {len(rows)} rows")
         from shardserve.structured_output.manager import apply_bitmask
 
-        host = torch.from_numpy(as_i32(msg.bitmask).reshape(len(rows), words).copy())
-        mask = torch.full((n, words), -1, dtype=torch.int32, device=logits.device)
-        index = rows.astype(np.int64).tolist()
-        mask[torch.from_numpy(rows.astype(np.int64)).to(logits.device)] = host.to(logits.device)
-        apply_bitmask(logits, mask, index)
+        # The row indices and the rows' masks go to the device in one copy from one host buffer, pinned on
+        # CUDA so that the copy is asynchronous: nothing here waits for the device. (A pageable or blocking
+        # copy waits for this step's forward to finish, so the host would launch the sample and the next
+        # step's forward only then, and the device would sit idle for that host work on every step.)
+        k = len(rows)
+        host = torch.empty(k * (words + 1), dtype=torch.int32, pin_memory=logits.is_cuda)
+        staged = host.numpy()
+        staged[:k] = rows
+        staged[k:] = as_i32(msg.bitmask)
+        device = host if host.device == logits.device else host.to(logits.device, non_blocking=True)
+        index, mask = device[:k], device[k:].view(k, words)
+        if k == n and np.array_equal(rows, np.arange(n)):  # every sampled row, in order: no scatter
+            apply_bitmask(logits, mask, None)
+            return stop_allowed
+        full = torch.full((n, words), -1, dtype=torch.int32, device=logits.device)
+        full.index_copy_(0, index.long(), mask)
+        apply_bitmask(logits, full, index)
         return stop_allowed
 
     def _forward(self, inputs: StepInputs) -> torch.Tensor | IntermediateTensors:

@@ -33,7 +33,9 @@ fills, the hold of steps behind an unsent bitmask) and ``ModelRunner.sample_with
 5. Then ``future = manager.submit_fill(rows)`` for the step N+1 batch, ``rows`` in the sampler's row order
    with ``None`` for rows without a grammar. It returns None when no row has one: then skip steps 6-7,
    so requests without a grammar cost nothing. With async scheduling the step N+1 forward is already
-   running on the device, so the fill (tens of microseconds per row, C++ threads) overlaps it.
+   running on the device, so the fill (tens of microseconds per row, C++ threads) overlaps it. The engine,
+   which needs the bitmask at once, calls ``manager.fill_packed(rows)`` on its own thread instead: the
+   same fill, packed as the ranks' message, without the wake-up of a Python thread.
 6. Output rank, after the LM head and before penalties, ``logit_bias``, temperature and top-k/p:
    ``gb = future.result(); apply_bitmask(logits, gb.bitmask, gb.rows)`` (``-inf`` survives the later
    processing; reported logprobs are those of the masked distribution, as in vLLM). If the output rank is
@@ -41,6 +43,9 @@ fills, the hold of steps behind an unsent bitmask) and ``ModelRunner.sample_with
    ``gb.bitmask[gb.rows]`` (``4 * ceil(V / 32)`` bytes a row: 16 KB for a 128k vocabulary) as plain
    tensors, separately from the step message so the forward does not wait for the fill (vLLM splits
    ``execute_model`` / ``sample_tokens`` for the same reason), and scatter the rows back before applying.
+   Nothing on this path may wait for the device: the bitmask goes up from pinned memory without blocking
+   (a pageable copy synchronizes the stream, so the host would launch the sample and the next step only
+   after this step's forward, leaving the device idle for that host work).
    With PP, batches in flight hold disjoint requests, so each batch's fill depends only on its own
    previous step.
 7. Do not call ``accept_token`` on a matcher while its fill is pending (it raises): accept step N+1's

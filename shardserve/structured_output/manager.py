@@ -305,6 +305,21 @@ class StructuredOutputManager:
             release()
             raise
 
+    def fill_packed(self, matchers: Sequence[GrammarMatcher | None]) -> tuple[list[int], bytes]:
+        """:meth:`fill_bitmask` on the calling thread into a reused buffer, packed for the ranks: ``(rows,
+        bitmask[rows] as bytes)`` (``4 * bitmask_width`` bytes a row, in ``rows`` order); ``([], b"")`` when
+        no row has a grammar to apply.
+
+        This is what the engine calls once a step's tokens are accepted (the next step's forward is already
+        running on the device). xgrammar fills the rows on its own C++ threads without the GIL; a hop to
+        the manager's Python thread would only add its wake-up to the wait (the engine needs the bitmask
+        at once, and a Python thread cannot run beside the engine's own Python work anyway).
+        """
+        if not any(m is not None for m in matchers):
+            return [], b""
+        buffer = self._buffer(len(matchers))
+        return _pack_rows(buffer, self.fill_bitmask(matchers, buffer))
+
     def _buffer(self, num_rows: int) -> torch.Tensor:
         index = self._next_buffer
         self._next_buffer = 1 - index
@@ -321,23 +336,52 @@ class StructuredOutputManager:
         self._compile_pool.shutdown(wait=True)
 
 
-def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: Sequence[int]) -> None:
+def _pack_rows(buffer: torch.Tensor, rows: list[int]) -> tuple[list[int], bytes]:
+    """``(rows, buffer[rows] as bytes)``; a contiguous run of rows is one slice (no gather)."""
+    if not rows:
+        return rows, b""
+    if rows[-1] - rows[0] + 1 == len(rows):
+        return rows, buffer[rows[0] : rows[-1] + 1].numpy().tobytes()
+    return rows, buffer[rows].numpy().tobytes()
+
+
+def apply_bitmask(
+    logits: torch.Tensor, bitmask: torch.Tensor, rows: Sequence[int] | torch.Tensor | None = None
+) -> None:
     """Set the logits of disallowed tokens to ``-inf`` in place, on the logits' device.
+
+    Nothing here waits for the device: the kernels are queued behind the work already on its stream.
 
     Args:
         logits: ``(num_rows, vocab_size)`` float32/bf16/fp16 on any device (xgrammar's Triton kernel on
             CUDA, its C++ kernel on the CPU).
-        bitmask: ``(num_rows, ceil(bitmask_vocab / 32))`` int32 (CPU; copied to the logits' device).
-        rows: the rows to mask; the others are untouched. Empty returns at once.
+        bitmask: ``(num_rows, ceil(bitmask_vocab / 32))`` int32, best on the logits' device already; a CPU
+            one is copied there without blocking (asynchronous only if it is pinned).
+        rows: the rows to mask (a sequence, or an int tensor, best on the logits' device); the others are
+            untouched. Empty returns at once; None masks every row.
 
     Logit columns beyond the bitmask's tokens (a vocabulary padded past the tokenizer's) are set to
     ``-inf`` in the masked rows: they are not tokens.
     """
-    if not rows:
-        return
-    rows = list(rows)
+    indices: list[int] | torch.Tensor | None
+    if rows is None:
+        indices = None
+    elif isinstance(rows, torch.Tensor):
+        if not rows.numel():
+            return
+        indices = rows.to(device=logits.device, dtype=torch.int32, non_blocking=True)
+    else:
+        if not len(rows):
+            return
+        indices = list(rows)
+        if logits.is_cuda:  # a list becomes a pageable host tensor in xgrammar: copy it from pinned memory
+            indices = torch.tensor(indices, dtype=torch.int32).pin_memory().to(logits.device, non_blocking=True)
     mask = bitmask if bitmask.device == logits.device else bitmask.to(logits.device, non_blocking=True)
     covered = mask.shape[-1] * 32
-    xgr.apply_token_bitmask_inplace(logits, mask, vocab_size=min(covered, logits.shape[-1]), indices=rows)
+    xgr.apply_token_bitmask_inplace(logits, mask, vocab_size=min(covered, logits.shape[-1]), indices=indices)
     if logits.shape[-1] > covered:
-        logits[rows, covered:] = float("-inf")
+        if indices is None:
+            logits[:, covered:] = float("-inf")
+        else:
+            index = indices if isinstance(indices, torch.Tensor) else torch.tensor(indices)
+            logits[index.to(device=logits.device, dtype=torch.long), covered:] = float("-inf")

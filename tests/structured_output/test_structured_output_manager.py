@@ -150,6 +150,20 @@ def test_submit_fill_matches_the_synchronous_fill(manager, smollm_tokenizer):
     assert torch.equal(result.bitmask[[0, 2]], expected[[0, 2]])
 
 
+def test_fill_packed_matches_the_fill(manager, smollm_tokenizer):
+    a, b = manager.matcher(YES_NO), manager.matcher(from_structured_outputs({"regex": "[0-9]+"}))
+    assert a.accept_tokens(encode(smollm_tokenizer, "y"))
+    expected = manager.allocate_bitmask(3)
+    manager.fill_bitmask([a, None, b], expected)
+    rows, packed = manager.fill_packed([a, None, b])  # rows 0 and 2: gathered
+    assert rows == [0, 2] and packed == expected[[0, 2]].numpy().tobytes()
+    rows, packed = manager.fill_packed([None, a, b])  # a contiguous run: one slice
+    manager.fill_bitmask([None, a, b], expected)
+    assert rows == [1, 2] and packed == expected[1:3].numpy().tobytes()
+    assert manager.fill_packed([None, None]) == ([], b"")
+    assert a.accept_tokens(encode(smollm_tokenizer, "es"))  # nothing is left pending on the matchers
+
+
 def test_accept_while_the_fill_is_pending_raises(manager, smollm_tokenizer):
     gate = threading.Event()
     manager._pool.submit(gate.wait, 30)  # hold the fill thread so the fill below stays pending
@@ -185,6 +199,24 @@ def test_apply_bitmask_masks_only_the_given_rows(manager, smollm_tokenizer):
     assert int(torch.isfinite(logits[1]).sum()) == len(allowed)
     choice = smollm_tokenizer.decode([int(logits[1].argmax())])
     assert "yes".startswith(choice) or "no".startswith(choice)
+
+
+def test_apply_bitmask_takes_a_row_tensor_or_every_row(manager):
+    m = manager.matcher(YES_NO)
+    bitmask = manager.allocate_bitmask(3)
+    rows = manager.fill_bitmask([None, m, m], bitmask)
+    logits = torch.randn(3, manager.vocab_size)
+    expected = logits.clone()
+    apply_bitmask(expected, bitmask, rows)
+    by_tensor = logits.clone()
+    apply_bitmask(by_tensor, bitmask, torch.tensor(rows, dtype=torch.int32))
+    assert torch.equal(by_tensor, expected)
+    every = logits[1:].clone()
+    apply_bitmask(every, bitmask[1:], None)
+    assert torch.equal(every, expected[1:])
+    untouched = logits.clone()
+    apply_bitmask(untouched, bitmask, torch.zeros(0, dtype=torch.int32))
+    assert torch.equal(untouched, logits)
 
 
 def test_apply_bitmask_masks_logit_columns_past_the_bitmask(manager):
