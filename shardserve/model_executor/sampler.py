@@ -118,9 +118,18 @@ class SamplingState:
             return
         rows = np.unique(np.asarray(self._dirty, dtype=np.int64))
         self._dirty = []
-        index = torch.from_numpy(rows).to(self.device, non_blocking=True)
-        self._floats[index] = torch.from_numpy(self._floats_host[rows]).to(self.device, non_blocking=True)
-        self._ints[index] = torch.from_numpy(self._ints_host[rows]).to(self.device, non_blocking=True)
+        index = self._h2d(rows)
+        self._floats[index] = self._h2d(self._floats_host[rows])
+        self._ints[index] = self._h2d(self._ints_host[rows])
+
+    def _h2d(self, array: np.ndarray) -> torch.Tensor:
+        """A host array on the sampler's device without waiting for the device: on CUDA through pinned
+        memory with a non-blocking copy (a copy from pageable memory, or a blocking one, synchronizes the
+        stream, so the host would wait for the step's forward on every step that has such rows)."""
+        host = torch.from_numpy(np.ascontiguousarray(array))
+        if self.device.type != "cuda":
+            return host
+        return host.pin_memory().to(self.device, non_blocking=True)
 
     def _reset_penalty_row(self, row: int, prompt: np.ndarray, output: np.ndarray) -> None:
         if self.output_counts is None:
@@ -128,8 +137,8 @@ class SamplingState:
             self.output_counts = torch.zeros(shape, dtype=torch.int32, device=self.device)
             self.prompt_mask = torch.zeros(shape, dtype=torch.bool, device=self.device)
         v = self.vocab_size
-        prompt_ids = torch.from_numpy(prompt[(prompt >= 0) & (prompt < v)].astype(np.int64)).to(self.device)
-        output_ids = torch.from_numpy(output[(output >= 0) & (output < v)].astype(np.int64)).to(self.device)
+        prompt_ids = self._h2d(prompt[(prompt >= 0) & (prompt < v)].astype(np.int64))
+        output_ids = self._h2d(output[(output >= 0) & (output < v)].astype(np.int64))
         self.prompt_mask[row].zero_()
         self.prompt_mask[row, prompt_ids] = True
         self.output_counts[row] = torch.bincount(output_ids, minlength=v)[:v].to(torch.int32)
@@ -165,8 +174,7 @@ class SamplingState:
         greedy = self.greedy[rows]
         penalized = self.penalized[rows]
         if penalized.any():
-            self._apply_penalties(logits, torch.from_numpy(np.flatnonzero(penalized)).to(self.device),
-                                  rows_device[torch.from_numpy(penalized).to(self.device)])  # fmt: skip
+            self._apply_penalties(logits, self._h2d(np.flatnonzero(penalized)), rows_device[self._h2d(penalized)])
         argmax = logits.argmax(dim=-1)
         if greedy.all():
             tokens = argmax
@@ -178,10 +186,10 @@ class SamplingState:
             noise = torch.empty_like(probs).exponential_(1.0)
             seeded = self.seeded[rows]
             if seeded.any():
-                idx = torch.from_numpy(np.flatnonzero(seeded)).to(self.device)
+                idx = self._h2d(np.flatnonzero(seeded))
                 noise[idx] = -torch.log(hash_uniform(self.seed[rows_device[idx]], positions[idx], probs.shape[-1]))
             drawn = torch.argmax(probs / noise, dim=-1)
-            tokens = drawn if not greedy.any() else torch.where(torch.from_numpy(greedy).to(self.device), argmax, drawn)
+            tokens = drawn if not greedy.any() else torch.where(self._h2d(greedy), argmax, drawn)
         if penalized.any():
             self.output_counts.index_put_((rows_device, tokens), torch.ones_like(tokens, dtype=torch.int32),
                                           accumulate=True)  # fmt: skip
