@@ -22,8 +22,9 @@ SERVE_CONFIG = REPO / "deploy" / "ray" / "serve_config.yaml"
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """A head and a second Ray node (2 CPUs and 1), for the module."""
-    with ray_cluster(tmp_path_factory.mktemp("ray-cluster")) as c:
+    """A head and a second Ray node, 2 CPUs each, for the module: the replica (1 CPU) lands on either node
+    and leaves room on both for a rank, so the two pipeline stages spread over the nodes wherever it is."""
+    with ray_cluster(tmp_path_factory.mktemp("ray-cluster"), cpus=(2, 2)) as c:
         yield c
 
 
@@ -67,7 +68,8 @@ def test_ray_serve_app_answers_and_a_dead_rank_replaces_the_whole_group(cluster,
         chat = cluster.run_json([sys.executable, DRIVER, "chat", url], timeout=420)
         assert "Paris" in chat["answer"], chat["answer"]
         ranks = sorted(chat["status"]["ranks"], key=lambda r: r["rank"])
-        assert [r["node_ip"] for r in ranks] == cluster.node_ips  # one replica, ranks on both Ray nodes
+        # one replica, its ranks on both Ray nodes (stage 0 on the replica's node, which Serve picks)
+        assert sorted(r["node_ip"] for r in ranks) == sorted(cluster.node_ips)
         out = cluster.run_json([sys.executable, DRIVER, "failover", url, "1"], timeout=420)
         assert out["after"] is not None, f"no new replica answered: {out}"
         before = {r["rank"]: r["pid"] for r in out["before"]["ranks"]}
