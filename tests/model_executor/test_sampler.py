@@ -5,10 +5,12 @@ import torch
 from shardserve.executor.messages import SamplingOptions
 from shardserve.model_executor.sampler import SamplingState, compute_logprobs, hash_uniform
 
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
 
 def state(*rows: SamplingOptions, vocab: int, prompts=None, outputs=None) -> SamplingState:
     """A sampling state with one row per options (row i = options i)."""
-    st = SamplingState(max_rows=len(rows) + 2, vocab_size=vocab, device=torch.device("cpu"))
+    st = SamplingState(max_rows=len(rows) + 2, vocab_size=vocab, device=DEVICE)
     for i, opts in enumerate(rows):
         prompt = np.asarray(prompts[i] if prompts else [], dtype=np.int32)
         output = np.asarray(outputs[i] if outputs else [], dtype=np.int32)
@@ -21,7 +23,7 @@ def draw(st: SamplingState, logits: torch.Tensor, positions=None) -> torch.Tenso
     n = logits.shape[0]
     rows = np.arange(n)
     pos = torch.zeros(n, dtype=torch.long) if positions is None else torch.as_tensor(positions)
-    return st.sample(logits.clone(), rows, torch.from_numpy(rows), pos)
+    return st.sample(logits.clone().to(DEVICE), rows, torch.from_numpy(rows).to(DEVICE), pos.to(DEVICE)).cpu()
 
 
 def test_greedy_is_argmax():
@@ -56,7 +58,7 @@ def test_huge_seeds_wrap_instead_of_failing():
 
 
 def test_hash_uniform_is_uniform():
-    u = hash_uniform(torch.tensor([3, 4]), torch.tensor([0, 0]), 20000)
+    u = hash_uniform(torch.tensor([3, 4], device=DEVICE), torch.tensor([0, 0], device=DEVICE), 20000).cpu()
     assert ((u > 0) & (u < 1)).all()
     assert u.mean().item() == pytest.approx(0.5, abs=0.01) and u.std().item() == pytest.approx(12**-0.5, abs=0.01)
 
@@ -78,13 +80,14 @@ def test_top_k_restricts_support():
 def test_penalties_apply_on_the_device_and_count_sampled_tokens():
     logits = torch.tensor([[2.0, -2.0, 1.0, 1.0]])
     st = state(SamplingOptions(temperature=0.0, repetition_penalty=2.0), vocab=4, prompts=[[0, 1]])
-    changed = logits.clone()
-    st._apply_penalties(changed, torch.tensor([0]), torch.tensor([0]))
+    row0 = torch.tensor([0], device=DEVICE)
+    changed = logits.clone().to(DEVICE)
+    st._apply_penalties(changed, row0, row0)
     assert changed[0].tolist() == [1.0, -4.0, 1.0, 1.0]
     opts = SamplingOptions(temperature=0.0, frequency_penalty=0.5, presence_penalty=0.25)
     st = state(opts, vocab=4, outputs=[[2, 2, 3]])
-    changed = logits.clone()
-    st._apply_penalties(changed, torch.tensor([0]), torch.tensor([0]))
+    changed = logits.clone().to(DEVICE)
+    st._apply_penalties(changed, row0, row0)
     assert changed[0, 2].item() == pytest.approx(1.0 - 1.0 - 0.25)
     assert changed[0, 3].item() == pytest.approx(1.0 - 0.5 - 0.25)
     assert changed[0, 0].item() == 2.0
@@ -101,3 +104,25 @@ def test_logprobs_match_log_softmax_with_rank():
     assert rank[0].item() == int((ref[0] > ref[0, 3]).sum()) + 1 and rank[1].item() == 1
     assert top_ids[0].tolist() == ref[0].topk(2).indices.tolist()
     assert top_vals.shape == (2, 2)
+
+
+def test_a_mixed_batch_greedy_seeded_penalized_and_sampled_rows():
+    """One step with every kind of row (the paths that move host arrays to the device): greedy rows are the
+    argmax, a penalized greedy row avoids its prompt's token and then its own output, seeded rows repeat."""
+    logits = torch.zeros(4, 64)
+    logits[:, 7] = 5.0
+    logits[:, 9] = 4.0
+    rows = (
+        SamplingOptions(temperature=0.0),
+        SamplingOptions(seed=11),
+        SamplingOptions(temperature=0.0, repetition_penalty=100.0),
+        SamplingOptions(temperature=1.0),
+    )
+    st = state(*rows, vocab=64, prompts=[[], [], [7], []])
+    pos = [3, 3, 3, 3]
+    first = draw(st, logits, pos)
+    assert first[0] == 7 and first[2] == 9  # greedy; the penalty pushes token 7 below 9
+    second = draw(st, logits, pos)
+    assert second[1] == first[1]  # the seeded row draws the same token at the same position
+    # the sampled 9 now counts as seen: 5 / 100 beats 4 / 100, and both draws are counted
+    assert second[2] == 7 and st.output_counts[2, 7].item() == 1 and st.output_counts[2, 9].item() == 1
