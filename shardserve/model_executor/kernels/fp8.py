@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from shardserve.model_executor.kernels.attention import FP8_E4M3_MAX, round_to_e4m3
-from shardserve.model_executor.kernels.gemv import KERNEL_MAX_ROWS, _row_output
+from shardserve.model_executor.kernels.gemv import KERNEL_MAX_ROWS, _row_output, gate_up_rows
 
 MIN_SCALE = 1.0 / (FP8_E4M3_MAX * 512.0)
 """Smallest per-token scale (vLLM's ``MIN_SCALING_FACTOR``): an all-zero row still divides safely."""
@@ -126,13 +126,7 @@ def _fp8_gemv_kernel(
     # output features [pid * HALF, +HALF) and the up rows N further down), all of K, rows of x past M zero.
     HALF: tl.constexpr = BLOCK_N // 2
     OUT_N: tl.constexpr = HALF if SILU_MUL else BLOCK_N
-    r = tl.arange(0, BLOCK_N)
-    if SILU_MUL:
-        feature = tl.program_id(0) * HALF + r % HALF
-        rows = tl.where(r < HALF, feature, N + feature)
-    else:
-        feature = tl.program_id(0) * BLOCK_N + r
-        rows = feature
+    feature, rows = gate_up_rows(BLOCK_N, N, SILU_MUL)
     n_mask = feature < N
     offs_k = tl.arange(0, BLOCK_K)
     w_ptrs = W + rows.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]

@@ -23,15 +23,39 @@ KERNEL_MAX_ROWS = 4
 
 
 @triton.jit
+def gate_up_rows(BLOCK_N: tl.constexpr, N, SILU_MUL: tl.constexpr):
+    """The weight rows ``(BLOCK_N,)`` of this program and the output feature each feeds: features
+    ``[pid * BLOCK_N, +BLOCK_N)``, or with SILU_MUL the gate rows of features ``[pid * HALF, +HALF)`` and
+    then the matching up rows, ``N`` further down (a merged gate/up weight). Every decode GEMV (bf16, FP8,
+    GGUF) lays its programs out this way. Returns ``(feature, rows)``."""
+    HALF: tl.constexpr = BLOCK_N // 2
+    r = tl.arange(0, BLOCK_N)
+    if SILU_MUL:
+        feature = tl.program_id(0) * HALF + r % HALF
+        rows = tl.where(r < HALF, feature, N + feature)
+    else:
+        feature = tl.program_id(0) * BLOCK_N + r
+        rows = feature
+    return feature, rows
+
+
+@triton.jit
+def silu_mul_rounded(gate, up, OUT_DTYPE: tl.constexpr):
+    """``silu(gate) * up`` (fp32 in, fp32 out) rounded as the unfused path rounds: gate and up to the model
+    dtype, silu, the product."""
+    g = gate.to(OUT_DTYPE).to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(OUT_DTYPE)
+    return act.to(tl.float32) * up.to(OUT_DTYPE).to(tl.float32)
+
+
+@triton.jit
 def _row_output(acc, bias, OUT_DTYPE: tl.constexpr, SILU_MUL: tl.constexpr, HALF: tl.constexpr):
     """One row's ``(BLOCK_N,)`` result from its accumulator; with SILU_MUL the first half of the tile's
     rows are gate features and the second half the matching up features."""
     y = tl.sum(acc, axis=1) + bias
-    if SILU_MUL:  # rounded as the unfused path rounds: gate and up to the model dtype, silu, product
+    if SILU_MUL:
         gate, up = tl.split(tl.trans(tl.reshape(y, (2, HALF))))
-        g = gate.to(OUT_DTYPE).to(tl.float32)
-        act = (g / (1.0 + tl.exp(-g))).to(OUT_DTYPE)
-        y = act.to(tl.float32) * up.to(OUT_DTYPE).to(tl.float32)
+        y = silu_mul_rounded(gate, up, OUT_DTYPE)
     return y.to(OUT_DTYPE)
 
 
@@ -58,13 +82,7 @@ def _gemv_kernel(
     # gate rows and the up rows (N further down) of output features [pid * HALF, +HALF).
     HALF: tl.constexpr = BLOCK_N // 2
     OUT_N: tl.constexpr = HALF if SILU_MUL else BLOCK_N
-    r = tl.arange(0, BLOCK_N)
-    if SILU_MUL:
-        feature = tl.program_id(0) * HALF + r % HALF
-        rows = tl.where(r < HALF, feature, N + feature)
-    else:
-        feature = tl.program_id(0) * BLOCK_N + r
-        rows = feature
+    feature, rows = gate_up_rows(BLOCK_N, N, SILU_MUL)
     n_mask = feature < N
     offs_k = tl.arange(0, BLOCK_K)
     w_ptrs = W + rows.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]

@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from shardserve.model_executor.kernels.gemv import gate_up_rows, silu_mul_rounded
 from shardserve.model_executor.kernels.gguf_dequant import _i2f
 
 DP4A_TYPES = {12: "Q4_K", 14: "Q6_K", 8: "Q8_0"}
@@ -178,20 +179,6 @@ def _byte(word, k: tl.constexpr):
 
 
 @triton.jit
-def _rows(BLOCK_N: tl.constexpr, N, SILU_MUL: tl.constexpr):
-    """This program's weight rows ``(BLOCK_N,)`` and the output feature each feeds (see gguf_gemv.py)."""
-    HALF: tl.constexpr = BLOCK_N // 2
-    r = tl.arange(0, BLOCK_N)
-    if SILU_MUL:
-        feature = tl.program_id(0) * HALF + r % HALF
-        rows = tl.where(r < HALF, feature, N + feature)
-    else:
-        feature = tl.program_id(0) * BLOCK_N + r
-        rows = feature
-    return feature, rows
-
-
-@triton.jit
 def _store(Y, y, M, N, stride_ym, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SILU_MUL: tl.constexpr):
     """``y (BLOCK_M, BLOCK_N)`` fp32 to the output rows < M; with SILU_MUL the first half of the columns are
     gate and the second up features, rounded as the unfused path rounds."""
@@ -199,9 +186,7 @@ def _store(Y, y, M, N, stride_ym, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, 
     out_ty = Y.dtype.element_ty
     if SILU_MUL:
         gate, up = tl.split(tl.permute(tl.reshape(y, (BLOCK_M, 2, HALF)), (0, 2, 1)))
-        g = gate.to(out_ty).to(tl.float32)
-        act = (g / (1.0 + tl.exp(-g))).to(out_ty)
-        y = act.to(tl.float32) * up.to(out_ty).to(tl.float32)
+        y = silu_mul_rounded(gate, up, out_ty)
         cols = tl.program_id(0) * HALF + tl.arange(0, HALF)
     else:
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -244,12 +229,20 @@ def _autotuned(fn):
 
 
 @triton.jit
-def _indices(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NBT: tl.constexpr):
-    """``(BLOCK_M, 1, 1)``, ``(1, 1, NBT)`` and a ``(1, BLOCK_N, 1)`` zero (to give x pointers the full shape)."""
+def _program(W, XQ, N, stride_wn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NBT: tl.constexpr,
+             SILU_MUL: tl.constexpr):  # fmt: skip
+    """What every kernel below starts from: the weight and x as int32 words, ``(BLOCK_M, 1, 1)`` x rows,
+    ``(1, 1, NBT)`` block (or pair) offsets, a ``(1, BLOCK_N, 1)`` zero (to give x pointers the full shape),
+    the ``(1, BLOCK_N, 1)`` first word of each weight row and which rows exist (``gate_up_rows``)."""
+    feature, rows = gate_up_rows(BLOCK_N, N, SILU_MUL)
+    W32 = W.to(tl.pointer_type(tl.int32))
+    XQ32 = XQ.to(tl.pointer_type(tl.int32))
     mi = tl.arange(0, BLOCK_M)[:, None, None]
     bi = tl.arange(0, NBT)[None, None, :]
     zn = tl.arange(0, BLOCK_N)[None, :, None] * 0
-    return mi, bi, zn
+    wrow = (rows.to(tl.int64) * (stride_wn // 4))[None, :, None]
+    n_ok = (feature < N)[None, :, None]
+    return W32, XQ32, mi, bi, zn, wrow, n_ok
 
 
 # -- Q4_K ----------------------------------------------------------------------------------------------
@@ -277,14 +270,9 @@ def _q4_k_kernel(
     # Block (144 B = 36 words): d, dmin (fp16), scales[12], qs[128]. qs word t = 8c + 4v + w (chunk c of 64
     # elements): its low nibbles are elements 4(4v + w)..+3 of sub-block 2c, its high nibbles the same of
     # sub-block 2c + 1 (gguf Q4_K.dequantize_blocks), i.e. x words 64 b + 16 c + 4 v + w and that + 8.
-    feature, rows = _rows(BLOCK_N, N, SILU_MUL)
+    W32, XQ32, mi, bi, zn, wrow, n_ok = _program(W, XQ, N, stride_wn, BLOCK_M, BLOCK_N, NBT, SILU_MUL)
     K = NB * 256
-    W32 = W.to(tl.pointer_type(tl.int32))
-    XQ32 = XQ.to(tl.pointer_type(tl.int32))
-    mi, bi, zn = _indices(BLOCK_M, BLOCK_N, NBT)
     vec = tl.arange(0, 4)[None, None, None, :]
-    wrow = (rows.to(tl.int64) * (stride_wn // 4))[None, :, None]
-    n_ok = (feature < N)[None, :, None]
     acc = tl.zeros([BLOCK_M, BLOCK_N, NBT], dtype=tl.float32)
     for b0 in range(0, NB, NBT):
         blk = b0 + bi
@@ -392,13 +380,8 @@ def _q6_k_kernel(
 ):  # fmt: skip
     # A thread takes a pair of blocks (420 B = 105 words, 4-byte aligned): the first at word 0, the second
     # 2 bytes into word 52 (read by funnel shifts). NB is even (the caller checks).
-    feature, rows = _rows(BLOCK_N, N, SILU_MUL)
+    W32, XQ32, mi, bi, zn, wrow, n_ok = _program(W, XQ, N, stride_wn, BLOCK_M, BLOCK_N, NBT, SILU_MUL)
     K = NB * 256
-    W32 = W.to(tl.pointer_type(tl.int32))
-    XQ32 = XQ.to(tl.pointer_type(tl.int32))
-    mi, bi, zn = _indices(BLOCK_M, BLOCK_N, NBT)
-    wrow = (rows.to(tl.int64) * (stride_wn // 4))[None, :, None]
-    n_ok = (feature < N)[None, :, None]
     acc = tl.zeros([BLOCK_M, BLOCK_N, NBT], dtype=tl.float32)
     for p0 in range(0, NB // 2, NBT):
         pr = p0 + bi
@@ -427,13 +410,8 @@ def _q8_0_kernel(
     # Block (34 B): d (fp16), qs[32] int8; w = d q. A thread takes a pair of blocks (68 B = 17 words,
     # 4-byte aligned): the first's d in the low half of word 0 and its codes 2 bytes into words 0..8, the
     # second's d in the high half of word 8 and its codes in words 9..16. NB is even (the caller checks).
-    feature, rows = _rows(BLOCK_N, N, SILU_MUL)
+    W32, XQ32, mi, bi, zn, wrow, n_ok = _program(W, XQ, N, stride_wn, BLOCK_M, BLOCK_N, NBT, SILU_MUL)
     K = NB * 32
-    W32 = W.to(tl.pointer_type(tl.int32))
-    XQ32 = XQ.to(tl.pointer_type(tl.int32))
-    mi, bi, zn = _indices(BLOCK_M, BLOCK_N, NBT)
-    wrow = (rows.to(tl.int64) * (stride_wn // 4))[None, :, None]
-    n_ok = (feature < N)[None, :, None]
     acc = tl.zeros([BLOCK_M, BLOCK_N, NBT], dtype=tl.float32)
     for p0 in range(0, NB // 2, NBT):
         pr = p0 + bi

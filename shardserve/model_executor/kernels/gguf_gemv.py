@@ -37,6 +37,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from shardserve.model_executor.kernels.gemv import gate_up_rows, silu_mul_rounded
 from shardserve.model_executor.kernels.gguf_dequant import (
     dequantize,
     gguf_parts,
@@ -91,9 +92,7 @@ def _epilogue(y, OUT_DTYPE: tl.constexpr, SILU_MUL: tl.constexpr, HALF: tl.const
     rounded as the unfused path rounds (gate and up to the model dtype, silu, product)."""
     if SILU_MUL:
         gate, up = tl.split(tl.trans(tl.reshape(y, (2, HALF))))
-        g = gate.to(OUT_DTYPE).to(tl.float32)
-        act = (g / (1.0 + tl.exp(-g))).to(OUT_DTYPE)
-        y = act.to(tl.float32) * up.to(OUT_DTYPE).to(tl.float32)
+        y = silu_mul_rounded(gate, up, OUT_DTYPE)
     return y.to(OUT_DTYPE)
 
 
@@ -148,13 +147,7 @@ def _gguf_gemv_kernel(
     HALF: tl.constexpr = BLOCK_N // 2
     OUT_N: tl.constexpr = HALF if SILU_MUL else BLOCK_N
     G: tl.constexpr = TILE_K // SUB
-    r = tl.arange(0, BLOCK_N)
-    if SILU_MUL:
-        feature = tl.program_id(0) * HALF + r % HALF
-        rows = tl.where(r < HALF, feature, N + feature)
-    else:
-        feature = tl.program_id(0) * BLOCK_N + r
-        rows = feature
+    feature, rows = gate_up_rows(BLOCK_N, N, SILU_MUL)
     n_ok = (feature < N)[:, None, None]
     wrow = (W + rows.to(tl.int64) * stride_wn)[:, None, None]
     g = tl.arange(0, G)[None, :, None]
@@ -289,9 +282,7 @@ def _gguf_matmul_kernel(
             acc_up = _dot(x, w, acc_up, PRECISION, DOT_FP32)
     out_ty = Y.dtype.element_ty
     if SILU_MUL:
-        gate = acc.to(out_ty).to(tl.float32)
-        act = (gate / (1.0 + tl.exp(-gate))).to(out_ty)
-        acc = act.to(tl.float32) * acc_up.to(out_ty).to(tl.float32)
+        acc = silu_mul_rounded(acc, acc_up, out_ty)
     y_ptrs = Y + offs_m.to(tl.int64)[:, None] * stride_ym + feature[None, :]
     tl.store(y_ptrs, acc.to(out_ty), mask=(offs_m < M)[:, None] & (feature < N)[None, :])
 
