@@ -1,12 +1,12 @@
 """Triton kernels for FP8 (e4m3) linear layers: a GEMV over FP8 weights for decode at 1-2 rows, and the
 per-token activation quantization that feeds ``torch._scaled_mm`` at larger batches.
 
-The GEMV follows :mod:`.gemv` (each program owns ``BLOCK_N`` weight rows, walks all of K accumulating
-``BLOCK_N x BLOCK_K`` products in fp32 registers, one cross-thread reduction at the end, SwiGLU fused into
-the epilogue of the gate/up projection). The weights are e4m3 bytes ``(N, K)`` with one fp32 scale per row
-(per output channel: ``W = fp8 * scale[:, None]``), the activations stay in the model dtype, so a batch-1
-step reads each weight byte once and quantizes nothing. The row scale is applied once per row after the
-K loop (``y_n = scale_n * sum_k fp8_nk x_k``).
+The GEMV is :mod:`.gemv`'s kernel with ``HAS_SCALE`` (each program owns ``BLOCK_N`` weight rows, walks
+all of K accumulating ``BLOCK_N x BLOCK_K`` products in fp32 registers, one cross-thread reduction at the
+end, SwiGLU fused into the epilogue of the gate/up projection). The weights are e4m3 bytes ``(N, K)`` with
+one fp32 scale per row (per output channel: ``W = fp8 * scale[:, None]``), the activations stay in the
+model dtype, so a batch-1 step reads each weight byte once and quantizes nothing. The row scale is applied
+once per row after the K loop (``y_n = scale_n * sum_k fp8_nk x_k``).
 
 Activations for ``torch._scaled_mm`` are quantized per token (one scale per row, ``amax / 448``, as vLLM's
 ``scaled_fp8_quant(use_per_token_if_dynamic=True)`` and fbgemm's ``quantize_fp8_per_row``), optionally with
@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from shardserve.model_executor.kernels.attention import FP8_E4M3_MAX, round_to_e4m3
-from shardserve.model_executor.kernels.gemv import KERNEL_MAX_ROWS, _row_output, gate_up_rows
+from shardserve.model_executor.kernels.gemv import KERNEL_MAX_ROWS, _gemv_kernel
 
 MIN_SCALE = 1.0 / (FP8_E4M3_MAX * 512.0)
 """Smallest per-token scale (vLLM's ``MIN_SCALING_FACTOR``): an all-zero row still divides safely."""
@@ -102,59 +102,6 @@ def quantize_per_token(
     return q, s
 
 
-@triton.jit
-def _fp8_gemv_kernel(
-    X,
-    W,
-    WS,
-    B,
-    Y,
-    M,
-    N,
-    K,
-    stride_xm,
-    stride_wn,
-    stride_ym,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    EVEN: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    SILU_MUL: tl.constexpr,
-):
-    # The layout of .gemv._gemv_kernel: BLOCK_N weight rows per program (with SILU_MUL the gate rows of
-    # output features [pid * HALF, +HALF) and the up rows N further down), all of K, rows of x past M zero.
-    HALF: tl.constexpr = BLOCK_N // 2
-    OUT_N: tl.constexpr = HALF if SILU_MUL else BLOCK_N
-    feature, rows = gate_up_rows(BLOCK_N, N, SILU_MUL)
-    n_mask = feature < N
-    offs_k = tl.arange(0, BLOCK_K)
-    w_ptrs = W + rows.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
-    K1 = tl.where(M > 1, K, 0)
-    acc0 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    acc1 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_mask = k0 + offs_k < K
-        if EVEN:
-            w = tl.load(w_ptrs + k0).to(tl.float32)
-        else:
-            w = tl.load(w_ptrs + k0, mask=n_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-        acc0 += w * tl.load(X + k0 + offs_k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
-        if BLOCK_M > 1:
-            x1 = tl.load(X + stride_xm + k0 + offs_k, mask=k0 + offs_k < K1, other=0.0)
-            acc1 += w * x1.to(tl.float32)[None, :]
-    scale = tl.load(WS + rows, mask=n_mask, other=0.0)[:, None]  # per output channel, once after the K loop
-    bias = tl.zeros([BLOCK_N], dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(B + rows, mask=n_mask, other=0.0).to(tl.float32)
-    out_ty = Y.dtype.element_ty
-    cols = tl.program_id(0) * OUT_N + tl.arange(0, OUT_N)
-    tl.store(Y + cols, _row_output(acc0 * scale, bias, out_ty, SILU_MUL, HALF), mask=cols < N)
-    if BLOCK_M > 1:
-        N1 = tl.where(M > 1, N, 0)
-        tl.store(Y + stride_ym + cols, _row_output(acc1 * scale, bias, out_ty, SILU_MUL, HALF), mask=cols < N1)
-
-
 FP8_GEMV_MAX_ROWS = 2
 """Rows of ``x`` the FP8 GEMV takes (decode at batch 1-2); larger batches quantize and use ``_scaled_mm``."""
 
@@ -206,7 +153,7 @@ def fp8_gemv(
     out_n = n // 2 if silu_and_mul else n
     per_program = block_n // 2 if silu_and_mul else block_n
     y = torch.empty((m, out_n), dtype=x.dtype, device=x.device)
-    _fp8_gemv_kernel[(triton.cdiv(out_n, per_program),)](
+    _gemv_kernel[(triton.cdiv(out_n, per_program),)](
         x,
         weight,
         weight_scale,
@@ -224,6 +171,7 @@ def fp8_gemv(
         EVEN=out_n % per_program == 0 and k % block_k == 0,
         HAS_BIAS=bias is not None,
         SILU_MUL=silu_and_mul,
+        HAS_SCALE=True,
         num_warps=warps,
         num_stages=stages,
     )

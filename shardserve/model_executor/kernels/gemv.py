@@ -63,6 +63,7 @@ def _row_output(acc, bias, OUT_DTYPE: tl.constexpr, SILU_MUL: tl.constexpr, HALF
 def _gemv_kernel(
     X,
     W,
+    WS,
     B,
     Y,
     M,
@@ -77,7 +78,10 @@ def _gemv_kernel(
     EVEN: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     SILU_MUL: tl.constexpr,
+    HAS_SCALE: tl.constexpr = False,
 ):
+    # With HAS_SCALE the weight holds FP8 codes and WS one dequantization scale per row, applied once after
+    # the K loop (kernels/fp8.py); W is read in its own dtype and widened to fp32 either way.
     # A program owns BLOCK_N weight rows: output features [pid * BLOCK_N, +BLOCK_N), or with SILU_MUL the
     # gate rows and the up rows (N further down) of output features [pid * HALF, +HALF).
     HALF: tl.constexpr = BLOCK_N // 2
@@ -108,6 +112,14 @@ def _gemv_kernel(
             acc2 += w * x2.to(tl.float32)[None, :]
             x3 = tl.load(X + 3 * stride_xm + k0 + offs_k, mask=k0 + offs_k < K3, other=0.0)
             acc3 += w * x3.to(tl.float32)[None, :]
+    if HAS_SCALE:
+        scale = tl.load(WS + rows, mask=n_mask, other=0.0)[:, None]
+        acc0 *= scale
+        if BLOCK_M > 1:
+            acc1 *= scale
+        if BLOCK_M > 2:
+            acc2 *= scale
+            acc3 *= scale
     bias = tl.zeros([BLOCK_N], dtype=tl.float32)
     if HAS_BIAS:
         bias = tl.load(B + rows, mask=n_mask, other=0.0).to(tl.float32)
@@ -166,6 +178,7 @@ def gemv(
     y = torch.empty((m, out_n), dtype=x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(out_n, per_program),)](
         x,
+        weight,
         weight,
         bias if bias is not None else weight,
         y,
