@@ -254,7 +254,7 @@ def part_serve(spec: dict) -> dict:
 
     res["prefill_tok_s"] = prefill_rate(10)
     qc = model.quant_config
-    if qc is not None and qc.name == "gguf":
+    if qc is not None and qc.name == "gguf" and spec.get("prefill_paths", True):
         from shardserve.model_executor.layers.quantization.gguf_blocks import DEQUANT_MIN_ROWS, GEMV_MAX_ROWS
 
         res["dequant_min_rows_default"] = DEQUANT_MIN_ROWS
@@ -321,6 +321,11 @@ def main() -> None:
     ap.add_argument("--keep-files", action="store_true")
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--prefill-len", type=int, default=2048)
+    ap.add_argument(
+        "--no-prefill-paths",
+        action="store_true",
+        help="serve part: time prefill on the default path only (not fused and dequant+cuBLAS apart)",
+    )
     ap.add_argument("--part-timeout", type=float, default=1800.0, help="seconds per child process")
     ap.add_argument("--json-out", default=None)
     ap.add_argument("--part", default=None, help=argparse.SUPPRESS)
@@ -346,7 +351,8 @@ def main() -> None:
     results["hw"] = hw
     if "copy_bandwidth_GBps" in hw:
         print(f"device {hw['device']}: copy bandwidth {hw['copy_bandwidth_GBps']:.0f} GB/s", flush=True)
-    common = {"new_tokens": args.new_tokens, "prefill_len": args.prefill_len, "batch_tokens": 8 if args.tiny else 64}
+    common = {"new_tokens": args.new_tokens, "prefill_len": args.prefill_len, "batch_tokens": 8 if args.tiny else 64,
+              "prefill_paths": not args.no_prefill_paths}  # fmt: skip
     for model in models:
         cfg = _hf_config(model, args.tiny)
         entry: dict = results["models"].setdefault(model, {})

@@ -6,6 +6,10 @@
 # serve: a live server under `shardserve bench serve` (400 prompts, 1024 in / 128 out, rate inf)
 # final: the int8 GEMV tests on CUDA, 8B Q4_K_M and Q8_0 batch-1 beside bf16, the Q4_K GEMV variants
 # kernels: GGUF kernel tests on CUDA, the GGUF GEMV kernels beside bf16 (8B shapes), structured outputs (8B, 64 requests)
+# offline: bench_gpu (8B bf16 batch-1 + offline) at its defaults (256 seqs, 8192 tokens per step) and at
+#   vLLM's H200 offline defaults (1024 seqs, 16384 tokens per step)
+# host16: host ms per step on the GPU and on the CPU (in process, TP=8) beside the baseline, the offline profile,
+#   decode attention at the offline batch against the KV bytes it reads (a sweep of the kernel's tiling)
 # quant/quant2/quant70: GGUF and FP8 CUDA tests, 8B GGUF decode beside bf16, the embedded GGUF kept quantized,
 #   FP8 weights and FP8 KV beside bf16, 70B Q4_K_M on one H200 (the embedded GGUF travels in two halves, .gguf/a|b)
 # Wheels for what the device lacks lie in .whl/ (carried); the baseline commit's tree in .baseline/.
@@ -30,6 +34,20 @@ host)
       --baseline .baseline --steps 60 --json-out "$OUT/host_gpu.json"
   run timeout 380 python3 benchmarks/bench_host_overhead.py --device cpu --layouts 1x1 2x1 4x1 8x1 1x2 2x2 \
       --batches 1 256 --channel-tp 8 --baseline .baseline --steps 40 --warmup 5 --json-out "$OUT/host_cpu.json"
+  ;;
+offline)
+  nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader
+  run timeout 280 python3 benchmarks/bench_gpu.py --parts hw,shardserve --num-requests 1000 --json-out "$OUT/bench_gpu.json"
+  run timeout 280 python3 benchmarks/bench_gpu.py --parts hw,shardserve --num-requests 1000 --max-num-seqs 1024 \
+      --max-num-batched-tokens 16384 --json-out "$OUT/bench_gpu_1024.json"
+  ;;
+host16)
+  run timeout 150 python3 benchmarks/bench_host_overhead.py --device cuda --layouts 1x1 --batches 1 256 --channel-tp \
+      --baseline .baseline --steps 60 --json-out "$OUT/host_gpu.json"
+  run timeout 200 python3 benchmarks/bench_host_overhead.py --device cpu --layouts 1x1 8x1 --batches 1 256 \
+      --channel-tp 8 --baseline .baseline --steps 40 --warmup 5 --json-out "$OUT/host_cpu.json"
+  run timeout 120 python3 benchmarks/profile_decode.py --offline 120
+  run timeout 200 python3 benchmarks/bench_attention.py --batch 256 --context 1152
   ;;
 serve)
   DIR=$(python3 -c "import sys; sys.path.insert(0,'benchmarks'); from model_shapes import write_model_dir; print(write_model_dir('Llama-3.1-8B','/tmp/l8b'))")
@@ -78,7 +96,8 @@ final)
       --kernel-paths dp4a --dp4a-rows 1 --json-out "$OUT/kernels_q4k.json"
   ;;
 quant70)
-  run timeout 560 python3 benchmarks/bench_quant.py --models Llama-3.1-70B --parts hw,gguf --workdir /tmp/q70 \
-      --json-out "$OUT/quant_70b.json"
+  df -h /tmp | tail -1; free -g | head -2
+  run timeout 570 python3 benchmarks/bench_quant.py --models Llama-3.1-70B --parts hw,gguf --workdir /tmp/q70 \
+      --no-prefill-paths --new-tokens 128 --part-timeout 480 --json-out "$OUT/quant_70b.json"
   ;;
 esac

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
-@dataclass
+@dataclass(slots=True)
 class Logprob:
     """Log-probability of one token at one position."""
 
@@ -25,7 +25,7 @@ class Logprob:
     """The token's text."""
 
 
-@dataclass
+@dataclass(slots=True)
 class CompletionOutput:
     """One completion (one of ``n``) of a request, as of the latest step."""
 
@@ -57,7 +57,7 @@ class CompletionOutput:
         return self.finish_reason is not None
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestMetrics:
     """Timestamps of one request, ``time.monotonic()`` seconds."""
 
@@ -67,7 +67,7 @@ class RequestMetrics:
     finished_time: float | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestOutput:
     """A step's news about one request.
 

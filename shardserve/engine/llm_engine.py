@@ -283,8 +283,7 @@ class LLMEngine:
         events = scheduler.update_from_output(sched, result)
         rejected = self.grammar.on_collect(sched, events) if sched.grammar else set()
         self._release_held()
-        prefill = sum(s.num_tokens for s in sched.scheduled if s.start_position < s.request.num_prompt_tokens)
-        self.throughput.add(prefill, len(events))
+        self.throughput.add(sched.num_prompt_tokens, len(events))
         # Per step only where the caller needs it (streams); otherwise the whole output once at the end.
         outputs += [self._output(e, e.request.request_id in rejected) for e in events
                     if e.request.streams or e.request.status.finished]  # fmt: skip

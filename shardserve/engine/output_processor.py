@@ -109,23 +109,30 @@ class OutputProcessor:
         self, out: EngineCoreOutput, state: _RequestState, now: float
     ) -> tuple[RequestOutput | None, bool]:
         m = state.metrics
-        if out.new_token_ids:
-            m.first_token_time = m.first_token_time or out.first_token_time or now
+        new_ids = out.new_token_ids
+        if new_ids:
+            if m.first_token_time is None:
+                m.first_token_time = out.first_token_time or now
             m.last_token_time = now
-        state.token_ids += out.new_token_ids
+            state.token_ids += new_ids
         entries = None
         if state.logprobs is not None and out.new_logprobs:
-            entries = [self._logprob_entry(t, lp) for t, lp in zip(out.new_token_ids, out.new_logprobs)]
+            entries = [self._logprob_entry(t, lp) for t, lp in zip(new_ids, out.new_logprobs)]
             state.logprobs += entries
-        finish_reason, stop_reason = out.finish_reason, out.stop_reason
+        finish_reason = out.finish_reason
+        stop_reason = out.stop_reason
         delta = ""
         hit = False
-        if state.detokenizer is not None:
-            delta, stop = state.stops.process(state.detokenizer.add(out.new_token_ids))
-            if stop is not None:
-                finish_reason, stop_reason, hit = "stop", stop, True
-            elif finish_reason is not None:
-                delta += state.stops.flush()
+        detok = state.detokenizer
+        if detok is not None:
+            delta = detok.add(new_ids) if new_ids else ""
+            stops = state.stops
+            if stops.stops:
+                delta, stop = stops.process(delta)
+                if stop is not None:
+                    finish_reason, stop_reason, hit = "stop", stop, True
+                elif finish_reason is not None:
+                    delta += stops.flush()
         finished = finish_reason is not None
         prompt_logprobs = None
         if out.prompt_logprobs is not None:
@@ -134,27 +141,20 @@ class OutputProcessor:
                 for t, lp in zip(state.prompt_token_ids, out.prompt_logprobs)
             ]
             state.prompt_logprobs = prompt_logprobs
-        kind = state.params.output_kind
-        if kind is RequestOutputKind.FINAL_ONLY:
-            if state.detokenizer is not None:
+        final_only = state.params.output_kind is RequestOutputKind.FINAL_ONLY
+        if final_only:
+            if detok is not None:
                 state.text_chunks.append(delta)
             if not finished:
                 return None, hit
         if finished:
             m.finished_time = now
             self._states.pop(out.request_id, None)
-        completion = CompletionOutput(
-            index=0,
-            delta_text=delta,
-            delta_token_ids=out.new_token_ids,
-            delta_logprobs=entries,
-            finish_reason=finish_reason,
-            stop_reason=stop_reason,
-            num_output_tokens=len(state.token_ids),
-            error=out.error,
-        )
-        if kind is RequestOutputKind.FINAL_ONLY:
-            if state.detokenizer is not None:
+        # Positional (the fields' order): half the cost of keywords, paid for every token of every request.
+        completion = CompletionOutput(0, "", [], delta, new_ids, None, entries, finish_reason, stop_reason,
+                                      len(state.token_ids), out.error)  # fmt: skip
+        if final_only:
+            if detok is not None:
                 completion.text = "".join(state.text_chunks)
             else:
                 completion.text = decode_completion(self.tokenizer, state.prompt_token_ids, state.token_ids,
@@ -162,16 +162,8 @@ class OutputProcessor:
             completion.token_ids = state.token_ids
             completion.logprobs = state.logprobs
             prompt_logprobs = state.prompt_logprobs
-        return RequestOutput(
-            request_id=out.request_id,
-            prompt=state.prompt,
-            prompt_token_ids=state.prompt_token_ids,
-            outputs=[completion],
-            finished=finished,
-            num_cached_tokens=out.num_cached_tokens,
-            metrics=m,
-            prompt_logprobs=prompt_logprobs,
-        ), hit
+        return RequestOutput(out.request_id, state.prompt, state.prompt_token_ids, [completion], finished,
+                             out.num_cached_tokens, m, prompt_logprobs), hit  # fmt: skip
 
     def _logprob_entry(self, token_id: int, lp: LogprobTuple) -> dict[int, Logprob]:
         chosen, rank, top = lp

@@ -20,20 +20,22 @@ class RequestStatus(enum.Enum):
     FINISHED_ERROR = enum.auto()
     """A rank could not prepare or sample it; the client gets an error, the engine goes on."""
 
+    # Read for every request on every step: identity tests and a lookup by the member's int value, not
+    # the Enum's Python-level ``__hash__``.
     @property
     def finished(self) -> bool:
-        return self not in (RequestStatus.WAITING, RequestStatus.RUNNING)
+        return self is not RequestStatus.WAITING and self is not RequestStatus.RUNNING
 
     @property
     def finish_reason(self) -> str | None:
-        return _FINISH_REASONS.get(self)
+        return _FINISH_REASONS.get(self._value_)
 
 
 _FINISH_REASONS = {
-    RequestStatus.FINISHED_STOPPED: "stop",
-    RequestStatus.FINISHED_LENGTH: "length",
-    RequestStatus.FINISHED_ABORTED: "abort",
-    RequestStatus.FINISHED_ERROR: "error",
+    RequestStatus.FINISHED_STOPPED.value: "stop",
+    RequestStatus.FINISHED_LENGTH.value: "length",
+    RequestStatus.FINISHED_ABORTED.value: "abort",
+    RequestStatus.FINISHED_ERROR.value: "error",
 }
 
 
@@ -68,6 +70,8 @@ class Request:
         self.last_sample_step = -1
         """Id of the latest step that samples this request (PP: the first stage receives its tokens)."""
         self.num_preemptions = 0
+        self.num_full_blocks = 0
+        """Full KV blocks the scheduler last saw (it asks the block manager to hash only when this grows)."""
         self.arrival_time = time.monotonic()
         self.stop_reason: str | int | None = None
         self.error: str | None = None

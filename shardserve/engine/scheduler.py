@@ -79,6 +79,8 @@ class SchedulerOutput:
     tokens_until: int = -1
     grammar: bool = False
     """The step samples a grammar request (see ``Step.grammar``)."""
+    num_prompt_tokens: int = 0
+    """Prompt tokens the step computes (its prefill chunks), for the throughput figures."""
 
     @property
     def num_tokens(self) -> int:
@@ -201,7 +203,7 @@ class Scheduler:
 
     def _can_schedule(self, req: Request) -> bool:
         """Not in flight, or (async) its one in-flight step samples the token this step would decode from."""
-        if not req.in_flight:
+        if not req.num_in_flight_steps:
             return True
         return (
             self.async_scheduling
@@ -222,18 +224,13 @@ class Scheduler:
             self._schedule_waiting(out, budget)
         if out.scheduled:  # an empty step is not sent; its news waits for the next one
             out.freed_rows, self._freed_rows = self._freed_rows, []
-            pending = [s.request.last_sample_step for s in out.scheduled if s.input_pending]
-            out.tokens_until = max(self.last_collected_step, self._drain_floor, *pending)
-            for s in out.scheduled:
-                if s.sample:
-                    s.request.last_sample_step = out.step_id
-                    out.grammar |= s.request.grammar is not None
+            out.tokens_until = max(self.last_collected_step, self._drain_floor, out.tokens_until)
         return out
 
     def _running_order(self) -> list[Request]:
         """Requests not in flight first, then those async scheduling lets go again; at most a 1/PP share."""
-        idle = [r for r in self.running if not r.in_flight]
-        ready = idle + [r for r in self.running if r.in_flight and self._can_schedule(r)]
+        idle = [r for r in self.running if not r.num_in_flight_steps]
+        ready = idle + [r for r in self.running if r.num_in_flight_steps and self._can_schedule(r)]
         if self.pipeline_parallel_size > 1:
             ready = ready[: max(1, -(-len(self.running) // self.pipeline_parallel_size))]
         return ready
@@ -257,7 +254,7 @@ class Scheduler:
                 new_blocks = bm.allocate(req.request_id, target)
                 out.block_rows += [req.row] * len(new_blocks)
                 out.block_ids += new_blocks
-            out.scheduled.append(self._scheduled(req, n))
+            out.scheduled.append(self._scheduled(req, n, out))
             budget -= n
         return budget, preempted
 
@@ -310,19 +307,30 @@ class Scheduler:
             bm.allocate(req.request_id, req.num_computed_tokens + n)
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
+            req.num_full_blocks = 0  # admitted (again): its blocks are counted from here
             req.row = self._free_rows.pop()
             self.running.append(req)
             out.new_requests.append((req, req.num_computed_tokens))  # its whole block table travels with it
-            out.scheduled.append(self._scheduled(req, n))
+            out.scheduled.append(self._scheduled(req, n, out))
             budget -= n
 
-    def _scheduled(self, req: Request, n: int) -> ScheduledRequest:
+    def _scheduled(self, req: Request, n: int, out: SchedulerOutput) -> ScheduledRequest:
+        """Account ``n`` tokens of ``req`` to step ``out``: its progress, the latest step whose tokens the step
+        needs as input (``tokens_until``, from steps still in flight), and whether it samples a grammar."""
         start = req.num_computed_tokens
+        if start < req.num_prompt_tokens:
+            out.num_prompt_tokens += n
         pending = req.num_pending_tokens > 0
+        if pending:
+            out.tokens_until = max(out.tokens_until, req.last_sample_step)
         req.num_computed_tokens += n
         req.num_in_flight_steps += 1
         sample = req.num_computed_tokens == req.num_tokens + req.num_pending_tokens
-        req.num_pending_tokens += sample
+        if sample:
+            req.num_pending_tokens += 1
+            req.last_sample_step = out.step_id
+            if req.grammar is not None:
+                out.grammar = True
         return ScheduledRequest(req, n, start, sample, pending)
 
     # -- outputs -----------------------------------------------------------------------------
@@ -344,28 +352,38 @@ class Scheduler:
         tokens = tokens.tolist()
         events = []
         j = -1
-        for s in step.scheduled:
-            j += s.sample
+        requests = self.requests
+        bm = self.block_manager
+        hashing = bm.enable_prefix_caching
+        bs = bm.block_size
+        for s in step.scheduled:  # every running request on every step: kept lean
+            sample = s.sample
+            j += sample
             req = s.request
-            if self.requests.get(req.request_id) is not req:  # finished or aborted while the step was in flight
+            if requests.get(req.request_id) is not req:  # finished or aborted while the step was in flight
                 continue
             req.num_in_flight_steps -= 1
-            req.num_pending_tokens -= s.sample
-            if s.sample:
-                req.append_output_token(tokens[j])
+            if sample:
+                req.num_pending_tokens -= 1
+                token = tokens[j]
+                req.output_token_ids.append(token)
+                req.num_tokens += 1
                 if req.first_token_time is None:
                     req.first_token_time = now
-            # Blocks are full once every token in them is known and computed.
+            # Blocks are full once every token in them is known and computed; at most once per block_size
+            # tokens a block is new (the block manager keeps the count, this skips asking it otherwise).
             known = min(req.num_computed_tokens, req.num_tokens)
-            if self.block_manager.has_new_full_blocks(req.request_id, known):  # once per block_size tokens
-                self.block_manager.register_full_blocks(req.request_id, req.token_slice, known)
-            if not s.sample:
+            if hashing and known // bs > req.num_full_blocks:
+                req.num_full_blocks = known // bs
+                if bm.has_new_full_blocks(req.request_id, known):
+                    bm.register_full_blocks(req.request_id, req.token_slice, known)
+            if not sample:
                 continue
-            lp = logprobs.get(j)
+            lp = logprobs.get(j) if logprobs else None
             if lp is not None and req.params.logprobs is not None:
                 lp = (lp[0], lp[1], lp[2][: req.params.logprobs])
-            events.append(TokenEvent(req, tokens[j], lp))
-            status = self._check_stop(req, tokens[j])
+            events.append(TokenEvent(req, token, lp))
+            status = self._check_stop(req, token)
             if status is not None:
                 self.finish_request(req.request_id, status)
         return events

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+
 from shardserve.transformers_utils.tokenizer import Tokenizer
+
+try:  # tokenizers >= 0.21.1: the same algorithm in Rust, one call per token
+    from tokenizers.decoders import DecodeStream
+except ImportError:  # pragma: no cover - older tokenizers: the Python form below
+    DecodeStream = None
+
+logger = logging.getLogger(__name__)
 
 # Prompt tokens kept as left context for the first decode window (vLLM's
 # INITIAL_INCREMENTAL_DETOKENIZATION_OFFSET, vllm/transformers_utils/detokenizer_utils.py).
@@ -21,21 +30,41 @@ class IncrementalDetokenizer:
     character completes. The window is the tokens since the last emission, so each token costs O(1)
     in the output length.
 
+    With a :class:`Tokenizer` and ``tokenizers`` >= 0.21.1 the same algorithm runs in Rust
+    (``tokenizers.decoders.DecodeStream``, as vLLM's ``FastIncrementalDetokenizer``): one call per token
+    instead of two decodes and the list work around them, about 4x less host time per token, which
+    the engine pays for every streamed token of every running request. The stream is primed with the
+    prompt tail (its text is not emitted). If the stream gives up on a window (``Invalid prefix``: a
+    decode that does not extend the previous one), the request continues on the Python form with the
+    last tokens as context.
+
     Args:
         tokenizer: the model's tokenizer.
         prompt_token_ids: the prompt; its last tokens are the left context of the first output token.
         skip_special_tokens: leave special tokens (``<|im_end|>``) out of the text.
     """
 
+    _KEEP = _INITIAL_PREFIX_TOKENS + 2
+    """Prompt or output tokens kept as context (vLLM keeps ``_INITIAL_PREFIX_TOKENS`` + 2)."""
+
     def __init__(self, tokenizer: Tokenizer, prompt_token_ids: list[int], skip_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
-        # Only the prompt tail matters: ``_INITIAL_PREFIX_TOKENS`` of context (+2 as vLLM keeps).
-        self._ids: list[int] = list(prompt_token_ids[-(_INITIAL_PREFIX_TOKENS + 2) :])
+        # Only the prompt tail matters.
+        self._ids: list[int] = [int(t) for t in prompt_token_ids[-self._KEEP :]]
         self._read_offset = len(self._ids)
         self._prefix_offset = max(self._read_offset - _INITIAL_PREFIX_TOKENS, 0)
         self._chunks: list[str] = []
         self._text_cache: str | None = ""
+        backend = getattr(tokenizer, "backend", None)
+        self._backend = backend
+        self._stream = None
+        self._unemitted = 0
+        """Tokens the stream holds back (an unfinished character)."""
+        if DecodeStream is not None and backend is not None:
+            self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+            for t in self._ids:
+                self._stream.step(backend, t)
 
     @property
     def output_text(self) -> str:
@@ -46,23 +75,42 @@ class IncrementalDetokenizer:
 
     def add(self, token_ids: list[int]) -> str:
         """Append generated ``token_ids`` and return the text they complete ("" if none yet)."""
-        new = "".join(self._add_one(int(t)) for t in token_ids)
+        if len(token_ids) == 1:
+            new = self._add_one(int(token_ids[0]))
+        else:
+            new = "".join([self._add_one(int(t)) for t in token_ids])
         if new:
             self._chunks.append(new)
             self._text_cache = None
         return new
 
     def _add_one(self, token_id: int) -> str:
-        self._ids.append(token_id)
+        ids = self._ids
+        if self._stream is not None:
+            try:
+                text = self._stream.step(self._backend, token_id)
+            except Exception as e:  # noqa: BLE001 (tokenizers raises a plain Exception: "Invalid prefix encountered")
+                logger.debug("incremental detokenization falls back to the Python form: %s", e)
+                self._stream = None
+                del ids[: -(self._KEEP + self._unemitted)]
+                self._read_offset = len(ids) - self._unemitted  # tokens the stream held back come out next
+                self._prefix_offset = max(self._read_offset - _INITIAL_PREFIX_TOKENS, 0)
+            else:
+                ids.append(token_id)  # context for that fallback, bounded
+                self._unemitted = 0 if text else self._unemitted + 1
+                if len(ids) > 8 * self._KEEP + self._unemitted:
+                    del ids[: -(self._KEEP + self._unemitted)]
+                return text or ""
+        ids.append(token_id)
         decode = self.tokenizer.decode
-        window = self._ids[self._prefix_offset :]
+        window = ids[self._prefix_offset :]
         prefix_text = decode(window[: self._read_offset - self._prefix_offset], self.skip_special_tokens)
         new_text = decode(window, self.skip_special_tokens)
         if len(new_text) <= len(prefix_text) or new_text.endswith(_REPLACEMENT_CHAR):
             return ""
         # Drop ids left of the new prefix so the list (and the window) stays bounded.
-        del self._ids[: self._read_offset]
-        self._prefix_offset, self._read_offset = 0, len(self._ids)
+        del ids[: self._read_offset]
+        self._prefix_offset, self._read_offset = 0, len(ids)
         return new_text[len(prefix_text) :]
 
 

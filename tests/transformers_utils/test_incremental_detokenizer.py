@@ -92,3 +92,37 @@ def test_sentencepiece_leading_spaces(spm_gguf_path: Path) -> None:
     full = spm.decode(prompt + ids)
     assert "".join(chunks) == full[len(spm.decode(prompt)) :]
     assert chunks[0].startswith(" ")
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_rust_stream_emits_what_the_python_form_emits(tokenizer: Tokenizer, text: str) -> None:
+    """The DecodeStream path and the Python form (a tokenizer without ``backend``) give the same chunks."""
+    if IncrementalDetokenizer(tokenizer, [])._stream is None:
+        pytest.skip("tokenizers without DecodeStream: only the Python form exists")
+    prompt = tokenizer.encode("<|im_start|>assistant\n")
+    ids = tokenizer.encode(text + " and more", add_special_tokens=False)
+    fast = _stream(IncrementalDetokenizer(tokenizer, prompt), ids, 1)
+    slow = _stream(IncrementalDetokenizer(_DecodeSpy(tokenizer), prompt), ids, 1)  # type: ignore[arg-type]
+    assert fast == slow
+
+
+@pytest.mark.parametrize("text", [TEXTS[1], TEXTS[4]])
+@pytest.mark.parametrize("split", [0.2, 0.35, 0.5, 0.65, 0.8])
+def test_a_failing_stream_falls_back_to_the_python_form(tokenizer: Tokenizer, text: str, split: float) -> None:
+    """When DecodeStream raises (its ``Invalid prefix`` error), the request goes on with the same text,
+    also when the stream held back part of a multi-byte character."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    detok = IncrementalDetokenizer(tokenizer, tokenizer.encode("Hello"))
+    if detok._stream is None:
+        pytest.skip("tokenizers without DecodeStream: only the Python form exists")
+    half = int(len(ids) * split)
+    first = _stream(detok, ids[:half], 1)
+
+    class _Broken:
+        def step(self, backend, token_id):
+            raise Exception("Invalid prefix encountered")
+
+    detok._stream = _Broken()
+    rest = _stream(detok, ids[half:], 1)
+    assert detok._stream is None
+    assert "".join(first + rest) == detok.output_text == tokenizer.decode(ids)

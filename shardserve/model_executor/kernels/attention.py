@@ -294,6 +294,8 @@ def paged_attention(
     num_warps: int = 4,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
+    block_n: int | None = None,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
     """Causal attention of each request's new queries over its whole context in the paged cache.
 
@@ -312,6 +314,8 @@ def paged_attention(
             ``None`` picks by the GPU's SM count (:func:`num_kv_splits_for`). Ignored for prefill.
         block_m: rows of a tile (query tokens x query heads of one KV head, padded to a power of two);
             default 16 for decode, 64 for prefill. ``num_warps``: Triton warps per program.
+        block_n: keys per inner-loop tile (default 64, 32 above head size 128); ``num_stages``: Triton's
+            software-pipelining depth (default: Triton's). Tuning knobs (``benchmarks/bench_attention.py``).
         k_scale, v_scale: dequantization scales of an FP8 cache (see module docstring); ignored otherwise.
 
     Returns:
@@ -368,10 +372,11 @@ def paged_attention(
         HEAD_DIM=head_dim,
         HEAD_DIM_PAD=head_dim_pad,
         BLOCK_SIZE=block_size,
-        BLOCK_N=64 if head_dim <= 128 else 32,
+        BLOCK_N=block_n or (64 if head_dim <= 128 else 32),
         IEEE=q.dtype == torch.float32,
         NUM_SPLITS=splits,
         num_warps=num_warps,
+        **({} if num_stages is None else {"num_stages": num_stages}),
     )
     if splits > 1:
         _merge_splits_kernel[(num_tokens, num_heads)](

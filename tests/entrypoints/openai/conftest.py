@@ -15,7 +15,7 @@ import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import openai
@@ -140,7 +140,7 @@ class FakeAsyncLLM:
                         out.finish_reason = "length"
                 finished = all(o.finish_reason is not None for o in outs)
                 sent = changed if params.output_kind is RequestOutputKind.DELTA else outs
-                yield RequestOutput(request_id, None, ids, [CompletionOutput(**vars(o)) for o in sent], finished,
+                yield RequestOutput(request_id, None, ids, [replace(o) for o in sent], finished,
                                     num_cached_tokens=0)  # fmt: skip
                 if finished:
                     break
