@@ -87,6 +87,24 @@ def _metadata_to_cpu(meta):
     return replace(meta, **{f: getattr(meta, f).cpu() for f in fields})
 
 
+@pytest.mark.parametrize("f16_dot", [True, False])
+def test_half_precision_queries_over_an_fp8_cache(f16_dot):
+    """bf16 queries (a served bf16 model): fp16 dot products (the default, e4m3 widens to fp16 exactly) and
+    bf16 ones both match the fp32 attention over the dequantized cache within bf16 rounding. The interpreter
+    mis-converts e4m3 to bf16, so the bf16-dot form is checked on CUDA only."""
+    if not f16_dot and DEVICE != "cuda":
+        pytest.skip("Triton's interpreter converts e4m3 to bf16 wrongly")
+    gen = torch.Generator().manual_seed(7)
+    meta = _metadata([1, 1, 4], [70, 9, 33], 4, 128, gen)
+    cache = quantize_fp8(torch.randn(2, 128, 4, 2, 64, generator=gen), 0.5).to(DEVICE)
+    q = torch.randn(6, 8, 64, generator=gen).to(DEVICE)
+    args = (cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, meta.max_query_len, 64**-0.5)
+    want = paged_attention(q, (cache.float() * 0.5).to(DEVICE), *args[1:])
+    got = paged_attention(q.to(torch.bfloat16), *args, k_scale=0.5, v_scale=0.5, f16_dot=f16_dot)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, atol=0.03, rtol=0.02)
+
+
 @pytest.mark.parametrize("num_kv_splits", [3, 16])
 def test_split_kv_decode_with_fp8_cache_matches_one_pass(num_kv_splits):
     gen = torch.Generator().manual_seed(4)
