@@ -127,6 +127,8 @@ def part_kernels(spec: dict) -> dict:
     from shardserve.model_executor.kernels.gguf_dp4a import gguf_gemv_dp4a
     from shardserve.model_executor.kernels.gguf_dp4a import supports as dp4a_supports
     from shardserve.model_executor.kernels.gguf_gemv import gguf_gemv, gguf_matmul
+    from shardserve.model_executor.kernels.gguf_mma import gguf_mma
+    from shardserve.model_executor.kernels.gguf_mma import supports as mma_supports
     from shardserve.model_executor.layers.quantization.gguf_blocks import block_type, random_blocks
 
     dev = "cuda" if _cuda() else "cpu"
@@ -163,6 +165,8 @@ def part_kernels(spec: dict) -> dict:
             x1 = torch.randn(1, k, dtype=dtype, device=dev)
             if "dp4a" in paths and dp4a_supports(x1, blocks, bt.type_id):
                 runs += [("dp4a", m, gguf_gemv_dp4a) for m in spec.get("dp4a_rows", (1, 2, 4))]
+            if "mma" in paths and mma_supports(x1, blocks, bt.type_id):
+                runs += [("mma", m, gguf_mma) for m in spec.get("mma_rows", (8, 16))]
             for kernel, m, fn in runs:
                 x = torch.randn(m, k, dtype=dtype, device=dev)
                 t = _cold(lambda w, x=x, fn=fn, q=bt.type_id, f=silu: fn(x, w, q, silu_and_mul=f), copies)
@@ -313,8 +317,9 @@ def main() -> None:
     ap.add_argument("--recipes-70b", default="Q4_K_M", help="GGUF recipes for the 70B model")
     ap.add_argument("--parts", default="hw,kernels,bf16,gguf")
     ap.add_argument("--kernel-types", default="Q4_K,Q6_K,Q8_0")
-    ap.add_argument("--kernel-paths", default="fma,tensor_core,dp4a", help="kernels part: which GEMV paths to time")
+    ap.add_argument("--kernel-paths", default="fma,tensor_core,dp4a,mma", help="kernels part: which paths to time")
     ap.add_argument("--dp4a-rows", default="1,2,4", help="kernels part: rows of x for the int8 GEMV")
+    ap.add_argument("--mma-rows", default="8,16", help="kernels part: rows of x for the int8 tensor-core kernel")
     ap.add_argument("--no-kernel-prefill", action="store_true", help="kernels part: skip the 2048-row prefill paths")
     ap.add_argument("--tiny", action="store_true", help="a tiny Llama on the CPU: checks the script, not speed")
     ap.add_argument("--workdir", default=None, help="where GGUF files go (default: a temporary directory)")
@@ -361,6 +366,7 @@ def main() -> None:
             spec["types"] = args.kernel_types.split(",")
             spec["paths"] = args.kernel_paths.split(",")
             spec["dp4a_rows"] = [int(r) for r in args.dp4a_rows.split(",")]
+            spec["mma_rows"] = [int(r) for r in args.mma_rows.split(",")]
             spec["prefill"] = not args.no_kernel_prefill
             entry["kernels"] = _child("kernels", spec, args.part_timeout, env).get("kernels", [])
             _print_kernels(model, entry["kernels"])

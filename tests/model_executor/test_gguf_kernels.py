@@ -245,3 +245,52 @@ def test_dp4a_routing_and_refusals():
     assert _rel(wide[:, 8:24], x.float().cpu() @ ref.T) < TOL_DP4A and not wide[:, :8].any()
     with pytest.raises(ValueError, match="takes Q4_K/Q6_K/Q8_0"):
         gguf_dp4a.gguf_gemv_dp4a(x.float(), blocks, qtype)
+
+
+# -- the int8 tensor-core kernel for Q4_K (kernels/gguf_mma.py), 5-16 rows ------------------------------------
+# Same arithmetic as the dp4a GEMV (x rounded to int8 per 32, integer products, fp32 sums), so the same two
+# references and tolerances.
+
+
+@pytest.mark.parametrize("rows", [40, 22])  # several BLOCK_N tiles, and a partial one
+def test_mma_matches_reference(rows):
+    """5, 9 and 16 rows of x (a partial and a full 16-row tile), plain and SwiGLU."""
+    from shardserve.model_executor.kernels.gguf_dp4a import quantize_activations
+    from shardserve.model_executor.kernels.gguf_mma import MMA_MAX_ROWS, gguf_mma
+
+    blocks, ref, qtype, cols = _dp4a_case("Q4_K", rows, seed=21)
+    x = torch.randn(MMA_MAX_ROWS, cols, generator=torch.Generator().manual_seed(22)).to(torch.bfloat16)
+    for m in (5, 9, MMA_MAX_ROWS):
+        xq, dx, _ = quantize_activations(x[:m].to(DEVICE))
+        xdq = (xq.cpu().float().view(m, -1, 32) * dx.cpu()[..., None]).view(m, cols)
+        got = gguf_mma(x[:m].to(DEVICE), blocks, qtype)
+        assert got.dtype == torch.bfloat16 and got.shape == (m, rows)
+        assert _rel(got, xdq @ ref.T) < TOL_DP4A_EXACT, m
+        assert _rel(got, x[:m].float() @ ref.T) < TOL_DP4A, m
+        fused = gguf_mma(x[:m].to(DEVICE), blocks, qtype, silu_and_mul=True)
+        assert fused.shape == (m, rows // 2)
+        assert _rel(fused, _swiglu(xdq @ ref.T)) < TOL_DP4A_SWIGLU, m
+
+
+def test_mma_routing_and_refusals(monkeypatch):
+    """gguf_linear sends bf16 batches of 5-16 rows of Q4_K to the int8 tensor-core kernel (not the bf16
+    tensor-core tiles); 17 rows, fp32 and Q6_K go to the tiles; the kernel refuses what it cannot take."""
+    from shardserve.model_executor.kernels import gguf_gemv, gguf_mma
+
+    blocks, ref, qtype, cols = _dp4a_case("Q4_K", 24, seed=23)
+    q6, _, q6_type, _ = _dp4a_case("Q6_K", 24, seed=25)
+    x = torch.randn(17, cols, generator=torch.Generator().manual_seed(24)).to(torch.bfloat16).to(DEVICE)
+    calls = []
+    real = gguf_gemv.gguf_matmul
+    monkeypatch.setattr(gguf_gemv, "gguf_matmul", lambda *a, **k: calls.append(a[0].shape[0]) or real(*a, **k))
+    out = torch.zeros(8, 40, dtype=torch.bfloat16, device=DEVICE)
+    gguf_linear(x[:8], blocks, qtype, out=out[:, 8:32])  # an output slice
+    assert _rel(out[:, 8:32], x[:8].float().cpu() @ ref.T) < TOL_DP4A and not out[:, :8].any() and not calls
+    gguf_linear(x, blocks, qtype)
+    gguf_linear(x[:8].float(), blocks, qtype)
+    gguf_linear(x[:6], q6, q6_type)
+    assert calls == [17, 8, 6]
+    assert not gguf_mma.supports(x, blocks, qtype)  # 17 rows
+    assert not gguf_mma.supports(x[:8], q6, q6_type)
+    with pytest.raises(ValueError, match="takes Q4_K"):
+        gguf_mma.gguf_mma(x[:8].float(), blocks, qtype)

@@ -1,8 +1,9 @@
 """``y = x @ W.T`` with ``W`` in GGUF blocks, dequantized inside the kernel.
 
-Three paths, picked by the number of rows ``M`` of ``x`` (:func:`gguf_linear`), after a fourth: Q4_K, Q6_K
-and Q8_0 weights with bf16/fp16 activations of up to ``DP4A_MAX_ROWS`` rows go to the int8 dot-product GEMV
-of ``kernels/gguf_dp4a.py`` (activations rounded to int8 per 32, as llama.cpp's ``mul_mat_vec_q``).
+Three paths, picked by the number of rows ``M`` of ``x`` (:func:`gguf_linear`), after two others for Q4_K, Q6_K
+and Q8_0 weights with bf16/fp16 activations (rounded to int8 per 32, as llama.cpp's ``mul_mat_vec_q``): up to
+``DP4A_MAX_ROWS`` rows the int8 dot-product GEMV of ``kernels/gguf_dp4a.py``, up to ``MMA_MAX_ROWS`` the int8
+tensor-core kernel of ``kernels/gguf_mma.py``.
 
 - ``M <= GEMV_MAX_ROWS`` (decode at 1-2 rows): :func:`gguf_gemv`, CUDA-core FMAs in the layout of
   ``kernels/gemv.py``: each program owns ``BLOCK_N`` weight rows, walks all of K and reads every weight
@@ -47,6 +48,8 @@ from shardserve.model_executor.kernels.gguf_dequant import (
 )
 from shardserve.model_executor.kernels.gguf_dp4a import DP4A_MAX_ROWS, gguf_gemv_dp4a
 from shardserve.model_executor.kernels.gguf_dp4a import supports as dp4a_supports
+from shardserve.model_executor.kernels.gguf_mma import MMA_MAX_ROWS, gguf_mma
+from shardserve.model_executor.kernels.gguf_mma import supports as mma_supports
 from shardserve.model_executor.layers.quantization.gguf_blocks import (
     DEQUANT_MIN_ROWS,
     GEMV_KERNEL_MAX_ROWS,
@@ -381,7 +384,8 @@ def gguf_linear(
     Args:
         x: ``(M, K)`` activations; weight: ``(N, K / block_size * type_size)`` uint8 of type ``qtype``.
         dequant_min_rows: from this many rows, dequantize ``W`` to a scratch buffer and use cuBLAS.
-        Q4_K/Q6_K/Q8_0 with bf16/fp16 ``x`` of at most ``DP4A_MAX_ROWS`` rows take the int8 GEMV.
+        Q4_K/Q6_K/Q8_0 with bf16/fp16 ``x`` of at most ``DP4A_MAX_ROWS`` rows take the int8 GEMV, of at most
+        ``MMA_MAX_ROWS`` the int8 tensor-core kernel.
 
     Returns:
         ``(M, N)`` (``(M, N / 2)`` with ``silu_and_mul``) in ``x``'s dtype.
@@ -389,6 +393,8 @@ def gguf_linear(
     m = x.shape[0]
     if m <= DP4A_MAX_ROWS and dp4a_supports(x, weight, qtype):
         return gguf_gemv_dp4a(x, weight, qtype, silu_and_mul, out)
+    if m <= MMA_MAX_ROWS and mma_supports(x, weight, qtype):
+        return gguf_mma(x, weight, qtype, silu_and_mul, out)
     if m <= GEMV_MAX_ROWS:
         return gguf_gemv(x, weight, qtype, silu_and_mul, out)
     if m < dequant_min_rows:
