@@ -489,10 +489,29 @@ def gguf_gemv_dp4a(
             f"gguf_gemv_dp4a takes Q4_K/Q6_K/Q8_0 weights (4-byte aligned) and 1-{DP4A_MAX_ROWS} bf16/fp16 "
             f"rows, got type {qtype}, x {tuple(x.shape)} {x.dtype}"
         )
+    m, n_out, nb, out, grid = launch_shape(x, weight, _BLOCK_SIZE[qtype], _TYPE_SIZE[qtype], silu_and_mul, out)
+    xq, xd, xs = quantize_activations(x)
+    _KERNELS[qtype][grid](
+        xq, xd, xs, weight, out, m, n_out, nb, weight.stride(0), out.stride(0),
+        PER=_PER[qtype], BLOCK_M=triton.next_power_of_2(m), SILU_MUL=silu_and_mul, ASM=x.is_cuda,
+    )  # fmt: skip
+    return out
+
+
+def launch_shape(x: torch.Tensor, weight: torch.Tensor, block_size: int, type_size: int, silu_and_mul: bool,
+                 out: torch.Tensor | None):  # fmt: skip
+    """The shape checks and output of the int8 kernels (this module's and ``kernels/gguf_mma.py``'s).
+
+    Returns:
+        ``(M, output features, blocks per weight row, out, grid)``; ``grid(meta)`` gives one program per
+        ``BLOCK_N`` weight rows (gate and up rows together with ``silu_and_mul``).
+
+    Raises:
+        ValueError: the weight's bytes do not match ``x``, an odd gate/up weight, or an ``out`` that does not fit.
+    """
     m, k = x.shape
-    bs, ts = _BLOCK_SIZE[qtype], _TYPE_SIZE[qtype]
     n = weight.shape[0]
-    if k % bs or weight.shape[1] != k // bs * ts or x.stride(1) != 1:
+    if k % block_size or weight.shape[1] != k // block_size * type_size or x.stride(1) != 1:
         raise ValueError(f"weight of {tuple(weight.shape)} bytes does not match x of {tuple(x.shape)}")
     if silu_and_mul and n % 2:
         raise ValueError("silu_and_mul needs an even number of weight rows (gate rows, then up rows)")
@@ -501,14 +520,9 @@ def gguf_gemv_dp4a(
         out = torch.empty((m, n_out), dtype=x.dtype, device=x.device)
     elif tuple(out.shape) != (m, n_out) or out.stride(1) != 1:
         raise ValueError(f"out must be ({m}, {n_out}) with a contiguous last dimension, got {tuple(out.shape)}")
-    xq, xd, xs = quantize_activations(x)
     per = 2 if silu_and_mul else 1
 
     def grid(meta):
         return (triton.cdiv(n_out, meta["BLOCK_N"] // per),)
 
-    _KERNELS[qtype][grid](
-        xq, xd, xs, weight, out, m, n_out, k // bs, weight.stride(0), out.stride(0),
-        PER=_PER[qtype], BLOCK_M=triton.next_power_of_2(m), SILU_MUL=silu_and_mul, ASM=x.is_cuda,
-    )  # fmt: skip
-    return out
+    return m, n_out, k // block_size, out, grid

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from shardserve.model_executor.kernels.gemv import gate_up_rows
-from shardserve.model_executor.kernels.gguf_dp4a import _store, quantize_activations
+from shardserve.model_executor.kernels.gguf_dp4a import _store, launch_shape, quantize_activations
 
 MMA_TYPES = {12: "Q4_K"}
 """``ggml_type`` -> name of the types with an int8 tensor-core kernel (see the module docstring for Q6_K)."""
@@ -166,26 +166,9 @@ def gguf_mma(
             f"gguf_mma takes Q4_K weights and 1-{MMA_MAX_ROWS} bf16/fp16 rows, got type {qtype}, "
             f"x {tuple(x.shape)} {x.dtype}"
         )
-    m, k = x.shape
-    bs, ts = _BLOCK_SIZE[qtype], _TYPE_SIZE[qtype]
-    n = weight.shape[0]
-    if weight.shape[1] != k // bs * ts:
-        raise ValueError(f"weight of {tuple(weight.shape)} bytes does not match x of {tuple(x.shape)}")
-    if silu_and_mul and n % 2:
-        raise ValueError("silu_and_mul needs an even number of weight rows (gate rows, then up rows)")
-    n_out = n // 2 if silu_and_mul else n
-    if out is None:
-        out = torch.empty((m, n_out), dtype=x.dtype, device=x.device)
-    elif tuple(out.shape) != (m, n_out) or out.stride(1) != 1:
-        raise ValueError(f"out must be ({m}, {n_out}) with a contiguous last dimension, got {tuple(out.shape)}")
+    m, n_out, nb, out, grid = launch_shape(x, weight, _BLOCK_SIZE[qtype], _TYPE_SIZE[qtype], silu_and_mul, out)
     xq, xd, xs = quantize_activations(x)
-    per = 2 if silu_and_mul else 1
-
-    def grid(meta):
-        return (triton.cdiv(n_out, meta["BLOCK_N"] // per),)
-
     _KERNELS[qtype][grid](
-        xq, xd, xs, weight, out, m, n_out, k // bs, weight.stride(0), out.stride(0),
-        SILU_MUL=silu_and_mul, BLOCK_M=_BLOCK_M,
-    )  # fmt: skip
+        xq, xd, xs, weight, out, m, n_out, nb, weight.stride(0), out.stride(0), SILU_MUL=silu_and_mul, BLOCK_M=_BLOCK_M
+    )
     return out
