@@ -16,6 +16,7 @@ from pathlib import Path
 from shardserve.config import EngineConfig
 from shardserve.engine.block_manager import BlockManager
 from shardserve.engine.grammar import GrammarCoordinator
+from shardserve.engine.heap import freeze_startup_heap, unfreeze_heap
 from shardserve.engine.output_processor import EngineCoreOutput
 from shardserve.engine.request import Request, RequestStatus
 from shardserve.engine.scheduler import Scheduler, SchedulerOutput, TokenEvent
@@ -84,6 +85,7 @@ class LLMEngine:
         self._in_flight: deque[SchedulerOutput] = deque()
         self._held: deque[tuple[SchedulerOutput, Step]] = deque()
         """Scheduled steps not sent yet: they wait for a grammar bitmask (see :meth:`GrammarCoordinator.blocks`)."""
+        freeze_startup_heap()
 
     def _init_kv_cache(self) -> None:
         """Size the KV cache on every rank and start a fresh block pool and scheduler."""
@@ -334,6 +336,7 @@ class LLMEngine:
     def shutdown(self) -> None:
         self.grammar.shutdown()
         self.executor.shutdown()
+        unfreeze_heap()
 
 
 def _format_bytes(per_rank: tuple[int, ...]) -> str:

@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from shardserve.config import EngineConfig
 from shardserve.distributed import parallel_state as ps
+from shardserve.engine.heap import freeze_startup_heap
 from shardserve.executor import messages as m
 from shardserve.executor.channel import RingSpec, WorkerChannel, read_addresses
 from shardserve.executor.rank_info import describe_rank, publish_rank_info
@@ -151,6 +152,7 @@ def worker_main(args: WorkerArgs) -> None:
             store, args.generation, describe_rank(worker.runner, args.rank, ranks_per_node)
         )
         worker.on_status()
+        freeze_startup_heap()  # the model and the rank's tables: out of the cyclic collector's scans
         worker.loop()
     except BaseException as e:
         logger.exception("rank %d failed", args.rank)
