@@ -256,8 +256,10 @@ class LLMEngine:
         self._in_flight.clear()
         self._held.clear()
         self.grammar.reset()
+        unfreeze_heap()  # what the old generation leaves behind must be collectable
         self.executor.restart()
         self._init_kv_cache()
+        freeze_startup_heap()
         for req in waiting:
             req.reset_progress()
             self.scheduler.add_request(req)
