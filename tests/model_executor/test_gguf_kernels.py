@@ -210,22 +210,30 @@ def test_dp4a_quantize_activations_round_trip(name):
 @pytest.mark.parametrize("rows", [8, 6])  # whole tiles, and a partial one (masked rows)
 def test_dp4a_gemv_matches_reference(name, rows):
     """Against the two references above, 1, 3 and 4 rows of x, plain and SwiGLU."""
-    from shardserve.model_executor.kernels.gguf_dp4a import DP4A_MAX_ROWS, gguf_gemv_dp4a, quantize_activations
+    from shardserve.model_executor.kernels.gguf_dp4a import DP4A_MAX_ROWS, gguf_gemv_dp4a
 
     blocks, ref, qtype, cols = _dp4a_case(name, rows, seed=12)
     x = torch.randn(DP4A_MAX_ROWS, cols, generator=torch.Generator().manual_seed(13)).to(torch.bfloat16)
     for m in (1, 3, DP4A_MAX_ROWS):  # 3: a row tile with a masked row
-        xq, dx, _ = quantize_activations(x[:m].to(DEVICE))
-        xdq = (xq.cpu().float().view(m, -1, 32) * dx.cpu()[..., None]).view(m, cols)
-        got = gguf_gemv_dp4a(x[:m].to(DEVICE), blocks, qtype)
-        assert got.dtype == torch.bfloat16 and got.shape == (m, rows)
-        assert _rel(got, xdq @ ref.T) < TOL_DP4A_EXACT, m
-        assert _rel(got, x[:m].float() @ ref.T) < TOL_DP4A, m
-        fused = gguf_gemv_dp4a(x[:m].to(DEVICE), blocks, qtype, silu_and_mul=True)
-        assert fused.shape == (m, rows // 2)
-        assert _rel(fused, _swiglu(xdq @ ref.T)) < TOL_DP4A_SWIGLU, m
-        # the fused epilogue itself: gate, silu, up and the output rounded to bf16 (the interpreter truncates)
-        assert _rel(fused, _swiglu(got.float().cpu())) < 2 * TOL_DP4A_EXACT, m
+        _check_int8_kernel(gguf_gemv_dp4a, blocks, ref, qtype, x[:m])
+
+
+def _check_int8_kernel(fn, blocks, ref, qtype, x):
+    """``fn(x, blocks, qtype)`` (an int8 kernel: dp4a or MMA) against both references, plain and SwiGLU."""
+    from shardserve.model_executor.kernels.gguf_dp4a import quantize_activations
+
+    (m, cols), rows = x.shape, blocks.shape[0]
+    xq, dx, _ = quantize_activations(x.to(DEVICE))
+    xdq = (xq.cpu().float().view(m, -1, 32) * dx.cpu()[..., None]).view(m, cols)
+    got = fn(x.to(DEVICE), blocks, qtype)
+    assert got.dtype == torch.bfloat16 and got.shape == (m, rows)
+    assert _rel(got, xdq @ ref.T) < TOL_DP4A_EXACT, m
+    assert _rel(got, x.float() @ ref.T) < TOL_DP4A, m
+    fused = fn(x.to(DEVICE), blocks, qtype, silu_and_mul=True)
+    assert fused.shape == (m, rows // 2)
+    assert _rel(fused, _swiglu(xdq @ ref.T)) < TOL_DP4A_SWIGLU, m
+    # the fused epilogue itself: gate, silu, up and the output rounded to bf16 (the interpreter truncates)
+    assert _rel(fused, _swiglu(got.float().cpu())) < 2 * TOL_DP4A_EXACT, m
 
 
 def test_dp4a_routing_and_refusals():
@@ -255,21 +263,12 @@ def test_dp4a_routing_and_refusals():
 @pytest.mark.parametrize("rows", [40, 22])  # several BLOCK_N tiles, and a partial one
 def test_mma_matches_reference(rows):
     """5, 9 and 16 rows of x (a partial and a full 16-row tile), plain and SwiGLU."""
-    from shardserve.model_executor.kernels.gguf_dp4a import quantize_activations
     from shardserve.model_executor.kernels.gguf_mma import MMA_MAX_ROWS, gguf_mma
 
     blocks, ref, qtype, cols = _dp4a_case("Q4_K", rows, seed=21)
     x = torch.randn(MMA_MAX_ROWS, cols, generator=torch.Generator().manual_seed(22)).to(torch.bfloat16)
     for m in (5, 9, MMA_MAX_ROWS):
-        xq, dx, _ = quantize_activations(x[:m].to(DEVICE))
-        xdq = (xq.cpu().float().view(m, -1, 32) * dx.cpu()[..., None]).view(m, cols)
-        got = gguf_mma(x[:m].to(DEVICE), blocks, qtype)
-        assert got.dtype == torch.bfloat16 and got.shape == (m, rows)
-        assert _rel(got, xdq @ ref.T) < TOL_DP4A_EXACT, m
-        assert _rel(got, x[:m].float() @ ref.T) < TOL_DP4A, m
-        fused = gguf_mma(x[:m].to(DEVICE), blocks, qtype, silu_and_mul=True)
-        assert fused.shape == (m, rows // 2)
-        assert _rel(fused, _swiglu(xdq @ ref.T)) < TOL_DP4A_SWIGLU, m
+        _check_int8_kernel(gguf_mma, blocks, ref, qtype, x[:m])
 
 
 def test_mma_routing_and_refusals(monkeypatch):
