@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from shardserve.executor.messages import SamplingOptions
+from shardserve.model_executor.device_copy import to_device
 from shardserve.model_executor.logits_processors import LogitsProcessors
 
 _GREEDY_EPS = 1e-5
@@ -118,18 +119,9 @@ class SamplingState:
             return
         rows = np.unique(np.asarray(self._dirty, dtype=np.int64))
         self._dirty = []
-        index = self._h2d(rows)
-        self._floats[index] = self._h2d(self._floats_host[rows])
-        self._ints[index] = self._h2d(self._ints_host[rows])
-
-    def _h2d(self, array: np.ndarray) -> torch.Tensor:
-        """A host array on the sampler's device without waiting for the device: on CUDA through pinned
-        memory with a non-blocking copy (a copy from pageable memory, or a blocking one, synchronizes the
-        stream, so the host would wait for the step's forward on every step that has such rows)."""
-        host = torch.from_numpy(np.ascontiguousarray(array))
-        if self.device.type != "cuda":
-            return host
-        return host.pin_memory().to(self.device, non_blocking=True)
+        index = to_device(rows, self.device)
+        self._floats[index] = to_device(self._floats_host[rows], self.device)
+        self._ints[index] = to_device(self._ints_host[rows], self.device)
 
     def _reset_penalty_row(self, row: int, prompt: np.ndarray, output: np.ndarray) -> None:
         if self.output_counts is None:
@@ -137,8 +129,8 @@ class SamplingState:
             self.output_counts = torch.zeros(shape, dtype=torch.int32, device=self.device)
             self.prompt_mask = torch.zeros(shape, dtype=torch.bool, device=self.device)
         v = self.vocab_size
-        prompt_ids = self._h2d(prompt[(prompt >= 0) & (prompt < v)].astype(np.int64))
-        output_ids = self._h2d(output[(output >= 0) & (output < v)].astype(np.int64))
+        prompt_ids = to_device(prompt[(prompt >= 0) & (prompt < v)].astype(np.int64), self.device)
+        output_ids = to_device(output[(output >= 0) & (output < v)].astype(np.int64), self.device)
         self.prompt_mask[row].zero_()
         self.prompt_mask[row, prompt_ids] = True
         self.output_counts[row] = torch.bincount(output_ids, minlength=v)[:v].to(torch.int32)
@@ -174,7 +166,8 @@ class SamplingState:
         greedy = self.greedy[rows]
         penalized = self.penalized[rows]
         if penalized.any():
-            self._apply_penalties(logits, self._h2d(np.flatnonzero(penalized)), rows_device[self._h2d(penalized)])
+            idx = to_device(np.flatnonzero(penalized), self.device)
+            self._apply_penalties(logits, idx, rows_device[to_device(penalized, self.device)])
         argmax = logits.argmax(dim=-1)
         if greedy.all():
             tokens = argmax
@@ -186,10 +179,10 @@ class SamplingState:
             noise = torch.empty_like(probs).exponential_(1.0)
             seeded = self.seeded[rows]
             if seeded.any():
-                idx = self._h2d(np.flatnonzero(seeded))
+                idx = to_device(np.flatnonzero(seeded), self.device)
                 noise[idx] = -torch.log(hash_uniform(self.seed[rows_device[idx]], positions[idx], probs.shape[-1]))
             drawn = torch.argmax(probs / noise, dim=-1)
-            tokens = drawn if not greedy.any() else torch.where(self._h2d(greedy), argmax, drawn)
+            tokens = drawn if not greedy.any() else torch.where(to_device(greedy, self.device), argmax, drawn)
         if penalized.any():
             self.output_counts.index_put_((rows_device, tokens), torch.ones_like(tokens, dtype=torch.int32),
                                           accumulate=True)  # fmt: skip

@@ -16,9 +16,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import xgrammar as xgr
 
+from shardserve.model_executor.device_copy import to_device
 from shardserve.structured_output.spec import InvalidStructuredOutputError, StructuredOutputSpec, xgrammar_message
 
 logger = logging.getLogger(__name__)
@@ -375,7 +377,7 @@ def apply_bitmask(
             return
         indices = list(rows)
         if logits.is_cuda:  # a list becomes a pageable host tensor in xgrammar: copy it from pinned memory
-            indices = torch.tensor(indices, dtype=torch.int32).pin_memory().to(logits.device, non_blocking=True)
+            indices = to_device(np.asarray(indices, dtype=np.int32), logits.device)
     mask = bitmask if bitmask.device == logits.device else bitmask.to(logits.device, non_blocking=True)
     covered = mask.shape[-1] * 32
     xgr.apply_token_bitmask_inplace(logits, mask, vocab_size=min(covered, logits.shape[-1]), indices=indices)
