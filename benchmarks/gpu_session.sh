@@ -1,6 +1,6 @@
 #!/bin/bash
 # One GPU session's runs on nvidia-h200 (one H200), in stages that each fit one device call:
-#   OUT=/tmp/out bash benchmarks/gpu_session.sh check|host|serve|kernels|final|quant|quant2|quant70
+#   OUT=/tmp/out bash benchmarks/gpu_session.sh check|host|serve|kernels|final|sweep|sweep2|final2|probe|quant|quant2|quant70
 # check: CUDA kernel tests, fp32 equivalence with transformers, bench_gpu (8B bf16 batch-1 + offline)
 # host:  offline profile (GPU idle share), host ms per step on the GPU beside the baseline commit
 # serve: a live server under `shardserve bench serve` (400 prompts, 1024 in / 128 out, rate inf)
@@ -10,6 +10,9 @@
 #   vLLM's H200 offline defaults (1024 seqs, 16384 tokens per step)
 # host16: host ms per step on the GPU and on the CPU (in process, TP=8) beside the baseline, the offline profile,
 #   decode attention at the offline batch against the KV bytes it reads (a sweep of the kernel's tiling)
+# sweep: the int8 GEMV's CUDA tests and every tiling of it on the 8B shapes (benchmarks/sweep_dp4a.py)
+# sweep2: the same, both thread layouts at four tilings; final2: 8B Q4_K_M batch-1 decode beside bf16
+# probe: the head's phases on the GPU, host ms per step beside the baseline, the 8B Q4_K_M decode step per kernel
 # quant/quant2/quant70: GGUF and FP8 CUDA tests, 8B GGUF decode beside bf16, the embedded GGUF kept quantized,
 #   FP8 weights and FP8 KV beside bf16, 70B Q4_K_M on one H200 (the embedded GGUF travels in two halves, .gguf/a|b)
 # Wheels for what the device lacks lie in .whl/ (carried); the baseline commit's tree in .baseline/.
@@ -94,6 +97,25 @@ final)
       --part-timeout 200 --json-out "$OUT/quant_8b.json"
   run timeout 100 python3 benchmarks/bench_quant.py --skip-70b --parts hw,kernels --no-kernel-prefill --kernel-types Q4_K \
       --kernel-paths dp4a --dp4a-rows 1 --json-out "$OUT/kernels_q4k.json"
+  ;;
+sweep)
+  run timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/model_executor/test_gguf_kernels.py -k "dp4a"
+  run timeout 380 python3 benchmarks/sweep_dp4a.py
+  ;;
+sweep2)
+  run timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/model_executor/test_gguf_kernels.py -k "dp4a"
+  run timeout 330 python3 benchmarks/sweep_dp4a.py --both-layouts --tilings 16x8x4,8x16x4,32x16x16,128x1x4 \
+      --shapes qkv,o,gate_up,down,v,lm_head
+  ;;
+final2)
+  run timeout 480 python3 benchmarks/bench_quant.py --skip-70b --parts hw,bf16,gguf --recipes Q4_K_M \
+      --no-prefill-paths --part-timeout 330 --json-out "$OUT/quant_8b.json"
+  ;;
+probe)
+  run timeout 120 python3 benchmarks/profile_host.py --device cuda --batches 1 256 --top 25
+  run timeout 150 python3 benchmarks/bench_host_overhead.py --device cuda --layouts 1x1 --batches 1 256 \
+      --baseline .baseline --steps 60 --json-out "$OUT/host_gpu.json"
+  run timeout 280 python3 benchmarks/profile_decode.py --model Llama-3.1-8B --gguf Q4_K_M --reps 10
   ;;
 quant70)
   df -h /tmp | tail -1; free -g | head -2

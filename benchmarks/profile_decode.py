@@ -1,9 +1,10 @@
 """Where a batch-1 decode step's GPU time goes: per-kernel profile and the matmuls against copy bandwidth.
 
-    python benchmarks/profile_decode.py --model Llama-3.1-8B [--context 384] [--batch-size 1]
+    python benchmarks/profile_decode.py --model Llama-3.1-8B [--context 384] [--batch-size 1] [--gguf Q4_K_M]
 
-Builds the engine on random bf16 weights of the real shape, fills the captured decode graph's static
-buffers with a request of ``--context`` tokens, and:
+Builds the engine on random bf16 weights of the real shape (with ``--gguf RECIPE``: a GGUF file of that
+llama.cpp recipe's tensor types, random blocks, weights kept quantized; only the per-kernel profile),
+fills the captured decode graph's static buffers with a request of ``--context`` tokens, and:
 - profiles graph replays with ``torch.profiler`` (CUDA activity), printing each kernel's mean time per
   step and its share of the step;
 - times each linear layer's matmul alone at the decode batch (``F.linear``, CUDA events) and prints the
@@ -118,6 +119,7 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=384)
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--gguf", default=None, metavar="RECIPE", help="profile a GGUF file of this recipe (Q4_K_M, ...)")
     ap.add_argument(
         "--offline",
         type=int,
@@ -138,14 +140,20 @@ def main() -> None:
 
     from shardserve import LLM, SamplingParams
 
-    model_dir = write_model_dir(args.model, Path(tempfile.mkdtemp()) / args.model)
-    llm = LLM(
-        str(model_dir),
-        load_format="dummy",
-        dtype="bfloat16",
-        max_model_len=8192,
-        max_num_seqs=64,
-    )
+    if args.gguf:
+        from gguf_models import write_llama_gguf
+
+        from shardserve.tools.known_models import find_known_model
+
+        path = Path(tempfile.mkdtemp()) / f"{args.model}.{args.gguf}.gguf"
+        written = write_llama_gguf(path, find_known_model(args.model).hf_config, args.gguf, log=lambda m: None)
+        print(f"== wrote {args.model} {args.gguf}: {written['file_bytes'] / 1e9:.2f} GB in {written['seconds']:.0f} s")
+        t0 = time.perf_counter()
+        llm = LLM(str(path), dtype="bfloat16", max_model_len=8192, max_num_seqs=args.batch_size)
+        print(f"== loaded in {time.perf_counter() - t0:.0f} s")
+    else:
+        model_dir = write_model_dir(args.model, Path(tempfile.mkdtemp()) / args.model)
+        llm = LLM(str(model_dir), load_format="dummy", dtype="bfloat16", max_model_len=8192, max_num_seqs=64)
     llm.generate([[5] * 16], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
     runner = llm.engine.executor.runner
     graphs = runner.graphs
@@ -166,6 +174,9 @@ def main() -> None:
     print(f"{'us/step':>9} {'share':>6} {'n':>4}  kernel")
     for name, us, n in rows[:25]:
         print(f"{us:9.1f} {us / profiled:6.1%} {n:4d}  {name[:110]}")
+    if args.gguf:
+        llm.shutdown()
+        return
 
     copy_bw = copy_bandwidth()
     print(f"== matmuls alone at batch {bs} (copy bandwidth {copy_bw / 1e9:.0f} GB/s)")

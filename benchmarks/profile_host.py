@@ -28,6 +28,7 @@ def run(device: str, batch: int, steps: int, top: int) -> None:
 
     import shardserve.engine.scheduler as sched_mod
     from shardserve import LLM, SamplingParams
+    from shardserve.sampling_params import RequestOutputKind
 
     model_dir = write_model_dir("tiny", Path(tempfile.mkdtemp()) / "tiny-64", hf_config=SHAPE)
     max_model_len = PROMPT_LEN + 2 * steps + 64
@@ -63,7 +64,8 @@ def run(device: str, batch: int, steps: int, top: int) -> None:
     wrap(engine.executor, "submit", "submit")
     wrap(engine.executor, "collect", "collect")
     wrap(processor, "process", "outputs")
-    params = SamplingParams(temperature=0.0, max_tokens=2 * steps + 16, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=2 * steps + 16, ignore_eos=True,
+                            output_kind=RequestOutputKind.FINAL_ONLY)  # as LLM.generate and the benchmark
     for i in range(batch):
         (req,) = engine.make_requests(f"r{i}", [3 + (i * 7 + j) % 500 for j in range(PROMPT_LEN)], params)
         processor.add_request(req.request_id, None, req.prompt_token_ids, req.params, req.arrival_time)

@@ -5,8 +5,8 @@ the rank keeps, on the host, the token ids it was given (prompt, plus outputs re
 preemption), how many tokens are in the KV cache, how many tokens the request has, and its block-table
 row; on the device, the block-table row and the request's last token. A step applies its diff (freed
 rows, new rows, appended blocks, scheduled token counts) and builds the step's inputs with vectorised
-numpy over the scheduled rows, copied to the device in one transfer; nothing is rebuilt from Python
-lists, and the host never waits for the device.
+numpy over the scheduled rows, copied to the device in two non-blocking transfers from pinned memory;
+nothing is rebuilt from Python lists, and the host never waits for the device.
 
 Tokens sampled after a request was added exist on the device only (``last_token``): a decode's input is
 its row's last token, written on the device by the sampler (output rank) or by the token broadcast
@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from shardserve.executor.messages import MalformedMessageError, NewRequest, Step, as_i32
+from shardserve.model_executor.device_copy import to_device
 from shardserve.model_executor.layers.attention import AttentionMetadata
 
 
@@ -185,8 +186,8 @@ class InputBatch:
         block_vals = self.block_table[new_block_rows, new_block_cols].astype(np.int64)
         pieces = [ids, positions, slots, sample_idx, sample_rows, seq_lens[sample], device_tokens, device_rows, rows,
                   new_block_rows, new_block_cols, block_vals, new_last[:, 0], new_last[:, 1]]  # fmt: skip
-        longs_d = torch.from_numpy(np.concatenate(pieces)).to(self.device, non_blocking=True)
-        ints_d = torch.from_numpy(np.concatenate([qsl, seq_lens]).astype(np.int32)).to(self.device, non_blocking=True)
+        longs_d = to_device(np.concatenate(pieces), self.device)
+        ints_d = to_device(np.concatenate([qsl, seq_lens]).astype(np.int32), self.device)
         parts = torch.split(longs_d, [len(p) for p in pieces])
         ids_d, pos_d, slots_d, sidx_d, srows_d, spos_d, dtok_d, drows_d, rows_d, brow_d, bcol_d, bval_d = parts[:12]
         if len(new_block_rows):

@@ -182,10 +182,10 @@ TOL_DP4A_SWIGLU = 3e-2  # gate and up each within TOL_DP4A_EXACT of their max, r
 TOL_DP4A = 3e-2
 
 
-def _dp4a_case(name: str, rows: int, seed: int):
+def _dp4a_case(name: str, rows: int, seed: int, cols: int | None = None):
     """Like ``_case``, with rows long enough for a whole thread unit (a block pair for Q6_K and Q8_0)."""
     t = block_type(name)
-    cols = 512 if t.block_size == 256 else 192
+    cols = cols or (512 if t.block_size == 256 else 192)
     raw = random_blocks(np.random.default_rng(seed), rows, cols, name, scale=(1e-4, 1e-3))
     ref = torch.from_numpy(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[name]).copy())
     return torch.from_numpy(raw).to(DEVICE), ref, t.type_id, cols
@@ -216,6 +216,25 @@ def test_dp4a_gemv_matches_reference(name, rows):
     x = torch.randn(DP4A_MAX_ROWS, cols, generator=torch.Generator().manual_seed(13)).to(torch.bfloat16)
     for m in (1, 3, DP4A_MAX_ROWS):  # 3: a row tile with a masked row
         _check_int8_kernel(gguf_gemv_dp4a, blocks, ref, qtype, x[:m])
+
+
+@pytest.mark.parametrize("name", DP4A_NAMES)
+@pytest.mark.parametrize("rows_fast", [False, True])
+def test_dp4a_gemv_both_thread_layouts(name, rows_fast):
+    """Each type's kernel in either thread layout (weight rows or blocks fastest across a warp's threads,
+    whichever the type does not use by default too), with a partial row tile, against both references.
+    Rows of 4 Q6_K blocks: its 8-byte-aligned unit of 4 blocks (the other tests have pairs)."""
+    from shardserve.model_executor.kernels.gguf_dp4a import _unit, gguf_gemv_dp4a
+
+    blocks, ref, qtype, cols = _dp4a_case(name, 6, seed=17, cols=1024 if name == "Q6_K" else None)
+    assert name != "Q6_K" or _unit(qtype, cols // 256) == 4
+    x = torch.randn(2, cols, generator=torch.Generator().manual_seed(18)).to(torch.bfloat16)
+    config = (4, 2, 1, rows_fast) if DEVICE == "cpu" else (4, 32, 4, rows_fast)
+
+    def fn(x_, w_, q_, silu_and_mul=False):
+        return gguf_gemv_dp4a(x_, w_, q_, silu_and_mul, config=config)
+
+    _check_int8_kernel(fn, blocks, ref, qtype, x)
 
 
 def _check_int8_kernel(fn, blocks, ref, qtype, x):

@@ -25,6 +25,8 @@ activations; fp32 activations and the other types use the exact FMA GEMV. Q6_K (
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -40,7 +42,13 @@ x words per 64 weights to a thread's registers)."""
 _TYPE_SIZE = {12: 144, 14: 210, 8: 34}
 _BLOCK_SIZE = {12: 256, 14: 256, 8: 32}
 _PER = {12: 1, 14: 2, 8: 2}
-"""Blocks per thread: Q6_K and Q8_0 blocks are read in pairs, which are 4-byte aligned."""
+"""Blocks per thread at least: Q6_K and Q8_0 blocks are read in pairs, which are 4-byte aligned (Q6_K in
+fours, 8-byte aligned, where the row's blocks divide by 4: :func:`_unit`)."""
+
+
+def _unit(qtype: int, nb: int) -> int:
+    """Blocks per thread for a row of ``nb`` blocks."""
+    return 4 if qtype == 14 and nb % 4 == 0 else _PER[qtype]
 
 
 def supports(x: torch.Tensor, weight: torch.Tensor, qtype: int) -> bool:
@@ -108,10 +116,14 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
 
 # -- shared pieces -------------------------------------------------------------------------------------
 # Layout: every tensor of a program is (BLOCK_M, BLOCK_N, NBT) (x row, weight row, block or block pair),
-# sometimes with a trailing 4 for a 16-byte vector; Triton's blocked layout then gives each thread whole
-# blocks (the configs have BLOCK_N * NBT = 32 * num_warps), so the sums over a block's words stay in one
-# thread (dp4a chains, no shuffles) and a block's scales are decoded once, in the thread that uses them.
-# x pointers carry the full shape with a zero stride along BLOCK_N for the same reason.
+# or with ROWS_FAST (BLOCK_M, NBT, BLOCK_N), sometimes with a trailing 4 for a 16-byte vector; Triton's
+# blocked layout then gives each thread whole blocks (the configs have BLOCK_N * NBT = 32 * num_warps), so
+# the sums over a block's words stay in one thread (dp4a chains, no shuffles) and a block's scales are
+# decoded once, in the thread that uses them. The last axis varies fastest across the threads of a warp:
+# by default a warp reads consecutive blocks of a few rows (contiguous weight bytes); with ROWS_FAST the
+# same block of 32 rows, so its x loads all read one address. Q4_K (16-byte weight loads) is faster the
+# first way, Q8_0 (4-byte loads, more x per weight byte) the second (``benchmarks/sweep_dp4a.py``). x
+# pointers carry the full shape with a zero stride along BLOCK_N to get the same layout.
 
 M4 = tl.constexpr(0x0F0F0F0F)
 M2 = tl.constexpr(0x03030303)
@@ -206,43 +218,83 @@ def _even(a: dict) -> bool:
     return a["N"] % (a["BLOCK_N"] // per) == 0 and a["NB"] % (a["NBT"] * a["PER"]) == 0
 
 
-def _prune(configs, named_args, **kwargs):
-    """Under the interpreter one small config; on the GPU drop tiles much deeper than the row."""
-    if not named_args["W"].is_cuda:
-        return [triton.Config({"BLOCK_N": 4, "NBT": 2}, num_warps=1)]
-    units = named_args["NB"] // kwargs["PER"]
-    keep = [c for c in configs if c.kwargs["NBT"] <= triton.next_power_of_2(units)]
-    return keep or configs[-1:]
+_THREADS_PER_SM = 1536
+"""Threads per SM a launch aims for (of an H100/H200 SM's 2048): with it :func:`tiling` picks, on every
+Llama-3.1-8B shape timed on an H200 (``benchmarks/sweep_dp4a.py``), the fastest tiling or one within 0.03
+of copy bandwidth of it."""
 
 
-# BLOCK_N * NBT = 32 * num_warps: one block (Q4_K) or block pair (Q6_K, Q8_0) per thread.
-_CONFIGS = [
-    triton.Config({"BLOCK_N": bn, "NBT": nbt}, num_warps=w) for bn, nbt, w in ((16, 8, 4), (32, 4, 4), (8, 8, 2))
-]
-_KEY = ["N", "NB", "BLOCK_M", "SILU_MUL"]
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _autotuned(fn):
-    return triton.autotune(configs=_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune})(
-        triton.heuristics({"EVEN": _even})(fn)
-    )
+def tiling(rows: int, units: int, num_sms: int) -> tuple[int, int, int]:
+    """``(BLOCK_N, NBT, num_warps)`` for a weight of ``rows`` rows (gate and up rows both counted) of
+    ``units`` thread units each (blocks, or block pairs / fours: :func:`_unit`).
+
+    A launch has ``rows * NBT`` threads, one unit each, whatever ``BLOCK_N`` (``BLOCK_N * NBT`` = 128: 4
+    warps), so ``NBT`` is what fills the GPU: the smallest power of two that gives every SM about
+    :data:`_THREADS_PER_SM` threads, at most 16 and at most the row's units. A fixed rule instead of
+    autotuning: the fastest tiling differs little between similar shapes, and autotuning compiled and
+    timed every candidate for every shape and batch size at load (minutes for a GGUF model). Measured on
+    an H200 at one row, cold weights, in fractions of copy bandwidth: (8, 16, 4) for the 4096- and
+    6144-row weights (Q4_K 0.28-0.40, where the tilings autotuned before reached 0.25-0.33; Q8_0
+    0.43-0.61); (32, 4, 4) for the 57k-row gate/up weight (Q4_K 0.47-0.49); (128, 1, 4) for the 128k-row LM
+    head (Q6_K 0.41, the other tilings 0.22-0.27).
+    """
+    want = max(1, num_sms * _THREADS_PER_SM // max(rows, 1))
+    nbt = min(16, triton.next_power_of_2(units), triton.next_power_of_2(want))
+    return 128 // nbt, nbt, 4
+
+
+def _jit(fn):
+    return triton.heuristics({"EVEN": _even})(triton.jit(fn))
 
 
 @triton.jit
 def _program(W, XQ, N, stride_wn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NBT: tl.constexpr,
-             SILU_MUL: tl.constexpr):  # fmt: skip
+             SILU_MUL: tl.constexpr, ROWS_FAST: tl.constexpr):  # fmt: skip
     """What every kernel below starts from: the weight and x as int32 words, ``(BLOCK_M, 1, 1)`` x rows,
     ``(1, 1, NBT)`` block (or pair) offsets, a ``(1, BLOCK_N, 1)`` zero (to give x pointers the full shape),
-    the ``(1, BLOCK_N, 1)`` first word of each weight row and which rows exist (``gate_up_rows``)."""
+    the ``(1, BLOCK_N, 1)`` first word of each weight row and which rows exist (``gate_up_rows``); with
+    ROWS_FAST the last two axes swapped."""
     feature, rows = gate_up_rows(BLOCK_N, N, SILU_MUL)
     W32 = W.to(tl.pointer_type(tl.int32))
     XQ32 = XQ.to(tl.pointer_type(tl.int32))
     mi = tl.arange(0, BLOCK_M)[:, None, None]
-    bi = tl.arange(0, NBT)[None, None, :]
-    zn = tl.arange(0, BLOCK_N)[None, :, None] * 0
-    wrow = (rows.to(tl.int64) * (stride_wn // 4))[None, :, None]
-    n_ok = (feature < N)[None, :, None]
+    wrow = rows.to(tl.int64) * (stride_wn // 4)
+    if ROWS_FAST:
+        bi = tl.arange(0, NBT)[None, :, None]
+        zn = tl.arange(0, BLOCK_N)[None, None, :] * 0
+        wrow = wrow[None, None, :]
+        n_ok = (feature < N)[None, None, :]
+    else:
+        bi = tl.arange(0, NBT)[None, None, :]
+        zn = tl.arange(0, BLOCK_N)[None, :, None] * 0
+        wrow = wrow[None, :, None]
+        n_ok = (feature < N)[None, :, None]
     return W32, XQ32, mi, bi, zn, wrow, n_ok
+
+
+@triton.jit
+def _zero_acc(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NBT: tl.constexpr, ROWS_FAST: tl.constexpr):
+    """The fp32 accumulator in the program's layout."""
+    if ROWS_FAST:
+        acc = tl.zeros([BLOCK_M, NBT, BLOCK_N], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N, NBT], dtype=tl.float32)
+    return acc
+
+
+@triton.jit
+def _row_sums(acc, ROWS_FAST: tl.constexpr):
+    """``(BLOCK_M, BLOCK_N)``: the accumulator summed over its blocks."""
+    if ROWS_FAST:
+        y = tl.sum(acc, axis=1)
+    else:
+        y = tl.sum(acc, axis=2)
+    return y
 
 
 # -- Q4_K ----------------------------------------------------------------------------------------------
@@ -260,20 +312,19 @@ def _q4_k_scale_min(h1, h2, h3, j: tl.constexpr):
     return _i2f(sc), _i2f(mn)
 
 
-@_autotuned
-@triton.jit
+@_jit
 def _q4_k_kernel(
     XQ, XD, XS, W, Y, M, N, NB, stride_wn, stride_ym,
-    PER: tl.constexpr, BLOCK_M: tl.constexpr, SILU_MUL: tl.constexpr, ASM: tl.constexpr,
+    PER: tl.constexpr, BLOCK_M: tl.constexpr, SILU_MUL: tl.constexpr, ASM: tl.constexpr, ROWS_FAST: tl.constexpr,
     BLOCK_N: tl.constexpr, NBT: tl.constexpr, EVEN: tl.constexpr,
 ):  # fmt: skip
     # Block (144 B = 36 words): d, dmin (fp16), scales[12], qs[128]. qs word t = 8c + 4v + w (chunk c of 64
     # elements): its low nibbles are elements 4(4v + w)..+3 of sub-block 2c, its high nibbles the same of
     # sub-block 2c + 1 (gguf Q4_K.dequantize_blocks), i.e. x words 64 b + 16 c + 4 v + w and that + 8.
-    W32, XQ32, mi, bi, zn, wrow, n_ok = _program(W, XQ, N, stride_wn, BLOCK_M, BLOCK_N, NBT, SILU_MUL)
+    W32, XQ32, mi, bi, zn, wrow, n_ok = _program(W, XQ, N, stride_wn, BLOCK_M, BLOCK_N, NBT, SILU_MUL, ROWS_FAST)
     K = NB * 256
     vec = tl.arange(0, 4)[None, None, None, :]
-    acc = tl.zeros([BLOCK_M, BLOCK_N, NBT], dtype=tl.float32)
+    acc = _zero_acc(BLOCK_M, BLOCK_N, NBT, ROWS_FAST)
     for b0 in range(0, NB, NBT):
         blk = b0 + bi
         wmask = n_ok & (blk < NB)
@@ -319,100 +370,151 @@ def _q4_k_kernel(
             )
             acc += d * (sc_lo * dx_lo * s_lo.to(tl.float32) + sc_hi * dx_hi * s_hi.to(tl.float32))
             acc -= dmin * (mn_lo * (e0 + e1) + mn_hi * (e2 + e3))
-    _store(Y, tl.sum(acc, axis=2), M, N, stride_ym, BLOCK_M, BLOCK_N, SILU_MUL)
+    _store(Y, _row_sums(acc, ROWS_FAST), M, N, stride_ym, BLOCK_M, BLOCK_N, SILU_MUL)
 
 
 # -- Q6_K ----------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _q6_k_word(wp, k: tl.constexpr, mask, EVEN: tl.constexpr, SHIFTED: tl.constexpr):
-    """Word ``k`` (bytes 4k..4k+3) of a Q6_K block at word pointer ``wp``, or, SHIFTED, of the block that
-    starts 2 bytes into ``wp`` (the second block of an aligned pair)."""
-    if SHIFTED:
-        return _funnel16(_ld(wp + k, mask, EVEN), _ld(wp + k + 1, mask, EVEN))
-    return _ld(wp + k, mask, EVEN)
+def _vec4(p, mask):
+    """The four values at ``p .. p + 3`` (16-byte aligned), 0 where ``mask`` is false: one 16-byte load."""
+    return _split4(tl.load(p[:, :, :, None] + tl.arange(0, 4)[None, None, None, :], mask=mask[:, :, :, None], other=0))
 
 
 @triton.jit
-def _q6_k_block(acc, wp, mask, xp, gd, gs, xmask, XD, XS, EVEN: tl.constexpr, SHIFTED: tl.constexpr, ASM: tl.constexpr):
-    """``acc`` plus one Q6_K block (210 B: ql[128], qh[64], scales[16] int8, d) times its 256 x values.
+def _ld2(p, mask, EVEN: tl.constexpr):
+    """The two int32 at ``p`` and ``p + 1`` (8-byte aligned): one 8-byte load."""
+    v = _ld(p[:, :, :, None] + tl.arange(0, 2)[None, None, None, :], mask[:, :, :, None], EVEN)
+    return tl.split(v)
+
+
+@triton.jit
+def _q6_k_word(wp, o: tl.constexpr, mask, EVEN: tl.constexpr, WIDE: tl.constexpr):
+    """The int32 at byte ``o`` (even) of a thread's unit of blocks at int32 pointer ``wp``. WIDE: the unit
+    is 8-byte aligned and read as 8-byte words (half the loads, so half the L1 requests: every thread of
+    a warp reads a different line, and the requests are what limits this kernel); else word by word."""
+    if WIDE:
+        lo, hi = _ld2(wp + 2 * (o // 8), mask, EVEN)
+        if o % 8 == 0:
+            word = lo
+        elif o % 8 == 2:
+            word = _funnel16(lo, hi)
+        elif o % 8 == 4:
+            word = hi
+        else:
+            nxt, _ = _ld2(wp + 2 * (o // 8) + 2, mask, EVEN)
+            word = _funnel16(hi, nxt)
+    else:
+        if o % 4 == 0:
+            word = _ld(wp + o // 4, mask, EVEN)
+        else:
+            word = _funnel16(_ld(wp + o // 4, mask, EVEN), _ld(wp + o // 4 + 1, mask, EVEN))
+    return word
+
+
+@triton.jit
+def _q6_k_block(acc, wp, mask, xp, gd, gs, xmask, XD, XS, EVEN: tl.constexpr, OFF: tl.constexpr,
+                WIDE: tl.constexpr, ASM: tl.constexpr):  # fmt: skip
+    """``acc`` plus one Q6_K block (210 B: ql[128], qh[64], scales[16] int8, d) at byte ``OFF`` of the
+    thread's unit at ``wp``, times its 256 x values.
 
     Element e = 128 h + 32 t + 4 w + i (half h, quarter t, word w, byte i): low 4 bits in ql word
     16 h + 8 (t % 2) + w, nibble t // 2; high 2 bits in qh word 32 + 8 h + w, bits 2 t of each byte;
     w = d sc[e // 16] (q - 32) (gguf Q6_K.dequantize_blocks). x word e / 4 = 32 h + 8 t + w.
     """
-    d = _half(_q6_k_word(wp, 52, mask, EVEN, SHIFTED), False)
+    d = _half(_q6_k_word(wp, OFF + 208, mask, EVEN, WIDE), False)
     for h in tl.static_range(2):
+        # dx of x groups 4h .. 4h + 3 and dx * sum(xq) of its 16-element halves 8h .. 8h + 7, as vectors
+        dx0, dx1, dx2, dx3 = _vec4(XD + gd + 4 * h, xmask)
+        e0, e1, e2, e3 = _vec4(XS + gs + 8 * h, xmask)
+        e4, e5, e6, e7 = _vec4(XS + gs + 8 * h + 4, xmask)
         for t2 in tl.static_range(2):
             for wq in tl.static_range(2):
+                xo = 32 * h + 8 * t2 + 4 * wq
+                l0, l1, l2, l3 = _vec4(xp + xo, xmask)
+                u0, u1, u2, u3 = _vec4(xp + xo + 16, xmask)
                 s_lo = None  # sub-block 8h + 2 t2 + wq (quarter t2)
                 s_hi = None  # sub-block 8h + 2 t2 + 4 + wq (quarter t2 + 2)
                 for w4 in tl.static_range(4):
                     w = 4 * wq + w4
-                    ql = _q6_k_word(wp, 16 * h + 8 * t2 + w, mask, EVEN, SHIFTED)
-                    qh = _q6_k_word(wp, 32 + 8 * h + w, mask, EVEN, SHIFTED)
+                    ql = _q6_k_word(wp, OFF + 4 * (16 * h + 8 * t2 + w), mask, EVEN, WIDE)
+                    qh = _q6_k_word(wp, OFF + 4 * (32 + 8 * h + w), mask, EVEN, WIDE)
                     q_lo = (ql & M4) | (((qh >> (2 * t2)) & M2) << 4)
                     q_hi = ((ql >> 4) & M4) | (((qh >> (2 * t2 + 4)) & M2) << 4)
-                    xo = 32 * h + 8 * t2 + w
-                    s_lo = _dp4a(q_lo, tl.load(xp + xo, mask=xmask, other=0), s_lo, False, ASM)
-                    s_hi = _dp4a(q_hi, tl.load(xp + xo + 16, mask=xmask, other=0), s_hi, False, ASM)
+                    if w4 == 0:
+                        xl, xh = l0, u0
+                    elif w4 == 1:
+                        xl, xh = l1, u1
+                    elif w4 == 2:
+                        xl, xh = l2, u2
+                    else:
+                        xl, xh = l3, u3
+                    s_lo = _dp4a(q_lo, xl, s_lo, False, ASM)
+                    s_hi = _dp4a(q_hi, xh, s_hi, False, ASM)
                 j = 8 * h + 2 * t2 + wq
-                sw_lo = _q6_k_word(wp, 48 + j // 4, mask, EVEN, SHIFTED)
-                sw_hi = _q6_k_word(wp, 48 + (j + 4) // 4, mask, EVEN, SHIFTED)
+                sw_lo = _q6_k_word(wp, OFF + 4 * (48 + j // 4), mask, EVEN, WIDE)
+                sw_hi = _q6_k_word(wp, OFF + 4 * (48 + (j + 4) // 4), mask, EVEN, WIDE)
                 sc_lo = _i2f((sw_lo << (24 - 8 * (j % 4))) >> 24, 128)
                 sc_hi = _i2f((sw_hi << (24 - 8 * ((j + 4) % 4))) >> 24, 128)
-                dx_lo = tl.load(XD + gd + j // 2, mask=xmask, other=0.0)
-                dx_hi = tl.load(XD + gd + (j + 4) // 2, mask=xmask, other=0.0)
-                xs_lo = tl.load(XS + gs + j, mask=xmask, other=0.0)
-                xs_hi = tl.load(XS + gs + j + 4, mask=xmask, other=0.0)
+                if t2 == 0:  # dx: groups 4h + t2 and 4h + t2 + 2
+                    dx_lo, dx_hi = dx0, dx2
+                else:
+                    dx_lo, dx_hi = dx1, dx3
+                if 2 * t2 + wq == 0:  # xs: halves 8h + 2 t2 + wq and that + 4
+                    xs_lo, xs_hi = e0, e4
+                elif 2 * t2 + wq == 1:
+                    xs_lo, xs_hi = e1, e5
+                elif 2 * t2 + wq == 2:
+                    xs_lo, xs_hi = e2, e6
+                else:
+                    xs_lo, xs_hi = e3, e7
                 acc += d * (sc_lo * (dx_lo * s_lo.to(tl.float32) - 32.0 * xs_lo))
                 acc += d * (sc_hi * (dx_hi * s_hi.to(tl.float32) - 32.0 * xs_hi))
     return acc
 
 
-@_autotuned
-@triton.jit
+@_jit
 def _q6_k_kernel(
     XQ, XD, XS, W, Y, M, N, NB, stride_wn, stride_ym,
-    PER: tl.constexpr, BLOCK_M: tl.constexpr, SILU_MUL: tl.constexpr, ASM: tl.constexpr,
+    PER: tl.constexpr, BLOCK_M: tl.constexpr, SILU_MUL: tl.constexpr, ASM: tl.constexpr, ROWS_FAST: tl.constexpr,
     BLOCK_N: tl.constexpr, NBT: tl.constexpr, EVEN: tl.constexpr,
 ):  # fmt: skip
-    # A thread takes a pair of blocks (420 B = 105 words, 4-byte aligned): the first at word 0, the second
-    # 2 bytes into word 52 (read by funnel shifts). NB is even (the caller checks).
-    W32, XQ32, mi, bi, zn, wrow, n_ok = _program(W, XQ, N, stride_wn, BLOCK_M, BLOCK_N, NBT, SILU_MUL)
+    # A thread takes a unit of PER consecutive blocks (PER * 210 B): PER = 4 (840 B, 8-byte aligned: read
+    # as 8-byte words) when the row's blocks divide by 4, else a pair (420 B, 4-byte aligned: word by word).
+    # Block b of the unit starts at byte 210 b, read by funnel shifts where that is not word-aligned.
+    W32, XQ32, mi, bi, zn, wrow, n_ok = _program(W, XQ, N, stride_wn, BLOCK_M, BLOCK_N, NBT, SILU_MUL, ROWS_FAST)
     K = NB * 256
-    acc = tl.zeros([BLOCK_M, BLOCK_N, NBT], dtype=tl.float32)
-    for p0 in range(0, NB // 2, NBT):
+    acc = _zero_acc(BLOCK_M, BLOCK_N, NBT, ROWS_FAST)
+    for p0 in range(0, NB // PER, NBT):
         pr = p0 + bi
-        wmask = n_ok & (pr < NB // 2)
-        xmask = (mi < M) & (pr < NB // 2)
-        wp = W32 + wrow + pr * 105
-        for half in tl.static_range(2):
-            blk = 2 * pr + half
+        wmask = n_ok & (pr < NB // PER)
+        xmask = (mi < M) & (pr < NB // PER)
+        wp = W32 + wrow + pr * (PER * 210 // 4)
+        for b in tl.static_range(PER):
+            blk = PER * pr + b
             xp = XQ32 + mi * (K // 4) + zn + blk * 64
             gd = mi * (K // 32) + zn + blk * 8
             gs = mi * (K // 16) + zn + blk * 16
-            acc = _q6_k_block(acc, wp + 52 * half, wmask, xp, gd, gs, xmask, XD, XS, EVEN, half == 1, ASM)
-    _store(Y, tl.sum(acc, axis=2), M, N, stride_ym, BLOCK_M, BLOCK_N, SILU_MUL)
+            acc = _q6_k_block(acc, wp, wmask, xp, gd, gs, xmask, XD, XS, EVEN, 210 * b, PER == 4, ASM)
+    _store(Y, _row_sums(acc, ROWS_FAST), M, N, stride_ym, BLOCK_M, BLOCK_N, SILU_MUL)
 
 
 # -- Q8_0 ----------------------------------------------------------------------------------------------
 
 
-@_autotuned
-@triton.jit
+@_jit
 def _q8_0_kernel(
     XQ, XD, XS, W, Y, M, N, NB, stride_wn, stride_ym,
-    PER: tl.constexpr, BLOCK_M: tl.constexpr, SILU_MUL: tl.constexpr, ASM: tl.constexpr,
+    PER: tl.constexpr, BLOCK_M: tl.constexpr, SILU_MUL: tl.constexpr, ASM: tl.constexpr, ROWS_FAST: tl.constexpr,
     BLOCK_N: tl.constexpr, NBT: tl.constexpr, EVEN: tl.constexpr,
 ):  # fmt: skip
     # Block (34 B): d (fp16), qs[32] int8; w = d q. A thread takes a pair of blocks (68 B = 17 words,
     # 4-byte aligned): the first's d in the low half of word 0 and its codes 2 bytes into words 0..8, the
     # second's d in the high half of word 8 and its codes in words 9..16. NB is even (the caller checks).
-    W32, XQ32, mi, bi, zn, wrow, n_ok = _program(W, XQ, N, stride_wn, BLOCK_M, BLOCK_N, NBT, SILU_MUL)
+    W32, XQ32, mi, bi, zn, wrow, n_ok = _program(W, XQ, N, stride_wn, BLOCK_M, BLOCK_N, NBT, SILU_MUL, ROWS_FAST)
     K = NB * 32
-    acc = tl.zeros([BLOCK_M, BLOCK_N, NBT], dtype=tl.float32)
+    acc = _zero_acc(BLOCK_M, BLOCK_N, NBT, ROWS_FAST)
     for p0 in range(0, NB // 2, NBT):
         pr = p0 + bi
         wmask = n_ok & (pr < NB // 2)
@@ -455,10 +557,12 @@ def _q8_0_kernel(
         dx_a = tl.load(XD + gd, mask=xmask, other=0.0)
         dx_b = tl.load(XD + gd + 1, mask=xmask, other=0.0)
         acc += d_a * dx_a * s_a.to(tl.float32) + d_b * dx_b * s_b.to(tl.float32)
-    _store(Y, tl.sum(acc, axis=2), M, N, stride_ym, BLOCK_M, BLOCK_N, SILU_MUL)
+    _store(Y, _row_sums(acc, ROWS_FAST), M, N, stride_ym, BLOCK_M, BLOCK_N, SILU_MUL)
 
 
 _KERNELS = {12: _q4_k_kernel, 14: _q6_k_kernel, 8: _q8_0_kernel}
+_ROWS_FAST = {12: False, 14: False, 8: True}
+"""Per type, whether weight rows are the fastest axis across threads (see the layout note above)."""
 
 
 def gguf_gemv_dp4a(
@@ -467,6 +571,7 @@ def gguf_gemv_dp4a(
     qtype: int,
     silu_and_mul: bool = False,
     out: torch.Tensor | None = None,
+    config: tuple[int, int, int] | tuple[int, int, int, bool] | None = None,
 ) -> torch.Tensor:
     """``x @ W.T`` (or SwiGLU) on int8 dot products, for a call :func:`supports` accepts.
 
@@ -476,6 +581,9 @@ def gguf_gemv_dp4a(
         weight: ``(N, K / block_size * type_size)`` uint8 blocks of ``qtype`` (Q4_K, Q6_K, Q8_0).
         silu_and_mul: ``weight`` is gate rows then up rows; the result is ``silu(x gate^T) * (x up^T)``.
         out: optional ``(M, N)`` (``(M, N / 2)``) output with a contiguous last dimension.
+        config: ``(BLOCK_N, NBT, num_warps)`` instead of :func:`tiling`'s, optionally with ROWS_FAST (for
+            benchmarks; a tiling with ``BLOCK_N * NBT != 32 * num_warps`` is correct but gives a thread
+            parts of blocks).
 
     Returns:
         ``(M, N)`` (``(M, N / 2)`` with ``silu_and_mul``) in ``x``'s dtype. The error against the exact
@@ -491,9 +599,17 @@ def gguf_gemv_dp4a(
         )
     m, n_out, nb, out, grid = launch_shape(x, weight, _BLOCK_SIZE[qtype], _TYPE_SIZE[qtype], silu_and_mul, out)
     xq, xd, xs = quantize_activations(x)
+    per = _unit(qtype, nb)
+    if config is None:
+        if x.is_cuda:
+            config = tiling(weight.shape[0], nb // per, _num_sms(x.device.index or 0))
+        else:  # the Triton interpreter: a small tile keeps the tests quick
+            config = (4, 2, 1)
+    bn, nbt, warps = config[:3]
     _KERNELS[qtype][grid](
         xq, xd, xs, weight, out, m, n_out, nb, weight.stride(0), out.stride(0),
-        PER=_PER[qtype], BLOCK_M=triton.next_power_of_2(m), SILU_MUL=silu_and_mul, ASM=x.is_cuda,
+        PER=per, BLOCK_M=triton.next_power_of_2(m), SILU_MUL=silu_and_mul, ASM=x.is_cuda,
+        ROWS_FAST=config[3] if len(config) > 3 else _ROWS_FAST[qtype], BLOCK_N=bn, NBT=nbt, num_warps=warps,
     )  # fmt: skip
     return out
 

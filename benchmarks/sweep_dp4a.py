@@ -1,0 +1,85 @@
+"""The int8 GGUF decode GEMV (``kernels/gguf_dp4a.py``) at every tiling, on the Llama-3.1-8B shapes.
+
+    python benchmarks/sweep_dp4a.py [--types Q4_K,Q6_K,Q8_0] [--rows 1] [--tilings 16x8x4,8x16x4] [--both-layouts]
+
+A program of the GEMV takes ``BLOCK_N`` weight rows and ``NBT`` blocks (block pairs for Q6_K and Q8_0)
+of each at a time, one per thread (``BLOCK_N * NBT = 32 * num_warps``), so a launch has ``N * NBT``
+threads whatever ``BLOCK_N``: few rows (``o_proj``, ``down_proj``: 4096) and a small ``NBT`` leave most of
+the GPU idle. This times each tiling, the activation quantization included, with cold weights (a graph
+cycles through copies larger than L2), and prints the weight bandwidth against the copy bandwidth measured
+in the same run, beside the tiling that ``gguf_dp4a.tiling`` picks (marked ``*``). ``--both-layouts`` times each tiling
+with the weight rows and with the blocks as the fastest axis across a warp's threads (``r`` / ``b``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import triton
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_gpu import copy_bandwidth, time_matmul_cold
+
+# (name, N, K, SwiGLU) per type, as llama.cpp's Q4_K_M and Q8_0 recipes place them in Llama-3.1-8B
+SHAPES = {
+    "Q4_K": [("qk", 5120, 4096, False), ("qkv", 6144, 4096, False), ("o", 4096, 4096, False),
+             ("gate_up", 28672, 4096, True), ("down", 4096, 14336, False)],
+    "Q6_K": [("v", 1024, 4096, False), ("down", 4096, 14336, False), ("lm_head", 128256, 4096, False)],
+    "Q8_0": [("qkv", 6144, 4096, False), ("o", 4096, 4096, False), ("down", 4096, 14336, False)],
+}  # fmt: skip
+TILINGS = [(32, 4, 4), (32, 8, 8), (32, 16, 16), (64, 4, 8), (16, 8, 4), (8, 8, 2), (32, 2, 2), (128, 1, 4),
+           (8, 16, 4), (64, 2, 4)]  # fmt: skip
+"""(BLOCK_N, NBT, num_warps)"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--types", default="Q4_K,Q6_K,Q8_0")
+    ap.add_argument("--rows", type=int, default=1)
+    ap.add_argument("--tilings", default=None, help="BLOCK_NxNBTxWARPS,... (default: all of TILINGS)")
+    ap.add_argument("--both-layouts", action="store_true")
+    ap.add_argument("--shapes", default=None, help="names of SHAPES to time (default: all)")
+    args = ap.parse_args()
+    tilings = TILINGS if not args.tilings else [tuple(int(v) for v in t.split("x")) for t in args.tilings.split(",")]
+    from shardserve.model_executor.kernels import gguf_dp4a as k
+    from shardserve.model_executor.layers.quantization.gguf_blocks import block_type, random_blocks
+
+    copy_bw = copy_bandwidth()
+    print(f"copy bandwidth {copy_bw / 1e9:.0f} GB/s; GB/s of weight (fraction of copy), {args.rows} row(s)")
+    rng = np.random.default_rng(0)
+    for tname in args.types.split(","):
+        bt = block_type(tname)
+        q = bt.type_id
+        for name, n, kdim, silu in SHAPES[tname]:
+            if args.shapes and name not in args.shapes.split(","):
+                continue
+            w = torch.from_numpy(random_blocks(rng, n, kdim, q, (2e-4, 2e-3))).cuda()
+            x = torch.randn(args.rows, kdim, dtype=torch.bfloat16, device="cuda")
+            units = kdim // bt.block_size // k._unit(q, kdim // bt.block_size)
+            picked = k.tiling(n, units, torch.cuda.get_device_properties(0).multi_processor_count)
+            cells = [f"rule {picked[0]}x{picked[1]}/{picked[2]}w"]
+            layouts = (False, True) if args.both_layouts else (None,)
+            for bn, nbt, warps in tilings:
+                if nbt > triton.next_power_of_2(units) or (silu and bn < 2):
+                    continue
+                for rows_fast in layouts:
+                    c = (bn, nbt, warps) if rows_fast is None else (bn, nbt, warps, rows_fast)
+
+                    def op(x_, w_, q=q, f=silu, c=c):
+                        return k.gguf_gemv_dp4a(x_, w_, q, f, config=c)
+
+                    t = time_matmul_cold(op, x, w)
+                    frac = w.numel() / t / copy_bw
+                    mark = "*" if (bn, nbt, warps) == picked and rows_fast in (None, k._ROWS_FAST[q]) else ""
+                    lay = "" if rows_fast is None else ("r" if rows_fast else "b")
+                    cells.append(f"{bn}x{nbt}/{warps}w{lay} {w.numel() / t / 1e9:5.0f} ({frac:.2f}){mark}")
+            print(f"{tname} {name:>8} {n}x{kdim} ({w.numel() / 1e6:.1f} MB): " + ", ".join(cells), flush=True)
+            del w
+
+
+if __name__ == "__main__":
+    main()
