@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def run(device: str, batch: int, steps: int, top: int) -> None:
+def run(device: str, batch: int, steps: int, top: int, output_kind: str = "delta") -> None:
     from bench_host_overhead import PROMPT_LEN, SHAPE
     from model_shapes import write_model_dir
 
@@ -64,8 +64,8 @@ def run(device: str, batch: int, steps: int, top: int) -> None:
     wrap(engine.executor, "submit", "submit")
     wrap(engine.executor, "collect", "collect")
     wrap(processor, "process", "outputs")
-    params = SamplingParams(temperature=0.0, max_tokens=2 * steps + 16, ignore_eos=True,
-                            output_kind=RequestOutputKind.FINAL_ONLY)  # as LLM.generate and the benchmark
+    kind = RequestOutputKind.FINAL_ONLY if output_kind == "final" else RequestOutputKind.DELTA
+    params = SamplingParams(temperature=0.0, max_tokens=2 * steps + 16, ignore_eos=True, output_kind=kind)
     for i in range(batch):
         (req,) = engine.make_requests(f"r{i}", [3 + (i * 7 + j) % 500 for j in range(PROMPT_LEN)], params)
         processor.add_request(req.request_id, None, req.prompt_token_ids, req.params, req.arrival_time)
@@ -97,9 +97,11 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 256])
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--output-kind", choices=["delta", "final"], default="delta",
+                    help="delta: streamed, as bench_host_overhead.py; final: one output per request, as LLM.generate")
     args = ap.parse_args()
     for b in args.batches:
-        run(args.device, b, args.steps, args.top)
+        run(args.device, b, args.steps, args.top, args.output_kind)
 
 
 if __name__ == "__main__":

@@ -37,12 +37,12 @@ def tokenizer_source(tokenizer: str) -> tuple[Path, str]:
     Raises:
         ValueError: none of these (the message names the value).
     """
-    from shardserve.model_executor.loader.resolve import _hub_snapshot, is_hub_id
+    from shardserve.model_executor.loader.resolve import hub_snapshot, is_hub_id
 
     path = Path(tokenizer).expanduser()
     if not path.exists() and is_hub_id(tokenizer):
         try:
-            path = _hub_snapshot(tokenizer)
+            path = hub_snapshot(tokenizer)
         except ValueError as exc:
             raise ValueError(f"--tokenizer: {exc}") from None
     if path.is_file() and path.suffix.lower() == ".gguf":

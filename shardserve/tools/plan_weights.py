@@ -459,39 +459,17 @@ def _count_parts(weights: ModelWeights, tp: int, dtype: Any, quantization: str |
 
 
 def _gguf_table(weights: ModelWeights) -> Any:
-    """The tensor table as ``gguf.GGUFReader`` presents it (``name``, ``shape`` in ggml order, ``tensor_type``).
-
-    A fused layer (q/k/v, gate/up: ``LlamaForCausalLM.packed_modules_mapping``) with a part of a type without a
-    kernel is dequantized whole at load (``GGUFConfig.get_quant_method`` gives it no GGUF method), so all its
-    parts are listed as F32 here, which ``gguf_weight_bytes`` counts in the compute dtype (an IQ4_XS file's Q5_K
-    ``attn_v`` is held in bf16 beside its IQ4_XS ``attn_q``).
-    """
+    """The tensor table as ``gguf.GGUFReader`` presents it (``name``, ``shape`` in ggml order, ``tensor_type``),
+    for :func:`~shardserve.model_executor.layers.quantization.gguf.gguf_weight_bytes` (which also counts a fused
+    layer with a part of a type without a kernel as dequantized whole, as the loader holds it)."""
     from types import SimpleNamespace
 
     import numpy as np
     from gguf import GGMLQuantizationType
 
-    from shardserve.model_executor.layers.quantization.gguf_blocks import FLOAT_TYPES, block_type
-    from shardserve.model_executor.loader.weights import gguf_to_hf_name
-    from shardserve.model_executor.models.llama import LlamaForCausalLM
-
-    packed = LlamaForCausalLM.packed_modules_mapping
-    part_of = {f".{p}.": f".{fused}." for fused, parts in packed.items() for p in parts}
-
-    def fused_name(name: str) -> str | None:
-        hf = gguf_to_hf_name(name) or ""
-        return next((hf.replace(p, f) for p, f in part_of.items() if p in hf), None)
-
-    no_kernel = {fused_name(t.name) for t in weights.tensors
-                 if t.stored_type not in FLOAT_TYPES and block_type(t.stored_type) is None}  # fmt: skip
-    no_kernel.discard(None)
     return SimpleNamespace(
         tensors=[
-            SimpleNamespace(
-                name=t.name,
-                shape=np.array(t.shape[::-1]),
-                tensor_type=GGMLQuantizationType["F32" if fused_name(t.name) in no_kernel else t.stored_type],
-            )
+            SimpleNamespace(name=t.name, shape=np.array(t.shape[::-1]), tensor_type=GGMLQuantizationType[t.stored_type])
             for t in weights.tensors
         ]
     )

@@ -48,6 +48,7 @@ from shardserve.tools.plan_weights import (
     load_model_weights,
     rank_parameters,
     rank_resident_bytes,
+    rank_weight_parts,
     weights_from_arch,
 )
 
@@ -731,6 +732,25 @@ def test_per_rank_bytes_equal_what_load_model_allocates(
                     assert _state_bytes(_load(source, torch_dtype, layer_range, quantization, tp, rank)) == expected
             else:  # the model class built for this TP size
                 assert _allocated_bytes(source.arch, tp, layer_range, torch_dtype, quant) == expected, (tp, layer_range)
+
+
+@pytest.mark.parametrize("fmt", ["Q4_K_M", "Q8_0+IQ4_NL"])
+def test_serve_side_gguf_bytes_equal_the_planner(fmt, recipe_gguf):
+    """What serve reads from the file itself (``model_weight_bytes_per_rank``: ``--pp-partition-by-memory`` and
+    the KV-capacity log) equals the planner's per-part bytes, which the test above checks against the loaded
+    model: a fused layer with a part without a kernel (IQ4_NL) counts dequantized whole, blocks stay blocks."""
+    from shardserve.model_executor.loader import model_weight_bytes_per_rank
+    from shardserve.model_executor.loader.resolve import resolve_model
+
+    path = recipe_gguf(fmt)
+    source, weights = resolve_model(str(path)), load_model_weights(str(path))
+    for tp, device in ((1, "cuda"), (2, "cuda"), (1, "cpu")):
+        serve = model_weight_bytes_per_rank(source, tp, torch.bfloat16, None, torch.device(device))
+        plan = rank_weight_parts(weights, tp, "bf16", None, device)
+        assert serve == plan, (tp, device)
+    if "IQ4_NL" in fmt:  # layer 0's q/k/v and layer 1's gate/up are held in bf16, not as their Q8_0 blocks
+        kept = model_weight_bytes_per_rank(source, 1, torch.bfloat16, None, torch.device("cuda"))
+        assert kept.layers[0] > kept.layers[2] and kept.layers[1] > kept.layers[2] == kept.layers[3]
 
 
 @pytest.fixture(scope="module")

@@ -219,9 +219,9 @@ def _even(a: dict) -> bool:
 
 
 _THREADS_PER_SM = 1536
-"""Threads per SM a launch aims for (of an H100/H200 SM's 2048): with it :func:`tiling` picks, on every
-Llama-3.1-8B shape timed on an H200 (``benchmarks/sweep_dp4a.py``), the fastest tiling or one within 0.03
-of copy bandwidth of it."""
+"""Threads per SM a launch aims for (of an H100/H200 SM's 2048): with it :func:`tiling` picks, on the
+Llama-3.1-8B shapes timed on an H200 (``benchmarks/sweep_dp4a.py``), the fastest tiling or one within 0.03
+of copy bandwidth of the best timed."""
 
 
 @functools.cache
@@ -238,10 +238,10 @@ def tiling(rows: int, units: int, num_sms: int) -> tuple[int, int, int]:
     :data:`_THREADS_PER_SM` threads, at most 16 and at most the row's units. A fixed rule instead of
     autotuning: the fastest tiling differs little between similar shapes, and autotuning compiled and
     timed every candidate for every shape and batch size at load (minutes for a GGUF model). Measured on
-    an H200 at one row, cold weights, in fractions of copy bandwidth: (8, 16, 4) for the 4096- and
-    6144-row weights (Q4_K 0.28-0.40, where the tilings autotuned before reached 0.25-0.33; Q8_0
-    0.43-0.61); (32, 4, 4) for the 57k-row gate/up weight (Q4_K 0.47-0.49); (128, 1, 4) for the 128k-row LM
-    head (Q6_K 0.41, the other tilings 0.22-0.27).
+    an H200 at one row, cold weights, in fractions of copy bandwidth (``benchmarks/RESULTS.md``): (8, 16, 4)
+    for the 4096- and 6144-row weights (Q4_K 0.28-0.40, where the tilings autotuned before reached
+    0.25-0.33; Q8_0 0.43-0.61); (32, 4, 4) for the 57k-row gate/up weight (Q4_K 0.47); (128, 1, 4) for the
+    128k-row LM head (Q6_K 0.41, the other tilings 0.22-0.27).
     """
     want = max(1, num_sms * _THREADS_PER_SM // max(rows, 1))
     nbt = min(16, triton.next_power_of_2(units), triton.next_power_of_2(want))

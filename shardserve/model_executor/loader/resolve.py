@@ -81,7 +81,7 @@ def resolve_model(model: str | None, hf_overrides: dict[str, Any] | None = None)
     if path.is_dir():
         return _resolve_dir(path, path.name, hf_overrides)
     if is_hub_id(model):
-        return _resolve_dir(_hub_snapshot(model), model, hf_overrides)
+        return _resolve_dir(hub_snapshot(model), model, hf_overrides)
     raise ValueError(f"model file or directory not found: {model} (it is not a hub id of the form org/name either)")
 
 
@@ -107,7 +107,12 @@ def download_command(repo_id: str) -> str:
     return f"hf download {repo_id}" if (major, minor) >= (0, 34) else f"huggingface-cli download {repo_id}"
 
 
-def _hub_snapshot(repo_id: str) -> Path:
+def hub_snapshot(repo_id: str) -> Path:
+    """The local Hugging Face cache's snapshot directory of ``repo_id``; nothing is downloaded.
+
+    Raises:
+        ValueError: the repository is not in the local cache (the message says how to fetch it).
+    """
     from huggingface_hub import snapshot_download
     from huggingface_hub.constants import HF_HUB_CACHE
 

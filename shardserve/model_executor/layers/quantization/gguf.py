@@ -298,7 +298,10 @@ def gguf_weight_bytes(
 
     Column-parallel tensors (q/k/v, gate/up, embedding, LM head) split rows, row-parallel ones (o, down)
     split columns; with ``tp_size > num_kv_heads`` each rank holds one KV head. With
-    ``keep_quantized=False`` (the CPU default) every tensor counts as dequantized to ``dtype``.
+    ``keep_quantized=False`` (the CPU default) every tensor counts as dequantized to ``dtype``, and so does
+    every part of a fused layer (q/k/v, gate/up: ``LlamaForCausalLM.packed_modules_mapping``) of which a
+    part has no kernel (:meth:`GGUFConfig.get_quant_method` dequantizes the whole layer at load: an IQ4_XS
+    file's Q5_K ``attn_v`` is held in ``dtype`` beside its IQ4_XS ``attn_q``).
     Without ``output.weight`` (tied embeddings) ``lm_head`` is the embedding table's size. ``scratch`` is
     the largest layer weight of one rank in ``dtype``: a prefill of at least ``GGUFConfig.dequant_min_rows``
     tokens dequantizes each layer into such a buffer before its cuBLAS matmul (transient, one at a time).
@@ -309,18 +312,29 @@ def gguf_weight_bytes(
     import re
 
     from shardserve.model_executor.loader.weights import gguf_to_hf_name
+    from shardserve.model_executor.models.llama import LlamaForCausalLM
 
     layer_re = re.compile(r"^model\.layers\.(\d+)\.")
+    packed = LlamaForCausalLM.packed_modules_mapping
+    part_of = {f".{p}.": f".{fused}." for fused, parts in packed.items() for p in parts}
+
+    def fused_layer(hf_name: str) -> str | None:
+        return next((hf_name.replace(p, f) for p, f in part_of.items() if p in hf_name), None)
+
+    named = [(gguf_to_hf_name(t.name), t) for t in reader.tensors]
+    dequantized = {fused_layer(name) for name, t in named if name is not None and len(t.shape) == 2
+                   and t.tensor_type.name not in FLOAT_TYPES and block_type(int(t.tensor_type)) is None}  # fmt: skip
+    dequantized.discard(None)
     layers: dict[int, int] = {}
     embed = norm = scratch = 0
     head: int | None = None
     itemsize = torch.empty((), dtype=dtype).element_size()
-    for tensor in reader.tensors:
-        name = gguf_to_hf_name(tensor.name)
+    for name, tensor in named:
         if name is None:
             continue
         shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
-        qtype = int(tensor.tensor_type) if keep_quantized else 0  # 0 = F32: plain bytes in dtype
+        kept = keep_quantized and fused_layer(name) not in dequantized
+        qtype = int(tensor.tensor_type) if kept else 0  # 0 = F32: plain bytes in dtype
         split, tp = None, tp_size
         if any(p in name for p in (".q_proj.", ".gate_proj.", ".up_proj.", "embed_tokens", "lm_head")):
             split = 0
