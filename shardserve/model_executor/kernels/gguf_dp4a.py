@@ -414,6 +414,18 @@ def _q6_k_word(wp, o: tl.constexpr, mask, EVEN: tl.constexpr, WIDE: tl.constexpr
 
 
 @triton.jit
+def _q6_k_half(wp, o: tl.constexpr, mask, EVEN: tl.constexpr, WIDE: tl.constexpr):
+    """The fp16 at byte ``o`` (even) of the unit at ``wp``, as fp32, read from the word that holds it (a
+    block's ``d`` ends its block, and for the last block of a unit the next word is past the unit)."""
+    if WIDE:
+        lo, hi = _ld2(wp + 2 * (o // 8), mask, EVEN)
+        word = lo if o % 8 < 4 else hi
+    else:
+        word = _ld(wp + o // 4, mask, EVEN)
+    return _half(word, o % 4 == 2)
+
+
+@triton.jit
 def _q6_k_block(acc, wp, mask, xp, gd, gs, xmask, XD, XS, EVEN: tl.constexpr, OFF: tl.constexpr,
                 WIDE: tl.constexpr, ASM: tl.constexpr):  # fmt: skip
     """``acc`` plus one Q6_K block (210 B: ql[128], qh[64], scales[16] int8, d) at byte ``OFF`` of the
@@ -423,7 +435,7 @@ def _q6_k_block(acc, wp, mask, xp, gd, gs, xmask, XD, XS, EVEN: tl.constexpr, OF
     16 h + 8 (t % 2) + w, nibble t // 2; high 2 bits in qh word 32 + 8 h + w, bits 2 t of each byte;
     w = d sc[e // 16] (q - 32) (gguf Q6_K.dequantize_blocks). x word e / 4 = 32 h + 8 t + w.
     """
-    d = _half(_q6_k_word(wp, OFF + 208, mask, EVEN, WIDE), False)
+    d = _q6_k_half(wp, OFF + 208, mask, EVEN, WIDE)
     for h in tl.static_range(2):
         # dx of x groups 4h .. 4h + 3 and dx * sum(xq) of its 16-element halves 8h .. 8h + 7, as vectors
         dx0, dx1, dx2, dx3 = _vec4(XD + gd + 4 * h, xmask)
