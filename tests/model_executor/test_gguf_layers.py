@@ -192,6 +192,42 @@ def test_qkv_unpermuted_blocks_and_mixed_types(tensors, tp_rank, tp):
         _close(y, x @ want.T)
 
 
+def test_mixed_type_projection_quantizes_its_input_once(tmp_path, tp_rank, monkeypatch):
+    """A q/k Q4_K + v Q6_K projection at decode rows (bf16): x is rounded to int8 once for both groups' int8
+    GEMVs, and the result equals each group's GEMV on its own (and the dequantized weights, to the int8
+    rounding of x)."""
+    from shardserve.model_executor.kernels import gguf_dp4a
+
+    rng = np.random.default_rng(21)
+    k, heads_, kv_heads, head_dim = 512, 2, 1, 16  # 512: two Q6_K blocks per row, the int8 GEMV's unit
+    raw, values = {}, {}
+    for name, rows, qtype in (("q_proj", heads_ * head_dim, "Q4_K"), ("k_proj", kv_heads * head_dim, "Q4_K"),
+                              ("v_proj", kv_heads * head_dim, "Q6_K")):  # fmt: skip
+        data = blocks(rng, rows, k, qtype)
+        values[name] = _deq(data, qtype)
+        if name != "v_proj":
+            data = llamacpp_permute(data, heads_ if name == "q_proj" else kv_heads)
+        raw[f"attn.{name}.weight"] = (data, qtype)
+    reader = open_gguf(write_gguf(tmp_path / "mixed.gguf", raw))
+    heads = {"attn.q_proj.weight": heads_, "attn.k_proj.weight": kv_heads}
+    sources = {t.name: GGUFSource(t, heads.get(t.name)) for t in reader.tensors}
+    config = GGUFConfig({n: int(gguf.GGMLQuantizationType[q]) for n, (_, q) in raw.items()}, kernels_on_cpu=True)
+    config.packed_modules_mapping = dict(llama.LlamaForCausalLM.packed_modules_mapping)
+    tp_rank(0, 1)
+    layer = _build(QKVParallelLinear, k, head_dim, heads_, kv_heads, quant_config=config, prefix="attn.qkv_proj")
+    _load(layer, sources, [(f"attn.{p}_proj.weight", p) for p in "qkv"])
+    x = torch.randn(2, k, generator=torch.Generator().manual_seed(22)).to(torch.bfloat16).to(DEVICE)
+    calls = []
+    quantize = gguf_dp4a.quantize_activations
+    monkeypatch.setattr(gguf_dp4a, "quantize_activations", lambda t: calls.append(t.shape) or quantize(t))
+    y = layer.quant_method.apply(layer, x).float().cpu()
+    assert calls == [(2, k)]
+    apart = torch.cat([gguf_dp4a.gguf_gemv_dp4a(x, w, q).float().cpu() for w, q, _, _ in layer.quant_method._views], 1)
+    assert torch.equal(y, apart)
+    want = x.float().cpu() @ torch.cat([values["q_proj"], values["k_proj"], values["v_proj"]]).T
+    _close(y, want, tol=2e-2)
+
+
 @pytest.mark.parametrize("tp", [1, 3])
 def test_embedding_and_lm_head_padded_vocab(tensors, tp_rank, tp):
     table = tensors.values["embed.weight"]  # 10 rows: padded to 12 over 3 ranks

@@ -584,6 +584,7 @@ def gguf_gemv_dp4a(
     silu_and_mul: bool = False,
     out: torch.Tensor | None = None,
     config: tuple[int, int, int] | tuple[int, int, int, bool] | None = None,
+    quantized: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``x @ W.T`` (or SwiGLU) on int8 dot products, for a call :func:`supports` accepts.
 
@@ -596,6 +597,7 @@ def gguf_gemv_dp4a(
         config: ``(BLOCK_N, NBT, num_warps)`` instead of :func:`tiling`'s, optionally with ROWS_FAST (for
             benchmarks; a tiling with ``BLOCK_N * NBT != 32 * num_warps`` is correct but gives a thread
             parts of blocks).
+        quantized: ``quantize_activations(x)`` when the caller already has it (one input, several weights).
 
     Returns:
         ``(M, N)`` (``(M, N / 2)`` with ``silu_and_mul``) in ``x``'s dtype. The error against the exact
@@ -610,7 +612,7 @@ def gguf_gemv_dp4a(
             f"rows, got type {qtype}, x {tuple(x.shape)} {x.dtype}"
         )
     m, n_out, nb, out, grid = launch_shape(x, weight, _BLOCK_SIZE[qtype], _TYPE_SIZE[qtype], silu_and_mul, out)
-    xq, xd, xs = quantize_activations(x)
+    xq, xd, xs = quantize_activations(x) if quantized is None else quantized
     per = _unit(qtype, nb)
     if config is None:
         if x.is_cuda:

@@ -262,9 +262,26 @@ class GGUFLinearMethod(LinearMethod):
             y = self._matmul(x, views[0][0], views[0][1])
         else:
             y = torch.empty((x.shape[0], self.out_features), dtype=x.dtype, device=x.device)
+            shared = self._shared_int8_input(x, views)
             for blocks, qtype, offset, rows in views:
-                self._matmul(x, blocks, qtype, out=y[:, offset : offset + rows])
+                if shared is not None:
+                    from shardserve.model_executor.kernels.gguf_dp4a import gguf_gemv_dp4a
+
+                    gguf_gemv_dp4a(x, blocks, qtype, out=y[:, offset : offset + rows], quantized=shared)
+                else:
+                    self._matmul(x, blocks, qtype, out=y[:, offset : offset + rows])
         return y if bias is None else y + bias
+
+    def _shared_int8_input(self, x: torch.Tensor, views: list) -> tuple[torch.Tensor, ...] | None:
+        """``x`` rounded to int8 once for every group when each takes the int8 decode GEMV (a q/k Q4_K + v
+        Q6_K projection), else None (each group's kernel prepares its own input)."""
+        if not (x.is_cuda or self.config.kernels_on_cpu):
+            return None
+        from shardserve.model_executor.kernels.gguf_dp4a import quantize_activations, supports
+
+        if not all(supports(x, blocks, qtype) for blocks, qtype, _, _ in views):
+            return None
+        return quantize_activations(x)
 
     def apply_silu_and_mul(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         views = self._views if self._views is not None else self._group_views(layer)
