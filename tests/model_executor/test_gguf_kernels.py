@@ -220,22 +220,22 @@ def test_dp4a_gemv_matches_reference(name, rows):
 
 def test_dp4a_tiling_rule():
     """The int8 GEMV's tiling: 4 warps of one thread unit each, as many units per row at a time (NBT) as
-    fill an H200's 132 SMs with about 1536 threads each, at most 16 and at most the row's units; the
+    fill an H200's 132 SMs with about 1024 threads each, at most 16 and at most the row's units; the
     choices measured best on the 8B shapes."""
     import triton
 
-    from shardserve.model_executor.kernels.gguf_dp4a import _unit, tiling
+    from shardserve.model_executor.kernels.gguf_dp4a import _THREADS_PER_SM, _unit, tiling
 
     for rows in (1, 1024, 4096, 6144, 57344, 128256, 1 << 20):
         for units in (1, 2, 4, 14, 16, 56, 64):
             bn, nbt, warps = tiling(rows, units, 132)
             assert bn * nbt == 32 * warps and warps == 4
             assert nbt <= min(16, triton.next_power_of_2(units))
-            assert rows * (nbt // 2) < 132 * 1536  # the next shallower tiling would already fill the SMs
+            assert rows * (nbt // 2) < 132 * _THREADS_PER_SM  # the next shallower tiling would fill the SMs
     assert tiling(6144, 16, 132) == tiling(4096, 56, 132) == (8, 16, 4)  # qkv, down: 16 blocks in flight per row
-    assert tiling(57344, 16, 132) == (32, 4, 4)  # gate/up of the 8B
+    assert tiling(28672, 16, 132) == (32, 4, 4)  # gate/up of the 8B (2 x 14336 rows)
     assert tiling(128256, 4, 132) == (128, 1, 4)  # the LM head: one unit at a time
-    assert tiling(4096, 16, 264) == (8, 16, 4) and tiling(57344, 16, 264) == (16, 8, 4)  # more SMs, deeper
+    assert tiling(4096, 16, 264) == (8, 16, 4) and tiling(28672, 16, 264) == (8, 16, 4)  # more SMs, deeper
     assert _unit(14, 56) == 4 and _unit(14, 14) == 2 and _unit(12, 16) == 1 and _unit(8, 128) == 2
 
 

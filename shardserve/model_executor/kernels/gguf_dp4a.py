@@ -218,10 +218,10 @@ def _even(a: dict) -> bool:
     return a["N"] % (a["BLOCK_N"] // per) == 0 and a["NB"] % (a["NBT"] * a["PER"]) == 0
 
 
-_THREADS_PER_SM = 1536
-"""Threads per SM a launch aims for (of an H100/H200 SM's 2048): with it :func:`tiling` picks, on the
-Llama-3.1-8B shapes timed on an H200 (``benchmarks/sweep_dp4a.py``), the fastest tiling or one within 0.03
-of copy bandwidth of the best timed."""
+_THREADS_PER_SM = 1024
+"""Threads per SM a launch aims for (half of an H100/H200 SM's 2048): with it :func:`tiling` picks, on the
+Llama-3.1-8B shapes timed on an H200 (``benchmarks/sweep_dp4a.py``), the fastest tiling timed or one within
+0.03 of copy bandwidth of it."""
 
 
 @functools.cache
@@ -240,8 +240,9 @@ def tiling(rows: int, units: int, num_sms: int) -> tuple[int, int, int]:
     timed every candidate for every shape and batch size at load (minutes for a GGUF model). Measured on
     an H200 at one row, cold weights, in fractions of copy bandwidth (``benchmarks/RESULTS.md``): (8, 16, 4)
     for the 4096- and 6144-row weights (Q4_K 0.28-0.40, where the tilings autotuned before reached
-    0.25-0.33; Q8_0 0.43-0.61); (32, 4, 4) for the 57k-row gate/up weight (Q4_K 0.47); (128, 1, 4) for the
-    128k-row LM head (Q6_K 0.41, the other tilings 0.22-0.27).
+    0.25-0.33; Q8_0 0.43-0.61); (32, 4, 4) for the 28672-row gate/up weight (Q4_K 0.51 when autotuning
+    picked it, against 0.43-0.48 for 8 or 16 blocks in flight); (128, 1, 4) for the 128k-row LM head (Q6_K
+    0.41, the other tilings 0.22-0.27).
     """
     want = max(1, num_sms * _THREADS_PER_SM // max(rows, 1))
     nbt = min(16, triton.next_power_of_2(units), triton.next_power_of_2(want))
