@@ -171,6 +171,20 @@ def _split4(t):
 
 
 @triton.jit
+def _pick4(i: tl.constexpr, t0, t1, t2, t3):
+    """``(t0, t1, t2, t3)[i]`` for a compile-time ``i`` (the pieces of one vector load, by static index)."""
+    if i == 0:
+        t = t0
+    elif i == 1:
+        t = t1
+    elif i == 2:
+        t = t2
+    else:
+        t = t3
+    return t
+
+
+@triton.jit
 def _funnel16(lo, hi):
     """The int32 made of the high half of ``lo`` and the low half of ``hi`` (a word at 2 mod 4)."""
     return ((lo >> 16) & 0xFFFF) | (hi << 16)
@@ -357,14 +371,8 @@ def _q4_k_kernel(
                 s_hi = _dp4a((q3 >> 4) & M4, u3, s_hi, False, ASM)
             sc_lo, mn_lo = _q4_k_scale_min(h1, h2, h3, 2 * c)
             sc_hi, mn_hi = _q4_k_scale_min(h1, h2, h3, 2 * c + 1)
-            if c == 0:
-                dx_lo, dx_hi = dx0, dx1
-            elif c == 1:
-                dx_lo, dx_hi = dx2, dx3
-            elif c == 2:
-                dx_lo, dx_hi = dx4, dx5
-            else:
-                dx_lo, dx_hi = dx6, dx7
+            dx_lo = _pick4(c, dx0, dx2, dx4, dx6)
+            dx_hi = _pick4(c, dx1, dx3, dx5, dx7)
             # dx * sum(xq) per 16 elements of sub-blocks 2c and 2c + 1: one 16-byte vector
             e0, e1, e2, e3 = _split4(
                 tl.load(XS + 2 * g[:, :, :, None] + 4 * c + vec, mask=xmask[:, :, :, None], other=0.0)
@@ -455,33 +463,16 @@ def _q6_k_block(acc, wp, mask, xp, gd, gs, xmask, XD, XS, EVEN: tl.constexpr, OF
                     qh = _q6_k_word(wp, OFF + 4 * (32 + 8 * h + w), mask, EVEN, WIDE)
                     q_lo = (ql & M4) | (((qh >> (2 * t2)) & M2) << 4)
                     q_hi = ((ql >> 4) & M4) | (((qh >> (2 * t2 + 4)) & M2) << 4)
-                    if w4 == 0:
-                        xl, xh = l0, u0
-                    elif w4 == 1:
-                        xl, xh = l1, u1
-                    elif w4 == 2:
-                        xl, xh = l2, u2
-                    else:
-                        xl, xh = l3, u3
-                    s_lo = _dp4a(q_lo, xl, s_lo, False, ASM)
-                    s_hi = _dp4a(q_hi, xh, s_hi, False, ASM)
+                    s_lo = _dp4a(q_lo, _pick4(w4, l0, l1, l2, l3), s_lo, False, ASM)
+                    s_hi = _dp4a(q_hi, _pick4(w4, u0, u1, u2, u3), s_hi, False, ASM)
                 j = 8 * h + 2 * t2 + wq
                 sw_lo = _q6_k_word(wp, OFF + 4 * (48 + j // 4), mask, EVEN, WIDE)
                 sw_hi = _q6_k_word(wp, OFF + 4 * (48 + (j + 4) // 4), mask, EVEN, WIDE)
                 sc_lo = _i2f((sw_lo << (24 - 8 * (j % 4))) >> 24, 128)
                 sc_hi = _i2f((sw_hi << (24 - 8 * ((j + 4) % 4))) >> 24, 128)
-                if t2 == 0:  # dx: groups 4h + t2 and 4h + t2 + 2
-                    dx_lo, dx_hi = dx0, dx2
-                else:
-                    dx_lo, dx_hi = dx1, dx3
-                if 2 * t2 + wq == 0:  # xs: halves 8h + 2 t2 + wq and that + 4
-                    xs_lo, xs_hi = e0, e4
-                elif 2 * t2 + wq == 1:
-                    xs_lo, xs_hi = e1, e5
-                elif 2 * t2 + wq == 2:
-                    xs_lo, xs_hi = e2, e6
-                else:
-                    xs_lo, xs_hi = e3, e7
+                dx_lo, dx_hi = _pick4(t2, dx0, dx1, dx2, dx3), _pick4(t2 + 2, dx0, dx1, dx2, dx3)  # groups 4h + t2, +2
+                xs_lo = _pick4(2 * t2 + wq, e0, e1, e2, e3)  # halves 8h + 2 t2 + wq
+                xs_hi = _pick4(2 * t2 + wq, e4, e5, e6, e7)  # and that + 4
                 acc += d * (sc_lo * (dx_lo * s_lo.to(tl.float32) - 32.0 * xs_lo))
                 acc += d * (sc_hi * (dx_hi * s_hi.to(tl.float32) - 32.0 * xs_hi))
     return acc
