@@ -200,6 +200,10 @@ def part_serve(spec: dict) -> dict:
     from shardserve import LLM, SamplingParams
 
     cuda = _cuda()
+    if spec.get("row_layout") == "file":
+        from shardserve.model_executor.layers.quantization.gguf import GGUFConfig
+
+        GGUFConfig.pack_rows = False  # this child process only
     kw = dict(
         dtype="bfloat16" if cuda else "float32",
         max_model_len=4096,
@@ -331,6 +335,11 @@ def main() -> None:
         action="store_true",
         help="serve part: time prefill on the default path only (not fused and dequant+cuBLAS apart)",
     )
+    ap.add_argument(
+        "--gguf-row-layout",
+        default="packed",
+        help="gguf part: packed (as served on the GPU), file (file order), or file,packed (both, one load each)",
+    )
     ap.add_argument("--part-timeout", type=float, default=1800.0, help="seconds per child process")
     ap.add_argument("--json-out", default=None)
     ap.add_argument("--part", default=None, help=argparse.SUPPRESS)
@@ -388,11 +397,14 @@ def main() -> None:
                     + ", ".join(f"{t} {_size(b)}" for t, b in sorted(written["bytes_by_type"].items())),
                     flush=True,
                 )
-                spec = {"label": f"{model} {recipe}", "path": str(path), "format": "gguf", **common}
-                entry[recipe] = {"file": written, **_child("serve", spec, args.part_timeout, env)}
+                for layout in args.gguf_row_layout.split(","):
+                    key = recipe if layout == "packed" else f"{recipe} file-order"
+                    spec = {"label": f"{model} {key}", "path": str(path), "format": "gguf", "row_layout": layout,
+                            **common}  # fmt: skip
+                    entry[key] = {"file": written, **_child("serve", spec, args.part_timeout, env)}
+                    _print_serve(model, key, entry, hw)
                 if not args.keep_files:
                     path.unlink(missing_ok=True)
-                _print_serve(model, recipe, entry, hw)
     if not args.keep_files and args.workdir is None:
         shutil.rmtree(workdir, ignore_errors=True)
     _print_summary(results)

@@ -9,6 +9,10 @@ the GPU idle. This times each tiling, the activation quantization included, with
 cycles through copies larger than L2), and prints the weight bandwidth against the copy bandwidth measured
 in the same run, beside the tiling that ``gguf_dp4a.tiling`` picks (marked ``*``). ``--both-layouts`` times each tiling
 with the weight rows and with the blocks as the fastest axis across a warp's threads (``r`` / ``b``).
+``--rows-layout file|packed|both`` times the weights in file order and/or in the packed row layout that the
+layers use on the GPU (``gguf_blocks.row_layout``; cells marked ``p``; with ``both``, file order only at the
+rule's tiling, as the baseline), and checks on each shape that the packed result equals file order's at
+the same tiling.
 """
 
 from __future__ import annotations
@@ -43,10 +47,11 @@ def main() -> None:
     ap.add_argument("--tilings", default=None, help="BLOCK_NxNBTxWARPS,... (default: all of TILINGS)")
     ap.add_argument("--both-layouts", action="store_true")
     ap.add_argument("--shapes", default=None, help="names of SHAPES to time (default: all)")
+    ap.add_argument("--rows-layout", choices=("file", "packed", "both"), default="both")
     args = ap.parse_args()
     tilings = TILINGS if not args.tilings else [tuple(int(v) for v in t.split("x")) for t in args.tilings.split(",")]
     from shardserve.model_executor.kernels import gguf_dp4a as k
-    from shardserve.model_executor.layers.quantization.gguf_blocks import block_type, random_blocks
+    from shardserve.model_executor.layers.quantization.gguf_blocks import block_type, pack_rows, random_blocks
 
     copy_bw = copy_bandwidth()
     print(f"copy bandwidth {copy_bw / 1e9:.0f} GB/s; GB/s of weight (fraction of copy), {args.rows} row(s)")
@@ -58,27 +63,38 @@ def main() -> None:
             if args.shapes and name not in args.shapes.split(","):
                 continue
             w = torch.from_numpy(random_blocks(rng, n, kdim, q, (2e-4, 2e-3))).cuda()
+            wp = pack_rows(w, q)
             x = torch.randn(args.rows, kdim, dtype=torch.bfloat16, device="cuda")
             units = kdim // bt.block_size // k._unit(q, kdim // bt.block_size)
             picked = k.tiling(n, units, torch.cuda.get_device_properties(0).multi_processor_count)
             cells = [f"rule {picked[0]}x{picked[1]}/{picked[2]}w"]
+            if wp is not w:  # the packed rows give file order's result at the same tiling (blocks fastest)
+                c = (*picked, False)
+                same = k.gguf_gemv_dp4a(x, w, q, silu, config=c)
+                diff = (k.gguf_gemv_dp4a(x, wp, q, silu, config=c, packed=True).float() - same.float()).abs().max()
+                cells.append(f"packed==file: {bool(diff == 0)}")
             layouts = (False, True) if args.both_layouts else (None,)
+            rows_layouts = {"file": (False,), "packed": (True,), "both": (False, True)}[args.rows_layout]
             for bn, nbt, warps in tilings:
                 if nbt > triton.next_power_of_2(units) or (silu and bn < 2):
                     continue
-                for rows_fast in layouts:
-                    c = (bn, nbt, warps) if rows_fast is None else (bn, nbt, warps, rows_fast)
+                for packed in rows_layouts:
+                    if args.rows_layout == "both" and not packed and (bn, nbt, warps) != picked:
+                        continue  # file order as the baseline: at the rule's tiling only
+                    for rows_fast in layouts if not packed else (None,):
+                        c = (bn, nbt, warps) if rows_fast is None else (bn, nbt, warps, rows_fast)
 
-                    def op(x_, w_, q=q, f=silu, c=c):
-                        return k.gguf_gemv_dp4a(x_, w_, q, f, config=c)
+                        def op(x_, w_, q=q, f=silu, c=c, p=packed):
+                            return k.gguf_gemv_dp4a(x_, w_, q, f, config=c, packed=p)
 
-                    t = time_matmul_cold(op, x, w)
-                    frac = w.numel() / t / copy_bw
-                    mark = "*" if (bn, nbt, warps) == picked and rows_fast in (None, k._ROWS_FAST[q]) else ""
-                    lay = "" if rows_fast is None else ("r" if rows_fast else "b")
-                    cells.append(f"{bn}x{nbt}/{warps}w{lay} {w.numel() / t / 1e9:5.0f} ({frac:.2f}){mark}")
+                        t = time_matmul_cold(op, x, wp if packed else w)
+                        frac = w.numel() / t / copy_bw
+                        default = rows_fast in (None, k._ROWS_FAST[q] and not packed)
+                        mark = "*" if (bn, nbt, warps) == picked and default else ""
+                        lay = "p" if packed else "" if rows_fast is None else ("r" if rows_fast else "b")
+                        cells.append(f"{bn}x{nbt}/{warps}w{lay} {w.numel() / t / 1e9:5.0f} ({frac:.2f}){mark}")
             print(f"{tname} {name:>8} {n}x{kdim} ({w.numel() / 1e6:.1f} MB): " + ", ".join(cells), flush=True)
-            del w
+            del w, wp
 
 
 if __name__ == "__main__":

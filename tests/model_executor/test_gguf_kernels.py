@@ -333,3 +333,84 @@ def test_mma_routing_and_refusals(monkeypatch):
     assert not gguf_mma.supports(x[:8], q6, q6_type)
     with pytest.raises(ValueError, match="takes Q4_K"):
         gguf_mma.gguf_mma(x[:8].float(), blocks, qtype)
+
+
+# -- the packed row layout (gguf_blocks.row_layout): every kernel reads it as it reads file order ----------
+
+# (type, columns): Q4_K; Q6_K in units of four blocks and of pairs (6 blocks); Q8_0 in pairs, and an odd
+# number of blocks (5: stays in file order)
+PACKED_CASES = [("Q4_K", 512), ("Q6_K", 1024), ("Q6_K", 1536), ("Q8_0", 192), ("Q8_0", 160)]
+
+
+def test_packed_row_layout_places_each_byte():
+    """Byte o of unit u of a row lands at (o // V) * units * V + u * V + o % V, and unpacking restores the
+    file order; types without a packed layout are returned as they are."""
+    from shardserve.model_executor.layers.quantization.gguf_blocks import pack_rows, row_layout, unpack_rows
+
+    for name, cols in PACKED_CASES + [("Q4_0", 256), ("Q5_K", 512)]:
+        t = block_type(name)
+        nb = cols // t.block_size
+        per, v = row_layout(t.type_id, nb)
+        gen = torch.Generator().manual_seed(3)
+        raw = torch.randint(0, 256, (3, nb * t.type_size), dtype=torch.uint8, generator=gen)
+        packed = pack_rows(raw, t.type_id)
+        assert torch.equal(unpack_rows(packed, t.type_id), raw)
+        unit_bytes, units = per * t.type_size, nb // per
+        if name in ("Q4_0", "Q5_K") or (name == "Q8_0" and nb % 2):
+            assert v == unit_bytes and packed is raw
+            continue
+        assert v in (4, 8, 16) and unit_bytes % v == 0
+        for u in (0, units - 1):
+            for o in (0, 1, v - 1, v, unit_bytes - 1):
+                assert packed[1, (o // v) * units * v + u * v + o % v] == raw[1, u * unit_bytes + o]
+    assert row_layout(14, 8) == (4, 8) and row_layout(14, 6) == (2, 4) and row_layout(12, 16) == (1, 16)
+    assert row_layout(12, 16, packed=False) == (1, 144)
+
+
+@pytest.mark.parametrize("name,cols", PACKED_CASES)
+def test_packed_rows_give_the_same_results(name, cols):
+    """Dequantization, the embedding gather, the fp32 GEMV and the tensor-core tiles on packed rows equal
+    the same calls on file order bit for bit (same arithmetic, other addresses)."""
+    from shardserve.model_executor.layers.quantization.gguf_blocks import pack_rows
+
+    t = block_type(name)
+    raw = random_blocks(np.random.default_rng(31), 12, cols, name, scale=(1e-4, 1e-3))
+    blocks = torch.from_numpy(raw).to(DEVICE)
+    packed = pack_rows(blocks, t.type_id)
+    ref = torch.from_numpy(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[name]).copy())
+    assert torch.equal(dequantize(packed, t.type_id, cols, torch.float32, packed=True).cpu(), ref)
+    ids = torch.tensor([11, 0, 4], device=DEVICE)
+    assert torch.equal(embedding(packed, t.type_id, cols, ids, torch.float32, packed=True).cpu(), ref[ids.cpu()])
+    x = torch.randn(6, cols, generator=torch.Generator().manual_seed(32)).to(DEVICE)
+    for fn, m in ((gguf_gemv, 2), (gguf_matmul, 6)):
+        for silu in (False, True):
+            want = fn(x[:m], blocks, t.type_id, silu)
+            assert torch.equal(fn(x[:m], packed, t.type_id, silu, packed=True), want), (fn.__name__, silu)
+
+
+@pytest.mark.parametrize("name,cols", PACKED_CASES)
+def test_packed_rows_in_the_int8_kernels(name, cols):
+    """The int8 GEMV on packed rows (its default thread layout for them, blocks fastest) against both
+    references, and equal to file order in the same thread layout; the MMA kernel (Q4_K) equal to file order."""
+    from shardserve.model_executor.kernels.gguf_dp4a import gguf_gemv_dp4a, supports
+    from shardserve.model_executor.kernels.gguf_mma import gguf_mma
+    from shardserve.model_executor.layers.quantization.gguf_blocks import pack_rows
+
+    blocks, ref, qtype, cols = _dp4a_case(name, 6, seed=33, cols=cols)
+    packed = pack_rows(blocks, qtype)
+    x = torch.randn(16, cols, generator=torch.Generator().manual_seed(34)).to(torch.bfloat16)
+    if not supports(x[:2].to(DEVICE), blocks, qtype):  # an odd number of Q8_0 blocks: not an int8 GEMV shape
+        assert packed is blocks
+        return
+
+    def fn(x_, w_, q_, silu_and_mul=False):
+        return gguf_gemv_dp4a(x_, w_, q_, silu_and_mul, packed=True)
+
+    _check_int8_kernel(fn, packed, ref, qtype, x[:2])
+    config = (4, 2, 1, False) if DEVICE == "cpu" else (8, 16, 4, False)
+    xd = x[:2].to(DEVICE)
+    same = gguf_gemv_dp4a(xd, blocks, qtype, config=config)
+    assert torch.equal(gguf_gemv_dp4a(xd, packed, qtype, config=config, packed=True), same)
+    if name == "Q4_K":
+        xd = x.to(DEVICE)
+        assert torch.equal(gguf_mma(xd, packed, qtype, True, packed=True), gguf_mma(xd, blocks, qtype, True))

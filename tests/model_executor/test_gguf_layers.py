@@ -34,6 +34,7 @@ from shardserve.model_executor.layers.quantization.gguf import (  # noqa: E402
     GGUFLinearMethod,
     gguf_weight_bytes,
 )
+from shardserve.model_executor.layers.quantization.gguf_blocks import unpack_rows  # noqa: E402
 from shardserve.model_executor.loader import load_model, pp_partition_by_memory  # noqa: E402
 from shardserve.model_executor.loader.resolve import open_gguf, resolve_model  # noqa: E402
 from shardserve.model_executor.loader.weights import GGUFSource  # noqa: E402
@@ -222,8 +223,14 @@ def test_mixed_type_projection_quantizes_its_input_once(tmp_path, tp_rank, monke
     monkeypatch.setattr(gguf_dp4a, "quantize_activations", lambda t: calls.append(t.shape) or quantize(t))
     y = layer.quant_method.apply(layer, x).float().cpu()
     assert calls == [(2, k)]
-    apart = torch.cat([gguf_dp4a.gguf_gemv_dp4a(x, w, q).float().cpu() for w, q, _, _ in layer.quant_method._views], 1)
+    method = layer.quant_method
+    assert method.packed  # the kernels read these rows: packed after loading
+    apart = torch.cat([gguf_dp4a.gguf_gemv_dp4a(x, w, q, packed=True).float().cpu() for w, q, _, _ in method._views], 1)
     assert torch.equal(y, apart)
+    # the packed bytes are the file's rows reordered (Q4_K q/k, Q6_K v)
+    loaded = [sources[f"attn.{p}_proj.weight"].load_blocks() for p in "qk"]
+    q4k = method._views[0][0].cpu()
+    assert torch.equal(unpack_rows(q4k, 12), torch.cat(loaded)) and not torch.equal(q4k, torch.cat(loaded))
     want = x.float().cpu() @ torch.cat([values["q_proj"], values["k_proj"], values["v_proj"]]).T
     _close(y, want, tol=2e-2)
 

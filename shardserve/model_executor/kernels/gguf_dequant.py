@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from shardserve.model_executor.layers.quantization.gguf_blocks import GGUFBlockType, block_type
+from shardserve.model_executor.layers.quantization.gguf_blocks import GGUFBlockType, block_type, row_layout
 
 MAGIC = 8388608.0
 """2**23: floats in [2**23, 2**24) have unit spacing, so ``bits(2**23) | v`` is ``2**23 + v``."""
@@ -77,16 +77,33 @@ def _k_scale_min(bp, j, mask, EVEN: tl.constexpr):
 
 
 @triton.jit
+def block_byte(bp, r, off, cs, V: tl.constexpr):
+    """Address of byte ``off`` of a block (``off`` may be a tensor; 2-byte fields at even offsets stay in one
+    chunk). File order (V = 0): ``bp`` is the block's first byte, ``bp + off``. Packed
+    (``gguf_blocks.row_layout``): ``bp`` is the first byte of the block's unit in its row's first chunk,
+    ``r`` the block's first byte within its unit and ``cs`` the row's chunk stride (units per row x V)."""
+    if V == 0:
+        p = bp + off
+    else:
+        o = r + off
+        p = bp + (o // V) * cs + o % V
+    return p
+
+
+@triton.jit
 def gguf_parts(
     wrow,
     sb,
     lane,
     mask,
+    NSUB,
     QTYPE: tl.constexpr,
     BS: tl.constexpr,
     TS: tl.constexpr,
     SUB: tl.constexpr,
     EVEN: tl.constexpr,
+    PER: tl.constexpr = 1,
+    V: tl.constexpr = 0,
 ):
     """Decode a tile: ``f (BLOCK_N, G, SUB)``, ``s, m (BLOCK_N, G, 1)`` with ``w = s * (f - 2**23) - m``.
 
@@ -95,14 +112,25 @@ def gguf_parts(
         sb: ``(1, G, 1)`` index of each sub-block within the row (elements ``[sb * SUB, (sb + 1) * SUB)``).
         lane: ``(1, 1, SUB)`` element within a sub-block.
         mask: ``(BLOCK_N, G, 1)`` rows and sub-blocks that exist (ignored when EVEN).
+        NSUB: sub-blocks per row.
         QTYPE, BS, TS, SUB: the ``ggml_type``, elements and bytes per block, elements per sub-block.
+        PER, V: the packed row layout (``gguf_blocks.row_layout``: units of PER blocks in chunks of V
+            bytes); V = 0 for file order.
     """
     SPB: tl.constexpr = BS // SUB  # sub-blocks per block
     j = sb % SPB
-    bp = wrow + (sb // SPB).to(tl.int64) * TS  # (BLOCK_N, G, 1) block start
+    blk = sb // SPB
+    if V == 0:
+        bp = wrow + blk.to(tl.int64) * TS  # (BLOCK_N, G, 1) block start
+        r = 0
+        cs = 0
+    else:  # the unit's first chunk, the block's byte in its unit, the chunk stride
+        bp = wrow + (blk // PER).to(tl.int64) * V
+        r = (blk % PER) * TS
+        cs = NSUB // SPB // PER * V
     if QTYPE == 8:  # Q8_0: d, qs[32] int8; w = d * q
-        d = _f16(bp, mask, EVEN)
-        v = _ld(bp + 2 + lane, mask, EVEN) ^ 0x80  # q + 128
+        d = _f16(block_byte(bp, r, 0, cs, V), mask, EVEN)
+        v = _ld(block_byte(bp, r, 2 + lane, cs, V), mask, EVEN) ^ 0x80  # q + 128
         s = d
         m = 128.0 * d
     elif QTYPE == 2 or QTYPE == 3:  # Q4_0: d, qs[16]; w = d * (q - 8). Q4_1: d, m, qs[16]; w = d * q + m
@@ -149,8 +177,8 @@ def gguf_parts(
         hi = j % 2
         d = _f16(bp, mask, EVEN)
         sc, mn = _k_scale_min(bp, j, mask, EVEN)
-        if QTYPE == 12:
-            v = _ld(bp + 16 + (j // 2) * 32 + lane, mask, EVEN) & (0x0F << (4 * hi))
+        if QTYPE == 12:  # (packed: the first 16 bytes are the unit's first chunk)
+            v = _ld(block_byte(bp, r, 16 + (j // 2) * 32 + lane, cs, V), mask, EVEN) & (0x0F << (4 * hi))
         else:
             qs = _ld(bp + 48 + (j // 2) * 32 + lane, mask, EVEN) & (0x0F << (4 * hi))
             hbit = (_ld(bp + 16 + lane, mask, EVEN) >> j) & 1
@@ -162,11 +190,11 @@ def gguf_parts(
         nib = t // 2
         lp = (j % 2) * 16 + lane
         h = j // 8
-        ql = _ld(bp + h * 64 + (t % 2) * 32 + lp, mask, EVEN) & (0x0F << (4 * nib))
-        qh = (_ld(bp + 128 + h * 32 + lp, mask, EVEN) >> (2 * t)) & 3
+        ql = _ld(block_byte(bp, r, h * 64 + (t % 2) * 32 + lp, cs, V), mask, EVEN) & (0x0F << (4 * nib))
+        qh = (_ld(block_byte(bp, r, 128 + h * 32 + lp, cs, V), mask, EVEN) >> (2 * t)) & 3
         v = ql | (qh << (4 + 4 * nib))
-        sc = _ld(bp + 192 + j, mask, EVEN)
-        dl = _f16(bp + 208, mask, EVEN) * _i2f(tl.where(sc > 127, sc - 256, sc), 128)
+        sc = _ld(block_byte(bp, r, 192 + j, cs, V), mask, EVEN)
+        dl = _f16(block_byte(bp, r, 208, cs, V), mask, EVEN) * _i2f(tl.where(sc > 127, sc - 256, sc), 128)
         s = dl * tl.where(nib == 1, 0.0625, 1.0)
         m = 32.0 * dl
     f = (v | 0x4B000000).to(tl.float32, bitcast=True)
@@ -191,6 +219,8 @@ def _dequant_kernel(
     BS: tl.constexpr,
     TS: tl.constexpr,
     SUB: tl.constexpr,
+    PER: tl.constexpr,
+    V: tl.constexpr,
     BLOCK_N: tl.constexpr,
     TILE_K: tl.constexpr,
 ):
@@ -201,7 +231,7 @@ def _dequant_kernel(
     lane = tl.arange(0, SUB)[None, None, :]
     mask = (rows < N)[:, None, None] & (sb < NSUB)
     wrow = (W + rows.to(tl.int64) * stride_wn)[:, None, None]
-    f, s, m = gguf_parts(wrow, sb, lane, mask, QTYPE, BS, TS, SUB, False)
+    f, s, m = gguf_parts(wrow, sb, lane, mask, NSUB, QTYPE, BS, TS, SUB, False, PER, V)
     ptrs = Y + rows.to(tl.int64)[:, None, None] * stride_yn + sb * SUB + lane
     tl.store(ptrs, gguf_weights(f, s, m).to(Y.dtype.element_ty), mask=mask & (lane < SUB))
 
@@ -219,6 +249,8 @@ def _embedding_kernel(
     BS: tl.constexpr,
     TS: tl.constexpr,
     SUB: tl.constexpr,
+    PER: tl.constexpr,
+    V: tl.constexpr,
     BLOCK_T: tl.constexpr,
     TILE_K: tl.constexpr,
 ):
@@ -230,7 +262,7 @@ def _embedding_kernel(
     lane = tl.arange(0, SUB)[None, None, :]
     mask = (tok < T)[:, None, None] & (sb < NSUB)
     wrow = (W + ids.to(tl.int64) * stride_wn)[:, None, None]
-    f, s, m = gguf_parts(wrow, sb, lane, mask, QTYPE, BS, TS, SUB, False)
+    f, s, m = gguf_parts(wrow, sb, lane, mask, NSUB, QTYPE, BS, TS, SUB, False, PER, V)
     ptrs = Y + tok.to(tl.int64)[:, None, None] * stride_yt + sb * SUB + lane
     tl.store(ptrs, gguf_weights(f, s, m).to(Y.dtype.element_ty), mask=mask & (lane < SUB))
 
@@ -252,13 +284,28 @@ def kernel_type(qtype: int) -> GGUFBlockType:
     return t
 
 
-def dequantize(weight: torch.Tensor, qtype: int, k: int, dtype: torch.dtype, out: torch.Tensor | None = None):
+def kernel_layout(qtype: int, blocks_per_row: int, packed: bool) -> tuple[int, int]:
+    """``(PER, V)`` constants of the row layout for the kernels: ``gguf_blocks.row_layout``, with V = 0 for
+    file order."""
+    per, v = row_layout(qtype, blocks_per_row, packed)
+    return per, (0 if v == per * kernel_type(qtype).type_size else v)
+
+
+def dequantize(
+    weight: torch.Tensor,
+    qtype: int,
+    k: int,
+    dtype: torch.dtype,
+    out: torch.Tensor | None = None,
+    packed: bool = False,
+):
     """Dequantize a whole GGUF matrix on the device (the scratch buffer of the prefill cuBLAS path).
 
     Args:
         weight: ``(N, K / block_size * type_size)`` uint8, contiguous rows.
         qtype: its ``ggml_type``; k: elements per row.
         dtype: of the result; out: optional ``(N, K)`` buffer to write.
+        packed: ``weight``'s rows are in the packed layout (``gguf_blocks.pack_rows``), not file order.
 
     Returns:
         ``(N, K)`` in ``dtype``.
@@ -268,18 +315,22 @@ def dequantize(weight: torch.Tensor, qtype: int, k: int, dtype: torch.dtype, out
     y = out if out is not None else torch.empty((n, k), dtype=dtype, device=weight.device)
     tk, block_n = max(t.sub_size, tile_k(k)), 16
     grid = (triton.cdiv(n, block_n), triton.cdiv(k, tk))
+    per, v = kernel_layout(qtype, k // t.block_size, packed)
     _dequant_kernel[grid](
         weight, y, n, k // t.sub_size, weight.stride(0), y.stride(0), qtype, t.block_size, t.type_size,
-        t.sub_size, BLOCK_N=block_n, TILE_K=tk, num_warps=4,
+        t.sub_size, per, v, BLOCK_N=block_n, TILE_K=tk, num_warps=4,
     )  # fmt: skip
     return y
 
 
-def embedding(weight: torch.Tensor, qtype: int, k: int, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def embedding(
+    weight: torch.Tensor, qtype: int, k: int, ids: torch.Tensor, dtype: torch.dtype, packed: bool = False
+) -> torch.Tensor:
     """Rows ``ids`` of a GGUF embedding table, dequantized: ``(T,)`` -> ``(T, K)`` in ``dtype``.
 
     Args:
         weight: ``(V, K / block_size * type_size)`` uint8; ids: ``(T,)`` integer row indices (in range).
+        packed: as for :func:`dequantize`.
     """
     t = kernel_type(qtype)
     ids = ids.contiguous()
@@ -288,8 +339,9 @@ def embedding(weight: torch.Tensor, qtype: int, k: int, ids: torch.Tensor, dtype
         return y
     tk, block_t = max(t.sub_size, tile_k(k)), 4
     grid = (triton.cdiv(ids.shape[0], block_t), triton.cdiv(k, tk))
+    per, v = kernel_layout(qtype, k // t.block_size, packed)
     _embedding_kernel[grid](
         ids, weight, y, ids.shape[0], k // t.sub_size, weight.stride(0), y.stride(0), qtype, t.block_size,
-        t.type_size, t.sub_size, BLOCK_T=block_t, TILE_K=tk, num_warps=4,
+        t.type_size, t.sub_size, per, v, BLOCK_T=block_t, TILE_K=tk, num_warps=4,
     )  # fmt: skip
     return y

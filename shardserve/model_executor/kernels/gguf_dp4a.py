@@ -32,7 +32,8 @@ import triton
 import triton.language as tl
 
 from shardserve.model_executor.kernels.gemv import gate_up_rows, silu_mul_rounded
-from shardserve.model_executor.kernels.gguf_dequant import _i2f
+from shardserve.model_executor.kernels.gguf_dequant import _i2f, kernel_layout
+from shardserve.model_executor.layers.quantization.gguf_blocks import row_layout
 
 DP4A_TYPES = {12: "Q4_K", 14: "Q6_K", 8: "Q8_0"}
 """``ggml_type`` -> name of the types with an int8 dot-product GEMV."""
@@ -47,8 +48,8 @@ fours, 8-byte aligned, where the row's blocks divide by 4: :func:`_unit`)."""
 
 
 def _unit(qtype: int, nb: int) -> int:
-    """Blocks per thread for a row of ``nb`` blocks."""
-    return 4 if qtype == 14 and nb % 4 == 0 else _PER[qtype]
+    """Blocks per thread for a row of ``nb`` blocks (the unit of ``gguf_blocks.row_layout``)."""
+    return row_layout(qtype, nb)[0]
 
 
 def supports(x: torch.Tensor, weight: torch.Tensor, qtype: int) -> bool:
@@ -120,10 +121,16 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
 # blocked layout then gives each thread whole blocks (the configs have BLOCK_N * NBT = 32 * num_warps), so
 # the sums over a block's words stay in one thread (dp4a chains, no shuffles) and a block's scales are
 # decoded once, in the thread that uses them. The last axis varies fastest across the threads of a warp:
-# by default a warp reads consecutive blocks of a few rows (contiguous weight bytes); with ROWS_FAST the
-# same block of 32 rows, so its x loads all read one address. Q4_K (16-byte weight loads) is faster the
-# first way, Q8_0 (4-byte loads, more x per weight byte) the second (``benchmarks/sweep_dp4a.py``). x
-# pointers carry the full shape with a zero stride along BLOCK_N to get the same layout.
+# by default a warp reads consecutive blocks of a few rows; with ROWS_FAST the same block of 32 rows, so
+# its x loads all read one address. In file order a thread's unit is contiguous but the units of a warp's
+# threads are not, so every weight load instruction of a warp touches 32 cache lines (one per thread);
+# Q4_K (16-byte loads) was faster blocks-fastest, Q8_0 (4-byte loads, more x per weight byte) rows-fastest
+# (``benchmarks/sweep_dp4a.py``). The layers keep their rows in the packed layout of
+# ``gguf_blocks.row_layout`` (V != 0 here): chunk c of consecutive units is contiguous, so with blocks
+# fastest a warp's load reads a few runs of consecutive bytes (2 rows x 16 units x 16 bytes for Q4_K at
+# NBT = 16), the same instructions at other addresses (the chunk stride CSW is a compile-time constant, so
+# the offsets stay immediates: same SASS instruction counts as file order for sm_90). x pointers carry the
+# full shape with a zero stride along BLOCK_N to get the same layout.
 
 M4 = tl.constexpr(0x0F0F0F0F)
 M2 = tl.constexpr(0x03030303)
@@ -225,6 +232,20 @@ def _ld(p, mask, EVEN: tl.constexpr):
     if EVEN:
         return tl.load(p)
     return tl.load(p, mask=mask, other=0)
+
+
+@triton.jit
+def _wordp(wp, w: tl.constexpr, csw, VW: tl.constexpr):
+    """Pointer to int32 word ``w`` of a thread's unit whose first word is at ``wp``: ``wp + w`` in file order
+    (VW = the unit's words); in the packed row layout (``gguf_blocks.row_layout``, VW words per chunk)
+    word ``w % VW`` of chunk ``w // VW``, the chunks ``csw`` words apart."""
+    C: tl.constexpr = w // VW
+    R: tl.constexpr = w % VW
+    if C == 0:
+        p = wp + R
+    else:
+        p = wp + C * csw + R
+    return p
 
 
 def _even(a: dict) -> bool:
@@ -331,20 +352,22 @@ def _q4_k_scale_min(h1, h2, h3, j: tl.constexpr):
 def _q4_k_kernel(
     XQ, XD, XS, W, Y, M, N, NB, stride_wn, stride_ym,
     PER: tl.constexpr, BLOCK_M: tl.constexpr, SILU_MUL: tl.constexpr, ASM: tl.constexpr, ROWS_FAST: tl.constexpr,
-    BLOCK_N: tl.constexpr, NBT: tl.constexpr, EVEN: tl.constexpr,
+    V: tl.constexpr, CSW: tl.constexpr, BLOCK_N: tl.constexpr, NBT: tl.constexpr, EVEN: tl.constexpr,
 ):  # fmt: skip
     # Block (144 B = 36 words): d, dmin (fp16), scales[12], qs[128]. qs word t = 8c + 4v + w (chunk c of 64
     # elements): its low nibbles are elements 4(4v + w)..+3 of sub-block 2c, its high nibbles the same of
     # sub-block 2c + 1 (gguf Q4_K.dequantize_blocks), i.e. x words 64 b + 16 c + 4 v + w and that + 8.
     W32, XQ32, mi, bi, zn, wrow, n_ok = _program(W, XQ, N, stride_wn, BLOCK_M, BLOCK_N, NBT, SILU_MUL, ROWS_FAST)
     K = NB * 256
+    VW: tl.constexpr = 36 if V == 0 else V // 4  # words per chunk (file order: the block is one chunk)
+    csw = CSW
     vec = tl.arange(0, 4)[None, None, None, :]
     acc = _zero_acc(BLOCK_M, BLOCK_N, NBT, ROWS_FAST)
     for b0 in range(0, NB, NBT):
         blk = b0 + bi
         wmask = n_ok & (blk < NB)
         xmask = (mi < M) & (blk < NB)
-        wp = W32 + wrow + blk * 36  # (1, BLOCK_N, NBT)
+        wp = W32 + wrow + blk * VW  # (1, BLOCK_N, NBT)
         h0, h1, h2, h3 = _split4(_ld(wp[:, :, :, None] + vec, wmask[:, :, :, None], EVEN))
         d = _half(h0, False)
         dmin = _half(h0, True)
@@ -356,7 +379,8 @@ def _q4_k_kernel(
             s_lo = None
             s_hi = None
             for v in tl.static_range(2):
-                q0, q1, q2, q3 = _split4(_ld(wp[:, :, :, None] + (4 + 8 * c + 4 * v) + vec, wmask[:, :, :, None], EVEN))
+                qp = _wordp(wp, 4 + 8 * c + 4 * v, csw, VW)
+                q0, q1, q2, q3 = _split4(_ld(qp[:, :, :, None] + vec, wmask[:, :, :, None], EVEN))
                 xl = tl.load(xp[:, :, :, None] + (16 * c + 4 * v) + vec, mask=xmask[:, :, :, None], other=0)
                 xh = tl.load(xp[:, :, :, None] + (16 * c + 8 + 4 * v) + vec, mask=xmask[:, :, :, None], other=0)
                 l0, l1, l2, l3 = _split4(xl)
@@ -399,12 +423,12 @@ def _ld2(p, mask, EVEN: tl.constexpr):
 
 
 @triton.jit
-def _q6_k_word(wp, o: tl.constexpr, mask, EVEN: tl.constexpr, WIDE: tl.constexpr):
-    """The int32 at byte ``o`` (even) of a thread's unit of blocks at int32 pointer ``wp``. WIDE: the unit
-    is 8-byte aligned and read as 8-byte words (half the loads, so half the L1 requests: every thread of
-    a warp reads a different line, and the requests are what limits this kernel); else word by word."""
+def _q6_k_word(wp, o: tl.constexpr, mask, csw, VW: tl.constexpr, EVEN: tl.constexpr, WIDE: tl.constexpr):
+    """The int32 at byte ``o`` (even) of a thread's unit of blocks at int32 pointer ``wp`` (words by
+    :func:`_wordp`). WIDE: the unit is 8-byte aligned and read as 8-byte words (half the loads); else word
+    by word."""
     if WIDE:
-        lo, hi = _ld2(wp + 2 * (o // 8), mask, EVEN)
+        lo, hi = _ld2(_wordp(wp, 2 * (o // 8), csw, VW), mask, EVEN)
         if o % 8 == 0:
             word = lo
         elif o % 8 == 2:
@@ -412,31 +436,32 @@ def _q6_k_word(wp, o: tl.constexpr, mask, EVEN: tl.constexpr, WIDE: tl.constexpr
         elif o % 8 == 4:
             word = hi
         else:
-            nxt, _ = _ld2(wp + 2 * (o // 8) + 2, mask, EVEN)
+            nxt, _ = _ld2(_wordp(wp, 2 * (o // 8) + 2, csw, VW), mask, EVEN)
             word = _funnel16(hi, nxt)
     else:
         if o % 4 == 0:
-            word = _ld(wp + o // 4, mask, EVEN)
+            word = _ld(_wordp(wp, o // 4, csw, VW), mask, EVEN)
         else:
-            word = _funnel16(_ld(wp + o // 4, mask, EVEN), _ld(wp + o // 4 + 1, mask, EVEN))
+            lo = _ld(_wordp(wp, o // 4, csw, VW), mask, EVEN)
+            word = _funnel16(lo, _ld(_wordp(wp, o // 4 + 1, csw, VW), mask, EVEN))
     return word
 
 
 @triton.jit
-def _q6_k_half(wp, o: tl.constexpr, mask, EVEN: tl.constexpr, WIDE: tl.constexpr):
+def _q6_k_half(wp, o: tl.constexpr, mask, csw, VW: tl.constexpr, EVEN: tl.constexpr, WIDE: tl.constexpr):
     """The fp16 at byte ``o`` (even) of the unit at ``wp``, as fp32, read from the word that holds it (a
     block's ``d`` ends its block, and for the last block of a unit the next word is past the unit)."""
     if WIDE:
-        lo, hi = _ld2(wp + 2 * (o // 8), mask, EVEN)
+        lo, hi = _ld2(_wordp(wp, 2 * (o // 8), csw, VW), mask, EVEN)
         word = lo if o % 8 < 4 else hi
     else:
-        word = _ld(wp + o // 4, mask, EVEN)
+        word = _ld(_wordp(wp, o // 4, csw, VW), mask, EVEN)
     return _half(word, o % 4 == 2)
 
 
 @triton.jit
-def _q6_k_block(acc, wp, mask, xp, gd, gs, xmask, XD, XS, EVEN: tl.constexpr, OFF: tl.constexpr,
-                WIDE: tl.constexpr, ASM: tl.constexpr):  # fmt: skip
+def _q6_k_block(acc, wp, mask, csw, VW: tl.constexpr, xp, gd, gs, xmask, XD, XS, EVEN: tl.constexpr,
+                OFF: tl.constexpr, WIDE: tl.constexpr, ASM: tl.constexpr):  # fmt: skip
     """``acc`` plus one Q6_K block (210 B: ql[128], qh[64], scales[16] int8, d) at byte ``OFF`` of the
     thread's unit at ``wp``, times its 256 x values.
 
@@ -444,7 +469,7 @@ def _q6_k_block(acc, wp, mask, xp, gd, gs, xmask, XD, XS, EVEN: tl.constexpr, OF
     16 h + 8 (t % 2) + w, nibble t // 2; high 2 bits in qh word 32 + 8 h + w, bits 2 t of each byte;
     w = d sc[e // 16] (q - 32) (gguf Q6_K.dequantize_blocks). x word e / 4 = 32 h + 8 t + w.
     """
-    d = _q6_k_half(wp, OFF + 208, mask, EVEN, WIDE)
+    d = _q6_k_half(wp, OFF + 208, mask, csw, VW, EVEN, WIDE)
     for h in tl.static_range(2):
         # dx of x groups 4h .. 4h + 3 and dx * sum(xq) of its 16-element halves 8h .. 8h + 7, as vectors
         dx0, dx1, dx2, dx3 = _vec4(XD + gd + 4 * h, xmask)
@@ -459,15 +484,15 @@ def _q6_k_block(acc, wp, mask, xp, gd, gs, xmask, XD, XS, EVEN: tl.constexpr, OF
                 s_hi = None  # sub-block 8h + 2 t2 + 4 + wq (quarter t2 + 2)
                 for w4 in tl.static_range(4):
                     w = 4 * wq + w4
-                    ql = _q6_k_word(wp, OFF + 4 * (16 * h + 8 * t2 + w), mask, EVEN, WIDE)
-                    qh = _q6_k_word(wp, OFF + 4 * (32 + 8 * h + w), mask, EVEN, WIDE)
+                    ql = _q6_k_word(wp, OFF + 4 * (16 * h + 8 * t2 + w), mask, csw, VW, EVEN, WIDE)
+                    qh = _q6_k_word(wp, OFF + 4 * (32 + 8 * h + w), mask, csw, VW, EVEN, WIDE)
                     q_lo = (ql & M4) | (((qh >> (2 * t2)) & M2) << 4)
                     q_hi = ((ql >> 4) & M4) | (((qh >> (2 * t2 + 4)) & M2) << 4)
                     s_lo = _dp4a(q_lo, _pick4(w4, l0, l1, l2, l3), s_lo, False, ASM)
                     s_hi = _dp4a(q_hi, _pick4(w4, u0, u1, u2, u3), s_hi, False, ASM)
                 j = 8 * h + 2 * t2 + wq
-                sw_lo = _q6_k_word(wp, OFF + 4 * (48 + j // 4), mask, EVEN, WIDE)
-                sw_hi = _q6_k_word(wp, OFF + 4 * (48 + (j + 4) // 4), mask, EVEN, WIDE)
+                sw_lo = _q6_k_word(wp, OFF + 4 * (48 + j // 4), mask, csw, VW, EVEN, WIDE)
+                sw_hi = _q6_k_word(wp, OFF + 4 * (48 + (j + 4) // 4), mask, csw, VW, EVEN, WIDE)
                 sc_lo = _i2f((sw_lo << (24 - 8 * (j % 4))) >> 24, 128)
                 sc_hi = _i2f((sw_hi << (24 - 8 * ((j + 4) % 4))) >> 24, 128)
                 dx_lo, dx_hi = _pick4(t2, dx0, dx1, dx2, dx3), _pick4(t2 + 2, dx0, dx1, dx2, dx3)  # groups 4h + t2, +2
@@ -482,25 +507,27 @@ def _q6_k_block(acc, wp, mask, xp, gd, gs, xmask, XD, XS, EVEN: tl.constexpr, OF
 def _q6_k_kernel(
     XQ, XD, XS, W, Y, M, N, NB, stride_wn, stride_ym,
     PER: tl.constexpr, BLOCK_M: tl.constexpr, SILU_MUL: tl.constexpr, ASM: tl.constexpr, ROWS_FAST: tl.constexpr,
-    BLOCK_N: tl.constexpr, NBT: tl.constexpr, EVEN: tl.constexpr,
+    V: tl.constexpr, CSW: tl.constexpr, BLOCK_N: tl.constexpr, NBT: tl.constexpr, EVEN: tl.constexpr,
 ):  # fmt: skip
     # A thread takes a unit of PER consecutive blocks (PER * 210 B): PER = 4 (840 B, 8-byte aligned: read
     # as 8-byte words) when the row's blocks divide by 4, else a pair (420 B, 4-byte aligned: word by word).
     # Block b of the unit starts at byte 210 b, read by funnel shifts where that is not word-aligned.
     W32, XQ32, mi, bi, zn, wrow, n_ok = _program(W, XQ, N, stride_wn, BLOCK_M, BLOCK_N, NBT, SILU_MUL, ROWS_FAST)
     K = NB * 256
+    VW: tl.constexpr = PER * 210 // 4 if V == 0 else V // 4  # words per chunk (file order: one per unit)
+    csw = CSW
     acc = _zero_acc(BLOCK_M, BLOCK_N, NBT, ROWS_FAST)
     for p0 in range(0, NB // PER, NBT):
         pr = p0 + bi
         wmask = n_ok & (pr < NB // PER)
         xmask = (mi < M) & (pr < NB // PER)
-        wp = W32 + wrow + pr * (PER * 210 // 4)
+        wp = W32 + wrow + pr * VW
         for b in tl.static_range(PER):
             blk = PER * pr + b
             xp = XQ32 + mi * (K // 4) + zn + blk * 64
             gd = mi * (K // 32) + zn + blk * 8
             gs = mi * (K // 16) + zn + blk * 16
-            acc = _q6_k_block(acc, wp, wmask, xp, gd, gs, xmask, XD, XS, EVEN, 210 * b, PER == 4, ASM)
+            acc = _q6_k_block(acc, wp, wmask, csw, VW, xp, gd, gs, xmask, XD, XS, EVEN, 210 * b, PER == 4, ASM)
     _store(Y, _row_sums(acc, ROWS_FAST), M, N, stride_ym, BLOCK_M, BLOCK_N, SILU_MUL)
 
 
@@ -511,19 +538,21 @@ def _q6_k_kernel(
 def _q8_0_kernel(
     XQ, XD, XS, W, Y, M, N, NB, stride_wn, stride_ym,
     PER: tl.constexpr, BLOCK_M: tl.constexpr, SILU_MUL: tl.constexpr, ASM: tl.constexpr, ROWS_FAST: tl.constexpr,
-    BLOCK_N: tl.constexpr, NBT: tl.constexpr, EVEN: tl.constexpr,
+    V: tl.constexpr, CSW: tl.constexpr, BLOCK_N: tl.constexpr, NBT: tl.constexpr, EVEN: tl.constexpr,
 ):  # fmt: skip
     # Block (34 B): d (fp16), qs[32] int8; w = d q. A thread takes a pair of blocks (68 B = 17 words,
     # 4-byte aligned): the first's d in the low half of word 0 and its codes 2 bytes into words 0..8, the
     # second's d in the high half of word 8 and its codes in words 9..16. NB is even (the caller checks).
     W32, XQ32, mi, bi, zn, wrow, n_ok = _program(W, XQ, N, stride_wn, BLOCK_M, BLOCK_N, NBT, SILU_MUL, ROWS_FAST)
     K = NB * 32
+    VW: tl.constexpr = 17 if V == 0 else V // 4  # words per chunk (file order: the pair is one chunk)
+    csw = CSW
     acc = _zero_acc(BLOCK_M, BLOCK_N, NBT, ROWS_FAST)
     for p0 in range(0, NB // 2, NBT):
         pr = p0 + bi
         wmask = n_ok & (pr < NB // 2)
         xmask = (mi < M) & (pr < NB // 2)
-        wp = W32 + wrow + pr * 17
+        wp = W32 + wrow + pr * VW
         xp = XQ32 + mi * (K // 4) + zn + pr * 16
         vec = tl.arange(0, 4)[None, None, None, :]
         x0, x1, x2, x3 = _split4(tl.load(xp[:, :, :, None] + vec, mask=xmask[:, :, :, None], other=0))
@@ -531,14 +560,14 @@ def _q8_0_kernel(
         y0, y1, y2, y3 = _split4(tl.load(xp[:, :, :, None] + 8 + vec, mask=xmask[:, :, :, None], other=0))
         y4, y5, y6, y7 = _split4(tl.load(xp[:, :, :, None] + 12 + vec, mask=xmask[:, :, :, None], other=0))
         w0 = _ld(wp, wmask, EVEN)
-        w1 = _ld(wp + 1, wmask, EVEN)
-        w2 = _ld(wp + 2, wmask, EVEN)
-        w3 = _ld(wp + 3, wmask, EVEN)
-        w4 = _ld(wp + 4, wmask, EVEN)
-        w5 = _ld(wp + 5, wmask, EVEN)
-        w6 = _ld(wp + 6, wmask, EVEN)
-        w7 = _ld(wp + 7, wmask, EVEN)
-        w8 = _ld(wp + 8, wmask, EVEN)
+        w1 = _ld(_wordp(wp, 1, csw, VW), wmask, EVEN)
+        w2 = _ld(_wordp(wp, 2, csw, VW), wmask, EVEN)
+        w3 = _ld(_wordp(wp, 3, csw, VW), wmask, EVEN)
+        w4 = _ld(_wordp(wp, 4, csw, VW), wmask, EVEN)
+        w5 = _ld(_wordp(wp, 5, csw, VW), wmask, EVEN)
+        w6 = _ld(_wordp(wp, 6, csw, VW), wmask, EVEN)
+        w7 = _ld(_wordp(wp, 7, csw, VW), wmask, EVEN)
+        w8 = _ld(_wordp(wp, 8, csw, VW), wmask, EVEN)
         d_a = _half(w0, False)
         d_b = _half(w8, True)
         s_a = _dp4a(_funnel16(w0, w1), x0, None, True, ASM)
@@ -549,14 +578,14 @@ def _q8_0_kernel(
         s_a = _dp4a(_funnel16(w5, w6), x5, s_a, True, ASM)
         s_a = _dp4a(_funnel16(w6, w7), x6, s_a, True, ASM)
         s_a = _dp4a(_funnel16(w7, w8), x7, s_a, True, ASM)
-        s_b = _dp4a(_ld(wp + 9, wmask, EVEN), y0, None, True, ASM)
-        s_b = _dp4a(_ld(wp + 10, wmask, EVEN), y1, s_b, True, ASM)
-        s_b = _dp4a(_ld(wp + 11, wmask, EVEN), y2, s_b, True, ASM)
-        s_b = _dp4a(_ld(wp + 12, wmask, EVEN), y3, s_b, True, ASM)
-        s_b = _dp4a(_ld(wp + 13, wmask, EVEN), y4, s_b, True, ASM)
-        s_b = _dp4a(_ld(wp + 14, wmask, EVEN), y5, s_b, True, ASM)
-        s_b = _dp4a(_ld(wp + 15, wmask, EVEN), y6, s_b, True, ASM)
-        s_b = _dp4a(_ld(wp + 16, wmask, EVEN), y7, s_b, True, ASM)
+        s_b = _dp4a(_ld(_wordp(wp, 9, csw, VW), wmask, EVEN), y0, None, True, ASM)
+        s_b = _dp4a(_ld(_wordp(wp, 10, csw, VW), wmask, EVEN), y1, s_b, True, ASM)
+        s_b = _dp4a(_ld(_wordp(wp, 11, csw, VW), wmask, EVEN), y2, s_b, True, ASM)
+        s_b = _dp4a(_ld(_wordp(wp, 12, csw, VW), wmask, EVEN), y3, s_b, True, ASM)
+        s_b = _dp4a(_ld(_wordp(wp, 13, csw, VW), wmask, EVEN), y4, s_b, True, ASM)
+        s_b = _dp4a(_ld(_wordp(wp, 14, csw, VW), wmask, EVEN), y5, s_b, True, ASM)
+        s_b = _dp4a(_ld(_wordp(wp, 15, csw, VW), wmask, EVEN), y6, s_b, True, ASM)
+        s_b = _dp4a(_ld(_wordp(wp, 16, csw, VW), wmask, EVEN), y7, s_b, True, ASM)
         gd = mi * (K // 32) + zn + 2 * pr
         dx_a = tl.load(XD + gd, mask=xmask, other=0.0)
         dx_b = tl.load(XD + gd + 1, mask=xmask, other=0.0)
@@ -577,6 +606,7 @@ def gguf_gemv_dp4a(
     out: torch.Tensor | None = None,
     config: tuple[int, int, int] | tuple[int, int, int, bool] | None = None,
     quantized: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    packed: bool = False,
 ) -> torch.Tensor:
     """``x @ W.T`` (or SwiGLU) on int8 dot products, for a call :func:`supports` accepts.
 
@@ -590,6 +620,9 @@ def gguf_gemv_dp4a(
             benchmarks; a tiling with ``BLOCK_N * NBT != 32 * num_warps`` is correct but gives a thread
             parts of blocks).
         quantized: ``quantize_activations(x)`` when the caller already has it (one input, several weights).
+        packed: ``weight``'s rows are in the packed layout (``gguf_blocks.pack_rows``), not file order.
+            Packed rows default to blocks as the fastest axis across threads (a warp then reads
+            consecutive bytes of a row in every load), file order to :data:`_ROWS_FAST`.
 
     Returns:
         ``(M, N)`` (``(M, N / 2)`` with ``silu_and_mul``) in ``x``'s dtype. The error against the exact
@@ -605,7 +638,7 @@ def gguf_gemv_dp4a(
         )
     m, n_out, nb, out, grid = launch_shape(x, weight, _BLOCK_SIZE[qtype], _TYPE_SIZE[qtype], silu_and_mul, out)
     xq, xd, xs = quantize_activations(x) if quantized is None else quantized
-    per = _unit(qtype, nb)
+    per, v = kernel_layout(qtype, nb, packed)
     if config is None:
         if x.is_cuda:
             config = tiling(weight.shape[0], nb // per, _num_sms(x.device.index or 0))
@@ -615,7 +648,8 @@ def gguf_gemv_dp4a(
     _KERNELS[qtype][grid](
         xq, xd, xs, weight, out, m, n_out, nb, weight.stride(0), out.stride(0),
         PER=per, BLOCK_M=triton.next_power_of_2(m), SILU_MUL=silu_and_mul, ASM=x.is_cuda,
-        ROWS_FAST=config[3] if len(config) > 3 else _ROWS_FAST[qtype], BLOCK_N=bn, NBT=nbt, num_warps=warps,
+        ROWS_FAST=config[3] if len(config) > 3 else _ROWS_FAST[qtype] and not v, V=v, CSW=nb // per * v // 4,
+        BLOCK_N=bn, NBT=nbt, num_warps=warps,
     )  # fmt: skip
     return out
 

@@ -43,6 +43,7 @@ from shardserve.model_executor.kernels.gguf_dequant import (
     dequantize,
     gguf_parts,
     gguf_weights,
+    kernel_layout,
     kernel_type,
     tile_k,
 )
@@ -138,6 +139,8 @@ def _gguf_gemv_kernel(
     BS: tl.constexpr,
     TS: tl.constexpr,
     SUB: tl.constexpr,
+    PER: tl.constexpr,
+    V: tl.constexpr,
     BLOCK_M: tl.constexpr,
     SILU_MUL: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -168,7 +171,7 @@ def _gguf_gemv_kernel(
     for sb0 in range(0, NSUB, G):
         sb = sb0 + g
         mask = n_ok & (sb < NSUB)
-        f, s, m = gguf_parts(wrow, sb, lane, mask, QTYPE, BS, TS, SUB, EVEN)
+        f, s, m = gguf_parts(wrow, sb, lane, mask, NSUB, QTYPE, BS, TS, SUB, EVEN, PER, V)
         k = sb * SUB + lane
         acc0, accm0 = _row_step(acc0, accm0, f, s, m, X + k, k < K, EVEN)
         if BLOCK_M > 1:
@@ -247,6 +250,8 @@ def _gguf_matmul_kernel(
     BS: tl.constexpr,
     TS: tl.constexpr,
     SUB: tl.constexpr,
+    PER: tl.constexpr,
+    V: tl.constexpr,
     SILU_MUL: tl.constexpr,
     PRECISION: tl.constexpr,
     DOT_FP32: tl.constexpr,
@@ -276,11 +281,11 @@ def _gguf_matmul_kernel(
         x = tl.load(x_ptrs + k0, mask=(offs_m < M)[:, None] & (k0 + offs_k < K)[None, :], other=0.0)
         sb = sb0 + g
         mask = n_ok & (sb < NSUB)
-        f, s, m = gguf_parts(wrow, sb, lane, mask, QTYPE, BS, TS, SUB, False)
+        f, s, m = gguf_parts(wrow, sb, lane, mask, NSUB, QTYPE, BS, TS, SUB, False, PER, V)
         w = tl.reshape(gguf_weights(f, s, m), (BLOCK_N, TILE_K)).to(in_ty)
         acc = _dot(x, w, acc, PRECISION, DOT_FP32)
         if SILU_MUL:
-            f, s, m = gguf_parts(wrow_up, sb, lane, mask, QTYPE, BS, TS, SUB, False)
+            f, s, m = gguf_parts(wrow_up, sb, lane, mask, NSUB, QTYPE, BS, TS, SUB, False, PER, V)
             w = tl.reshape(gguf_weights(f, s, m), (BLOCK_N, TILE_K)).to(in_ty)
             acc_up = _dot(x, w, acc_up, PRECISION, DOT_FP32)
     out_ty = Y.dtype.element_ty
@@ -315,7 +320,12 @@ def _out(x: torch.Tensor, m: int, n: int, out: torch.Tensor | None) -> torch.Ten
 
 
 def gguf_gemv(
-    x: torch.Tensor, weight: torch.Tensor, qtype: int, silu_and_mul: bool = False, out: torch.Tensor | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    qtype: int,
+    silu_and_mul: bool = False,
+    out: torch.Tensor | None = None,
+    packed: bool = False,
 ) -> torch.Tensor:
     """``x @ W.T`` for ``x`` of at most :data:`GEMV_KERNEL_MAX_ROWS` rows, ``W`` in GGUF blocks; fp32
     accumulation.
@@ -326,6 +336,7 @@ def gguf_gemv(
         silu_and_mul: ``weight`` is gate rows then up rows (``(2 I, ...)``); the result is
             ``silu(x gate^T) * (x up^T)``, ``(M, I)``.
         out: optional ``(M, N)`` output (may be a column slice of a wider tensor).
+        packed: ``weight``'s rows are in the packed layout (``gguf_blocks.pack_rows``), not file order.
 
     Returns:
         ``(M, N)`` (``(M, N / 2)`` with ``silu_and_mul``) in ``x``'s dtype.
@@ -342,16 +353,22 @@ def gguf_gemv(
     def grid(meta):
         return (triton.cdiv(n, meta["BLOCK_N"] // per),)
 
+    unit, v = kernel_layout(qtype, k // t.block_size, packed)
     _gguf_gemv_kernel[grid](
         x, weight, y, m, n, k // t.sub_size, x.stride(0), weight.stride(0), y.stride(0),
-        QTYPE=qtype, BS=t.block_size, TS=t.type_size, SUB=t.sub_size, BLOCK_M=triton.next_power_of_2(m),
+        QTYPE=qtype, BS=t.block_size, TS=t.type_size, SUB=t.sub_size, PER=unit, V=v, BLOCK_M=triton.next_power_of_2(m),
         SILU_MUL=silu_and_mul,
     )  # fmt: skip
     return y
 
 
 def gguf_matmul(
-    x: torch.Tensor, weight: torch.Tensor, qtype: int, silu_and_mul: bool = False, out: torch.Tensor | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    qtype: int,
+    silu_and_mul: bool = False,
+    out: torch.Tensor | None = None,
+    packed: bool = False,
 ) -> torch.Tensor:
     """``x @ W.T`` with tiles of ``W`` dequantized in registers and multiplied on tensor cores (``tl.dot``,
     fp32 accumulation). Arguments and result as :func:`gguf_gemv`, any number of rows."""
@@ -363,9 +380,10 @@ def gguf_matmul(
     def grid(meta):
         return (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]))
 
+    unit, v = kernel_layout(qtype, k // t.block_size, packed)
     _gguf_matmul_kernel[grid](
         x, weight, y, m, n, k // t.sub_size, x.stride(0), weight.stride(0), y.stride(0), _m_bucket(m),
-        QTYPE=qtype, BS=t.block_size, TS=t.type_size, SUB=t.sub_size, SILU_MUL=silu_and_mul,
+        QTYPE=qtype, BS=t.block_size, TS=t.type_size, SUB=t.sub_size, PER=unit, V=v, SILU_MUL=silu_and_mul,
         PRECISION="ieee" if x.dtype == torch.float32 else None, DOT_FP32=not x.is_cuda and x.dtype == torch.bfloat16,
     )  # fmt: skip
     return y
@@ -378,12 +396,14 @@ def gguf_linear(
     silu_and_mul: bool = False,
     out: torch.Tensor | None = None,
     dequant_min_rows: int = DEQUANT_MIN_ROWS,
+    packed: bool = False,
 ) -> torch.Tensor:
     """``x @ W.T`` (or SwiGLU with ``silu_and_mul``) by the path that fits ``M`` (see the module docstring).
 
     Args:
         x: ``(M, K)`` activations; weight: ``(N, K / block_size * type_size)`` uint8 of type ``qtype``.
         dequant_min_rows: from this many rows, dequantize ``W`` to a scratch buffer and use cuBLAS.
+        packed: ``weight``'s rows are in the packed layout (``gguf_blocks.pack_rows``), not file order.
         Q4_K/Q6_K/Q8_0 with bf16/fp16 ``x`` of at most ``DP4A_MAX_ROWS`` rows take the int8 GEMV, of at most
         ``MMA_MAX_ROWS`` the int8 tensor-core kernel.
 
@@ -392,14 +412,14 @@ def gguf_linear(
     """
     m = x.shape[0]
     if m <= DP4A_MAX_ROWS and dp4a_supports(x, weight, qtype):
-        return gguf_gemv_dp4a(x, weight, qtype, silu_and_mul, out)
+        return gguf_gemv_dp4a(x, weight, qtype, silu_and_mul, out, packed=packed)
     if m <= MMA_MAX_ROWS and mma_supports(x, weight, qtype):
-        return gguf_mma(x, weight, qtype, silu_and_mul, out)
+        return gguf_mma(x, weight, qtype, silu_and_mul, out, packed=packed)
     if m <= GEMV_MAX_ROWS:
-        return gguf_gemv(x, weight, qtype, silu_and_mul, out)
+        return gguf_gemv(x, weight, qtype, silu_and_mul, out, packed)
     if m < dequant_min_rows:
-        return gguf_matmul(x, weight, qtype, silu_and_mul, out)
-    w = dequantize(weight, qtype, x.shape[1], x.dtype)
+        return gguf_matmul(x, weight, qtype, silu_and_mul, out, packed)
+    w = dequantize(weight, qtype, x.shape[1], x.dtype, packed=packed)
     y = F.linear(x, w)
     del w
     if silu_and_mul:

@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from shardserve.model_executor.kernels.gemv import gate_up_rows
+from shardserve.model_executor.kernels.gguf_dequant import kernel_layout
 from shardserve.model_executor.kernels.gguf_dp4a import _store, launch_shape, quantize_activations
 
 MMA_TYPES = {12: "Q4_K"}
@@ -83,10 +84,15 @@ def _x_group(XQ, XD, XS, m, m_ok, K, g):
 
 
 @triton.jit
-def _codes(W, base, offset, n_ok):
-    """``(32, BLOCK_N)`` bytes ``W[row, base + offset + k]`` (k down, weight rows across), as int32."""
-    kk = tl.arange(0, 32)
-    return tl.load(W + base[None, :] + offset + kk[:, None], mask=n_ok[None, :], other=0).to(tl.int32)
+def _codes(W, base, offset: tl.constexpr, n_ok, cs, V: tl.constexpr):
+    """``(32, BLOCK_N)`` bytes ``offset + k`` of each row's block at ``base`` (k down, weight rows across), as
+    int32; packed (V = 16) the 32 bytes are two chunks ``cs`` apart."""
+    kk = tl.arange(0, 32)[:, None]
+    if V == 0:
+        p = W + base[None, :] + offset + kk
+    else:
+        p = W + base[None, :] + (offset // V + kk // V) * cs + kk % V
+    return tl.load(p, mask=n_ok[None, :], other=0).to(tl.int32)
 
 
 @triton.jit
@@ -109,10 +115,12 @@ def _q4_k_scale_min(W, base, n_ok, j: tl.constexpr):
 
 @_autotuned
 @triton.jit
-def _q4_k_mma_kernel(XQ, XD, XS, W, Y, M, N, NB, stride_wn, stride_ym, SILU_MUL: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+def _q4_k_mma_kernel(XQ, XD, XS, W, Y, M, N, NB, stride_wn, stride_ym, SILU_MUL: tl.constexpr, V: tl.constexpr,
+                     CS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
     # Block (144 B): d, dmin (fp16), scales[12], qs[128]; qs byte 32c + l holds element 64c + l of the block
     # in its low nibble (sub-block 2c) and element 64c + 32 + l in its high nibble (sub-block 2c + 1).
+    # Packed rows (V = 16, ``gguf_blocks.row_layout``): a block's 16-byte chunk c is at 16 b + c * CS
+    # (CS = 16 NB, a compile-time constant as in the int8 GEMV); d, dmin and the scales are its chunk 0.
     feature, rows = gate_up_rows(BLOCK_N, N, SILU_MUL)
     n_ok = feature < N
     m = tl.arange(0, BLOCK_M)
@@ -121,12 +129,14 @@ def _q4_k_mma_kernel(XQ, XD, XS, W, Y, M, N, NB, stride_wn, stride_ym, SILU_MUL:
     W16 = W.to(tl.pointer_type(tl.float16))
     wrow = rows.to(tl.int64) * stride_wn
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    BSTRIDE: tl.constexpr = 144 if V == 0 else V
+    cs = CS
     for b in range(NB):
-        base = wrow + b * 144
+        base = wrow + b * BSTRIDE
         d = tl.load(W16 + base // 2, mask=n_ok, other=0.0).to(tl.float32)
         dmin = tl.load(W16 + base // 2 + 1, mask=n_ok, other=0.0).to(tl.float32)
         for c in tl.static_range(4):
-            q = _codes(W, base, 16 + 32 * c, n_ok)
+            q = _codes(W, base, 16 + 32 * c, n_ok, cs, V)
             for h in tl.static_range(2):
                 codes = (q & 15) if h == 0 else (q >> 4)
                 xq, dx, s0, s1 = _x_group(XQ, XD, XS, m, m_ok, K, b * 8 + 2 * c + h)
@@ -145,6 +155,7 @@ def gguf_mma(
     qtype: int,
     silu_and_mul: bool = False,
     out: torch.Tensor | None = None,
+    packed: bool = False,
 ) -> torch.Tensor:
     """``x @ W.T`` (or SwiGLU) on int8 tensor cores, for a call :func:`supports` accepts.
 
@@ -153,6 +164,7 @@ def gguf_mma(
         weight: ``(N, K / 256 * 144)`` uint8 Q4_K blocks (``qtype`` 12).
         silu_and_mul: ``weight`` is gate rows then up rows; the result is ``silu(x gate^T) * (x up^T)``.
         out: optional ``(M, N)`` (``(M, N / 2)``) output with a contiguous last dimension.
+        packed: ``weight``'s rows are in the packed layout (``gguf_blocks.pack_rows``), not file order.
 
     Returns:
         ``(M, N)`` (``(M, N / 2)`` with ``silu_and_mul``) in ``x``'s dtype; the error is that of rounding ``x``
@@ -168,7 +180,9 @@ def gguf_mma(
         )
     m, n_out, nb, out, grid = launch_shape(x, weight, _BLOCK_SIZE[qtype], _TYPE_SIZE[qtype], silu_and_mul, out)
     xq, xd, xs = quantize_activations(x)
+    v = kernel_layout(qtype, nb, packed)[1]
     _KERNELS[qtype][grid](
-        xq, xd, xs, weight, out, m, n_out, nb, weight.stride(0), out.stride(0), SILU_MUL=silu_and_mul, BLOCK_M=_BLOCK_M
-    )
+        xq, xd, xs, weight, out, m, n_out, nb, weight.stride(0), out.stride(0), SILU_MUL=silu_and_mul,
+        V=v, CS=nb * v, BLOCK_M=_BLOCK_M,
+    )  # fmt: skip
     return out

@@ -1,7 +1,9 @@
 """GGUF weights kept in their blocks from file to kernel (vLLM's ``GGUFConfig``/``GGUFLinearMethod`` idea,
 with kernels of our own in ``kernels/gguf_gemv.py`` and ``kernels/gguf_dequant.py``).
 
-A layer's weight is one flat uint8 parameter holding this rank's rows of blocks exactly as in the file.
+A layer's weight is one flat uint8 parameter holding this rank's rows of blocks as in the file; where the
+Triton kernels read it, Q4_K/Q6_K/Q8_0 rows are then reordered in place into the packed layout of
+``gguf_blocks.row_layout`` (same bytes and row length, so sharding and byte counts are unchanged).
 A fused layer whose parts have different types (Q4_K_M: ``attn_q``/``attn_k`` Q4_K, ``attn_v`` Q6_K) keeps
 one group of rows per run of equal types and runs one kernel per group into column slices of the output;
 gate and up of the same type stay one group, so SwiGLU is fused into the decode GEMV. The embedding table
@@ -40,7 +42,9 @@ from shardserve.model_executor.layers.quantization.gguf_blocks import (
     block_type,
     dequantize_blocks,
     gguf_tensor_bytes,
+    pack_rows,
     type_name,
+    unpack_rows,
 )
 
 logger = logging.getLogger(__name__)
@@ -59,6 +63,10 @@ class GGUFConfig(QuantizationConfig):
     """
 
     name = "gguf"
+    pack_rows = True
+    """Reorder the rows that the Triton kernels read into the packed layout after loading
+    (:meth:`GGUFLinearMethod.process_weights_after_loading`); False keeps file order (for benchmarks that
+    compare the two: ``benchmarks/bench_quant.py --gguf-row-layout``)."""
 
     def __init__(self, tensor_types: dict[str, int], dequant_min_rows: int | None = None, kernels_on_cpu=False):
         super().__init__()
@@ -154,6 +162,8 @@ class GGUFLinearMethod(LinearMethod):
         """None: the config's; the LM head never dequantizes to a scratch buffer (its rows are sequences,
         and a 70B Q6_K head would need 2 GB)."""
         self._views: list[tuple[torch.Tensor, int, int, int]] | None = None
+        self.packed = False
+        """The weight's rows are in the packed layout (:meth:`process_weights_after_loading`)."""
 
     def create_weights(
         self,
@@ -216,6 +226,8 @@ class GGUFLinearMethod(LinearMethod):
         if param is not layer.weight:
             load_unquantized(param, loaded_weight, shard)  # biases: plain tensors
             return
+        if self.packed:
+            raise ValueError(f"{self.prefix}: its rows were packed after loading; load the model again instead")
         group_index, row0 = self.part_loc[shard.part or 0]
         group = self.groups[group_index]
         if not hasattr(loaded_weight, "load_blocks"):
@@ -236,7 +248,19 @@ class GGUFLinearMethod(LinearMethod):
         copy_checked(view[row0 : row0 + raw.shape[0]], raw)
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
-        self._views = self._group_views(layer)
+        """Where the Triton kernels will read the weight (CUDA, or ``kernels_on_cpu``), put each group's
+        rows in the packed layout of ``gguf_blocks.row_layout`` (the same bytes, reordered within each row
+        so that a warp of the int8 decode GEMV reads consecutive bytes); every kernel then reads that layout.
+        The CPU formulas keep file order."""
+        views = self._group_views(layer)
+        if not self.packed and self.config.pack_rows and (layer.weight.is_cuda or self.config.kernels_on_cpu):
+            for blocks, qtype, _, _ in views:
+                packed = pack_rows(blocks, qtype)
+                if packed is not blocks:
+                    blocks.copy_(packed)
+                    del packed
+            self.packed = True
+        self._views = views
 
     # -- compute ------------------------------------------------------------------------------------
     def _matmul(
@@ -246,8 +270,8 @@ class GGUFLinearMethod(LinearMethod):
             from shardserve.model_executor.kernels.gguf_gemv import gguf_linear
 
             rows = self.config.dequant_min_rows if self.dequant_min_rows is None else self.dequant_min_rows
-            return gguf_linear(x, blocks, qtype, silu, out, rows)
-        y = F.linear(x, dequantize_blocks(blocks, qtype, x.dtype))
+            return gguf_linear(x, blocks, qtype, silu, out, rows, packed=self.packed)
+        y = F.linear(x, dequantize_blocks(unpack_rows(blocks, qtype) if self.packed else blocks, qtype, x.dtype))
         if silu:
             y = SiluAndMul()(y)
         if out is None:
@@ -267,7 +291,9 @@ class GGUFLinearMethod(LinearMethod):
                 if shared is not None:
                     from shardserve.model_executor.kernels.gguf_dp4a import gguf_gemv_dp4a
 
-                    gguf_gemv_dp4a(x, blocks, qtype, out=y[:, offset : offset + rows], quantized=shared)
+                    gguf_gemv_dp4a(
+                        x, blocks, qtype, out=y[:, offset : offset + rows], quantized=shared, packed=self.packed
+                    )
                 else:
                     self._matmul(x, blocks, qtype, out=y[:, offset : offset + rows])
         return y if bias is None else y + bias
@@ -296,8 +322,9 @@ class GGUFLinearMethod(LinearMethod):
         if input_ids.is_cuda or self.config.kernels_on_cpu:
             from shardserve.model_executor.kernels.gguf_dequant import embedding
 
-            return embedding(blocks, qtype, self.in_features, input_ids, self.params_dtype)
-        return dequantize_blocks(blocks.index_select(0, input_ids), qtype, self.params_dtype)
+            return embedding(blocks, qtype, self.in_features, input_ids, self.params_dtype, packed=self.packed)
+        rows = blocks.index_select(0, input_ids)
+        return dequantize_blocks(unpack_rows(rows, qtype) if self.packed else rows, qtype, self.params_dtype)
 
 
 def _meta(g: _Group) -> tuple[int, int, int]:

@@ -141,6 +141,73 @@ def gguf_tensor_bytes(
     return math.prod(dims[:-1]) * (dims[-1] // t.block_size) * t.type_size
 
 
+PACKED_CHUNK = {12: 16, 8: 4}
+"""Bytes per chunk of the packed row layout (:func:`row_layout`) by ``ggml_type``; Q6_K: :func:`row_layout`."""
+
+
+def row_layout(qtype: int, blocks_per_row: int, packed: bool = True) -> tuple[int, int]:
+    """``(PER, V)``: how a row of blocks of ``qtype`` sits in device memory.
+
+    The int8 decode GEMV (``kernels/gguf_dp4a.py``) gives each thread a unit of ``PER`` consecutive blocks
+    and reads it in words of ``V`` bytes, so in file order the 32 threads of a warp each read a different
+    cache line per load instruction (the unit's bytes are contiguous, the units of a warp's threads are not).
+    In the packed layout a row of ``U = blocks_per_row / PER`` units of ``C = PER * type_size / V`` chunks
+    is stored chunk-major: byte ``o`` of unit ``u`` is at ``(o // V) * U * V + u * V + o % V``, so a warp
+    reading chunk ``c`` of consecutive units reads consecutive bytes (as Marlin repacks GPTQ weights for
+    its loads; here the bytes of a unit stay as they are, only their order in the row changes). Rows stay
+    ``blocks_per_row * type_size`` bytes, row-major.
+
+    Packed types: Q4_K (units of one block, 16-byte chunks: 9 per block), Q6_K (four blocks in 8-byte chunks
+    where the row's blocks divide by 4, else pairs in 4-byte chunks), Q8_0 (pairs, 4-byte chunks: its
+    34-byte blocks are only 2-byte aligned). ``(PER, PER * type_size)`` (one chunk per unit) is file order:
+    every other type, an odd row of Q6_K/Q8_0 blocks, or ``packed=False``.
+
+    Raises:
+        ValueError: ``qtype`` has no kernel.
+    """
+    t = block_type(qtype)
+    if t is None:
+        raise ValueError(f"no GGUF kernel for ggml_type {qtype}")
+    per = 2 if qtype in (8, 14) else 1
+    if qtype == 14 and blocks_per_row % 4 == 0:
+        per = 4
+    if not packed or blocks_per_row % per or (qtype not in PACKED_CHUNK and qtype != 14):
+        return per, per * t.type_size
+    return per, PACKED_CHUNK.get(qtype, 8 if per == 4 else 4)
+
+
+def _chunks(raw: torch.Tensor, qtype: int) -> tuple[int, int, int, int]:
+    t = block_type(qtype)
+    if t is None or raw.dim() != 2 or raw.shape[1] % t.type_size:
+        raise ValueError(f"expected (rows, blocks * {t.type_size if t else '?'}) bytes, got {tuple(raw.shape)}")
+    per, v = row_layout(qtype, raw.shape[1] // t.type_size)
+    return raw.shape[0], raw.shape[1] // (per * t.type_size), per * t.type_size // v, v
+
+
+def pack_rows(raw: torch.Tensor, qtype: int) -> torch.Tensor:
+    """Rows of blocks in file order -> the packed layout of :func:`row_layout` (a new tensor; the input
+    itself where that layout is file order).
+
+    Args:
+        raw: ``(rows, blocks * type_size)`` uint8 (any device).
+
+    Raises:
+        ValueError: a shape that is not whole blocks.
+    """
+    n, units, chunks, v = _chunks(raw, qtype)
+    if chunks == 1:
+        return raw
+    return raw.reshape(n, units, chunks, v).transpose(1, 2).reshape(n, -1)
+
+
+def unpack_rows(packed: torch.Tensor, qtype: int) -> torch.Tensor:
+    """The inverse of :func:`pack_rows`: packed rows back in file order (for the CPU formulas and tests)."""
+    n, units, chunks, v = _chunks(packed, qtype)
+    if chunks == 1:
+        return packed
+    return packed.reshape(n, chunks, units, v).transpose(1, 2).reshape(n, -1)
+
+
 def dequantize_blocks(raw: torch.Tensor, qtype: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Dequantize GGUF rows of blocks on the CPU with the ``gguf`` package's formulas.
 
