@@ -1,6 +1,6 @@
 #!/bin/bash
 # One GPU session's runs on nvidia-h200 (one H200), in stages that each fit one device call:
-#   OUT=/tmp/out bash benchmarks/gpu_session.sh check|host|serve|kernels|final|sweep|sweep2|final2|verify|packed|probe|quant|quant2|quant70
+#   OUT=/tmp/out bash benchmarks/gpu_session.sh check|host|serve|kernels|final|sweep|sweep2|final2|verify|packed|packed_e2e|packed_q8|probe|quant|quant2|quant70
 # check: CUDA kernel tests, fp32 equivalence with transformers, bench_gpu (8B bf16 batch-1 + offline)
 # host:  offline profile (GPU idle share), host ms per step on the GPU beside the baseline commit
 # serve: a live server under `shardserve bench serve` (400 prompts, 1024 in / 128 out, rate inf)
@@ -14,7 +14,9 @@
 # sweep2: the same, both thread layouts at four tilings; final2: 8B Q4_K_M batch-1 decode beside bf16
 # verify: what the fourth session could not time: the int8 GEMV tests, the Q6_K 4-block unit and Q8_0 in both
 #   thread layouts, 8B Q4_K_M batch-1 beside bf16 with the tiling rule (no autotuning of the int8 GEMV)
-# packed: the int8 GEMV on rows in the packed layout (gguf_blocks.row_layout) beside file order, and its CUDA tests
+# packed: the int8 GEMV on rows (and x) in the packed layouts (gguf_blocks.row_layout) beside file order, CUDA tests
+# packed_e2e: 8B Q4_K_M batch-1 decode with rows in file order and packed, beside bf16 (one load each)
+# packed_q8: 8B Q8_0 batch-1 decode (packed), the 8B Q4_K_M decode step per kernel (packed)
 # probe: the head's phases on the GPU, host ms per step beside the baseline, the 8B Q4_K_M decode step per kernel
 # quant/quant2/quant70: GGUF and FP8 CUDA tests, 8B GGUF decode beside bf16, the embedded GGUF kept quantized,
 #   FP8 weights and FP8 KV beside bf16, 70B Q4_K_M on one H200 (the embedded GGUF travels in two halves, .gguf/a|b)
@@ -125,7 +127,16 @@ packed)
   run timeout 300 python3 benchmarks/sweep_dp4a.py --tilings 8x16x4,16x8x4,32x4x4,128x1x4 --rows-layout both \
       --shapes qkv,o,gate_up,down,v,lm_head
   run timeout 220 python3 -m pytest -q -x -p no:cacheprovider tests/model_executor/test_gguf_kernels.py \
-      -k "packed_rows_in_the_int8 or dp4a_gemv_both"
+      -k "packed or dp4a_gemv_both"
+  ;;
+packed_e2e)
+  run timeout 560 python3 benchmarks/bench_quant.py --skip-70b --parts hw,bf16,gguf --recipes Q4_K_M \
+      --gguf-row-layout file,packed --no-prefill-paths --part-timeout 220 --json-out "$OUT/quant_8b_layouts.json"
+  ;;
+packed_q8)
+  run timeout 300 python3 benchmarks/bench_quant.py --skip-70b --parts hw,gguf --recipes Q8_0 --no-prefill-paths \
+      --part-timeout 260 --json-out "$OUT/quant_8b_q8.json"
+  run timeout 250 python3 benchmarks/profile_decode.py --model Llama-3.1-8B --gguf Q4_K_M --reps 10
   ;;
 probe)
   run timeout 120 python3 benchmarks/profile_host.py --device cuda --batches 1 256 --top 25

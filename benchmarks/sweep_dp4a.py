@@ -10,9 +10,9 @@ cycles through copies larger than L2), and prints the weight bandwidth against t
 in the same run, beside the tiling that ``gguf_dp4a.tiling`` picks (marked ``*``). ``--both-layouts`` times each tiling
 with the weight rows and with the blocks as the fastest axis across a warp's threads (``r`` / ``b``).
 ``--rows-layout file|packed|both`` times the weights in file order and/or in the packed row layout that the
-layers use on the GPU (``gguf_blocks.row_layout``; cells marked ``p``; with ``both``, file order only at the
-rule's tiling, as the baseline), and checks on each shape that the packed result equals file order's at
-the same tiling.
+layers use on the GPU (``gguf_blocks.row_layout``; cells marked ``p``, x then packed too, and at the rule's
+tiling once more with x in plain rows; with ``both``, file order only at the rule's tiling, as the
+baseline), and checks on each shape that the packed result equals file order's at the same tiling.
 """
 
 from __future__ import annotations
@@ -66,10 +66,13 @@ def main() -> None:
             wp = pack_rows(w, q)
             x = torch.randn(args.rows, kdim, dtype=torch.bfloat16, device="cuda")
             units = kdim // bt.block_size // k._unit(q, kdim // bt.block_size)
-            picked = k.tiling(n, units, torch.cuda.get_device_properties(0).multi_processor_count)
-            cells = [f"rule {picked[0]}x{picked[1]}/{picked[2]}w"]
+            sms = torch.cuda.get_device_properties(0).multi_processor_count
+            picked = k.tiling(n, units, sms)
+            chunk = k.kernel_layout(q, kdim // bt.block_size, True)[1]
+            picked_packed = k.tiling(n, units, sms, chunk)
+            cells = [f"rule {picked[0]}x{picked[1]}/{picked[2]}w, packed {picked_packed[0]}x{picked_packed[1]}"]
             if wp is not w:  # the packed rows give file order's result at the same tiling (blocks fastest)
-                c = (*picked, False)
+                c = (*picked_packed, False)
                 same = k.gguf_gemv_dp4a(x, w, q, silu, config=c)
                 diff = (k.gguf_gemv_dp4a(x, wp, q, silu, config=c, packed=True).float() - same.float()).abs().max()
                 cells.append(f"packed==file: {bool(diff == 0)}")
@@ -90,9 +93,17 @@ def main() -> None:
                         t = time_matmul_cold(op, x, wp if packed else w)
                         frac = w.numel() / t / copy_bw
                         default = rows_fast in (None, k._ROWS_FAST[q] and not packed)
-                        mark = "*" if (bn, nbt, warps) == picked and default else ""
+                        mark = "*" if (bn, nbt, warps) == (picked_packed if packed else picked) and default else ""
                         lay = "p" if packed else "" if rows_fast is None else ("r" if rows_fast else "b")
                         cells.append(f"{bn}x{nbt}/{warps}w{lay} {w.numel() / t / 1e9:5.0f} ({frac:.2f}){mark}")
+                        if packed and mark:  # the same with x in plain rows (what packing x adds)
+
+                            def op_x(x_, w_, q=q, f=silu, c=c):
+                                return k.gguf_gemv_dp4a(x_, w_, q, f, config=c, packed=True, x_packed=False)
+
+                            t = time_matmul_cold(op_x, x, wp)
+                            cells.append(f"{bn}x{nbt}/{warps}w p, x plain {w.numel() / t / 1e9:5.0f} "
+                                         f"({w.numel() / t / copy_bw:.2f})")  # fmt: skip
             print(f"{tname} {name:>8} {n}x{kdim} ({w.numel() / 1e6:.1f} MB): " + ", ".join(cells), flush=True)
             del w, wp
 

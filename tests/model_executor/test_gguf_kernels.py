@@ -206,6 +206,27 @@ def test_dp4a_quantize_activations_round_trip(name):
     assert torch.allclose(xs, xq.view(3, -1, 16).sum(-1) * dx.repeat_interleave(2, dim=1))
 
 
+@pytest.mark.parametrize("unit", [64, 256, 1024])  # Q8_0 pairs, Q4_K blocks, Q6_K fours
+def test_dp4a_packed_activations_are_the_plain_ones_reordered(unit):
+    """quantize_activations(x, unit): per row, each array cut into units (unit elements of x: unit codes,
+    unit / 32 dx, unit / 16 sums) and stored chunk-major across them, 16 bytes per chunk; an array with
+    less than a chunk per unit (Q8_0's 2 dx) stays in order."""
+    from shardserve.model_executor.kernels.gguf_dp4a import quantize_activations
+
+    x = torch.randn(2, 2048, generator=torch.Generator().manual_seed(19)).to(torch.bfloat16).to(DEVICE)
+    plain = [t.cpu() for t in quantize_activations(x)]
+    packed = [t.cpu() for t in quantize_activations(x, unit)]
+    units = 2048 // unit
+    for a, b, per_unit, chunk in zip(plain, packed, (unit, unit // 32, unit // 16), (16, 4, 4)):
+        want = a
+        if per_unit % chunk == 0:
+            want = a.view(2, units, per_unit // chunk, chunk).transpose(1, 2).reshape(2, -1)
+        assert torch.equal(b, want)
+    assert not torch.equal(plain[0], packed[0])
+    with pytest.raises(ValueError, match="units of 1024"):
+        quantize_activations(x[:, :1536], 1024)
+
+
 @pytest.mark.parametrize("name", DP4A_NAMES)
 @pytest.mark.parametrize("rows", [8, 6])  # whole tiles, and a partial one (masked rows)
 def test_dp4a_gemv_matches_reference(name, rows):
@@ -237,6 +258,11 @@ def test_dp4a_tiling_rule():
     assert tiling(128256, 4, 132) == (128, 1, 4)  # the LM head: one unit at a time
     assert tiling(4096, 16, 264) == (8, 16, 4) and tiling(28672, 16, 264) == (8, 16, 4)  # more SMs, deeper
     assert _unit(14, 56) == 4 and _unit(14, 14) == 2 and _unit(12, 16) == 1 and _unit(8, 128) == 2
+    # packed rows: at least 64 consecutive bytes per row and load (NBT x chunk bytes) where the row has the units
+    assert tiling(128256, 4, 132, 8) == (32, 4, 4)  # Q6_K LM head: all 4 units of a row (32 bytes)
+    assert tiling(128256, 64, 132, 4) == (8, 16, 4)  # Q8_0 LM head: 16 pairs of 4-byte chunks
+    assert tiling(28672, 16, 132, 16) == (32, 4, 4) and tiling(57344, 32, 132, 16) == (32, 4, 4)  # Q4_K gate/up
+    assert tiling(6144, 16, 132, 16) == tiling(6144, 16, 132)  # already deep enough
 
 
 @pytest.mark.parametrize("name", DP4A_NAMES)

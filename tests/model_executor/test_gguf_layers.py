@@ -193,10 +193,12 @@ def test_qkv_unpermuted_blocks_and_mixed_types(tensors, tp_rank, tp):
         _close(y, x @ want.T)
 
 
-def test_mixed_type_projection_quantizes_its_input_once(tmp_path, tp_rank, monkeypatch):
-    """A q/k Q4_K + v Q6_K projection at decode rows (bf16): x is rounded to int8 once for both groups' int8
-    GEMVs, and the result equals each group's GEMV on its own (and the dequantized weights, to the int8
-    rounding of x)."""
+@pytest.mark.parametrize("pack_rows", [False, True])
+def test_mixed_type_projection_quantizes_its_input_once(tmp_path, tp_rank, monkeypatch, pack_rows):
+    """A q/k Q4_K + v Q6_K projection at decode rows (bf16): x is rounded to int8 once per x layout that its
+    groups' int8 GEMVs read (file order: once for both; packed rows: once per type, the x unit being the
+    type's thread unit), and the result equals each group's GEMV on its own (and the dequantized weights,
+    to the int8 rounding of x)."""
     from shardserve.model_executor.kernels import gguf_dp4a
 
     rng = np.random.default_rng(21)
@@ -214,23 +216,27 @@ def test_mixed_type_projection_quantizes_its_input_once(tmp_path, tp_rank, monke
     sources = {t.name: GGUFSource(t, heads.get(t.name)) for t in reader.tensors}
     config = GGUFConfig({n: int(gguf.GGMLQuantizationType[q]) for n, (_, q) in raw.items()}, kernels_on_cpu=True)
     config.packed_modules_mapping = dict(llama.LlamaForCausalLM.packed_modules_mapping)
+    config.pack_rows = pack_rows
     tp_rank(0, 1)
     layer = _build(QKVParallelLinear, k, head_dim, heads_, kv_heads, quant_config=config, prefix="attn.qkv_proj")
     _load(layer, sources, [(f"attn.{p}_proj.weight", p) for p in "qkv"])
     x = torch.randn(2, k, generator=torch.Generator().manual_seed(22)).to(torch.bfloat16).to(DEVICE)
     calls = []
     quantize = gguf_dp4a.quantize_activations
-    monkeypatch.setattr(gguf_dp4a, "quantize_activations", lambda t: calls.append(t.shape) or quantize(t))
+    monkeypatch.setattr(
+        gguf_dp4a, "quantize_activations", lambda t, unit=0: calls.append((*t.shape, unit)) or quantize(t, unit)
+    )
     y = layer.quant_method.apply(layer, x).float().cpu()
-    assert calls == [(2, k)]
     method = layer.quant_method
-    assert method.packed  # the kernels read these rows: packed after loading
-    apart = torch.cat([gguf_dp4a.gguf_gemv_dp4a(x, w, q, packed=True).float().cpu() for w, q, _, _ in method._views], 1)
-    assert torch.equal(y, apart)
-    # the packed bytes are the file's rows reordered (Q4_K q/k, Q6_K v)
-    loaded = [sources[f"attn.{p}_proj.weight"].load_blocks() for p in "qk"]
+    assert method.packed == pack_rows  # the kernels read these rows: packed after loading unless turned off
+    assert calls == ([(2, k, 256), (2, k, 512)] if pack_rows else [(2, k, 0)])  # Q4_K: 1 block, Q6_K: a pair
+    apart = [gguf_dp4a.gguf_gemv_dp4a(x, w, q, packed=pack_rows).float().cpu() for w, q, _, _ in method._views]
+    assert torch.equal(y, torch.cat(apart, 1))
+    # packed, the bytes are the file's rows reordered (Q4_K q/k)
+    loaded = torch.cat([sources[f"attn.{p}_proj.weight"].load_blocks() for p in "qk"])
     q4k = method._views[0][0].cpu()
-    assert torch.equal(unpack_rows(q4k, 12), torch.cat(loaded)) and not torch.equal(q4k, torch.cat(loaded))
+    assert torch.equal(unpack_rows(q4k, 12) if pack_rows else q4k, loaded)
+    assert torch.equal(q4k, loaded) != pack_rows
     want = x.float().cpu() @ torch.cat([values["q_proj"], values["k_proj"], values["v_proj"]]).T
     _close(y, want, tol=2e-2)
 

@@ -21,6 +21,12 @@ is int8 rounding of ``x`` (at most ``dx / 2`` per element, about 0.4% of the gro
 Types: Q4_K, Q6_K and Q8_0 (what llama.cpp's Q4_K_M, Q6_K and Q8_0 files are made of), with bf16 or fp16
 activations; fp32 activations and the other types use the exact FMA GEMV. Q6_K (210-byte blocks) and Q8_0
 (34) are not 4-byte aligned: their words are read as two aligned words and funnel-shifted.
+
+Memory layout: each thread decodes whole blocks (a unit of 1, 2 or 4), so in file order the threads of a
+warp read bytes a unit apart and every load instruction touches one cache line per thread. The layers
+therefore keep the rows packed (``gguf_blocks.row_layout``: chunk-major across a row's units) and
+quantize x into the matching packed x layout (:func:`quantize_activations` with the unit's elements),
+so that consecutive threads read consecutive bytes of both; file order stays supported (``packed=False``).
 """
 
 from __future__ import annotations
@@ -73,46 +79,80 @@ def supports(x: torch.Tensor, weight: torch.Tensor, qtype: int) -> bool:
 
 
 @triton.jit
-def _quantize_kernel(X, XQ, XD, XS, K, stride_xm, GROUPS: tl.constexpr):
-    # One program: GROUPS groups of 32 elements of one row of x.
+def _x_chunked(f, PER_UNIT: tl.constexpr, units, CH: tl.constexpr):
+    """Where element ``f`` of a row of one of x's arrays goes in the packed x layout: units of ``PER_UNIT``
+    elements, chunk-major (``CH`` elements per chunk) across the row's ``units`` units; unchanged when
+    PER_UNIT is 0 (file order) or not a whole number of chunks."""
+    if PER_UNIT == 0 or PER_UNIT % CH != 0:
+        p = f
+    else:
+        i = f % PER_UNIT
+        p = (i // CH) * (units * CH) + (f // PER_UNIT) * CH + i % CH
+    return p
+
+
+@triton.jit
+def _quantize_kernel(X, XQ, XD, XS, K, stride_xm, GROUPS: tl.constexpr, UE: tl.constexpr):
+    # One program: GROUPS groups of 32 elements of one row of x. UE: the packed x layout's unit (elements),
+    # 0 for plain rows.
     row = tl.program_id(1)
     g = tl.program_id(0) * GROUPS + tl.arange(0, GROUPS)[:, None]
     lane = tl.arange(0, 32)[None, :]
     k = g * 32 + lane
     ok = k < K
+    units = K // tl.maximum(UE, 1)
     x = tl.load(X + row.to(tl.int64) * stride_xm + k, mask=ok, other=0.0).to(tl.float32)
     amax = tl.max(tl.abs(x), axis=1, keep_dims=True)
     d = amax / 127.0
     inv = tl.where(amax > 0.0, 127.0 / tl.maximum(amax, 1e-30), 0.0)
     v = x * inv
     q = tl.where(v >= 0.0, tl.floor(v + 0.5), -tl.floor(0.5 - v)).to(tl.int32)  # round half away from 0
-    tl.store(XQ + row.to(tl.int64) * K + k, q.to(tl.int8), mask=ok)
+    tl.store(XQ + row.to(tl.int64) * K + _x_chunked(k, UE, units, 16), q.to(tl.int8), mask=ok)
     gv = tl.program_id(0) * GROUPS + tl.arange(0, GROUPS)
-    tl.store(XD + row * (K // 32) + gv, tl.reshape(d, (GROUPS,)), mask=gv < K // 32)
+    tl.store(XD + row * (K // 32) + _x_chunked(gv, UE // 32, units, 4), tl.reshape(d, (GROUPS,)), mask=gv < K // 32)
     sums = tl.sum(tl.reshape(q, (GROUPS, 2, 16)), axis=2).to(tl.float32) * d  # (GROUPS, 2): dx * sum(xq) per 16
     h = tl.arange(0, 2)[None, :]
-    tl.store(XS + row * (K // 16) + gv[:, None] * 2 + h, sums, mask=(gv < K // 32)[:, None])
+    xs_at = _x_chunked(gv[:, None] * 2 + h, UE // 16, units, 4)
+    tl.store(XS + row * (K // 16) + xs_at, sums, mask=(gv < K // 32)[:, None])
 
 
-def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_activations(x: torch.Tensor, unit: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``x`` in int8 groups of 32 (llama.cpp's ``block_q8_1``, in three arrays).
 
     Args:
         x: ``(M, K)``, ``K`` a multiple of 32, contiguous along K.
+        unit: 0 for rows in element order; else the packed x layout that a GEMV over packed weight rows
+            reads (:func:`x_unit`): each row cut into units of ``unit`` elements (a thread's weight unit)
+            and each array stored chunk-major across the units, 16 bytes per chunk (16 codes of ``xq``, 4
+            floats of ``dx`` and ``xs``; an array with less than a chunk per unit stays in order), so that
+            threads working on consecutive units read consecutive bytes, as for the weights
+            (``gguf_blocks.row_layout``).
 
     Returns:
         ``xq (M, K)`` int8 ``round(x / dx)``; ``dx (M, K / 32)`` fp32 ``max|x| / 127`` per group;
-        ``xs (M, K / 16)`` fp32 ``dx * sum(xq)`` per 16 elements.
+        ``xs (M, K / 16)`` fp32 ``dx * sum(xq)`` per 16 elements; each row in the layout ``unit`` says.
+
+    Raises:
+        ValueError: ``K`` is not a multiple of 32 (or of ``unit``).
     """
     m, k = x.shape
-    if k % 32:
-        raise ValueError(f"activations are quantized in groups of 32, got {k} features")
+    if k % 32 or (unit and (k % unit or unit % 64)):
+        raise ValueError(f"activations are quantized in groups of 32 (units of {unit or 32}), got {k} features")
     xq = torch.empty((m, k), dtype=torch.int8, device=x.device)
     xd = torch.empty((m, k // 32), dtype=torch.float32, device=x.device)
     xs = torch.empty((m, k // 16), dtype=torch.float32, device=x.device)
     groups = min(32, triton.next_power_of_2(k // 32))
-    _quantize_kernel[(triton.cdiv(k // 32, groups), m)](x, xq, xd, xs, k, x.stride(0), GROUPS=groups, num_warps=4)
+    _quantize_kernel[(triton.cdiv(k // 32, groups), m)](
+        x, xq, xd, xs, k, x.stride(0), GROUPS=groups, UE=unit, num_warps=4
+    )
     return xq, xd, xs
+
+
+def x_unit(qtype: int, blocks_per_row: int, packed: bool) -> int:
+    """The ``unit`` of :func:`quantize_activations` that :func:`gguf_gemv_dp4a` reads for a weight of
+    ``qtype`` whose rows are packed (``packed``; the elements of its thread unit), else 0."""
+    per, v = kernel_layout(qtype, blocks_per_row, packed)
+    return per * _BLOCK_SIZE[qtype] if v else 0
 
 
 # -- shared pieces -------------------------------------------------------------------------------------
@@ -175,6 +215,12 @@ def _split4(t):
     w0, w2 = tl.split(a)
     w1, w3 = tl.split(b)
     return w0, w1, w2, w3
+
+
+@triton.jit
+def _vec4(p, mask):
+    """The four values at ``p .. p + 3`` (16-byte aligned), 0 where ``mask`` is false: one 16-byte load."""
+    return _split4(tl.load(p[:, :, :, None] + tl.arange(0, 4)[None, None, None, :], mask=mask[:, :, :, None], other=0))
 
 
 @triton.jit
@@ -264,7 +310,7 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def tiling(rows: int, units: int, num_sms: int) -> tuple[int, int, int]:
+def tiling(rows: int, units: int, num_sms: int, chunk_bytes: int = 0) -> tuple[int, int, int]:
     """``(BLOCK_N, NBT, num_warps)`` for a weight of ``rows`` rows (gate and up rows both counted) of
     ``units`` thread units each (blocks, or block pairs / fours: :func:`_unit`).
 
@@ -277,10 +323,18 @@ def tiling(rows: int, units: int, num_sms: int) -> tuple[int, int, int]:
     for the 4096- and 6144-row weights (Q4_K 0.28-0.40, where the tilings autotuned before reached
     0.25-0.33; Q8_0 0.43-0.61); (32, 4, 4) for the 28672-row gate/up weight (Q4_K 0.51 when autotuning
     picked it, against 0.43-0.48 for 8 or 16 blocks in flight); (128, 1, 4) for the 128k-row LM head (Q6_K
-    0.41, the other tilings 0.22-0.27).
+    0.41, the other tilings 0.22-0.27). Those figures are for rows in file order.
+
+    ``chunk_bytes``: the rows are packed (``gguf_blocks.row_layout``) in chunks of that many bytes. A warp
+    of blocks-fastest threads then reads ``32 / NBT`` runs of ``NBT * chunk_bytes`` consecutive bytes per
+    load, so ``NBT`` is raised (where the row has the units) until a run is at least 64 bytes: two full
+    32-byte sectors of one line per row, where ``NBT = 1`` would have the warp read 32 lines for 8 or 16
+    bytes each. Reasoned from the access pattern, not yet timed (``benchmarks/sweep_dp4a.py``).
     """
     want = max(1, num_sms * _THREADS_PER_SM // max(rows, 1))
     nbt = min(16, triton.next_power_of_2(units), triton.next_power_of_2(want))
+    if chunk_bytes:
+        nbt = max(nbt, min(16, triton.next_power_of_2(units), max(1, 64 // chunk_bytes)))
     return 128 // nbt, nbt, 4
 
 
@@ -352,7 +406,8 @@ def _q4_k_scale_min(h1, h2, h3, j: tl.constexpr):
 def _q4_k_kernel(
     XQ, XD, XS, W, Y, M, N, NB, stride_wn, stride_ym,
     PER: tl.constexpr, BLOCK_M: tl.constexpr, SILU_MUL: tl.constexpr, ASM: tl.constexpr, ROWS_FAST: tl.constexpr,
-    V: tl.constexpr, CSW: tl.constexpr, BLOCK_N: tl.constexpr, NBT: tl.constexpr, EVEN: tl.constexpr,
+    V: tl.constexpr, CSW: tl.constexpr, XP: tl.constexpr, XCS: tl.constexpr, BLOCK_N: tl.constexpr,
+    NBT: tl.constexpr, EVEN: tl.constexpr,
 ):  # fmt: skip
     # Block (144 B = 36 words): d, dmin (fp16), scales[12], qs[128]. qs word t = 8c + 4v + w (chunk c of 64
     # elements): its low nibbles are elements 4(4v + w)..+3 of sub-block 2c, its high nibbles the same of
@@ -361,6 +416,9 @@ def _q4_k_kernel(
     K = NB * 256
     VW: tl.constexpr = 36 if V == 0 else V // 4  # words per chunk (file order: the block is one chunk)
     csw = CSW
+    XVQ: tl.constexpr = 4 if XP else 64  # x words, dx and dx * sum floats per chunk (per block in plain rows)
+    XVD: tl.constexpr = 4 if XP else 8
+    XVS: tl.constexpr = 4 if XP else 16
     vec = tl.arange(0, 4)[None, None, None, :]
     acc = _zero_acc(BLOCK_M, BLOCK_N, NBT, ROWS_FAST)
     for b0 in range(0, NB, NBT):
@@ -371,20 +429,20 @@ def _q4_k_kernel(
         h0, h1, h2, h3 = _split4(_ld(wp[:, :, :, None] + vec, wmask[:, :, :, None], EVEN))
         d = _half(h0, False)
         dmin = _half(h0, True)
-        xp = XQ32 + mi * (K // 4) + zn + blk * 64  # (BLOCK_M, BLOCK_N, NBT)
-        g = mi * (K // 32) + zn + blk * 8  # the block's first x group
-        dx0, dx1, dx2, dx3 = _split4(tl.load(XD + g[:, :, :, None] + vec, mask=xmask[:, :, :, None], other=0.0))
-        dx4, dx5, dx6, dx7 = _split4(tl.load(XD + g[:, :, :, None] + 4 + vec, mask=xmask[:, :, :, None], other=0.0))
+        # the block's x (64 words), dx (8) and dx * sum (16): one chunk each in plain rows, else 4 per chunk
+        xp = XQ32 + mi * (K // 4) + zn + blk * XVQ  # (BLOCK_M, BLOCK_N, NBT)
+        dp = XD + mi * (K // 32) + zn + blk * XVD
+        sp = XS + mi * (K // 16) + zn + blk * XVS
+        dx0, dx1, dx2, dx3 = _vec4(_wordp(dp, 0, XCS, XVD), xmask)
+        dx4, dx5, dx6, dx7 = _vec4(_wordp(dp, 4, XCS, XVD), xmask)
         for c in tl.static_range(4):
             s_lo = None
             s_hi = None
             for v in tl.static_range(2):
                 qp = _wordp(wp, 4 + 8 * c + 4 * v, csw, VW)
                 q0, q1, q2, q3 = _split4(_ld(qp[:, :, :, None] + vec, wmask[:, :, :, None], EVEN))
-                xl = tl.load(xp[:, :, :, None] + (16 * c + 4 * v) + vec, mask=xmask[:, :, :, None], other=0)
-                xh = tl.load(xp[:, :, :, None] + (16 * c + 8 + 4 * v) + vec, mask=xmask[:, :, :, None], other=0)
-                l0, l1, l2, l3 = _split4(xl)
-                u0, u1, u2, u3 = _split4(xh)
+                l0, l1, l2, l3 = _vec4(_wordp(xp, 16 * c + 4 * v, XCS, XVQ), xmask)
+                u0, u1, u2, u3 = _vec4(_wordp(xp, 16 * c + 8 + 4 * v, XCS, XVQ), xmask)
                 s_lo = _dp4a(q0 & M4, l0, s_lo, False, ASM)
                 s_lo = _dp4a(q1 & M4, l1, s_lo, False, ASM)
                 s_lo = _dp4a(q2 & M4, l2, s_lo, False, ASM)
@@ -398,21 +456,13 @@ def _q4_k_kernel(
             dx_lo = _pick4(c, dx0, dx2, dx4, dx6)
             dx_hi = _pick4(c, dx1, dx3, dx5, dx7)
             # dx * sum(xq) per 16 elements of sub-blocks 2c and 2c + 1: one 16-byte vector
-            e0, e1, e2, e3 = _split4(
-                tl.load(XS + 2 * g[:, :, :, None] + 4 * c + vec, mask=xmask[:, :, :, None], other=0.0)
-            )
+            e0, e1, e2, e3 = _vec4(_wordp(sp, 4 * c, XCS, XVS), xmask)
             acc += d * (sc_lo * dx_lo * s_lo.to(tl.float32) + sc_hi * dx_hi * s_hi.to(tl.float32))
             acc -= dmin * (mn_lo * (e0 + e1) + mn_hi * (e2 + e3))
     _store(Y, _row_sums(acc, ROWS_FAST), M, N, stride_ym, BLOCK_M, BLOCK_N, SILU_MUL)
 
 
 # -- Q6_K ----------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _vec4(p, mask):
-    """The four values at ``p .. p + 3`` (16-byte aligned), 0 where ``mask`` is false: one 16-byte load."""
-    return _split4(tl.load(p[:, :, :, None] + tl.arange(0, 4)[None, None, None, :], mask=mask[:, :, :, None], other=0))
 
 
 @triton.jit
@@ -460,26 +510,29 @@ def _q6_k_half(wp, o: tl.constexpr, mask, csw, VW: tl.constexpr, EVEN: tl.conste
 
 
 @triton.jit
-def _q6_k_block(acc, wp, mask, csw, VW: tl.constexpr, xp, gd, gs, xmask, XD, XS, EVEN: tl.constexpr,
-                OFF: tl.constexpr, WIDE: tl.constexpr, ASM: tl.constexpr):  # fmt: skip
-    """``acc`` plus one Q6_K block (210 B: ql[128], qh[64], scales[16] int8, d) at byte ``OFF`` of the
-    thread's unit at ``wp``, times its 256 x values.
+def _q6_k_block(acc, wp, mask, csw, VW: tl.constexpr, xp, dp, sp, xmask, XCS: tl.constexpr, XVQ: tl.constexpr,
+                XVD: tl.constexpr, XVS: tl.constexpr, EVEN: tl.constexpr, B: tl.constexpr, WIDE: tl.constexpr,
+                ASM: tl.constexpr):  # fmt: skip
+    """``acc`` plus block ``B`` of the thread's unit of Q6_K blocks (210 B: ql[128], qh[64], scales[16] int8,
+    d; at byte 210 B of the unit at ``wp``) times its 256 x values (words and floats of the unit's x arrays
+    at ``xp``, ``dp``, ``sp``, chunks as :func:`_wordp` reads them).
 
     Element e = 128 h + 32 t + 4 w + i (half h, quarter t, word w, byte i): low 4 bits in ql word
     16 h + 8 (t % 2) + w, nibble t // 2; high 2 bits in qh word 32 + 8 h + w, bits 2 t of each byte;
     w = d sc[e // 16] (q - 32) (gguf Q6_K.dequantize_blocks). x word e / 4 = 32 h + 8 t + w.
     """
+    OFF: tl.constexpr = 210 * B
     d = _q6_k_half(wp, OFF + 208, mask, csw, VW, EVEN, WIDE)
     for h in tl.static_range(2):
         # dx of x groups 4h .. 4h + 3 and dx * sum(xq) of its 16-element halves 8h .. 8h + 7, as vectors
-        dx0, dx1, dx2, dx3 = _vec4(XD + gd + 4 * h, xmask)
-        e0, e1, e2, e3 = _vec4(XS + gs + 8 * h, xmask)
-        e4, e5, e6, e7 = _vec4(XS + gs + 8 * h + 4, xmask)
+        dx0, dx1, dx2, dx3 = _vec4(_wordp(dp, 8 * B + 4 * h, XCS, XVD), xmask)
+        e0, e1, e2, e3 = _vec4(_wordp(sp, 16 * B + 8 * h, XCS, XVS), xmask)
+        e4, e5, e6, e7 = _vec4(_wordp(sp, 16 * B + 8 * h + 4, XCS, XVS), xmask)
         for t2 in tl.static_range(2):
             for wq in tl.static_range(2):
-                xo = 32 * h + 8 * t2 + 4 * wq
-                l0, l1, l2, l3 = _vec4(xp + xo, xmask)
-                u0, u1, u2, u3 = _vec4(xp + xo + 16, xmask)
+                xo = 64 * B + 32 * h + 8 * t2 + 4 * wq
+                l0, l1, l2, l3 = _vec4(_wordp(xp, xo, XCS, XVQ), xmask)
+                u0, u1, u2, u3 = _vec4(_wordp(xp, xo + 16, XCS, XVQ), xmask)
                 s_lo = None  # sub-block 8h + 2 t2 + wq (quarter t2)
                 s_hi = None  # sub-block 8h + 2 t2 + 4 + wq (quarter t2 + 2)
                 for w4 in tl.static_range(4):
@@ -507,7 +560,8 @@ def _q6_k_block(acc, wp, mask, csw, VW: tl.constexpr, xp, gd, gs, xmask, XD, XS,
 def _q6_k_kernel(
     XQ, XD, XS, W, Y, M, N, NB, stride_wn, stride_ym,
     PER: tl.constexpr, BLOCK_M: tl.constexpr, SILU_MUL: tl.constexpr, ASM: tl.constexpr, ROWS_FAST: tl.constexpr,
-    V: tl.constexpr, CSW: tl.constexpr, BLOCK_N: tl.constexpr, NBT: tl.constexpr, EVEN: tl.constexpr,
+    V: tl.constexpr, CSW: tl.constexpr, XP: tl.constexpr, XCS: tl.constexpr, BLOCK_N: tl.constexpr,
+    NBT: tl.constexpr, EVEN: tl.constexpr,
 ):  # fmt: skip
     # A thread takes a unit of PER consecutive blocks (PER * 210 B): PER = 4 (840 B, 8-byte aligned: read
     # as 8-byte words) when the row's blocks divide by 4, else a pair (420 B, 4-byte aligned: word by word).
@@ -516,18 +570,20 @@ def _q6_k_kernel(
     K = NB * 256
     VW: tl.constexpr = PER * 210 // 4 if V == 0 else V // 4  # words per chunk (file order: one per unit)
     csw = CSW
+    XVQ: tl.constexpr = 4 if XP else PER * 64  # x words, dx and dx * sum floats per chunk (per unit in plain rows)
+    XVD: tl.constexpr = 4 if XP else PER * 8
+    XVS: tl.constexpr = 4 if XP else PER * 16
     acc = _zero_acc(BLOCK_M, BLOCK_N, NBT, ROWS_FAST)
     for p0 in range(0, NB // PER, NBT):
         pr = p0 + bi
         wmask = n_ok & (pr < NB // PER)
         xmask = (mi < M) & (pr < NB // PER)
         wp = W32 + wrow + pr * VW
+        xp = XQ32 + mi * (K // 4) + zn + pr * XVQ
+        dp = XD + mi * (K // 32) + zn + pr * XVD
+        sp = XS + mi * (K // 16) + zn + pr * XVS
         for b in tl.static_range(PER):
-            blk = PER * pr + b
-            xp = XQ32 + mi * (K // 4) + zn + blk * 64
-            gd = mi * (K // 32) + zn + blk * 8
-            gs = mi * (K // 16) + zn + blk * 16
-            acc = _q6_k_block(acc, wp, wmask, csw, VW, xp, gd, gs, xmask, XD, XS, EVEN, 210 * b, PER == 4, ASM)
+            acc = _q6_k_block(acc, wp, wmask, csw, VW, xp, dp, sp, xmask, XCS, XVQ, XVD, XVS, EVEN, b, PER == 4, ASM)
     _store(Y, _row_sums(acc, ROWS_FAST), M, N, stride_ym, BLOCK_M, BLOCK_N, SILU_MUL)
 
 
@@ -538,7 +594,8 @@ def _q6_k_kernel(
 def _q8_0_kernel(
     XQ, XD, XS, W, Y, M, N, NB, stride_wn, stride_ym,
     PER: tl.constexpr, BLOCK_M: tl.constexpr, SILU_MUL: tl.constexpr, ASM: tl.constexpr, ROWS_FAST: tl.constexpr,
-    V: tl.constexpr, CSW: tl.constexpr, BLOCK_N: tl.constexpr, NBT: tl.constexpr, EVEN: tl.constexpr,
+    V: tl.constexpr, CSW: tl.constexpr, XP: tl.constexpr, XCS: tl.constexpr, BLOCK_N: tl.constexpr,
+    NBT: tl.constexpr, EVEN: tl.constexpr,
 ):  # fmt: skip
     # Block (34 B): d (fp16), qs[32] int8; w = d q. A thread takes a pair of blocks (68 B = 17 words,
     # 4-byte aligned): the first's d in the low half of word 0 and its codes 2 bytes into words 0..8, the
@@ -547,18 +604,18 @@ def _q8_0_kernel(
     K = NB * 32
     VW: tl.constexpr = 17 if V == 0 else V // 4  # words per chunk (file order: the pair is one chunk)
     csw = CSW
+    XVQ: tl.constexpr = 4 if XP else 16  # x words per chunk (per pair in plain rows)
     acc = _zero_acc(BLOCK_M, BLOCK_N, NBT, ROWS_FAST)
     for p0 in range(0, NB // 2, NBT):
         pr = p0 + bi
         wmask = n_ok & (pr < NB // 2)
         xmask = (mi < M) & (pr < NB // 2)
         wp = W32 + wrow + pr * VW
-        xp = XQ32 + mi * (K // 4) + zn + pr * 16
-        vec = tl.arange(0, 4)[None, None, None, :]
-        x0, x1, x2, x3 = _split4(tl.load(xp[:, :, :, None] + vec, mask=xmask[:, :, :, None], other=0))
-        x4, x5, x6, x7 = _split4(tl.load(xp[:, :, :, None] + 4 + vec, mask=xmask[:, :, :, None], other=0))
-        y0, y1, y2, y3 = _split4(tl.load(xp[:, :, :, None] + 8 + vec, mask=xmask[:, :, :, None], other=0))
-        y4, y5, y6, y7 = _split4(tl.load(xp[:, :, :, None] + 12 + vec, mask=xmask[:, :, :, None], other=0))
+        xp = XQ32 + mi * (K // 4) + zn + pr * XVQ  # the pair's 16 x words (dx: 2 floats, in order either way)
+        x0, x1, x2, x3 = _vec4(xp, xmask)
+        x4, x5, x6, x7 = _vec4(_wordp(xp, 4, XCS, XVQ), xmask)
+        y0, y1, y2, y3 = _vec4(_wordp(xp, 8, XCS, XVQ), xmask)
+        y4, y5, y6, y7 = _vec4(_wordp(xp, 12, XCS, XVQ), xmask)
         w0 = _ld(wp, wmask, EVEN)
         w1 = _ld(_wordp(wp, 1, csw, VW), wmask, EVEN)
         w2 = _ld(_wordp(wp, 2, csw, VW), wmask, EVEN)
@@ -607,6 +664,7 @@ def gguf_gemv_dp4a(
     config: tuple[int, int, int] | tuple[int, int, int, bool] | None = None,
     quantized: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     packed: bool = False,
+    x_packed: bool | None = None,
 ) -> torch.Tensor:
     """``x @ W.T`` (or SwiGLU) on int8 dot products, for a call :func:`supports` accepts.
 
@@ -619,10 +677,14 @@ def gguf_gemv_dp4a(
         config: ``(BLOCK_N, NBT, num_warps)`` instead of :func:`tiling`'s, optionally with ROWS_FAST (for
             benchmarks; a tiling with ``BLOCK_N * NBT != 32 * num_warps`` is correct but gives a thread
             parts of blocks).
-        quantized: ``quantize_activations(x)`` when the caller already has it (one input, several weights).
+        quantized: ``quantize_activations(x, x_unit(qtype, K / block_size, x packed))`` when the caller
+            already has it (one input, several weights of the same unit).
         packed: ``weight``'s rows are in the packed layout (``gguf_blocks.pack_rows``), not file order.
             Packed rows default to blocks as the fastest axis across threads (a warp then reads
             consecutive bytes of a row in every load), file order to :data:`_ROWS_FAST`.
+        x_packed: read x in the packed x layout of :func:`quantize_activations` (its unit: the weight's
+            thread unit), so that a warp's x loads are consecutive bytes too; default: when ``packed``
+            (only packed rows take it).
 
     Returns:
         ``(M, N)`` (``(M, N / 2)`` with ``silu_and_mul``) in ``x``'s dtype. The error against the exact
@@ -637,11 +699,12 @@ def gguf_gemv_dp4a(
             f"rows, got type {qtype}, x {tuple(x.shape)} {x.dtype}"
         )
     m, n_out, nb, out, grid = launch_shape(x, weight, _BLOCK_SIZE[qtype], _TYPE_SIZE[qtype], silu_and_mul, out)
-    xq, xd, xs = quantize_activations(x) if quantized is None else quantized
     per, v = kernel_layout(qtype, nb, packed)
+    xp = bool(v) if x_packed is None else x_packed and bool(v)
+    xq, xd, xs = quantize_activations(x, x_unit(qtype, nb, xp)) if quantized is None else quantized
     if config is None:
         if x.is_cuda:
-            config = tiling(weight.shape[0], nb // per, _num_sms(x.device.index or 0))
+            config = tiling(weight.shape[0], nb // per, _num_sms(x.device.index or 0), v)
         else:  # the Triton interpreter: a small tile keeps the tests quick
             config = (4, 2, 1)
     bn, nbt, warps = config[:3]
@@ -649,7 +712,7 @@ def gguf_gemv_dp4a(
         xq, xd, xs, weight, out, m, n_out, nb, weight.stride(0), out.stride(0),
         PER=per, BLOCK_M=triton.next_power_of_2(m), SILU_MUL=silu_and_mul, ASM=x.is_cuda,
         ROWS_FAST=config[3] if len(config) > 3 else _ROWS_FAST[qtype] and not v, V=v, CSW=nb // per * v // 4,
-        BLOCK_N=bn, NBT=nbt, num_warps=warps,
+        XP=xp, XCS=nb // per * 4, BLOCK_N=bn, NBT=nbt, num_warps=warps,
     )  # fmt: skip
     return out
 

@@ -286,28 +286,36 @@ class GGUFLinearMethod(LinearMethod):
             y = self._matmul(x, views[0][0], views[0][1])
         else:
             y = torch.empty((x.shape[0], self.out_features), dtype=x.dtype, device=x.device)
-            shared = self._shared_int8_input(x, views)
+            shared = self._shared_int8_inputs(x, views)
             for blocks, qtype, offset, rows in views:
                 if shared is not None:
                     from shardserve.model_executor.kernels.gguf_dp4a import gguf_gemv_dp4a
 
+                    quantized = shared[self._x_unit(x, blocks, qtype)]
                     gguf_gemv_dp4a(
-                        x, blocks, qtype, out=y[:, offset : offset + rows], quantized=shared, packed=self.packed
+                        x, blocks, qtype, out=y[:, offset : offset + rows], quantized=quantized, packed=self.packed
                     )
                 else:
                     self._matmul(x, blocks, qtype, out=y[:, offset : offset + rows])
         return y if bias is None else y + bias
 
-    def _shared_int8_input(self, x: torch.Tensor, views: list) -> tuple[torch.Tensor, ...] | None:
-        """``x`` rounded to int8 once for every group when each takes the int8 decode GEMV (a q/k Q4_K + v
-        Q6_K projection), else None (each group's kernel prepares its own input)."""
+    def _x_unit(self, x: torch.Tensor, blocks: torch.Tensor, qtype: int) -> int:
+        from shardserve.model_executor.kernels.gguf_dp4a import _BLOCK_SIZE, x_unit
+
+        return x_unit(qtype, x.shape[1] // _BLOCK_SIZE[qtype], self.packed)
+
+    def _shared_int8_inputs(self, x: torch.Tensor, views: list) -> dict[int, tuple[torch.Tensor, ...]] | None:
+        """When every group takes the int8 decode GEMV (a q/k Q4_K + v Q6_K projection): ``x`` rounded to
+        int8 once per x layout they read (``gguf_dp4a.x_unit``: one for all in file order, one per type over
+        packed rows), by unit; else None (each group's kernel prepares its own input)."""
         if not (x.is_cuda or self.config.kernels_on_cpu):
             return None
         from shardserve.model_executor.kernels.gguf_dp4a import quantize_activations, supports
 
         if not all(supports(x, blocks, qtype) for blocks, qtype, _, _ in views):
             return None
-        return quantize_activations(x)
+        units = {self._x_unit(x, blocks, qtype) for blocks, qtype, _, _ in views}
+        return {unit: quantize_activations(x, unit) for unit in sorted(units)}
 
     def apply_silu_and_mul(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         views = self._views if self._views is not None else self._group_views(layer)
