@@ -100,7 +100,8 @@ def _quantize_kernel(X, XQ, XD, XS, K, stride_xm, GROUPS: tl.constexpr, UE: tl.c
     lane = tl.arange(0, 32)[None, :]
     k = g * 32 + lane
     ok = k < K
-    units = K // tl.maximum(UE, 1)
+    UNIT: tl.constexpr = UE if UE > 0 else 1
+    units = K // UNIT
     x = tl.load(X + row.to(tl.int64) * stride_xm + k, mask=ok, other=0.0).to(tl.float32)
     amax = tl.max(tl.abs(x), axis=1, keep_dims=True)
     d = amax / 127.0
