@@ -227,6 +227,27 @@ def test_dp4a_packed_activations_are_the_plain_ones_reordered(unit):
         quantize_activations(x[:, :1536], 1024)
 
 
+@pytest.mark.parametrize("k,unit", [(512, 256), (1024, 1024), (768, 0), (512, 64)])
+def test_rms_norm_int8_equals_norm_then_quantize(k, unit):
+    """The RMSNorm that feeds an int8 GEMV: its output, the residual sum it writes back and its int8 x (in
+    the layout ``unit``) equal ``elementwise.rms_norm`` followed by ``quantize_activations`` bit for bit
+    (fp16: the interpreter adds bf16 wrongly); a row of 768 is not a power of two (masked tail)."""
+    from shardserve.model_executor.kernels.elementwise import rms_norm
+    from shardserve.model_executor.kernels.gguf_dp4a import quantize_activations, rms_norm_int8
+
+    gen = torch.Generator().manual_seed(k + unit)
+    x, residual = (torch.randn(3, k, generator=gen).to(torch.float16).to(DEVICE) for _ in range(2))
+    w = (torch.rand(k, generator=gen) + 0.5).to(torch.float16).to(DEVICE)
+    for res in (None, residual):
+        r_ref, r_got = (None, None) if res is None else (res.clone(), res.clone())
+        y_ref = rms_norm(x, w, 1e-5, r_ref)
+        y, q = rms_norm_int8(x, w, 1e-5, r_got, unit)
+        assert torch.equal(y, y_ref) and (res is None or torch.equal(r_got, r_ref))
+        assert all(torch.equal(a, b) for a, b in zip(q, quantize_activations(y_ref, unit)))
+    with pytest.raises(ValueError, match="whole groups"):
+        rms_norm_int8(x[:, :500], w[:500], 1e-5)
+
+
 @pytest.mark.parametrize("name", DP4A_NAMES)
 @pytest.mark.parametrize("rows", [8, 6])  # whole tiles, and a partial one (masked rows)
 def test_dp4a_gemv_matches_reference(name, rows):

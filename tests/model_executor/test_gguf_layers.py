@@ -355,6 +355,48 @@ def test_tiny_model_through_kernels_equals_dequantized(tiny_gguf, single_process
     _close(got, want, tol=1e-4)
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # silu of very negative gates
+@interpreted
+def test_int8_rounding_fused_into_the_norms(tiny_gguf, single_process, monkeypatch):
+    """fp16 decode rows through the tiny model's two decoder layers: where ``qkv_proj``/``gate_up_proj`` take
+    an int8 GEMV (layer 0's Q4_K q/k and gate/up, layer 1's Q8_0 gate/up), the RMSNorm before it rounds its
+    output to int8 in the same kernel (without a residual, as in the first layer, and with one), and the
+    layer's outputs are those of the unfused path (the norm in torch, x rounded by its own kernel)."""
+    from model_test_utils import SingleSequence
+
+    from shardserve.model_executor.kernels import gguf_dp4a
+
+    source = resolve_model(str(tiny_gguf))
+    original = GGUFConfig.from_reader
+    monkeypatch.setattr(GGUFConfig, "from_reader", classmethod(lambda cls, r: original(r, kernels_on_cpu=True)))
+    layers = (0, source.arch.num_hidden_layers)
+    model = load_model(source, torch.float16, torch.device("cpu"), layers, quantization="gguf")
+    units = []
+    real = gguf_dp4a.rms_norm_int8
+    monkeypatch.setattr(gguf_dp4a, "rms_norm_int8", lambda *a: units.append(a[4]) or real(*a))
+    gen = torch.Generator().manual_seed(5)
+    x = (0.5 * torch.randn(1, 256, generator=gen)).to(torch.float16)
+    residual = (0.5 * torch.randn(1, 256, generator=gen)).to(torch.float16)
+
+    def run():
+        seq = SingleSequence(model, dtype=torch.float16)
+        meta, pos = seq.meta(1), torch.zeros(1, dtype=torch.long)
+        out = []
+        for name, res in (("0", None), ("0", residual), ("1", residual)):
+            y, r = model.model.layers[name](pos, x.clone(), None if res is None else res.clone(), meta)
+            out += [y.float(), r.float()]
+        return out
+
+    fused = run()
+    assert units == [256, 256, 256, 256, 64]  # layer 0: both norms (twice), layer 1: the second
+    monkeypatch.setattr(GGUFLinearMethod, "int8_input_unit", lambda self, layer, x: None)
+    plain = run()
+    assert len(units) == 5  # the unfused path: no fused norm
+    for got, want in zip(fused, plain):
+        assert torch.isfinite(want).all() and want.abs().max() > 0.1
+        _close(got, want, tol=1e-2)
+
+
 def test_cpu_bfloat16_halves_memory(tiny_gguf, single_process):
     """``--dtype bfloat16`` on the CPU: GGUF dequantized at load to bf16 holds half the bytes of fp32
     (KV cache too, it follows the dtype) and computes the same logits to bf16 precision."""

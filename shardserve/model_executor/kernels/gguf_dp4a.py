@@ -103,18 +103,85 @@ def _quantize_kernel(X, XQ, XD, XS, K, stride_xm, GROUPS: tl.constexpr, UE: tl.c
     UNIT: tl.constexpr = UE if UE > 0 else 1
     units = K // UNIT
     x = tl.load(X + row.to(tl.int64) * stride_xm + k, mask=ok, other=0.0).to(tl.float32)
+    gv = tl.program_id(0) * GROUPS + tl.arange(0, GROUPS)
+    _int8_groups(x, k, gv, row, K, units, XQ, XD, XS, GROUPS, UE)
+
+
+@triton.jit
+def _int8_groups(x, k, gv, row, K, units, XQ, XD, XS, GROUPS: tl.constexpr, UE: tl.constexpr):
+    """Round ``x`` ``(GROUPS, 32)`` fp32 (elements ``k`` of row ``row``; groups ``gv``) to int8 per group and
+    store codes, ``dx`` and the sums (layout ``UE``: :func:`quantize_activations`). Shared by the quantize
+    kernel and the RMSNorm that feeds an int8 GEMV, so that both give the same bits."""
+    ok = k < K
     amax = tl.max(tl.abs(x), axis=1, keep_dims=True)
     d = amax / 127.0
     inv = tl.where(amax > 0.0, 127.0 / tl.maximum(amax, 1e-30), 0.0)
     v = x * inv
     q = tl.where(v >= 0.0, tl.floor(v + 0.5), -tl.floor(0.5 - v)).to(tl.int32)  # round half away from 0
     tl.store(XQ + row.to(tl.int64) * K + _x_chunked(k, UE, units, 16), q.to(tl.int8), mask=ok)
-    gv = tl.program_id(0) * GROUPS + tl.arange(0, GROUPS)
     tl.store(XD + row * (K // 32) + _x_chunked(gv, UE // 32, units, 4), tl.reshape(d, (GROUPS,)), mask=gv < K // 32)
     sums = tl.sum(tl.reshape(q, (GROUPS, 2, 16)), axis=2).to(tl.float32) * d  # (GROUPS, 2): dx * sum(xq) per 16
     h = tl.arange(0, 2)[None, :]
     xs_at = _x_chunked(gv[:, None] * 2 + h, UE // 16, units, 4)
     tl.store(XS + row * (K // 16) + xs_at, sums, mask=(gv < K // 32)[:, None])
+
+
+@triton.jit
+def _rms_norm_int8_kernel(X, R, W, Y, XQ, XD, XS, stride_x, stride_r, K, eps, HAS_RESIDUAL: tl.constexpr,
+                          BLOCK: tl.constexpr, UE: tl.constexpr):  # fmt: skip
+    # One program per row: kernels/elementwise.py's RMSNorm (same arithmetic), then its output rounded to
+    # int8 as _quantize_kernel does.
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < K
+    x = tl.load(X + row * stride_x + offs, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        x = x + tl.load(R + row * stride_r + offs, mask=mask, other=0.0)  # in the model dtype, as HF adds
+        tl.store(R + row * stride_r + offs, x, mask=mask)
+    h = x.to(tl.float32)
+    var = tl.sum(h * h, axis=0) / K
+    h = h * tl.rsqrt(var + eps)
+    w = tl.load(W + offs, mask=mask, other=0.0)
+    y = h.to(x.dtype) * w
+    tl.store(Y + row * K + offs, y, mask=mask)
+    G: tl.constexpr = BLOCK // 32
+    UNIT: tl.constexpr = UE if UE > 0 else 1
+    _int8_groups(tl.reshape(y.to(Y.dtype.element_ty).to(tl.float32), (G, 32)), tl.reshape(offs, (G, 32)),
+                 tl.arange(0, G), row, K, K // UNIT, XQ, XD, XS, G, UE)  # fmt: skip
+
+
+def rms_norm_int8(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None, unit: int = 0
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """RMSNorm of ``x`` (``kernels/elementwise.rms_norm``, optionally after ``x += residual`` written into
+    ``residual``) and its output rounded to int8 for an int8 GEMV, in one kernel: the activation rounding
+    that would otherwise be a launch of its own before each such GEMV.
+
+    Args:
+        x: ``(M, K)`` bf16/fp16 with contiguous rows, ``K`` a multiple of 32 (and of ``unit``).
+        weight: ``(K,)``; residual: optional ``(M, K)``, same dtype and layout.
+        unit: the x layout of :func:`quantize_activations`.
+
+    Returns:
+        ``(y (M, K) in x's dtype, (xq, dx, xs))``, bit for bit what ``rms_norm`` and then
+        ``quantize_activations(y, unit)`` give.
+
+    Raises:
+        ValueError: a shape :func:`quantize_activations` refuses.
+    """
+    m, k = x.shape
+    if k % 32 or (unit and (k % unit or unit % 64)) or x.stride(1) != 1:
+        raise ValueError(f"rms_norm_int8 takes rows of whole groups of 32 (units of {unit or 32}), got {k}")
+    y = torch.empty((m, k), dtype=x.dtype, device=x.device)
+    xq = torch.empty((m, k), dtype=torch.int8, device=x.device)
+    xd = torch.empty((m, k // 32), dtype=torch.float32, device=x.device)
+    xs = torch.empty((m, k // 16), dtype=torch.float32, device=x.device)
+    r = residual if residual is not None else x
+    _rms_norm_int8_kernel[(m,)](
+        x, r, weight, y, xq, xd, xs, x.stride(0), r.stride(0), k, eps, HAS_RESIDUAL=residual is not None,
+        BLOCK=triton.next_power_of_2(k), UE=unit, num_warps=8 if k >= 4096 else 4,
+    )  # fmt: skip
+    return y, (xq, xd, xs)
 
 
 def quantize_activations(x: torch.Tensor, unit: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -706,8 +773,8 @@ def gguf_gemv_dp4a(
     if config is None:
         if x.is_cuda:
             config = tiling(weight.shape[0], nb // per, _num_sms(x.device.index or 0), v)
-        else:  # the Triton interpreter: a small tile keeps the tests quick
-            config = (4, 2, 1)
+        else:  # the Triton interpreter: its cost is per program, so one tile of rows (up to 128)
+            config = (min(128, max(4, triton.next_power_of_2(weight.shape[0]))), 2, 1)
     bn, nbt, warps = config[:3]
     _KERNELS[qtype][grid](
         xq, xd, xs, weight, out, m, n_out, nb, weight.stride(0), out.stride(0),

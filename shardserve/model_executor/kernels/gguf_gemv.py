@@ -397,6 +397,7 @@ def gguf_linear(
     out: torch.Tensor | None = None,
     dequant_min_rows: int = DEQUANT_MIN_ROWS,
     packed: bool = False,
+    quantized: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``x @ W.T`` (or SwiGLU with ``silu_and_mul``) by the path that fits ``M`` (see the module docstring).
 
@@ -404,6 +405,8 @@ def gguf_linear(
         x: ``(M, K)`` activations; weight: ``(N, K / block_size * type_size)`` uint8 of type ``qtype``.
         dequant_min_rows: from this many rows, dequantize ``W`` to a scratch buffer and use cuBLAS.
         packed: ``weight``'s rows are in the packed layout (``gguf_blocks.pack_rows``), not file order.
+        quantized: ``x`` already rounded for the int8 GEMV (``gguf_gemv_dp4a``'s argument); used on that
+            path only.
         Q4_K/Q6_K/Q8_0 with bf16/fp16 ``x`` of at most ``DP4A_MAX_ROWS`` rows take the int8 GEMV, of at most
         ``MMA_MAX_ROWS`` the int8 tensor-core kernel.
 
@@ -412,7 +415,7 @@ def gguf_linear(
     """
     m = x.shape[0]
     if m <= DP4A_MAX_ROWS and dp4a_supports(x, weight, qtype):
-        return gguf_gemv_dp4a(x, weight, qtype, silu_and_mul, out, packed=packed)
+        return gguf_gemv_dp4a(x, weight, qtype, silu_and_mul, out, quantized=quantized, packed=packed)
     if m <= MMA_MAX_ROWS and mma_supports(x, weight, qtype):
         return gguf_mma(x, weight, qtype, silu_and_mul, out, packed=packed)
     if m <= GEMV_MAX_ROWS:

@@ -47,3 +47,19 @@ class RMSNorm(nn.Module):
             return self._norm(x)
         x = x + residual
         return self._norm(x), x
+
+    def forward_int8(
+        self, x: torch.Tensor, residual: torch.Tensor | None, unit: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, ...]]:
+        """:meth:`forward` and its output rounded to int8 for an int8 GEMV in one Triton kernel
+        (``kernels/gguf_dp4a.rms_norm_int8``; the caller got ``unit`` from the consumer's
+        ``int8_input_unit``).
+
+        Returns:
+            ``(norm(x [+ residual]), x + residual (None without residual), (xq, dx, xs))``; with ``residual``
+            the sum is written into it in place, as :meth:`forward` does on the GPU.
+        """
+        from shardserve.model_executor.kernels.gguf_dp4a import rms_norm_int8
+
+        y, x_int8 = rms_norm_int8(x, self.weight, self.eps, residual, unit)
+        return y, residual, x_int8

@@ -136,9 +136,17 @@ class ColumnParallelLinear(nn.Module):
         shard = WeightShard(dim=0, start=self.tp_rank * n, size=n, full_size=n * self.tp_size)
         self.quant_method.load_weight(self, param, loaded_weight, shard)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(num_tokens, input_size)`` -> ``(num_tokens, output_size / tp)`` (or full when gathering)."""
-        y = self.quant_method.apply(self, x, self.bias)
+    def int8_input_unit(self, x: torch.Tensor) -> int | None:
+        """The quant method's :meth:`~.LinearMethod.int8_input_unit` for input ``x``."""
+        return self.quant_method.int8_input_unit(self, x)
+
+    def forward(self, x: torch.Tensor, x_int8: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+        """``(num_tokens, input_size)`` -> ``(num_tokens, output_size / tp)`` (or full when gathering).
+        ``x_int8``: ``x`` already rounded for the int8 GEMV (:meth:`int8_input_unit`)."""
+        if x_int8 is None:
+            y = self.quant_method.apply(self, x, self.bias)
+        else:
+            y = self.quant_method.apply(self, x, self.bias, x_int8=x_int8)
         if self.gather_output:
             y = self.tp.all_gather(y, dim=-1)
         return y
@@ -189,10 +197,13 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         )
         self.quant_method.load_weight(self, param, loaded_weight, shard)
 
-    def forward_silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_silu_and_mul(self, x: torch.Tensor, x_int8: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
         """SwiGLU of a gate/up pair: ``silu(x gate^T) * (x up^T)``, ``(num_tokens, input_size)`` ->
-        ``(num_tokens, output_sizes[0] / tp)``; one fused kernel where the quant method has one."""
-        return self.quant_method.apply_silu_and_mul(self, x, self.bias)
+        ``(num_tokens, output_sizes[0] / tp)``; one fused kernel where the quant method has one. ``x_int8``
+        as for :meth:`forward`."""
+        if x_int8 is None:
+            return self.quant_method.apply_silu_and_mul(self, x, self.bias)
+        return self.quant_method.apply_silu_and_mul(self, x, self.bias, x_int8=x_int8)
 
 
 class QKVParallelLinear(ColumnParallelLinear):

@@ -97,10 +97,17 @@ class LlamaAttention(nn.Module):
             self.num_heads, self.num_kv_heads, self.head_dim, scale=self.head_dim**-0.5, rotary_emb=rotary
         )
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """``(num_tokens, hidden_size)`` -> ``(num_tokens, hidden_size)`` (all-reduced in ``o_proj``)."""
+    def forward(
+        self,
+        positions: torch.Tensor,
+        x: torch.Tensor,
+        meta: AttentionMetadata,
+        x_int8: tuple[torch.Tensor, ...] | None = None,
+    ) -> torch.Tensor:
+        """``(num_tokens, hidden_size)`` -> ``(num_tokens, hidden_size)`` (all-reduced in ``o_proj``); ``x_int8``
+        as ``ColumnParallelLinear.forward`` takes it."""
         n = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k, v = self.qkv_proj(x, x_int8).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if self.q_norm is not None:
             q = self.q_norm(q.reshape(n, self.num_heads, self.head_dim))
             k = self.k_norm(k.reshape(n, self.num_kv_heads, self.head_dim))
@@ -121,10 +128,10 @@ class LlamaMLP(nn.Module):
             size, config.hidden_size, quant_config=quant_config, prefix=f"{prefix}.down_proj"
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, x_int8: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
         """``(num_tokens, hidden_size)`` -> ``(num_tokens, hidden_size)`` (all-reduced in ``down_proj``)."""
         # silu(gate) * up; at decode batches gate, up and SiLU run as one kernel
-        return self.down_proj(self.gate_up_proj.forward_silu_and_mul(x))
+        return self.down_proj(self.gate_up_proj.forward_silu_and_mul(x, x_int8))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -146,14 +153,27 @@ class LlamaDecoderLayer(nn.Module):
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, meta: AttentionMetadata
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns ``(mlp_output, residual)``, both ``(num_tokens, hidden_size)``; their sum is the layer output."""
-        if residual is None:
+        """Returns ``(mlp_output, residual)``, both ``(num_tokens, hidden_size)``; their sum is the layer output.
+
+        Where ``qkv_proj`` or ``gate_up_proj`` would round its input to int8 first (GGUF int8 decode GEMVs:
+        ``int8_input_unit``), the norm before it does that rounding in its own kernel."""
+        unit = self.self_attn.qkv_proj.int8_input_unit(x)
+        x_int8 = None
+        if unit is not None:
+            h, residual_sum, x_int8 = self.input_layernorm.forward_int8(x, residual, unit)
+            residual = x if residual is None else residual_sum  # the first layer's residual is its input
+            x = h
+        elif residual is None:
             residual, x = x, self.input_layernorm(x)
         else:
             x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(positions, x, meta)
-        x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
+        x = self.self_attn(positions, x, meta, x_int8)
+        unit = self.mlp.gate_up_proj.int8_input_unit(x)
+        if unit is not None:
+            x, residual, x_int8 = self.post_attention_layernorm.forward_int8(x, residual, unit)
+        else:
+            x, residual, x_int8 = (*self.post_attention_layernorm(x, residual), None)
+        return self.mlp(x, x_int8), residual
 
 
 class LlamaModel(nn.Module):

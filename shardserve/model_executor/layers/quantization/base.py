@@ -167,6 +167,12 @@ class LinearMethod(ABC):
         ``(num_tokens, out / 2)``. Methods with a fused kernel override this."""
         return _silu_and_mul(self.apply(layer, x, bias))
 
+    def int8_input_unit(self, layer: nn.Module, x: torch.Tensor) -> int | None:
+        """When :meth:`apply` would first round ``x`` to int8 for an int8 GEMV (GGUF decode rows), the x
+        layout it reads (``gguf_dp4a.quantize_activations``'s ``unit``), so that the producer of ``x`` can
+        do the rounding in its own kernel (RMSNorm) and hand it over as ``x_int8``; None otherwise."""
+        return None
+
     def embedding(self, layer: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
         """Rows ``input_ids`` of an embedding table: ``(num_tokens,)`` -> ``(num_tokens, embedding_dim)``.
 

@@ -264,13 +264,19 @@ class GGUFLinearMethod(LinearMethod):
 
     # -- compute ------------------------------------------------------------------------------------
     def _matmul(
-        self, x: torch.Tensor, blocks: torch.Tensor, qtype: int, silu: bool = False, out: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        blocks: torch.Tensor,
+        qtype: int,
+        silu: bool = False,
+        out: torch.Tensor | None = None,
+        quantized: tuple[torch.Tensor, ...] | None = None,
     ) -> torch.Tensor:
         if x.is_cuda or self.config.kernels_on_cpu:
             from shardserve.model_executor.kernels.gguf_gemv import gguf_linear
 
             rows = self.config.dequant_min_rows if self.dequant_min_rows is None else self.dequant_min_rows
-            return gguf_linear(x, blocks, qtype, silu, out, rows, packed=self.packed)
+            return gguf_linear(x, blocks, qtype, silu, out, rows, packed=self.packed, quantized=quantized)
         y = F.linear(x, dequantize_blocks(unpack_rows(blocks, qtype) if self.packed else blocks, qtype, x.dtype))
         if silu:
             y = SiluAndMul()(y)
@@ -279,15 +285,23 @@ class GGUFLinearMethod(LinearMethod):
         out.copy_(y)
         return out
 
-    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """``(num_tokens, in)`` -> ``(num_tokens, out)``: one kernel per group of equal types."""
+    def apply(
+        self,
+        layer: nn.Module,
+        x: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        x_int8: tuple[torch.Tensor, ...] | None = None,
+    ) -> torch.Tensor:
+        """``(num_tokens, in)`` -> ``(num_tokens, out)``: one kernel per group of equal types. ``x_int8``:
+        ``x`` rounded to int8 in the layout :meth:`int8_input_unit` named (for the first group)."""
         views = self._views if self._views is not None else self._group_views(layer)
         if len(views) == 1:
-            y = self._matmul(x, views[0][0], views[0][1])
+            y = self._matmul(x, views[0][0], views[0][1], quantized=x_int8)
         else:
             y = torch.empty((x.shape[0], self.out_features), dtype=x.dtype, device=x.device)
-            shared = self._shared_int8_inputs(x, views)
-            for blocks, qtype, offset, rows in views:
+            given = {} if x_int8 is None else {self._x_unit(x, views[0][0], views[0][1]): x_int8}
+            shared = self._shared_int8_inputs(x, views, given)
+            for i, (blocks, qtype, offset, rows) in enumerate(views):
                 if shared is not None:
                     from shardserve.model_executor.kernels.gguf_dp4a import gguf_gemv_dp4a
 
@@ -296,18 +310,34 @@ class GGUFLinearMethod(LinearMethod):
                         x, blocks, qtype, out=y[:, offset : offset + rows], quantized=quantized, packed=self.packed
                     )
                 else:
-                    self._matmul(x, blocks, qtype, out=y[:, offset : offset + rows])
+                    part = x_int8 if i == 0 else None
+                    self._matmul(x, blocks, qtype, out=y[:, offset : offset + rows], quantized=part)
         return y if bias is None else y + bias
+
+    def int8_input_unit(self, layer: nn.Module, x: torch.Tensor) -> int | None:
+        """The x layout of the first group's int8 decode GEMV when ``x`` goes to one (``gguf_linear``'s rule:
+        Q4_K/Q6_K/Q8_0, bf16/fp16, at most ``DP4A_MAX_ROWS`` rows), else None."""
+        if not (x.is_cuda or self.config.kernels_on_cpu) or x.dim() != 2:
+            return None
+        from shardserve.model_executor.kernels.gguf_dp4a import DP4A_MAX_ROWS, supports
+
+        views = self._views if self._views is not None else self._group_views(layer)
+        blocks, qtype = views[0][0], views[0][1]
+        if x.shape[0] > DP4A_MAX_ROWS or not supports(x, blocks, qtype):
+            return None
+        return self._x_unit(x, blocks, qtype)
 
     def _x_unit(self, x: torch.Tensor, blocks: torch.Tensor, qtype: int) -> int:
         from shardserve.model_executor.kernels.gguf_dp4a import _BLOCK_SIZE, x_unit
 
         return x_unit(qtype, x.shape[1] // _BLOCK_SIZE[qtype], self.packed)
 
-    def _shared_int8_inputs(self, x: torch.Tensor, views: list) -> dict[int, tuple[torch.Tensor, ...]] | None:
+    def _shared_int8_inputs(
+        self, x: torch.Tensor, views: list, given: dict[int, tuple[torch.Tensor, ...]]
+    ) -> dict[int, tuple[torch.Tensor, ...]] | None:
         """When every group takes the int8 decode GEMV (a q/k Q4_K + v Q6_K projection): ``x`` rounded to
         int8 once per x layout they read (``gguf_dp4a.x_unit``: one for all in file order, one per type over
-        packed rows), by unit; else None (each group's kernel prepares its own input)."""
+        packed rows), by unit, taking those ``given``; else None (each group's kernel prepares its own input)."""
         if not (x.is_cuda or self.config.kernels_on_cpu):
             return None
         from shardserve.model_executor.kernels.gguf_dp4a import quantize_activations, supports
@@ -315,13 +345,19 @@ class GGUFLinearMethod(LinearMethod):
         if not all(supports(x, blocks, qtype) for blocks, qtype, _, _ in views):
             return None
         units = {self._x_unit(x, blocks, qtype) for blocks, qtype, _, _ in views}
-        return {unit: quantize_activations(x, unit) for unit in sorted(units)}
+        return {unit: given[unit] if unit in given else quantize_activations(x, unit) for unit in sorted(units)}
 
-    def apply_silu_and_mul(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def apply_silu_and_mul(
+        self,
+        layer: nn.Module,
+        x: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        x_int8: tuple[torch.Tensor, ...] | None = None,
+    ) -> torch.Tensor:
         views = self._views if self._views is not None else self._group_views(layer)
         if bias is None and len(views) == 1:  # gate and up of one type: SwiGLU fused into the kernel
-            return self._matmul(x, views[0][0], views[0][1], silu=True)
-        return super().apply_silu_and_mul(layer, x, bias)
+            return self._matmul(x, views[0][0], views[0][1], silu=True, quantized=x_int8)
+        return SiluAndMul()(self.apply(layer, x, bias, x_int8=x_int8))
 
     def embedding(self, layer: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
         """Gather rows ``input_ids`` and dequantize them: ``(T,)`` -> ``(T, embedding_dim)`` in the model dtype."""
