@@ -30,6 +30,16 @@ def _rms_norm_kernel(
 ):
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
+    y = rms_norm_row(X, R, W, row, offs, stride_x, stride_r, N, eps, HAS_RESIDUAL)
+    tl.store(Y + row * stride_y + offs, y, mask=offs < N)
+
+
+@triton.jit
+def rms_norm_row(X, R, W, row, offs, stride_x, stride_r, N, eps, HAS_RESIDUAL: tl.constexpr):
+    """RMSNorm of elements ``offs`` (``(BLOCK,)``, masked past ``N``) of row ``row``, after ``x += residual``
+    written back into ``R`` with HAS_RESIDUAL: ``(BLOCK,)`` in x's dtype times the weight's (the order of
+    Hugging Face's ``LlamaRMSNorm``). Shared by :func:`rms_norm` and the norm that also rounds its output
+    to int8 (``kernels/gguf_dp4a.rms_norm_int8``)."""
     mask = offs < N
     x = tl.load(X + row * stride_x + offs, mask=mask, other=0.0)
     if HAS_RESIDUAL:
@@ -39,7 +49,7 @@ def _rms_norm_kernel(
     var = tl.sum(h * h, axis=0) / N
     h = h * tl.rsqrt(var + eps)
     w = tl.load(W + offs, mask=mask, other=0.0)
-    tl.store(Y + row * stride_y + offs, h.to(x.dtype) * w, mask=mask)
+    return h.to(x.dtype) * w
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None) -> torch.Tensor:

@@ -37,9 +37,10 @@ import torch
 import triton
 import triton.language as tl
 
+from shardserve.model_executor.kernels.elementwise import rms_norm_row
 from shardserve.model_executor.kernels.gemv import gate_up_rows, silu_mul_rounded
 from shardserve.model_executor.kernels.gguf_dequant import _i2f, kernel_layout
-from shardserve.model_executor.layers.quantization.gguf_blocks import row_layout
+from shardserve.model_executor.layers.quantization.gguf_blocks import MIN_UNIT, row_layout
 
 DP4A_TYPES = {12: "Q4_K", 14: "Q6_K", 8: "Q8_0"}
 """``ggml_type`` -> name of the types with an int8 dot-product GEMV."""
@@ -48,9 +49,6 @@ DP4A_MAX_ROWS = 4
 x words per 64 weights to a thread's registers)."""
 _TYPE_SIZE = {12: 144, 14: 210, 8: 34}
 _BLOCK_SIZE = {12: 256, 14: 256, 8: 32}
-_PER = {12: 1, 14: 2, 8: 2}
-"""Blocks per thread at least: Q6_K and Q8_0 blocks are read in pairs, which are 4-byte aligned (Q6_K in
-fours, 8-byte aligned, where the row's blocks divide by 4: :func:`_unit`)."""
 
 
 def _unit(qtype: int, nb: int) -> int:
@@ -70,7 +68,7 @@ def supports(x: torch.Tensor, weight: torch.Tensor, qtype: int) -> bool:
         and 0 < x.shape[0] <= DP4A_MAX_ROWS
         and weight.data_ptr() % 4 == 0
         and weight.stride(1) == 1
-        and x.shape[1] % (_BLOCK_SIZE[qtype] * _PER[qtype]) == 0
+        and x.shape[1] % (_BLOCK_SIZE[qtype] * MIN_UNIT[qtype]) == 0
         and weight.stride(0) % 4 == 0
     )
 
@@ -129,21 +127,12 @@ def _int8_groups(x, k, gv, row, K, units, XQ, XD, XS, GROUPS: tl.constexpr, UE: 
 @triton.jit
 def _rms_norm_int8_kernel(X, R, W, Y, XQ, XD, XS, stride_x, stride_r, K, eps, HAS_RESIDUAL: tl.constexpr,
                           BLOCK: tl.constexpr, UE: tl.constexpr):  # fmt: skip
-    # One program per row: kernels/elementwise.py's RMSNorm (same arithmetic), then its output rounded to
+    # One program per row: kernels/elementwise.py's RMSNorm (its row code), then its output rounded to
     # int8 as _quantize_kernel does.
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
-    mask = offs < K
-    x = tl.load(X + row * stride_x + offs, mask=mask, other=0.0)
-    if HAS_RESIDUAL:
-        x = x + tl.load(R + row * stride_r + offs, mask=mask, other=0.0)  # in the model dtype, as HF adds
-        tl.store(R + row * stride_r + offs, x, mask=mask)
-    h = x.to(tl.float32)
-    var = tl.sum(h * h, axis=0) / K
-    h = h * tl.rsqrt(var + eps)
-    w = tl.load(W + offs, mask=mask, other=0.0)
-    y = h.to(x.dtype) * w
-    tl.store(Y + row * K + offs, y, mask=mask)
+    y = rms_norm_row(X, R, W, row, offs, stride_x, stride_r, K, eps, HAS_RESIDUAL)
+    tl.store(Y + row * K + offs, y, mask=offs < K)
     G: tl.constexpr = BLOCK // 32
     UNIT: tl.constexpr = UE if UE > 0 else 1
     _int8_groups(tl.reshape(y.to(Y.dtype.element_ty).to(tl.float32), (G, 32)), tl.reshape(offs, (G, 32)),
@@ -170,12 +159,10 @@ def rms_norm_int8(
         ValueError: a shape :func:`quantize_activations` refuses.
     """
     m, k = x.shape
-    if k % 32 or (unit and (k % unit or unit % 64)) or x.stride(1) != 1:
-        raise ValueError(f"rms_norm_int8 takes rows of whole groups of 32 (units of {unit or 32}), got {k}")
+    if x.stride(1) != 1:
+        raise ValueError("rms_norm_int8 takes rows with a contiguous last dimension")
+    xq, xd, xs = _int8_arrays(x, unit)
     y = torch.empty((m, k), dtype=x.dtype, device=x.device)
-    xq = torch.empty((m, k), dtype=torch.int8, device=x.device)
-    xd = torch.empty((m, k // 32), dtype=torch.float32, device=x.device)
-    xs = torch.empty((m, k // 16), dtype=torch.float32, device=x.device)
     r = residual if residual is not None else x
     _rms_norm_int8_kernel[(m,)](
         x, r, weight, y, xq, xd, xs, x.stride(0), r.stride(0), k, eps, HAS_RESIDUAL=residual is not None,
@@ -204,15 +191,26 @@ def quantize_activations(x: torch.Tensor, unit: int = 0) -> tuple[torch.Tensor, 
         ValueError: ``K`` is not a multiple of 32 (or of ``unit``).
     """
     m, k = x.shape
-    if k % 32 or (unit and (k % unit or unit % 64)):
-        raise ValueError(f"activations are quantized in groups of 32 (units of {unit or 32}), got {k} features")
-    xq = torch.empty((m, k), dtype=torch.int8, device=x.device)
-    xd = torch.empty((m, k // 32), dtype=torch.float32, device=x.device)
-    xs = torch.empty((m, k // 16), dtype=torch.float32, device=x.device)
+    xq, xd, xs = _int8_arrays(x, unit)
     groups = min(32, triton.next_power_of_2(k // 32))
     _quantize_kernel[(triton.cdiv(k // 32, groups), m)](
         x, xq, xd, xs, k, x.stride(0), GROUPS=groups, UE=unit, num_warps=4
     )
+    return xq, xd, xs
+
+
+def _int8_arrays(x: torch.Tensor, unit: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Empty ``xq (M, K)`` int8, ``dx (M, K / 32)`` and ``xs (M, K / 16)`` fp32 for ``x`` ``(M, K)``.
+
+    Raises:
+        ValueError: ``K`` is not whole groups of 32, or not whole units of ``unit`` (a multiple of 64).
+    """
+    m, k = x.shape
+    if k % 32 or (unit and (k % unit or unit % 64)):
+        raise ValueError(f"activations are quantized in whole groups of 32 (units of {unit or 32}), got {k} features")
+    xq = torch.empty((m, k), dtype=torch.int8, device=x.device)
+    xd = torch.empty((m, k // 32), dtype=torch.float32, device=x.device)
+    xs = torch.empty((m, k // 16), dtype=torch.float32, device=x.device)
     return xq, xd, xs
 
 

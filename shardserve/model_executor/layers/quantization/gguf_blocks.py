@@ -141,8 +141,9 @@ def gguf_tensor_bytes(
     return math.prod(dims[:-1]) * (dims[-1] // t.block_size) * t.type_size
 
 
-PACKED_CHUNK = {12: 16, 8: 4}
-"""Bytes per chunk of the packed row layout (:func:`row_layout`) by ``ggml_type``; Q6_K: :func:`row_layout`."""
+MIN_UNIT = {12: 1, 14: 2, 8: 2}
+"""Blocks per thread of the int8 decode GEMV at least, by ``ggml_type``: Q6_K and Q8_0 blocks are read in
+pairs, which are 4-byte aligned (Q6_K in fours, 8-byte aligned, where the row's blocks divide by 4)."""
 
 
 def row_layout(qtype: int, blocks_per_row: int, packed: bool = True) -> tuple[int, int]:
@@ -168,12 +169,11 @@ def row_layout(qtype: int, blocks_per_row: int, packed: bool = True) -> tuple[in
     t = block_type(qtype)
     if t is None:
         raise ValueError(f"no GGUF kernel for ggml_type {qtype}")
-    per = 2 if qtype in (8, 14) else 1
-    if qtype == 14 and blocks_per_row % 4 == 0:
-        per = 4
-    if not packed or blocks_per_row % per or (qtype not in PACKED_CHUNK and qtype != 14):
+    per = 4 if qtype == 14 and blocks_per_row % 4 == 0 else MIN_UNIT.get(qtype, 1)
+    chunk = {12: 16, 14: 8 if per == 4 else 4, 8: 4}.get(qtype)
+    if not packed or chunk is None or blocks_per_row % per:
         return per, per * t.type_size
-    return per, PACKED_CHUNK.get(qtype, 8 if per == 4 else 4)
+    return per, chunk
 
 
 def _chunks(raw: torch.Tensor, qtype: int) -> tuple[int, int, int, int]:
