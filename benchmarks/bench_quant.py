@@ -200,10 +200,10 @@ def part_serve(spec: dict) -> dict:
     from shardserve import LLM, SamplingParams
 
     cuda = _cuda()
-    if spec.get("row_layout") == "file":
+    if spec.get("row_layout"):
         from shardserve.model_executor.layers.quantization.gguf import GGUFConfig
 
-        GGUFConfig.pack_rows = False  # this child process only
+        GGUFConfig.pack_rows = spec["row_layout"] == "packed"  # this child process only
     kw = dict(
         dtype="bfloat16" if cuda else "float32",
         max_model_len=4096,
@@ -337,8 +337,8 @@ def main() -> None:
     )
     ap.add_argument(
         "--gguf-row-layout",
-        default="packed",
-        help="gguf part: packed (as served on the GPU), file (file order), or file,packed (both, one load each)",
+        default="file",
+        help="gguf part: file (file order, as served), packed (GGUFConfig.pack_rows), or file,packed (one load each)",
     )
     ap.add_argument("--part-timeout", type=float, default=1800.0, help="seconds per child process")
     ap.add_argument("--json-out", default=None)
@@ -398,7 +398,7 @@ def main() -> None:
                     flush=True,
                 )
                 for layout in args.gguf_row_layout.split(","):
-                    key = recipe if layout == "packed" else f"{recipe} file-order"
+                    key = recipe if layout == "file" else f"{recipe} packed"
                     spec = {"label": f"{model} {key}", "path": str(path), "format": "gguf", "row_layout": layout,
                             **common}  # fmt: skip
                     entry[key] = {"file": written, **_child("serve", spec, args.part_timeout, env)}

@@ -1,6 +1,6 @@
 #!/bin/bash
 # One GPU session's runs on nvidia-h200 (one H200), in stages that each fit one device call:
-#   OUT=/tmp/out bash benchmarks/gpu_session.sh check|host|serve|kernels|final|sweep|sweep2|final2|verify|packed|packed_e2e|packed_q8|probe|quant|quant2|quant70
+#   OUT=/tmp/out bash benchmarks/gpu_session.sh check|host|serve|kernels|final|sweep|sweep2|final2|verify|packed|ncu|e2e|packed_e2e|packed_q8|probe|quant|quant2|quant70
 # check: CUDA kernel tests, fp32 equivalence with transformers, bench_gpu (8B bf16 batch-1 + offline)
 # host:  offline profile (GPU idle share), host ms per step on the GPU beside the baseline commit
 # serve: a live server under `shardserve bench serve` (400 prompts, 1024 in / 128 out, rate inf)
@@ -16,7 +16,10 @@
 #   thread layouts, 8B Q4_K_M batch-1 beside bf16 with the tiling rule (no autotuning of the int8 GEMV)
 # packed: the int8 GEMV on rows (and x) in the packed layouts (gguf_blocks.row_layout) beside file order, CUDA tests
 # packed_e2e: 8B Q4_K_M batch-1 decode with rows in file order and packed, beside bf16 (one load each)
-# packed_q8: 8B Q8_0 batch-1 decode (packed), the 8B Q4_K_M decode step per kernel (packed)
+# ncu: Nsight Compute on the int8 GEMV kernels (stall reasons, occupancy), the tilings in both row layouts, 8B Q4_K_M
+#   batch-1 decode in both row layouts beside bf16
+# e2e: the Q6_K int8 GEMV tests on CUDA, 8B Q4_K_M batch-1 decode with rows packed and in file order beside bf16
+# packed_q8: 8B Q8_0 batch-1 decode, the 8B Q4_K_M decode step per kernel
 # probe: the head's phases on the GPU, host ms per step beside the baseline, the 8B Q4_K_M decode step per kernel
 # quant/quant2/quant70: GGUF and FP8 CUDA tests, 8B GGUF decode beside bf16, the embedded GGUF kept quantized,
 #   FP8 weights and FP8 KV beside bf16, 70B Q4_K_M on one H200 (the embedded GGUF travels in two halves, .gguf/a|b)
@@ -128,6 +131,21 @@ packed)
       --shapes qkv,o,gate_up,down,v,lm_head
   run timeout 220 python3 -m pytest -q -x -p no:cacheprovider tests/model_executor/test_gguf_kernels.py \
       -k "packed or dp4a_gemv_both"
+  ;;
+ncu)
+  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+  run timeout 150 "$NCU" --clock-control none --section SpeedOfLight --section Occupancy --section LaunchStats \
+      --section WarpStateStats --section MemoryWorkloadAnalysis -k regex:"_q4_k_kernel|_q6_k_kernel" \
+      python3 benchmarks/ncu_dp4a.py
+  run timeout 130 python3 benchmarks/sweep_dp4a.py --types Q4_K,Q6_K --tilings 8x16x4,128x1x4 --rows-layout both \
+      --shapes qkv,gate_up,down,v,lm_head
+  run timeout 300 python3 benchmarks/bench_quant.py --skip-70b --parts hw,bf16,gguf --recipes Q4_K_M --no-prefill-paths \
+      --new-tokens 128 --gguf-row-layout file,packed --part-timeout 140 --json-out "$OUT/quant_8b.json"
+  ;;
+e2e)
+  run timeout 60 python3 -m pytest -q -x -p no:cacheprovider tests/model_executor/test_gguf_kernels.py -k "dp4a_gemv and Q6_K"
+  run timeout 500 python3 benchmarks/bench_quant.py --skip-70b --parts hw,bf16,gguf --recipes Q4_K_M --no-prefill-paths \
+      --new-tokens 128 --gguf-row-layout packed,file --part-timeout 235 --json-out "$OUT/quant_8b.json"
   ;;
 packed_e2e)
   run timeout 560 python3 benchmarks/bench_quant.py --skip-70b --parts hw,bf16,gguf --recipes Q4_K_M \

@@ -9,10 +9,13 @@ the GPU idle. This times each tiling, the activation quantization included, with
 cycles through copies larger than L2), and prints the weight bandwidth against the copy bandwidth measured
 in the same run, beside the tiling that ``gguf_dp4a.tiling`` picks (marked ``*``). ``--both-layouts`` times each tiling
 with the weight rows and with the blocks as the fastest axis across a warp's threads (``r`` / ``b``).
-``--rows-layout file|packed|both`` times the weights in file order and/or in the packed row layout that the
-layers use on the GPU (``gguf_blocks.row_layout``; cells marked ``p``, x then packed too, and at the rule's
-tiling once more with x in plain rows; with ``both``, file order only at the rule's tiling, as the
-baseline), and checks on each shape that the packed result equals file order's at the same tiling.
+``--rows-layout file|packed|both`` times the weights in file order and/or in the packed row layout that
+the layers take with ``GGUFConfig.pack_rows`` (``gguf_blocks.row_layout``; cells marked ``p``, x then
+packed too, and at the rule's tiling once more with x in plain rows; with ``both``, file order only at the
+rule's tiling, as the baseline), and checks on each shape that the packed result equals file order's at
+the same tiling.
+At the rule's tiling each layout is timed once more as the GEMV alone, x rounded to int8 beforehand (what
+the layers do where the RMSNorm writes the int8 x).
 """
 
 from __future__ import annotations
@@ -96,6 +99,14 @@ def main() -> None:
                         mark = "*" if (bn, nbt, warps) == (picked_packed if packed else picked) and default else ""
                         lay = "p" if packed else "" if rows_fast is None else ("r" if rows_fast else "b")
                         cells.append(f"{bn}x{nbt}/{warps}w{lay} {w.numel() / t / 1e9:5.0f} ({frac:.2f}){mark}")
+                        if mark:  # the GEMV alone, x rounded to int8 beforehand (as where the RMSNorm writes it)
+                            xq = k.quantize_activations(x, k.x_unit(q, kdim // bt.block_size, packed))
+
+                            def op_q(x_, w_, q=q, f=silu, c=c, p=packed, xq=xq):
+                                return k.gguf_gemv_dp4a(x_, w_, q, f, config=c, packed=p, quantized=xq)
+
+                            t = time_matmul_cold(op_q, x, wp if packed else w)
+                            cells.append(f"{lay} GEMV alone {w.numel() / t / 1e9:5.0f} ({w.numel() / t / copy_bw:.2f})")
                         if packed and mark:  # the same with x in plain rows (what packing x adds)
 
                             def op_x(x_, w_, q=q, f=silu, c=c):

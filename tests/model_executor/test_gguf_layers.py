@@ -357,15 +357,18 @@ def test_tiny_model_through_kernels_equals_dequantized(tiny_gguf, single_process
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # silu of very negative gates
 @interpreted
-def test_int8_rounding_fused_into_the_norms(tiny_gguf, single_process, monkeypatch):
+@pytest.mark.parametrize("pack_rows", [False, True])
+def test_int8_rounding_fused_into_the_norms(tiny_gguf, single_process, monkeypatch, pack_rows):
     """fp16 decode rows through the tiny model's two decoder layers: where ``qkv_proj``/``gate_up_proj`` take
     an int8 GEMV (layer 0's Q4_K q/k and gate/up, layer 1's Q8_0 gate/up), the RMSNorm before it rounds its
-    output to int8 in the same kernel (without a residual, as in the first layer, and with one), and the
-    layer's outputs are those of the unfused path (the norm in torch, x rounded by its own kernel)."""
+    output to int8 in the same kernel (without a residual, as in the first layer, and with one), in the x
+    layout of the weight's rows (plain for file order, the unit's elements when packed), and the layer's
+    outputs are those of the unfused path (the norm in torch, x rounded by its own kernel)."""
     from model_test_utils import SingleSequence
 
     from shardserve.model_executor.kernels import gguf_dp4a
 
+    monkeypatch.setattr(GGUFConfig, "pack_rows", pack_rows)
     source = resolve_model(str(tiny_gguf))
     original = GGUFConfig.from_reader
     monkeypatch.setattr(GGUFConfig, "from_reader", classmethod(lambda cls, r: original(r, kernels_on_cpu=True)))
@@ -388,7 +391,8 @@ def test_int8_rounding_fused_into_the_norms(tiny_gguf, single_process, monkeypat
         return out
 
     fused = run()
-    assert units == [256, 256, 256, 256, 64]  # layer 0: both norms (twice), layer 1: the second
+    # layer 0: both norms (twice), layer 1: the second; packed x in units of a Q4_K block / Q8_0 pair
+    assert units == ([256, 256, 256, 256, 64] if pack_rows else [0] * 5)
     monkeypatch.setattr(GGUFLinearMethod, "int8_input_unit", lambda self, layer, x: None)
     plain = run()
     assert len(units) == 5  # the unfused path: no fused norm

@@ -23,10 +23,12 @@ activations; fp32 activations and the other types use the exact FMA GEMV. Q6_K (
 (34) are not 4-byte aligned: their words are read as two aligned words and funnel-shifted.
 
 Memory layout: each thread decodes whole blocks (a unit of 1, 2 or 4), so in file order the threads of a
-warp read bytes a unit apart and every load instruction touches one cache line per thread. The layers
-therefore keep the rows packed (``gguf_blocks.row_layout``: chunk-major across a row's units) and
-quantize x into the matching packed x layout (:func:`quantize_activations` with the unit's elements),
-so that consecutive threads read consecutive bytes of both; file order stays supported (``packed=False``).
+warp read bytes a unit apart and every load instruction touches one cache line per thread. The kernels
+also read rows packed (``gguf_blocks.row_layout``: chunk-major across a row's units, ``packed=True``) with
+x in the matching packed x layout (:func:`quantize_activations` with the unit's elements), so that
+consecutive threads read consecutive bytes of both. Measured on an H200 that was no faster (Q4_K: equal
+on 4096/6144 rows, slower on the gate/up and down weights; 8B Q4_K_M end to end 276 against 296 tok/s in
+file order), so the layers keep file order by default (``GGUFConfig.pack_rows``).
 """
 
 from __future__ import annotations
@@ -231,8 +233,8 @@ def x_unit(qtype: int, blocks_per_row: int, packed: bool) -> int:
 # its x loads all read one address. In file order a thread's unit is contiguous but the units of a warp's
 # threads are not, so every weight load instruction of a warp touches 32 cache lines (one per thread);
 # Q4_K (16-byte loads) was faster blocks-fastest, Q8_0 (4-byte loads, more x per weight byte) rows-fastest
-# (``benchmarks/sweep_dp4a.py``). The layers keep their rows in the packed layout of
-# ``gguf_blocks.row_layout`` (V != 0 here): chunk c of consecutive units is contiguous, so with blocks
+# (``benchmarks/sweep_dp4a.py``). In the packed layout of ``gguf_blocks.row_layout`` (V != 0 here; the
+# layers' choice with ``GGUFConfig.pack_rows``) chunk c of consecutive units is contiguous, so with blocks
 # fastest a warp's load reads a few runs of consecutive bytes (2 rows x 16 units x 16 bytes for Q4_K at
 # NBT = 16), the same instructions at other addresses (the chunk stride CSW is a compile-time constant, so
 # the offsets stay immediates: same SASS instruction counts as file order for sm_90). x pointers carry the
@@ -596,24 +598,23 @@ def _q6_k_block(acc, wp, mask, csw, VW: tl.constexpr, xp, dp, sp, xmask, XCS: tl
         e4, e5, e6, e7 = _vec4(_wordp(sp, 16 * B + 8 * h + 4, XCS, XVS), xmask)
         for t2 in tl.static_range(2):
             for wq in tl.static_range(2):
-                xo = 64 * B + 32 * h + 8 * t2 + 4 * wq
-                l0, l1, l2, l3 = _vec4(_wordp(xp, xo, XCS, XVQ), xmask)
-                u0, u1, u2, u3 = _vec4(_wordp(xp, xo + 16, XCS, XVQ), xmask)
+                # x words 64 B + 32 h + 8 t2 + 4 wq (and that + 16); offsets inline: Triton turns a plain
+                # local into a tensor, and a constexpr local cannot be reassigned in a static_range loop
+                l0, l1, l2, l3 = _vec4(_wordp(xp, 64 * B + 32 * h + 8 * t2 + 4 * wq, XCS, XVQ), xmask)
+                u0, u1, u2, u3 = _vec4(_wordp(xp, 64 * B + 32 * h + 8 * t2 + 4 * wq + 16, XCS, XVQ), xmask)
                 s_lo = None  # sub-block 8h + 2 t2 + wq (quarter t2)
                 s_hi = None  # sub-block 8h + 2 t2 + 4 + wq (quarter t2 + 2)
                 for w4 in tl.static_range(4):
-                    w = 4 * wq + w4
-                    ql = _q6_k_word(wp, OFF + 4 * (16 * h + 8 * t2 + w), mask, csw, VW, EVEN, WIDE)
-                    qh = _q6_k_word(wp, OFF + 4 * (32 + 8 * h + w), mask, csw, VW, EVEN, WIDE)
+                    ql = _q6_k_word(wp, OFF + 4 * (16 * h + 8 * t2 + 4 * wq + w4), mask, csw, VW, EVEN, WIDE)
+                    qh = _q6_k_word(wp, OFF + 4 * (32 + 8 * h + 4 * wq + w4), mask, csw, VW, EVEN, WIDE)
                     q_lo = (ql & M4) | (((qh >> (2 * t2)) & M2) << 4)
                     q_hi = ((ql >> 4) & M4) | (((qh >> (2 * t2 + 4)) & M2) << 4)
                     s_lo = _dp4a(q_lo, _pick4(w4, l0, l1, l2, l3), s_lo, False, ASM)
                     s_hi = _dp4a(q_hi, _pick4(w4, u0, u1, u2, u3), s_hi, False, ASM)
-                j = 8 * h + 2 * t2 + wq
-                sw_lo = _q6_k_word(wp, OFF + 4 * (48 + j // 4), mask, csw, VW, EVEN, WIDE)
-                sw_hi = _q6_k_word(wp, OFF + 4 * (48 + (j + 4) // 4), mask, csw, VW, EVEN, WIDE)
-                sc_lo = _i2f((sw_lo << (24 - 8 * (j % 4))) >> 24, 128)
-                sc_hi = _i2f((sw_hi << (24 - 8 * ((j + 4) % 4))) >> 24, 128)
+                sw_lo = _q6_k_word(wp, OFF + 4 * (48 + (8 * h + 2 * t2 + wq) // 4), mask, csw, VW, EVEN, WIDE)
+                sw_hi = _q6_k_word(wp, OFF + 4 * (48 + (8 * h + 2 * t2 + wq + 4) // 4), mask, csw, VW, EVEN, WIDE)
+                sc_lo = _i2f((sw_lo << (24 - 8 * ((8 * h + 2 * t2 + wq) % 4))) >> 24, 128)
+                sc_hi = _i2f((sw_hi << (24 - 8 * ((8 * h + 2 * t2 + wq + 4) % 4))) >> 24, 128)
                 dx_lo, dx_hi = _pick4(t2, dx0, dx1, dx2, dx3), _pick4(t2 + 2, dx0, dx1, dx2, dx3)  # groups 4h + t2, +2
                 xs_lo = _pick4(2 * t2 + wq, e0, e1, e2, e3)  # halves 8h + 2 t2 + wq
                 xs_hi = _pick4(2 * t2 + wq, e4, e5, e6, e7)  # and that + 4

@@ -1,9 +1,9 @@
 """GGUF weights kept in their blocks from file to kernel (vLLM's ``GGUFConfig``/``GGUFLinearMethod`` idea,
 with kernels of our own in ``kernels/gguf_gemv.py`` and ``kernels/gguf_dequant.py``).
 
-A layer's weight is one flat uint8 parameter holding this rank's rows of blocks as in the file; where the
-Triton kernels read it, Q4_K/Q6_K/Q8_0 rows are then reordered in place into the packed layout of
-``gguf_blocks.row_layout`` (same bytes and row length, so sharding and byte counts are unchanged).
+A layer's weight is one flat uint8 parameter holding this rank's rows of blocks as in the file (with
+``GGUFConfig.pack_rows``, Q4_K/Q6_K/Q8_0 rows are reordered in place after loading into the packed layout
+of ``gguf_blocks.row_layout``: same bytes and row length, so sharding and byte counts are unchanged).
 A fused layer whose parts have different types (Q4_K_M: ``attn_q``/``attn_k`` Q4_K, ``attn_v`` Q6_K) keeps
 one group of rows per run of equal types and runs one kernel per group into column slices of the output;
 gate and up of the same type stay one group, so SwiGLU is fused into the decode GEMV. The embedding table
@@ -63,10 +63,14 @@ class GGUFConfig(QuantizationConfig):
     """
 
     name = "gguf"
-    pack_rows = True
+    pack_rows = False
     """Reorder the rows that the Triton kernels read into the packed layout after loading
-    (:meth:`GGUFLinearMethod.process_weights_after_loading`); False keeps file order (for benchmarks that
-    compare the two: ``benchmarks/bench_quant.py --gguf-row-layout``)."""
+    (:meth:`GGUFLinearMethod.process_weights_after_loading`). Off: on an H200 the Llama-3.1-8B Q4_K_M
+    decodes at 296 tok/s with rows in file order and 276 packed (``benchmarks/bench_quant.py
+    --gguf-row-layout packed,file``, one run; ``benchmarks/RESULTS.md``). Packing removes most of the
+    cache lines a warp's loads touch, but Nsight Compute puts the int8 GEMV's stalls in the latency of its
+    loads at 36-43% occupancy, not in L1 throughput, and packed x costs a mixed q/k/v projection a second
+    activation quantization."""
 
     def __init__(self, tensor_types: dict[str, int], dequant_min_rows: int | None = None, kernels_on_cpu=False):
         super().__init__()
@@ -248,10 +252,10 @@ class GGUFLinearMethod(LinearMethod):
         copy_checked(view[row0 : row0 + raw.shape[0]], raw)
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
-        """Where the Triton kernels will read the weight (CUDA, or ``kernels_on_cpu``), put each group's
-        rows in the packed layout of ``gguf_blocks.row_layout`` (the same bytes, reordered within each row
-        so that a warp of the int8 decode GEMV reads consecutive bytes); every kernel then reads that layout.
-        The CPU formulas keep file order."""
+        """With ``GGUFConfig.pack_rows``, where the Triton kernels will read the weight (CUDA, or
+        ``kernels_on_cpu``), put each group's rows in the packed layout of ``gguf_blocks.row_layout`` (the
+        same bytes, reordered within each row so that a warp of the int8 decode GEMV reads consecutive
+        bytes); every kernel then reads that layout. The CPU formulas keep file order."""
         views = self._group_views(layer)
         if not self.packed and self.config.pack_rows and (layer.weight.is_cuda or self.config.kernels_on_cpu):
             for blocks, qtype, _, _ in views:
