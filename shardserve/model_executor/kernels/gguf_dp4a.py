@@ -397,7 +397,8 @@ def tiling(rows: int, units: int, num_sms: int, chunk_bytes: int = 0) -> tuple[i
     of blocks-fastest threads then reads ``32 / NBT`` runs of ``NBT * chunk_bytes`` consecutive bytes per
     load, so ``NBT`` is raised (where the row has the units) until a run is at least 64 bytes: two full
     32-byte sectors of one line per row, where ``NBT = 1`` would have the warp read 32 lines for 8 or 16
-    bytes each. Reasoned from the access pattern, not yet timed (``benchmarks/sweep_dp4a.py``).
+    bytes each. Reasoned from the access pattern; on an H200 packed rows were no faster than file order at
+    any tiling timed (``benchmarks/RESULTS.md``), which is why the layers keep file order.
     """
     want = max(1, num_sms * _THREADS_PER_SM // max(rows, 1))
     nbt = min(16, triton.next_power_of_2(units), triton.next_power_of_2(want))
