@@ -257,7 +257,7 @@ class GGUFLinearMethod(LinearMethod):
         same bytes, reordered within each row so that a warp of the int8 decode GEMV reads consecutive
         bytes); every kernel then reads that layout. The CPU formulas keep file order."""
         views = self._group_views(layer)
-        if not self.packed and self.config.pack_rows and (layer.weight.is_cuda or self.config.kernels_on_cpu):
+        if not self.packed and self.config.pack_rows and self._on_kernels(layer.weight):
             for blocks, qtype, _, _ in views:
                 packed = pack_rows(blocks, qtype)
                 if packed is not blocks:
@@ -267,6 +267,14 @@ class GGUFLinearMethod(LinearMethod):
         self._views = views
 
     # -- compute ------------------------------------------------------------------------------------
+    def _views_of(self, layer: nn.Module) -> list:
+        """The layer's groups (:meth:`_group_views`), kept from :meth:`process_weights_after_loading`."""
+        return self._views if self._views is not None else self._group_views(layer)
+
+    def _on_kernels(self, t: torch.Tensor) -> bool:
+        """Whether the Triton kernels compute on ``t``'s device (CUDA, or ``kernels_on_cpu``)."""
+        return t.is_cuda or self.config.kernels_on_cpu
+
     def _matmul(
         self,
         x: torch.Tensor,
@@ -276,7 +284,7 @@ class GGUFLinearMethod(LinearMethod):
         out: torch.Tensor | None = None,
         quantized: tuple[torch.Tensor, ...] | None = None,
     ) -> torch.Tensor:
-        if x.is_cuda or self.config.kernels_on_cpu:
+        if self._on_kernels(x):
             from shardserve.model_executor.kernels.gguf_gemv import gguf_linear
 
             rows = self.config.dequant_min_rows if self.dequant_min_rows is None else self.dequant_min_rows
@@ -298,7 +306,7 @@ class GGUFLinearMethod(LinearMethod):
     ) -> torch.Tensor:
         """``(num_tokens, in)`` -> ``(num_tokens, out)``: one kernel per group of equal types. ``x_int8``:
         ``x`` rounded to int8 in the layout :meth:`int8_input_unit` named (for the first group)."""
-        views = self._views if self._views is not None else self._group_views(layer)
+        views = self._views_of(layer)
         if len(views) == 1:
             y = self._matmul(x, views[0][0], views[0][1], quantized=x_int8)
         else:
@@ -306,26 +314,21 @@ class GGUFLinearMethod(LinearMethod):
             given = {} if x_int8 is None else {self._x_unit(x, views[0][0], views[0][1]): x_int8}
             shared = self._shared_int8_inputs(x, views, given)
             for i, (blocks, qtype, offset, rows) in enumerate(views):
-                if shared is not None:
-                    from shardserve.model_executor.kernels.gguf_dp4a import gguf_gemv_dp4a
-
-                    quantized = shared[self._x_unit(x, blocks, qtype)]
-                    gguf_gemv_dp4a(
-                        x, blocks, qtype, out=y[:, offset : offset + rows], quantized=quantized, packed=self.packed
-                    )
+                if shared is not None:  # every group takes the int8 GEMV (gguf_linear's routing)
+                    part = shared[self._x_unit(x, blocks, qtype)]
                 else:
                     part = x_int8 if i == 0 else None
-                    self._matmul(x, blocks, qtype, out=y[:, offset : offset + rows], quantized=part)
+                self._matmul(x, blocks, qtype, out=y[:, offset : offset + rows], quantized=part)
         return y if bias is None else y + bias
 
     def int8_input_unit(self, layer: nn.Module, x: torch.Tensor) -> int | None:
         """The x layout of the first group's int8 decode GEMV when ``x`` goes to one (``gguf_linear``'s rule:
         Q4_K/Q6_K/Q8_0, bf16/fp16, at most ``DP4A_MAX_ROWS`` rows), else None."""
-        if not (x.is_cuda or self.config.kernels_on_cpu) or x.dim() != 2:
+        if not self._on_kernels(x) or x.dim() != 2:
             return None
         from shardserve.model_executor.kernels.gguf_dp4a import DP4A_MAX_ROWS, supports
 
-        views = self._views if self._views is not None else self._group_views(layer)
+        views = self._views_of(layer)
         blocks, qtype = views[0][0], views[0][1]
         if x.shape[0] > DP4A_MAX_ROWS or not supports(x, blocks, qtype):
             return None
@@ -342,7 +345,7 @@ class GGUFLinearMethod(LinearMethod):
         """When every group takes the int8 decode GEMV (a q/k Q4_K + v Q6_K projection): ``x`` rounded to
         int8 once per x layout they read (``gguf_dp4a.x_unit``: one for all in file order, one per type over
         packed rows), by unit, taking those ``given``; else None (each group's kernel prepares its own input)."""
-        if not (x.is_cuda or self.config.kernels_on_cpu):
+        if not self._on_kernels(x):
             return None
         from shardserve.model_executor.kernels.gguf_dp4a import quantize_activations, supports
 
@@ -358,16 +361,16 @@ class GGUFLinearMethod(LinearMethod):
         bias: torch.Tensor | None = None,
         x_int8: tuple[torch.Tensor, ...] | None = None,
     ) -> torch.Tensor:
-        views = self._views if self._views is not None else self._group_views(layer)
+        views = self._views_of(layer)
         if bias is None and len(views) == 1:  # gate and up of one type: SwiGLU fused into the kernel
             return self._matmul(x, views[0][0], views[0][1], silu=True, quantized=x_int8)
         return SiluAndMul()(self.apply(layer, x, bias, x_int8=x_int8))
 
     def embedding(self, layer: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
         """Gather rows ``input_ids`` and dequantize them: ``(T,)`` -> ``(T, embedding_dim)`` in the model dtype."""
-        views = self._views if self._views is not None else self._group_views(layer)
+        views = self._views_of(layer)
         blocks, qtype = views[0][0], views[0][1]
-        if input_ids.is_cuda or self.config.kernels_on_cpu:
+        if self._on_kernels(input_ids):
             from shardserve.model_executor.kernels.gguf_dequant import embedding
 
             return embedding(blocks, qtype, self.in_features, input_ids, self.params_dtype, packed=self.packed)
