@@ -68,6 +68,11 @@ def main() -> None:
                          XP=bool(v), XCS=nb // per * 4, BLOCK_N=8, NBT=16, EVEN=not silu)  # fmt: skip
             _compile(d4._KERNELS[q], ptr, const, arch)
         print(f"int8 GEMV: type {q}, unit {per}, chunk {v} B: ok")
+    for q, per in [(12, 1), (14, 4), (14, 2)]:
+        for sp, silu, m in [(8, False, 1), (4, True, 4), (2, False, 2)]:
+            const = dict(BLOCK_M=m, SILU_MUL=silu, ASM=True, BLOCK_N=32 // sp * 2, NBT=2, S=sp, PER=per, EVEN=not silu)
+            _compile(d4._SPLIT_KERNELS[q], ptr, const, arch)
+        print(f"int8 GEMV, blocks split across threads: type {q}, unit {per}: ok")
     for v in (0, 16):
         _compile(mm._q4_k_mma_kernel, ptr, dict(SILU_MUL=True, V=v, CS=16 * v, BLOCK_M=16, BLOCK_N=64), arch)
     print("int8 tensor-core (MMA) kernel: ok")
@@ -75,8 +80,9 @@ def main() -> None:
         _compile(d4._quantize_kernel, {"X": "*bf16", "XQ": "*i8", "XD": "*fp32", "XS": "*fp32"},
                  dict(GROUPS=32, UE=ue), arch)  # fmt: skip
         for res in (False, True):
-            types = {"X": "*bf16", "R": "*bf16", "W": "*bf16", "Y": "*bf16", "XQ": "*i8", "XD": "*fp32", "XS": "*fp32"}
-            const = dict(HAS_RESIDUAL=res, BLOCK=4096, UE=ue)
+            types = {"X": "*bf16", "R": "*bf16", "RO": "*bf16", "W": "*bf16", "Y": "*bf16", "XQ": "*i8", "XD": "*fp32"}
+            types["XS"] = "*fp32"
+            const = dict(HAS_RESIDUAL=res, BLOCK=4096, CHUNK=512, UE=ue)
             _compile(d4._rms_norm_int8_kernel, {**types, "eps": "fp32"}, const, arch)
     print("activation quantization, RMSNorm with int8 output: ok")
 

@@ -227,11 +227,12 @@ def test_dp4a_packed_activations_are_the_plain_ones_reordered(unit):
         quantize_activations(x[:, :1536], 1024)
 
 
-@pytest.mark.parametrize("k,unit", [(512, 256), (1024, 1024), (768, 0), (512, 64)])
+@pytest.mark.parametrize("k,unit", [(512, 256), (2048, 1024), (768, 0), (512, 64), (1536, 256)])
 def test_rms_norm_int8_equals_norm_then_quantize(k, unit):
-    """The RMSNorm that feeds an int8 GEMV: its output, the residual sum it writes back and its int8 x (in
+    """The RMSNorm that feeds an int8 GEMV: its output, the residual sum it returns and its int8 x (in
     the layout ``unit``) equal ``elementwise.rms_norm`` followed by ``quantize_activations`` bit for bit
-    (fp16: the interpreter adds bf16 wrongly); a row of 768 is not a power of two (masked tail)."""
+    (fp16: the interpreter adds bf16 wrongly). A row is cut into chunks of 512, one program each: 768
+    (not a power of two) ends in a half-empty chunk, 1536 and 2048 take 3 and 4."""
     from shardserve.model_executor.kernels.elementwise import rms_norm
     from shardserve.model_executor.kernels.gguf_dp4a import quantize_activations, rms_norm_int8
 
@@ -239,10 +240,14 @@ def test_rms_norm_int8_equals_norm_then_quantize(k, unit):
     x, residual = (torch.randn(3, k, generator=gen).to(torch.float16).to(DEVICE) for _ in range(2))
     w = (torch.rand(k, generator=gen) + 0.5).to(torch.float16).to(DEVICE)
     for res in (None, residual):
-        r_ref, r_got = (None, None) if res is None else (res.clone(), res.clone())
+        r_ref, r_in = (None, None) if res is None else (res.clone(), res.clone())
         y_ref = rms_norm(x, w, 1e-5, r_ref)
-        y, q = rms_norm_int8(x, w, 1e-5, r_got, unit)
-        assert torch.equal(y, y_ref) and (res is None or torch.equal(r_got, r_ref))
+        y, r_sum, q = rms_norm_int8(x, w, 1e-5, r_in, unit)
+        assert torch.equal(y, y_ref)
+        if res is None:
+            assert r_sum is None
+        else:  # the sum in a new tensor, the inputs untouched
+            assert torch.equal(r_sum, r_ref) and torch.equal(r_in, res)
         assert all(torch.equal(a, b) for a, b in zip(q, quantize_activations(y_ref, unit)))
     with pytest.raises(ValueError, match="whole groups"):
         rms_norm_int8(x[:, :500], w[:500], 1e-5)
@@ -286,6 +291,33 @@ def test_dp4a_tiling_rule():
     assert tiling(6144, 16, 132, 16) == tiling(6144, 16, 132)  # already deep enough
 
 
+def test_dp4a_split_tiling_rule():
+    """The split kernels' tiling: 4 warps of BLOCK_N * NBT * S = 128 threads; threads per row (S * NBT) the
+    power of two that fills 132 SMs with 2048 threads each, 8-32 for Q4_K and 16-64 for Q6_K, NBT at most
+    the row's units; S = 4 only for Q4_K weights of at most 4096 rows; the picks measured best on the 8B."""
+    import triton
+
+    from shardserve.model_executor.kernels.gguf_dp4a import _SPLIT_PER_ROW, _SPLIT_THREADS_PER_SM, split_tiling
+
+    for qtype in (12, 14):
+        lo, hi = _SPLIT_PER_ROW[qtype]
+        for rows in (1, 512, 1024, 4096, 6144, 28672, 128256, 1 << 20):
+            for units in (1, 2, 4, 14, 16, 56):
+                s, (bn, nbt, warps) = split_tiling(qtype, rows, units, 132)
+                assert warps == 4 and bn * nbt * s == 128 and s in (4, 8)
+                assert nbt <= triton.next_power_of_2(units)
+                per_row = s * nbt
+                assert per_row <= hi and (per_row >= lo or nbt == triton.next_power_of_2(units))
+                if lo < per_row < hi and nbt < triton.next_power_of_2(units):  # the fill decided it
+                    assert rows * per_row <= 132 * _SPLIT_THREADS_PER_SM < rows * per_row * 2
+                assert (s == 4) == (qtype == 12 and rows <= 4096)
+    assert split_tiling(12, 6144, 16, 132) == (8, (4, 4, 4))  # 8B q/k/v
+    assert split_tiling(12, 4096, 16, 132) == split_tiling(12, 4096, 56, 132) == (4, (4, 8, 4))  # o, down
+    assert split_tiling(12, 28672, 16, 132) == (8, (16, 1, 4))  # gate/up (2 x 14336 rows)
+    assert split_tiling(14, 4096, 14, 132) == (8, (2, 8, 4))  # Q6_K down (units of 4 blocks)
+    assert split_tiling(14, 128256, 4, 132) == (8, (8, 2, 4))  # the Q6_K LM head
+
+
 @pytest.mark.parametrize("name", DP4A_NAMES)
 @pytest.mark.parametrize("rows_fast", [False, True])
 def test_dp4a_gemv_both_thread_layouts(name, rows_fast):
@@ -303,6 +335,32 @@ def test_dp4a_gemv_both_thread_layouts(name, rows_fast):
         return gguf_gemv_dp4a(x_, w_, q_, silu_and_mul, config=config)
 
     _check_int8_kernel(fn, blocks, ref, qtype, x)
+
+
+@pytest.mark.parametrize(
+    "name,cols,split",
+    [("Q4_K", 512, 2), ("Q4_K", 512, 4), ("Q4_K", 512, 8), ("Q6_K", 1024, 4), ("Q6_K", 1024, 8), ("Q6_K", 512, 2)],
+)  # Q6_K: units of 4 blocks, and pairs
+def test_dp4a_split_gemv_matches_reference(name, cols, split):
+    """The kernels that split a Q4_K block (Q6_K unit) across ``split`` threads, a row tile with a masked
+    row, against both references (1, 3 and 4 rows of x, plain and SwiGLU), and against the thread-per-unit
+    kernel; the packed layout and the rows-fast thread order are refused."""
+    from shardserve.model_executor.kernels.gguf_dp4a import DP4A_MAX_ROWS, gguf_gemv_dp4a
+
+    blocks, ref, qtype, cols = _dp4a_case(name, 6, seed=41 + split, cols=cols)
+    x = torch.randn(DP4A_MAX_ROWS, cols, generator=torch.Generator().manual_seed(42)).to(torch.bfloat16)
+    config = (8, 2, 1) if DEVICE == "cpu" else (32 // split, 4, 4)
+
+    def fn(x_, w_, q_, silu_and_mul=False):
+        return gguf_gemv_dp4a(x_, w_, q_, silu_and_mul, config=config, split=split)
+
+    for m in (1, 3, DP4A_MAX_ROWS):
+        _check_int8_kernel(fn, blocks, ref, qtype, x[:m])
+    xd = x.to(DEVICE)
+    unit = gguf_gemv_dp4a(xd, blocks, qtype, split=1).float().cpu()
+    assert _rel(fn(xd, blocks, qtype), unit) < TOL_DP4A_EXACT  # the same sums in another order
+    with pytest.raises(ValueError, match="file order"):
+        gguf_gemv_dp4a(xd, blocks, qtype, config=(*config, True), split=split)
 
 
 def _check_int8_kernel(fn, blocks, ref, qtype, x):

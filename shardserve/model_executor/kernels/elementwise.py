@@ -36,20 +36,38 @@ def _rms_norm_kernel(
 
 @triton.jit
 def rms_norm_row(X, R, W, row, offs, stride_x, stride_r, N, eps, HAS_RESIDUAL: tl.constexpr):
-    """RMSNorm of elements ``offs`` (``(BLOCK,)``, masked past ``N``) of row ``row``, after ``x += residual``
-    written back into ``R`` with HAS_RESIDUAL: ``(BLOCK,)`` in x's dtype times the weight's (the order of
-    Hugging Face's ``LlamaRMSNorm``). Shared by :func:`rms_norm` and the norm that also rounds its output
-    to int8 (``kernels/gguf_dp4a.rms_norm_int8``)."""
+    """RMSNorm of elements ``offs`` (``(BLOCK,)``, the whole row, masked past ``N``) of row ``row``, after
+    ``x += residual`` written back into ``R`` with HAS_RESIDUAL: ``(BLOCK,)`` in x's dtype times the
+    weight's (the order of Hugging Face's ``LlamaRMSNorm``): :func:`rms_norm_rstd`, then
+    :func:`rms_norm_apply`, which the norm that also rounds its output to int8
+    (``kernels/gguf_dp4a.rms_norm_int8``) calls too, so that the two give the same bits."""
+    x, rstd = rms_norm_rstd(X, R, R, row, offs, stride_x, stride_r, stride_r, N, eps, HAS_RESIDUAL, True)
+    return rms_norm_apply(x, rstd, W, offs, N)
+
+
+@triton.jit
+def rms_norm_rstd(X, R, RO, row, offs, stride_x, stride_r, stride_ro, N, eps, HAS_RESIDUAL: tl.constexpr,
+                  STORE: tl.constexpr):  # fmt: skip
+    """Elements ``offs`` (any shape, covering the row's ``N``, masked past it) of row ``row`` of ``x``, plus
+    the residual's with HAS_RESIDUAL (in the model dtype, as HF adds; written to ``RO`` with STORE), and
+    ``1 / sqrt(mean(x**2) + eps)`` of the row in fp32. Returns ``(x, rstd)``."""
     mask = offs < N
     x = tl.load(X + row * stride_x + offs, mask=mask, other=0.0)
     if HAS_RESIDUAL:
-        x = x + tl.load(R + row * stride_r + offs, mask=mask, other=0.0)  # in the model dtype, as HF adds
-        tl.store(R + row * stride_r + offs, x, mask=mask)
+        x = x + tl.load(R + row * stride_r + offs, mask=mask, other=0.0)
+        if STORE:
+            tl.store(RO + row * stride_ro + offs, x, mask=mask)
     h = x.to(tl.float32)
     var = tl.sum(h * h, axis=0) / N
-    h = h * tl.rsqrt(var + eps)
-    w = tl.load(W + offs, mask=mask, other=0.0)
-    return h.to(x.dtype) * w
+    return x, tl.rsqrt(var + eps)
+
+
+@triton.jit
+def rms_norm_apply(x, rstd, W, offs, N):
+    """``x`` (elements ``offs`` of a row, in the model dtype) normalised by the row's ``rstd`` and times
+    the weight, rounded as Hugging Face rounds: fp32, the input dtype, then the weight multiply."""
+    w = tl.load(W + offs, mask=offs < N, other=0.0)
+    return (x.to(tl.float32) * rstd).to(x.dtype) * w
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None) -> torch.Tensor:

@@ -28,8 +28,13 @@ def gate_up_rows(BLOCK_N: tl.constexpr, N, SILU_MUL: tl.constexpr):
     ``[pid * BLOCK_N, +BLOCK_N)``, or with SILU_MUL the gate rows of features ``[pid * HALF, +HALF)`` and
     then the matching up rows, ``N`` further down (a merged gate/up weight). Every decode GEMV (bf16, FP8,
     GGUF) lays its programs out this way. Returns ``(feature, rows)``."""
+    return gate_up_rows_of(tl.arange(0, BLOCK_N), BLOCK_N, N, SILU_MUL)
+
+
+@triton.jit
+def gate_up_rows_of(r, BLOCK_N: tl.constexpr, N, SILU_MUL: tl.constexpr):
+    """:func:`gate_up_rows` for a tensor ``r`` of the program's row indices (``0 <= r < BLOCK_N``), any shape."""
     HALF: tl.constexpr = BLOCK_N // 2
-    r = tl.arange(0, BLOCK_N)
     if SILU_MUL:
         feature = tl.program_id(0) * HALF + r % HALF
         rows = tl.where(r < HALF, feature, N + feature)

@@ -22,13 +22,21 @@ Types: Q4_K, Q6_K and Q8_0 (what llama.cpp's Q4_K_M, Q6_K and Q8_0 files are mad
 activations; fp32 activations and the other types use the exact FMA GEMV. Q6_K (210-byte blocks) and Q8_0
 (34) are not 4-byte aligned: their words are read as two aligned words and funnel-shifted.
 
-Memory layout: each thread decodes whole blocks (a unit of 1, 2 or 4), so in file order the threads of a
-warp read bytes a unit apart and every load instruction touches one cache line per thread. The kernels
-also read rows packed (``gguf_blocks.row_layout``: chunk-major across a row's units, ``packed=True``) with
-x in the matching packed x layout (:func:`quantize_activations` with the unit's elements), so that
-consecutive threads read consecutive bytes of both. Measured on an H200 that was no faster (Q4_K: equal
-on 4096/6144 rows, slower on the gate/up and down weights; 8B Q4_K_M end to end 276 against 296 tok/s in
-file order), so the layers keep file order by default (``GGUFConfig.pack_rows``).
+Two kernel designs. For Q4_K and Q6_K rows in file order (the default) each block (Q6_K: unit of 2 or 4
+blocks) is split across S = 4 or 8 consecutive threads, each taking a few of its 32-element slices, with
+the partial sums added across the warp at the end (``_q4_k_split_kernel``, ``_q6_k_split_kernel``;
+tiling by :func:`split_tiling`): S times the threads of one per block, and a block's threads read
+consecutive bytes of it and of x. On an H200 that took the 8B Q4_K_M decode step from 3.10 to 2.64 ms
+(296 to 352 tok/s); the Q4_K GEMVs from 0.36-0.52 of copy bandwidth to 0.39-0.62, the Q6_K LM head from
+0.48 to 0.82 (``benchmarks/RESULTS.md``).
+
+The thread-per-unit kernels (``_q4_k_kernel``, ``_q6_k_kernel``, ``_q8_0_kernel``; tiling by
+:func:`tiling`) take Q8_0, and rows packed (``gguf_blocks.row_layout``: chunk-major across a row's units,
+``packed=True``) with x in the matching packed x layout (:func:`quantize_activations` with the unit's
+elements), so that consecutive threads read consecutive bytes of both. Measured on an H200 packing was no
+faster (Q4_K: equal on 4096/6144 rows, slower on the gate/up and down weights; 8B Q4_K_M end to end 276
+against 296 tok/s in file order, both thread-per-unit), so the layers keep file order by default
+(``GGUFConfig.pack_rows``).
 """
 
 from __future__ import annotations
@@ -39,8 +47,8 @@ import torch
 import triton
 import triton.language as tl
 
-from shardserve.model_executor.kernels.elementwise import rms_norm_row
-from shardserve.model_executor.kernels.gemv import gate_up_rows, silu_mul_rounded
+from shardserve.model_executor.kernels.elementwise import rms_norm_apply, rms_norm_rstd
+from shardserve.model_executor.kernels.gemv import gate_up_rows, gate_up_rows_of, silu_mul_rounded
 from shardserve.model_executor.kernels.gguf_dequant import _i2f, kernel_layout
 from shardserve.model_executor.layers.quantization.gguf_blocks import MIN_UNIT, row_layout
 
@@ -127,50 +135,59 @@ def _int8_groups(x, k, gv, row, K, units, XQ, XD, XS, GROUPS: tl.constexpr, UE: 
 
 
 @triton.jit
-def _rms_norm_int8_kernel(X, R, W, Y, XQ, XD, XS, stride_x, stride_r, K, eps, HAS_RESIDUAL: tl.constexpr,
-                          BLOCK: tl.constexpr, UE: tl.constexpr):  # fmt: skip
-    # One program per row: kernels/elementwise.py's RMSNorm (its row code), then its output rounded to
-    # int8 as _quantize_kernel does.
+def _rms_norm_int8_kernel(X, R, RO, W, Y, XQ, XD, XS, stride_x, stride_r, K, eps, HAS_RESIDUAL: tl.constexpr,
+                          BLOCK: tl.constexpr, CHUNK: tl.constexpr, UE: tl.constexpr):  # fmt: skip
+    # Program (row, p): the row's rstd from all of it (kernels/elementwise.py's RMSNorm code), then
+    # elements [p CHUNK, +CHUNK) normalised, written (and x + residual to RO), and rounded to int8 as
+    # _quantize_kernel does. One program per row took 5.2 us on an H200 for K = 4096 (its int8 epilogue
+    # serialised in one CTA); the row's other CHUNKs run on other SMs. RO is not R: other programs of the
+    # row still read R.
     row = tl.program_id(0)
-    offs = tl.arange(0, BLOCK)
-    y = rms_norm_row(X, R, W, row, offs, stride_x, stride_r, K, eps, HAS_RESIDUAL)
+    _, rstd = rms_norm_rstd(X, R, RO, row, tl.arange(0, BLOCK), stride_x, stride_r, K, K, eps, HAS_RESIDUAL, False)
+    G: tl.constexpr = CHUNK // 32
+    gv = tl.program_id(1) * G + tl.arange(0, G)
+    offs = gv[:, None] * 32 + tl.arange(0, 32)[None, :]  # (G, 32)
+    x, _ = rms_norm_rstd(X, R, RO, row, offs, stride_x, stride_r, K, K, eps, HAS_RESIDUAL, True)
+    y = rms_norm_apply(x, rstd, W, offs, K)
     tl.store(Y + row * K + offs, y, mask=offs < K)
-    G: tl.constexpr = BLOCK // 32
     UNIT: tl.constexpr = UE if UE > 0 else 1
-    _int8_groups(tl.reshape(y.to(Y.dtype.element_ty).to(tl.float32), (G, 32)), tl.reshape(offs, (G, 32)),
-                 tl.arange(0, G), row, K, K // UNIT, XQ, XD, XS, G, UE)  # fmt: skip
+    _int8_groups(y.to(Y.dtype.element_ty).to(tl.float32), offs, gv, row, K, K // UNIT, XQ, XD, XS, G, UE)
 
 
 def rms_norm_int8(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None, unit: int = 0
-) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """RMSNorm of ``x`` (``kernels/elementwise.rms_norm``, optionally after ``x += residual`` written into
-    ``residual``) and its output rounded to int8 for an int8 GEMV, in one kernel: the activation rounding
-    that would otherwise be a launch of its own before each such GEMV.
+) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """RMSNorm of ``x`` (``kernels/elementwise.rms_norm``, optionally of ``x + residual``) and its output
+    rounded to int8 for an int8 GEMV, in one kernel: the activation rounding that would otherwise be a
+    launch of its own before each such GEMV. A row is cut into chunks of 512 elements, one program each.
 
     Args:
         x: ``(M, K)`` bf16/fp16 with contiguous rows, ``K`` a multiple of 32 (and of ``unit``).
-        weight: ``(K,)``; residual: optional ``(M, K)``, same dtype and layout.
+        weight: ``(K,)``; residual: optional ``(M, K)``, same dtype, contiguous rows.
         unit: the x layout of :func:`quantize_activations`.
 
     Returns:
-        ``(y (M, K) in x's dtype, (xq, dx, xs))``, bit for bit what ``rms_norm`` and then
-        ``quantize_activations(y, unit)`` give.
+        ``(y (M, K) in x's dtype, x + residual (M, K) in a new tensor or None, (xq, dx, xs))``, bit for bit
+        what ``rms_norm`` (which writes the sum into ``residual`` instead) and then
+        ``quantize_activations(y, unit)`` give. ``x`` and ``residual`` are not written.
 
     Raises:
-        ValueError: a shape :func:`quantize_activations` refuses.
+        ValueError: a shape :func:`quantize_activations` refuses, or rows that are not contiguous.
     """
     m, k = x.shape
-    if x.stride(1) != 1:
+    if x.stride(1) != 1 or (residual is not None and residual.stride(1) != 1):
         raise ValueError("rms_norm_int8 takes rows with a contiguous last dimension")
     xq, xd, xs = _int8_arrays(x, unit)
     y = torch.empty((m, k), dtype=x.dtype, device=x.device)
     r = residual if residual is not None else x
-    _rms_norm_int8_kernel[(m,)](
-        x, r, weight, y, xq, xd, xs, x.stride(0), r.stride(0), k, eps, HAS_RESIDUAL=residual is not None,
-        BLOCK=triton.next_power_of_2(k), UE=unit, num_warps=8 if k >= 4096 else 4,
+    out = torch.empty((m, k), dtype=x.dtype, device=x.device) if residual is not None else x
+    block = triton.next_power_of_2(k)
+    chunk = min(512, block)
+    _rms_norm_int8_kernel[(m, triton.cdiv(k, chunk))](
+        x, r, out, weight, y, xq, xd, xs, x.stride(0), r.stride(0), k, eps, HAS_RESIDUAL=residual is not None,
+        BLOCK=block, CHUNK=chunk, UE=unit, num_warps=8 if k >= 4096 else 4,
     )  # fmt: skip
-    return y, (xq, xd, xs)
+    return y, (out if residual is not None else None), (xq, xd, xs)
 
 
 def quantize_activations(x: torch.Tensor, unit: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -228,15 +245,19 @@ def x_unit(qtype: int, blocks_per_row: int, packed: bool) -> int:
 # or with ROWS_FAST (BLOCK_M, NBT, BLOCK_N), sometimes with a trailing 4 for a 16-byte vector; Triton's
 # blocked layout then gives each thread whole blocks (the configs have BLOCK_N * NBT = 32 * num_warps), so
 # the sums over a block's words stay in one thread (dp4a chains, no shuffles) and a block's scales are
-# decoded once, in the thread that uses them. The last axis varies fastest across the threads of a warp:
-# by default a warp reads consecutive blocks of a few rows; with ROWS_FAST the same block of 32 rows, so
-# its x loads all read one address. In file order a thread's unit is contiguous but the units of a warp's
-# threads are not, so every weight load instruction of a warp touches 32 cache lines (one per thread);
-# Q4_K (16-byte loads) was faster blocks-fastest, Q8_0 (4-byte loads, more x per weight byte) rows-fastest
-# (``benchmarks/sweep_dp4a.py``). In the packed layout of ``gguf_blocks.row_layout`` (V != 0 here; the
-# layers' choice with ``GGUFConfig.pack_rows``) chunk c of consecutive units is contiguous, so with blocks
-# fastest a warp's load reads a few runs of consecutive bytes (2 rows x 16 units x 16 bytes for Q4_K at
-# NBT = 16), the same instructions at other addresses (the chunk stride CSW is a compile-time constant, so
+# decoded once, in the thread that uses them. Which axis varies fastest across a warp's threads is the
+# compiler's choice: after the contiguous 16-byte axis, Triton orders axes of equal contiguity by index,
+# and 3.9 puts the trailing one (NBT) fastest where 3.6 puts the leading one (for BLOCK_N = 8, NBT = 16 a
+# 3.6 warp is 8 rows x 4 blocks, 3.9's 2 rows x 16 blocks; ttgir of both), so ROWS_FAST swaps which axis
+# leads, not which is fastest, and every figure measured on the device (3.6) is for its order. In file
+# order a thread's unit is contiguous but the units of a warp's threads are not, so every weight load
+# instruction of a warp touches 32 cache lines (one per thread); Q4_K (16-byte loads) was faster without
+# ROWS_FAST, Q8_0 (4-byte loads, more x per weight byte) with it (``benchmarks/sweep_dp4a.py``). The split
+# kernels below avoid the choice with one-dimensional tensors. In the packed layout of
+# ``gguf_blocks.row_layout`` (V != 0 here; the layers' choice with ``GGUFConfig.pack_rows``) chunk c of
+# consecutive units is contiguous, so a warp's load reads runs of consecutive bytes (at BLOCK_N = 8, NBT =
+# 16: 2 rows x 16 units x 16 bytes for Q4_K under 3.9, 8 rows x 4 units under 3.6), the same instructions
+# at other addresses (the chunk stride CSW is a compile-time constant, so
 # the offsets stay immediates: same SASS instruction counts as file order for sm_90). x pointers carry the
 # full shape with a zero stride along BLOCK_N to get the same layout.
 
@@ -407,6 +428,33 @@ def tiling(rows: int, units: int, num_sms: int, chunk_bytes: int = 0) -> tuple[i
     return 128 // nbt, nbt, 4
 
 
+_SPLIT_THREADS_PER_SM = 2048
+"""Threads per SM a split-kernel launch aims for: one full wave at an H100/H200 SM's 2048 threads."""
+_SPLIT_PER_ROW = {12: (8, 32), 14: (16, 64)}
+"""Per type, the fewest and most threads per weight row (``S * NBT``) that :func:`split_tiling` gives."""
+
+
+def split_tiling(qtype: int, rows: int, units: int, num_sms: int) -> tuple[int, tuple[int, int, int]]:
+    """``(S, (BLOCK_N, NBT, num_warps))`` of the split kernels for a Q4_K/Q6_K weight of ``rows`` rows (gate
+    and up rows both counted) of ``units`` thread units (blocks; Q6_K: fours or pairs of blocks).
+
+    Threads per row (``S * NBT``): the power of two that fills every SM with
+    :data:`_SPLIT_THREADS_PER_SM`, within :data:`_SPLIT_PER_ROW`; S = 8 (a 32-element slice per thread)
+    except for Q4_K weights of at most 4096 rows, which take S = 4 (a 64-element chunk); 4 warps. A rule
+    fitted to an H200 at one row of x, cold weights (``sweep_dp4a.py --split-cells``; fraction of copy
+    bandwidth, the thread-per-unit kernel at its rule's tiling in brackets): Q4_K qkv 6144 x 4096 8 x 4
+    0.45 (0.41), o 4096 x 4096 4 x 8 0.39 (0.36), gate/up 28672 x 4096 8 x 1 0.62 (0.54), down 4096 x
+    14336 4 x 8 0.58 (0.43); Q6_K down 8 x 8 0.53 (0.47), LM head 128256 x 4096 8 x 2 0.82 (0.48). At
+    equal threads per row S = 8 was faster on the 6144-row weight and S = 4 on the 4096-row ones.
+    """
+    lo, hi = _SPLIT_PER_ROW[qtype]
+    fill = num_sms * _SPLIT_THREADS_PER_SM // max(rows, 1)
+    per_row = min(hi, max(lo, 1 << max(fill, 1).bit_length() - 1))
+    s = 4 if qtype == 12 and rows <= 4096 else 8
+    nbt = max(1, min(per_row // s, triton.next_power_of_2(units)))
+    return s, (max(1, 128 // (s * nbt)), nbt, 4)
+
+
 def _jit(fn):
     return triton.heuristics({"EVEN": _even})(triton.jit(fn))
 
@@ -537,8 +585,7 @@ def _q4_k_kernel(
 @triton.jit
 def _ld2(p, mask, EVEN: tl.constexpr):
     """The two int32 at ``p`` and ``p + 1`` (8-byte aligned): one 8-byte load."""
-    v = _ld(p[:, :, :, None] + tl.arange(0, 2)[None, None, None, :], mask[:, :, :, None], EVEN)
-    return tl.split(v)
+    return tl.split(_ld(tl.expand_dims(p, -1) + tl.arange(0, 2), tl.expand_dims(mask, -1), EVEN))
 
 
 @triton.jit
@@ -718,7 +765,256 @@ def _q8_0_kernel(
     _store(Y, _row_sums(acc, ROWS_FAST), M, N, stride_ym, BLOCK_M, BLOCK_N, SILU_MUL)
 
 
+# -- blocks split across threads -----------------------------------------------------------------------
+# The kernels above give a thread whole blocks, so a launch has one thread per block (or unit) of the
+# weight: 98k threads for the 8B's q/k/v weight, a third of an H200's thread slots, and Nsight Compute
+# found them latency-bound (each warp waiting on its loads, nothing else to issue). These give each block
+# (Q4_K) or unit (Q6_K) to S consecutive threads, each of which takes 8 / S of a block's eight 32-element
+# slices (llama.cpp's mul_mat_vec_q does the same with vdr, ``mmvq.cu``): S times the threads, and the S
+# threads of a block read consecutive bytes of it and of x. Each thread keeps fp32 partial sums across the
+# loop over blocks; they are added across the warp once, at the end.
+#
+# A program's tensors are one-dimensional, (T,) with T = BLOCK_N * NBT * S, thread t taking slice
+# t % S of block (t // S) % NBT of row t // (NBT * S), plus a trailing 4 for a 16-byte load. With more
+# dimensions the thread order across a warp is Triton's choice among dimensions of equal contiguity, and
+# versions differ (3.6 puts the leading dimension fastest, 3.9 the trailing one: the kernels above get
+# different warp layouts from the two); with one there is nothing to choose. Rows of x are each a (T,)
+# accumulator (up to 4, in separate variables), so that no load has x rows as a thread dimension either.
+# Rows in file order only (the packed layout gave nothing: see the module docstring).
+
+
+@triton.jit
+def _program_split(W, XQ, N, stride_wn, BLOCK_N: tl.constexpr, NBT: tl.constexpr, S: tl.constexpr,
+                   SILU_MUL: tl.constexpr):  # fmt: skip
+    """The split kernels' start: weight and x as int32 words, each thread's block offset and slice, its
+    weight row's first word and whether that row exists, all ``(T,)`` (T = BLOCK_N * NBT * S)."""
+    T: tl.constexpr = BLOCK_N * NBT * S
+    t = tl.arange(0, T)
+    feature, rows = gate_up_rows_of(t // (NBT * S), BLOCK_N, N, SILU_MUL)
+    bi = (t // S) % NBT
+    si = t % S
+    wrow = rows.to(tl.int64) * (stride_wn // 4)
+    return W.to(tl.pointer_type(tl.int32)), XQ.to(tl.pointer_type(tl.int32)), bi, si, wrow, feature < N
+
+
+@triton.jit
+def _split_rows(si, M, T: tl.constexpr):
+    """A ``(T,)`` fp32 zero (the accumulators' start) and whether x rows 1, 2 and 3 exist, ``(T,)`` each."""
+    return tl.zeros([T], dtype=tl.float32), si * 0 + 1 < M, si * 0 + 2 < M, si * 0 + 3 < M
+
+
+@triton.jit
+def _v4(p, mask, EVEN: tl.constexpr):
+    """The four int32/fp32 at ``p .. p + 3`` (16-byte aligned), 0 where ``mask`` is false unless EVEN: one
+    16-byte load."""
+    return _split4(_ld(tl.expand_dims(p, -1) + tl.arange(0, 4), tl.expand_dims(mask, -1), EVEN))
+
+
+@triton.jit
+def _split_store(Y, a0, a1, a2, a3, M, N, stride_ym, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 NBT: tl.constexpr, S: tl.constexpr, SILU_MUL: tl.constexpr):  # fmt: skip
+    """The per-thread sums ``a0 .. a3`` ``(T,)`` of x rows 0 .. BLOCK_M - 1 added per weight row and stored
+    (:func:`_store`)."""
+    y0 = tl.sum(tl.reshape(a0, (BLOCK_N, NBT * S)), axis=1)
+    if BLOCK_M == 1:
+        y = y0[None, :]
+    else:
+        y1 = tl.sum(tl.reshape(a1, (BLOCK_N, NBT * S)), axis=1)
+        if BLOCK_M == 2:
+            y = tl.permute(tl.join(y0, y1), (1, 0))
+        else:
+            y2 = tl.sum(tl.reshape(a2, (BLOCK_N, NBT * S)), axis=1)
+            y3 = tl.sum(tl.reshape(a3, (BLOCK_N, NBT * S)), axis=1)
+            # join(join(y0, y2), join(y1, y3))[n, j, k] is row 2 j + k
+            y = tl.permute(tl.reshape(tl.join(tl.join(y0, y2), tl.join(y1, y3)), (BLOCK_N, 4)), (1, 0))
+    _store(Y, y, M, N, stride_ym, BLOCK_M, BLOCK_N, SILU_MUL)
+
+
+@triton.jit
+def _q4_k_chunk(wp, xp, dp, sp, wmask, xmask, ch, si, d, dmin, sc_lo, sc_hi, mn_lo, mn_hi, HPT: tl.constexpr,
+                EVEN: tl.constexpr, ASM: tl.constexpr):  # fmt: skip
+    """One x row's part of a Q4_K block from one thread: its slices of chunk ``ch`` (both halves when HPT
+    >= 2, else slice ``si``) against that row's x words (``xp``), dx (``dp``) and sums (``sp``) of the
+    block. Returns fp32 ``(T,)``."""
+    s_lo = None
+    s_hi = None
+    for v in tl.static_range(2 if HPT >= 2 else 1):
+        if HPT >= 2:
+            h = 2 * ch + v
+        else:
+            h = si
+        q0, q1, q2, q3 = _v4(wp + 4 + 4 * h, wmask, EVEN)
+        xo = 16 * ch + 4 * (h % 2)
+        l0, l1, l2, l3 = _v4(xp + xo, xmask, EVEN)
+        u0, u1, u2, u3 = _v4(xp + xo + 8, xmask, EVEN)
+        s_lo = _dp4a(q0 & M4, l0, s_lo, False, ASM)
+        s_lo = _dp4a(q1 & M4, l1, s_lo, False, ASM)
+        s_lo = _dp4a(q2 & M4, l2, s_lo, False, ASM)
+        s_lo = _dp4a(q3 & M4, l3, s_lo, False, ASM)
+        s_hi = _dp4a((q0 >> 4) & M4, u0, s_hi, False, ASM)
+        s_hi = _dp4a((q1 >> 4) & M4, u1, s_hi, False, ASM)
+        s_hi = _dp4a((q2 >> 4) & M4, u2, s_hi, False, ASM)
+        s_hi = _dp4a((q3 >> 4) & M4, u3, s_hi, False, ASM)
+    dx_lo = _ld(dp + 2 * ch, xmask, EVEN)
+    dx_hi = _ld(dp + 2 * ch + 1, xmask, EVEN)
+    e0, e1, e2, e3 = _v4(sp + 4 * ch, xmask, EVEN)  # dx * sum(xq) per 16 of sub-blocks 2 ch and 2 ch + 1
+    if HPT >= 2:
+        m_lo = e0 + e1
+        m_hi = e2 + e3
+    else:
+        first = si % 2 == 0
+        m_lo = tl.where(first, e0, e1)
+        m_hi = tl.where(first, e2, e3)
+    return d * (sc_lo * dx_lo * s_lo.to(tl.float32) + sc_hi * dx_hi * s_hi.to(tl.float32)) - dmin * (
+        mn_lo * m_lo + mn_hi * m_hi
+    )
+
+
+@_jit
+def _q4_k_split_kernel(
+    XQ, XD, XS, W, Y, M, N, NB, stride_wn, stride_ym,
+    BLOCK_M: tl.constexpr, SILU_MUL: tl.constexpr, ASM: tl.constexpr, BLOCK_N: tl.constexpr, NBT: tl.constexpr,
+    S: tl.constexpr, PER: tl.constexpr, EVEN: tl.constexpr,
+):  # fmt: skip
+    # Q4_K block (144 B = 36 words; the layout of _q4_k_kernel): the 128 code bytes are eight 16-byte
+    # slices; slice h = 2c + v (chunk c of 64 elements, half v) holds in its low nibbles elements 16v .. 16v
+    # + 15 of sub-block 2c and in its high nibbles the same of sub-block 2c + 1 (x words 16c + 4v and + 8).
+    # Thread s of a block takes slices s * 8 / S .. + 8 / S (a whole chunk when S <= 4) and decodes the
+    # scales of its chunk from the block's 12 scale bytes (all S threads read the same 16-byte header).
+    W32, XQ32, bi, si, wrow, n_ok = _program_split(W, XQ, N, stride_wn, BLOCK_N, NBT, S, SILU_MUL)
+    T: tl.constexpr = BLOCK_N * NBT * S
+    K = NB * 256
+    HPT: tl.constexpr = 8 // S  # slices per thread
+    c = (si * HPT) // 2  # the thread's (first) chunk
+    a0, on1, on2, on3 = _split_rows(si, M, T)  # one accumulator per x row
+    a1 = a0
+    a2 = a0
+    a3 = a0
+    for b0 in range(0, NB, NBT):
+        blk = b0 + bi
+        wmask = n_ok & (blk < NB)
+        wp = W32 + wrow + blk * 36
+        xp = XQ32 + blk * 64
+        dp = XD + blk * 8
+        sp = XS + blk * 16
+        h0, h1, h2, h3 = _v4(wp, wmask, EVEN)
+        d = _half(h0, False)
+        dmin = _half(h0, True)
+        for cc in tl.static_range((HPT + 1) // 2):  # the thread's chunks: one, or two when S == 2
+            ch = c + cc
+            # 6-bit scales and mins of sub-blocks 2 ch and 2 ch + 1 (get_scale_min_k4, j = 2 ch and + 1)
+            sh = 16 * (ch % 2)
+            g1 = h1 >> sh
+            g2 = h2 >> sh
+            g3 = h3 >> sh
+            low = ch < 2
+            sc_lo = _i2f(tl.where(low, g1 & 63, (g3 & 15) | ((g1 >> 2) & 48)))
+            sc_hi = _i2f(tl.where(low, (g1 >> 8) & 63, ((g3 >> 8) & 15) | ((g1 >> 10) & 48)))
+            mn_lo = _i2f(tl.where(low, g2 & 63, ((g3 >> 4) & 15) | ((g2 >> 2) & 48)))
+            mn_hi = _i2f(tl.where(low, (g2 >> 8) & 63, ((g3 >> 12) & 15) | ((g2 >> 10) & 48)))
+            a0 += _q4_k_chunk(wp, xp, dp, sp, wmask, blk < NB, ch, si, d, dmin, sc_lo, sc_hi, mn_lo, mn_hi,
+                              HPT, EVEN, ASM)  # fmt: skip
+            if BLOCK_M > 1:
+                a1 += _q4_k_chunk(wp, xp + K // 4, dp + K // 32, sp + K // 16, wmask, (blk < NB) & on1, ch,
+                                  si, d, dmin, sc_lo, sc_hi, mn_lo, mn_hi, HPT, False, ASM)  # fmt: skip
+            if BLOCK_M > 2:
+                a2 += _q4_k_chunk(wp, xp + K // 2, dp + K // 16, sp + K // 8, wmask, (blk < NB) & on2, ch,
+                                  si, d, dmin, sc_lo, sc_hi, mn_lo, mn_hi, HPT, False, ASM)  # fmt: skip
+                a3 += _q4_k_chunk(wp, xp + 3 * (K // 4), dp + 3 * (K // 32), sp + 3 * (K // 16), wmask,
+                                  (blk < NB) & on3, ch, si, d, dmin, sc_lo, sc_hi, mn_lo, mn_hi, HPT, False,
+                                  ASM)  # fmt: skip
+    _split_store(Y, a0, a1, a2, a3, M, N, stride_ym, BLOCK_M, BLOCK_N, NBT, S, SILU_MUL)
+
+
+@triton.jit
+def _q6_k_slice(wp, xp, dp, sp, wmask, xmask, b: tl.constexpr, g, d, PER: tl.constexpr, EVEN: tl.constexpr,
+                ASM: tl.constexpr):  # fmt: skip
+    """One x row's part of slice ``g`` of block ``b`` of the Q6_K units at ``wp`` (the slice numbering of
+    _q6_k_split_kernel), against that row's x words (``xp``), dx (``dp``) and sums (``sp``) of the unit.
+    Returns fp32 ``(T,)``."""
+    VW: tl.constexpr = PER * 210 // 4
+    hh = g // 4
+    t2 = (g // 2) % 2
+    wq = g % 2
+    # the slice's ql and qh words, by the word reader of _q6_k_kernel at a per-thread offset (16 g and
+    # 32 h + 16 wq bytes: multiples of 8, so the alignment class stays the block's)
+    wl = wp + 4 * g
+    wh = wp + 8 * hh + 4 * wq
+    s_lo = None
+    s_hi = None
+    xo = 64 * b + 32 * hh + 8 * t2 + 4 * wq
+    l0, l1, l2, l3 = _v4(xp + xo, xmask, EVEN)
+    u0, u1, u2, u3 = _v4(xp + xo + 16, xmask, EVEN)
+    for w4 in tl.static_range(4):
+        ql = _q6_k_word(wl, 210 * b + 4 * w4, wmask, 0, VW, EVEN, PER == 4)
+        qh = _q6_k_word(wh, 210 * b + 128 + 4 * w4, wmask, 0, VW, EVEN, PER == 4)
+        q_lo = (ql & M4) | (((qh >> (2 * t2)) & M2) << 4)
+        q_hi = ((ql >> 4) & M4) | (((qh >> (2 * t2 + 4)) & M2) << 4)
+        s_lo = _dp4a(q_lo, _pick4(w4, l0, l1, l2, l3), s_lo, False, ASM)
+        s_hi = _dp4a(q_hi, _pick4(w4, u0, u1, u2, u3), s_hi, False, ASM)
+    # scales j = 8 h + 2 t2 + wq and j + 4: bytes 192 + j of the block, in the unit's words
+    j = 8 * hh + 2 * t2 + wq
+    o = 210 * b + 192 + j  # byte of the unit
+    sw_lo = _ld(wp + (o >> 2), wmask, EVEN)
+    sw_hi = _ld(wp + (o >> 2) + 1, wmask, EVEN)
+    sc_lo = _i2f((sw_lo << (24 - 8 * (o & 3))) >> 24, 128)
+    sc_hi = _i2f((sw_hi << (24 - 8 * (o & 3))) >> 24, 128)
+    dx_lo = _ld(dp + 8 * b + 4 * hh + t2, xmask, EVEN)  # groups of 32: quarters t2 and t2 + 2
+    dx_hi = _ld(dp + 8 * b + 4 * hh + t2 + 2, xmask, EVEN)
+    xs_lo = _ld(sp + 16 * b + j, xmask, EVEN)  # halves of 16: 8 h + 2 t2 + wq, and + 4
+    xs_hi = _ld(sp + 16 * b + j + 4, xmask, EVEN)
+    lo = sc_lo * (dx_lo * s_lo.to(tl.float32) - 32.0 * xs_lo)
+    return d * (lo + sc_hi * (dx_hi * s_hi.to(tl.float32) - 32.0 * xs_hi))
+
+
+@_jit
+def _q6_k_split_kernel(
+    XQ, XD, XS, W, Y, M, N, NB, stride_wn, stride_ym,
+    BLOCK_M: tl.constexpr, SILU_MUL: tl.constexpr, ASM: tl.constexpr, BLOCK_N: tl.constexpr, NBT: tl.constexpr,
+    S: tl.constexpr, PER: tl.constexpr, EVEN: tl.constexpr,
+):  # fmt: skip
+    # Units of PER Q6_K blocks as _q6_k_kernel reads them (4 blocks, 840 B, 8-byte aligned: 8-byte words;
+    # else pairs, 420 B: 4-byte words; a block at byte 210 b of its unit, funnel-shifted where that is not
+    # word-aligned). A block's 256 elements are eight 32-element slices g = 4 h + 2 t2 + wq (half h,
+    # quarter pair t2, word quad wq; the element numbering of _q6_k_block): 16 ql bytes at 16 g (low
+    # nibbles: quarter t2, high: t2 + 2), 16 qh bytes at 128 + 32 h + 16 wq (bits 2 t2 and 2 t2 + 4), the
+    # scales sc[8 h + 2 t2 + wq] and that + 4, x words 32 h + 8 t2 + 4 wq and + 16. Thread s of a unit takes
+    # slices s * 8 / S .. + 8 / S of each of its blocks.
+    W32, XQ32, bi, si, wrow, n_ok = _program_split(W, XQ, N, stride_wn, BLOCK_N, NBT, S, SILU_MUL)
+    T: tl.constexpr = BLOCK_N * NBT * S
+    K = NB * 256
+    GPT: tl.constexpr = 8 // S  # slices per thread
+    VW: tl.constexpr = PER * 210 // 4
+    a0, on1, on2, on3 = _split_rows(si, M, T)  # one accumulator per x row
+    a1 = a0
+    a2 = a0
+    a3 = a0
+    for p0 in range(0, NB // PER, NBT):
+        pr = p0 + bi
+        ok = pr < NB // PER
+        wmask = n_ok & ok
+        wp = W32 + wrow + pr * VW
+        xp = XQ32 + pr * (PER * 64)
+        dp = XD + pr * (PER * 8)
+        sp = XS + pr * (PER * 16)
+        for b in tl.static_range(PER):
+            d = _q6_k_half(wp, 210 * b + 208, wmask, 0, VW, EVEN, PER == 4)
+            for r in tl.static_range(GPT):
+                g = si * GPT + r
+                a0 += _q6_k_slice(wp, xp, dp, sp, wmask, ok, b, g, d, PER, EVEN, ASM)
+                if BLOCK_M > 1:
+                    a1 += _q6_k_slice(wp, xp + K // 4, dp + K // 32, sp + K // 16, wmask, ok & on1, b, g, d,
+                                      PER, False, ASM)  # fmt: skip
+                if BLOCK_M > 2:
+                    a2 += _q6_k_slice(wp, xp + K // 2, dp + K // 16, sp + K // 8, wmask, ok & on2, b, g, d,
+                                      PER, False, ASM)  # fmt: skip
+                    a3 += _q6_k_slice(wp, xp + 3 * (K // 4), dp + 3 * (K // 32), sp + 3 * (K // 16), wmask,
+                                      ok & on3, b, g, d, PER, False, ASM)  # fmt: skip
+    _split_store(Y, a0, a1, a2, a3, M, N, stride_ym, BLOCK_M, BLOCK_N, NBT, S, SILU_MUL)
+
+
 _KERNELS = {12: _q4_k_kernel, 14: _q6_k_kernel, 8: _q8_0_kernel}
+_SPLIT_KERNELS = {12: _q4_k_split_kernel, 14: _q6_k_split_kernel}
 _ROWS_FAST = {12: False, 14: False, 8: True}
 """Per type, whether weight rows are the fastest axis across threads (see the layout note above)."""
 
@@ -733,6 +1029,7 @@ def gguf_gemv_dp4a(
     quantized: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     packed: bool = False,
     x_packed: bool | None = None,
+    split: int | None = None,
 ) -> torch.Tensor:
     """``x @ W.T`` (or SwiGLU) on int8 dot products, for a call :func:`supports` accepts.
 
@@ -742,9 +1039,13 @@ def gguf_gemv_dp4a(
         weight: ``(N, K / block_size * type_size)`` uint8 blocks of ``qtype`` (Q4_K, Q6_K, Q8_0).
         silu_and_mul: ``weight`` is gate rows then up rows; the result is ``silu(x gate^T) * (x up^T)``.
         out: optional ``(M, N)`` (``(M, N / 2)``) output with a contiguous last dimension.
-        config: ``(BLOCK_N, NBT, num_warps)`` instead of :func:`tiling`'s, optionally with ROWS_FAST (for
-            benchmarks; a tiling with ``BLOCK_N * NBT != 32 * num_warps`` is correct but gives a thread
-            parts of blocks).
+        config: ``(BLOCK_N, NBT, num_warps)`` instead of the rule's (for benchmarks and tests): for the
+            thread-per-unit kernel (optionally with ROWS_FAST; a tiling with ``BLOCK_N * NBT != 32 *
+            num_warps`` is correct but gives a thread parts of blocks) unless ``split`` says otherwise, else
+            for the split kernel (``BLOCK_N * NBT * split = 32 * num_warps``).
+        split: threads per Q4_K block (Q6_K unit): the kernels that split blocks across threads (S > 1,
+            rows in file order only) or the thread-per-unit kernel (1). Default: what
+            :func:`split_tiling` picks, with ``config`` given 1, and 1 for packed rows and Q8_0.
         quantized: ``quantize_activations(x, x_unit(qtype, K / block_size, x packed))`` when the caller
             already has it (one input, several weights of the same unit).
         packed: ``weight``'s rows are in the packed layout (``gguf_blocks.pack_rows``), not file order.
@@ -770,12 +1071,29 @@ def gguf_gemv_dp4a(
     per, v = kernel_layout(qtype, nb, packed)
     xp = bool(v) if x_packed is None else x_packed and bool(v)
     xq, xd, xs = quantize_activations(x, x_unit(qtype, nb, xp)) if quantized is None else quantized
-    if config is None:
-        if x.is_cuda:
-            config = tiling(weight.shape[0], nb // per, _num_sms(x.device.index or 0), v)
-        else:  # the Triton interpreter: its cost is per program, so one tile of rows (up to 128)
-            config = (min(128, max(4, triton.next_power_of_2(weight.shape[0]))), 2, 1)
+    splits = qtype in _SPLIT_KERNELS and not v
+    if split is None:
+        split = 0 if splits and config is None else 1  # 0: the rule's
+    if split != 1 and (not splits or config is not None and len(config) != 3):
+        raise ValueError(f"blocks split across threads are read for Q4_K/Q6_K rows in file order, got type {qtype}")
+    if config is None or split == 0:
+        rows = weight.shape[0]
+        if not x.is_cuda:  # the Triton interpreter: its cost is per program, so one tile of rows (up to 128)
+            picked = (8 if split != 1 else 1), (min(128, max(4, triton.next_power_of_2(rows))), 2, 1)
+        elif split == 1:
+            picked = 1, tiling(rows, nb // per, _num_sms(x.device.index or 0), v)
+        else:
+            picked = split_tiling(qtype, rows, nb // per, _num_sms(x.device.index or 0))
+        split = split or picked[0]
+        config = config or picked[1]
     bn, nbt, warps = config[:3]
+    if split > 1:
+        _SPLIT_KERNELS[qtype][grid](
+            xq, xd, xs, weight, out, m, n_out, nb, weight.stride(0), out.stride(0),
+            BLOCK_M=triton.next_power_of_2(m), SILU_MUL=silu_and_mul, ASM=x.is_cuda, BLOCK_N=bn, NBT=nbt, S=split,
+            PER=per, num_warps=warps,
+        )  # fmt: skip
+        return out
     _KERNELS[qtype][grid](
         xq, xd, xs, weight, out, m, n_out, nb, weight.stride(0), out.stride(0),
         PER=per, BLOCK_M=triton.next_power_of_2(m), SILU_MUL=silu_and_mul, ASM=x.is_cuda,

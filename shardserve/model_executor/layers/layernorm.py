@@ -56,10 +56,9 @@ class RMSNorm(nn.Module):
         ``int8_input_unit``).
 
         Returns:
-            ``(norm(x [+ residual]), x + residual (None without residual), (xq, dx, xs))``; with ``residual``
-            the sum is written into it in place, as :meth:`forward` does on the GPU.
+            ``(norm(x [+ residual]), x + residual (None without residual), (xq, dx, xs))``; the sum is a
+            new tensor (the kernel's programs each read the whole of ``residual``, so none writes it).
         """
         from shardserve.model_executor.kernels.gguf_dp4a import rms_norm_int8
 
-        y, x_int8 = rms_norm_int8(x, self.weight, self.eps, residual, unit)
-        return y, residual, x_int8
+        return rms_norm_int8(x, self.weight, self.eps, residual, unit)
