@@ -139,9 +139,10 @@ def _rms_norm_int8_kernel(X, R, RO, W, Y, XQ, XD, XS, stride_x, stride_r, K, eps
                           BLOCK: tl.constexpr, CHUNK: tl.constexpr, UE: tl.constexpr):  # fmt: skip
     # Program (row, p): the row's rstd from all of it (kernels/elementwise.py's RMSNorm code), then
     # elements [p CHUNK, +CHUNK) normalised, written (and x + residual to RO), and rounded to int8 as
-    # _quantize_kernel does. One program per row took 5.2 us on an H200 for K = 4096 (its int8 epilogue
-    # serialised in one CTA); the row's other CHUNKs run on other SMs. RO is not R: other programs of the
-    # row still read R.
+    # _quantize_kernel does. One program per row took 5.2 us on an H200 for K = 4096, 2.5x a plain
+    # RMSNorm (a whole row's int8 rounding in one CTA); the row's CHUNKs now run on several SMs (not yet
+    # timed). RO is not R: other programs of the row still read R. (The second rms_norm_rstd call only
+    # loads the chunk: its unused sum is dead code.)
     row = tl.program_id(0)
     _, rstd = rms_norm_rstd(X, R, RO, row, tl.arange(0, BLOCK), stride_x, stride_r, K, K, eps, HAS_RESIDUAL, False)
     G: tl.constexpr = CHUNK // 32
