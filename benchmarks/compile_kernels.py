@@ -68,7 +68,7 @@ def main() -> None:
                          XP=bool(v), XCS=nb // per * 4, BLOCK_N=8, NBT=16, EVEN=not silu)  # fmt: skip
             _compile(d4._KERNELS[q], ptr, const, arch)
         print(f"int8 GEMV: type {q}, unit {per}, chunk {v} B: ok")
-    for q, per in [(12, 1), (14, 4), (14, 2)]:
+    for q, per in [(12, 1), (14, 4), (14, 2), (8, 2)]:
         for sp, silu, m in [(8, False, 1), (4, True, 4), (2, False, 2)]:
             const = dict(BLOCK_M=m, SILU_MUL=silu, ASM=True, BLOCK_N=32 // sp * 2, NBT=2, S=sp, PER=per, EVEN=not silu)
             _compile(d4._SPLIT_KERNELS[q], ptr, const, arch)

@@ -154,8 +154,7 @@ def sweep_split(args) -> None:
     print(f"copy bandwidth {copy_bw / 1e9:.0f} GB/s; GB/s of weight (fraction of copy), {args.rows} row(s), "
           "x rounded beforehand; cells SxNBT/warps", flush=True)  # fmt: skip
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    types = [t for t in args.types.split(",") if t != "Q8_0"]
-    for tname, _, q, name, n, kdim, silu, w, x, units in _cases(args, types):
+    for tname, _, q, name, n, kdim, silu, w, x, units in _cases(args, args.types.split(",")):
         xq = k.quantize_activations(x)
         picked = k.tiling(n, units, sms)
         ref = k.gguf_gemv_dp4a(x, w, q, silu, config=picked, quantized=xq).float()
@@ -167,10 +166,11 @@ def sweep_split(args) -> None:
             return f"{label} {nbytes / t / 1e9:5.0f} ({nbytes / t / copy_bw:.2f})"
 
         cells = [cell(f"unit {picked[0]}x{picked[1]}/{picked[2]}w", time_matmul_cold(op0, x, w))]
-        rule_s, (_, rule_nbt, rule_w) = k.split_tiling(q, n, units, sms)
+        rule_s, rule = k.split_tiling(q, n, units, sms)
+        _, rule_nbt, rule_w = rule
 
-        def op_rule(x_, w_, q=q, f=silu, xq=xq):
-            return k.gguf_gemv_dp4a(x_, w_, q, f, quantized=xq)
+        def op_rule(x_, w_, q=q, f=silu, xq=xq, s=rule_s, c=rule):
+            return k.gguf_gemv_dp4a(x_, w_, q, f, quantized=xq, split=s, config=c)
 
         cells.append(cell(f"rule {rule_s}x{rule_nbt}/{rule_w}w", time_matmul_cold(op_rule, x, w)))
         if args.split_cells == "rule":

@@ -339,10 +339,19 @@ def test_dp4a_gemv_both_thread_layouts(name, rows_fast):
 
 @pytest.mark.parametrize(
     "name,cols,split",
-    [("Q4_K", 512, 2), ("Q4_K", 512, 4), ("Q4_K", 512, 8), ("Q6_K", 1024, 4), ("Q6_K", 1024, 8), ("Q6_K", 512, 2)],
-)  # Q6_K: units of 4 blocks, and pairs
+    [
+        ("Q4_K", 512, 2),
+        ("Q4_K", 512, 4),
+        ("Q4_K", 512, 8),
+        ("Q6_K", 1024, 4),
+        ("Q6_K", 1024, 8),
+        ("Q6_K", 512, 2),
+        ("Q8_0", 192, 4),
+        ("Q8_0", 192, 8),
+    ],
+)  # Q6_K: units of 4 blocks, and pairs; Q8_0: 3 pairs (opt-in: the layers keep its thread-per-pair kernel)
 def test_dp4a_split_gemv_matches_reference(name, cols, split):
-    """The kernels that split a Q4_K block (Q6_K unit) across ``split`` threads, a row tile with a masked
+    """The kernels that split a Q4_K block (Q6_K unit, Q8_0 pair) across ``split`` threads, a row tile with a masked
     row, against both references (1, 3 and 4 rows of x, plain and SwiGLU), and against the thread-per-unit
     kernel; the packed layout and the rows-fast thread order are refused."""
     from shardserve.model_executor.kernels.gguf_dp4a import DP4A_MAX_ROWS, gguf_gemv_dp4a

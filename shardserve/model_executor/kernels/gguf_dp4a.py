@@ -446,9 +446,10 @@ def split_tiling(qtype: int, rows: int, units: int, num_sms: int) -> tuple[int, 
     bandwidth, the thread-per-unit kernel at its rule's tiling in brackets): Q4_K qkv 6144 x 4096 8 x 4
     0.45 (0.41), o 4096 x 4096 4 x 8 0.39 (0.36), gate/up 28672 x 4096 8 x 1 0.62 (0.54), down 4096 x
     14336 4 x 8 0.58 (0.43); Q6_K down 8 x 8 0.53 (0.47), LM head 128256 x 4096 8 x 2 0.82 (0.48). At
-    equal threads per row S = 8 was faster on the 6144-row weight and S = 4 on the 4096-row ones.
+    equal threads per row S = 8 was faster on the 6144-row weight and S = 4 on the 4096-row ones. Q8_0
+    (pairs of blocks; not the layers' default) takes Q6_K's bounds, untuned.
     """
-    lo, hi = _SPLIT_PER_ROW[qtype]
+    lo, hi = _SPLIT_PER_ROW.get(qtype, _SPLIT_PER_ROW[14])
     fill = num_sms * _SPLIT_THREADS_PER_SM // max(rows, 1)
     per_row = min(hi, max(lo, 1 << max(fill, 1).bit_length() - 1))
     s = 4 if qtype == 12 and rows <= 4096 else 8
@@ -1014,8 +1015,66 @@ def _q6_k_split_kernel(
     _split_store(Y, a0, a1, a2, a3, M, N, stride_ym, BLOCK_M, BLOCK_N, NBT, S, SILU_MUL)
 
 
+@triton.jit
+def _q8_0_slice(wp, xp, dp, wmask, xmask, g, EVEN: tl.constexpr, ASM: tl.constexpr):
+    """One x row's part of slice ``g`` (8 codes) of the Q8_0 block pair at ``wp``, against that row's x words
+    (``xp``) and dx (``dp``) of the pair. Returns fp32 ``(T,)``."""
+    blk = g // 4
+    o = 2 + 34 * blk + 8 * (g % 4)  # the slice's first code byte in the pair: 2 mod 4 in the first block
+    w0 = _ld(wp + (o >> 2), wmask, EVEN)
+    w1 = _ld(wp + (o >> 2) + 1, wmask, EVEN)
+    odd = blk == 0
+    w2 = tl.load(wp + (o >> 2) + 2, mask=wmask & odd, other=0)  # past the pair for the second block's last
+    c0 = tl.where(odd, _funnel16(w0, w1), w0)
+    c1 = tl.where(odd, _funnel16(w1, w2), w1)
+    x0, x1 = _ld2(xp + 2 * g, xmask, EVEN)
+    s = _dp4a(c0, x0, None, True, ASM)
+    s = _dp4a(c1, x1, s, True, ASM)
+    dw = _ld(wp + 8 * blk, wmask, EVEN)  # d: low half of word 0 (first block), high half of word 8 (second)
+    d = (dw >> (16 * blk)).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return d * _ld(dp + blk, xmask, EVEN) * s.to(tl.float32)
+
+
+@_jit
+def _q8_0_split_kernel(
+    XQ, XD, XS, W, Y, M, N, NB, stride_wn, stride_ym,
+    BLOCK_M: tl.constexpr, SILU_MUL: tl.constexpr, ASM: tl.constexpr, BLOCK_N: tl.constexpr, NBT: tl.constexpr,
+    S: tl.constexpr, PER: tl.constexpr, EVEN: tl.constexpr,
+):  # fmt: skip
+    # Pairs of Q8_0 blocks as _q8_0_kernel reads them (68 B = 17 words, 4-byte aligned; NB even). A pair's
+    # 64 codes are eight slices of 8 (slice g: block g // 4, bytes 2 + 34 (g // 4) + 8 (g % 4); x words 2g
+    # and 2g + 1); thread s of a pair takes slices s * 8 / S .. + 8 / S. Not the layers' default: not yet
+    # timed on a GPU (gpu_session.sh split_q8).
+    W32, XQ32, bi, si, wrow, n_ok = _program_split(W, XQ, N, stride_wn, BLOCK_N, NBT, S, SILU_MUL)
+    T: tl.constexpr = BLOCK_N * NBT * S
+    K = NB * 32
+    GPT: tl.constexpr = 8 // S  # slices per thread
+    a0, on1, on2, on3 = _split_rows(si, M, T)  # one accumulator per x row
+    a1 = a0
+    a2 = a0
+    a3 = a0
+    for p0 in range(0, NB // 2, NBT):
+        pr = p0 + bi
+        ok = pr < NB // 2
+        wmask = n_ok & ok
+        wp = W32 + wrow + pr * 17
+        xp = XQ32 + pr * 16
+        dp = XD + pr * 2
+        for r in tl.static_range(GPT):
+            g = si * GPT + r
+            a0 += _q8_0_slice(wp, xp, dp, wmask, ok, g, EVEN, ASM)
+            if BLOCK_M > 1:
+                a1 += _q8_0_slice(wp, xp + K // 4, dp + K // 32, wmask, ok & on1, g, False, ASM)
+            if BLOCK_M > 2:
+                a2 += _q8_0_slice(wp, xp + K // 2, dp + K // 16, wmask, ok & on2, g, False, ASM)
+                a3 += _q8_0_slice(wp, xp + 3 * (K // 4), dp + 3 * (K // 32), wmask, ok & on3, g, False, ASM)
+    _split_store(Y, a0, a1, a2, a3, M, N, stride_ym, BLOCK_M, BLOCK_N, NBT, S, SILU_MUL)
+
+
 _KERNELS = {12: _q4_k_kernel, 14: _q6_k_kernel, 8: _q8_0_kernel}
-_SPLIT_KERNELS = {12: _q4_k_split_kernel, 14: _q6_k_split_kernel}
+_SPLIT_KERNELS = {12: _q4_k_split_kernel, 14: _q6_k_split_kernel, 8: _q8_0_split_kernel}
+_SPLIT_DEFAULT = {12, 14}
+"""Types whose split kernel the layers take by default (Q8_0's is not yet timed on a GPU)."""
 _ROWS_FAST = {12: False, 14: False, 8: True}
 """Per type, whether weight rows are the fastest axis across threads (see the layout note above)."""
 
@@ -1044,8 +1103,8 @@ def gguf_gemv_dp4a(
             thread-per-unit kernel (optionally with ROWS_FAST; a tiling with ``BLOCK_N * NBT != 32 *
             num_warps`` is correct but gives a thread parts of blocks) unless ``split`` says otherwise, else
             for the split kernel (``BLOCK_N * NBT * split = 32 * num_warps``).
-        split: threads per Q4_K block (Q6_K unit): the kernels that split blocks across threads (S > 1,
-            rows in file order only) or the thread-per-unit kernel (1). Default: what
+        split: threads per Q4_K block (Q6_K unit, Q8_0 pair): the kernels that split blocks across
+            threads (S > 1, rows in file order only) or the thread-per-unit kernel (1). Default: what
             :func:`split_tiling` picks, with ``config`` given 1, and 1 for packed rows and Q8_0.
         quantized: ``quantize_activations(x, x_unit(qtype, K / block_size, x packed))`` when the caller
             already has it (one input, several weights of the same unit).
@@ -1074,9 +1133,9 @@ def gguf_gemv_dp4a(
     xq, xd, xs = quantize_activations(x, x_unit(qtype, nb, xp)) if quantized is None else quantized
     splits = qtype in _SPLIT_KERNELS and not v
     if split is None:
-        split = 0 if splits and config is None else 1  # 0: the rule's
+        split = 0 if splits and qtype in _SPLIT_DEFAULT and config is None else 1  # 0: the rule's
     if split != 1 and (not splits or config is not None and len(config) != 3):
-        raise ValueError(f"blocks split across threads are read for Q4_K/Q6_K rows in file order, got type {qtype}")
+        raise ValueError(f"blocks are split across threads for Q4_K/Q6_K/Q8_0 rows in file order, got type {qtype}")
     if config is None or split == 0:
         rows = weight.shape[0]
         if not x.is_cuda:  # the Triton interpreter: its cost is per program, so one tile of rows (up to 128)
