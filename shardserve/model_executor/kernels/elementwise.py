@@ -38,28 +38,32 @@ def _rms_norm_kernel(
 def rms_norm_row(X, R, W, row, offs, stride_x, stride_r, N, eps, HAS_RESIDUAL: tl.constexpr):
     """RMSNorm of elements ``offs`` (``(BLOCK,)``, the whole row, masked past ``N``) of row ``row``, after
     ``x += residual`` written back into ``R`` with HAS_RESIDUAL: ``(BLOCK,)`` in x's dtype times the
-    weight's (the order of Hugging Face's ``LlamaRMSNorm``): :func:`rms_norm_rstd`, then
+    weight's (the order of Hugging Face's ``LlamaRMSNorm``): :func:`rms_norm_input`, :func:`rms_norm_rstd`,
     :func:`rms_norm_apply`, which the norm that also rounds its output to int8
     (``kernels/gguf_dp4a.rms_norm_int8``) calls too, so that the two give the same bits."""
-    x, rstd = rms_norm_rstd(X, R, R, row, offs, stride_x, stride_r, stride_r, N, eps, HAS_RESIDUAL, True)
-    return rms_norm_apply(x, rstd, W, offs, N)
+    x = rms_norm_input(X, R, R, row, offs, stride_x, stride_r, stride_r, N, HAS_RESIDUAL, True)
+    return rms_norm_apply(x, rms_norm_rstd(x, N, eps), W, offs, N)
 
 
 @triton.jit
-def rms_norm_rstd(X, R, RO, row, offs, stride_x, stride_r, stride_ro, N, eps, HAS_RESIDUAL: tl.constexpr,
-                  STORE: tl.constexpr):  # fmt: skip
-    """Elements ``offs`` (any shape, covering the row's ``N``, masked past it) of row ``row`` of ``x``, plus
-    the residual's with HAS_RESIDUAL (in the model dtype, as HF adds; written to ``RO`` with STORE), and
-    ``1 / sqrt(mean(x**2) + eps)`` of the row in fp32. Returns ``(x, rstd)``."""
+def rms_norm_input(X, R, RO, row, offs, stride_x, stride_r, stride_ro, N, HAS_RESIDUAL: tl.constexpr,
+                   STORE: tl.constexpr):  # fmt: skip
+    """Elements ``offs`` (any shape, masked past ``N``) of row ``row`` of ``x``, plus the residual's with
+    HAS_RESIDUAL (in the model dtype, as HF adds; written to ``RO`` with STORE), in the model dtype."""
     mask = offs < N
     x = tl.load(X + row * stride_x + offs, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         x = x + tl.load(R + row * stride_r + offs, mask=mask, other=0.0)
         if STORE:
             tl.store(RO + row * stride_ro + offs, x, mask=mask)
+    return x
+
+
+@triton.jit
+def rms_norm_rstd(x, N, eps):
+    """``1 / sqrt(mean(x**2) + eps)`` in fp32 of a whole row ``x`` ``(BLOCK,)`` of ``N`` elements (0 past them)."""
     h = x.to(tl.float32)
-    var = tl.sum(h * h, axis=0) / N
-    return x, tl.rsqrt(var + eps)
+    return tl.rsqrt(tl.sum(h * h, axis=0) / N + eps)
 
 
 @triton.jit

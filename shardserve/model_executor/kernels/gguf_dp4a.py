@@ -47,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from shardserve.model_executor.kernels.elementwise import rms_norm_apply, rms_norm_rstd
+from shardserve.model_executor.kernels.elementwise import rms_norm_apply, rms_norm_input, rms_norm_rstd
 from shardserve.model_executor.kernels.gemv import gate_up_rows, gate_up_rows_of, silu_mul_rounded
 from shardserve.model_executor.kernels.gguf_dequant import _i2f, kernel_layout
 from shardserve.model_executor.layers.quantization.gguf_blocks import MIN_UNIT, row_layout
@@ -141,14 +141,14 @@ def _rms_norm_int8_kernel(X, R, RO, W, Y, XQ, XD, XS, stride_x, stride_r, K, eps
     # elements [p CHUNK, +CHUNK) normalised, written (and x + residual to RO), and rounded to int8 as
     # _quantize_kernel does. One program per row took 5.2 us on an H200 for K = 4096, 2.5x a plain
     # RMSNorm (a whole row's int8 rounding in one CTA); the row's CHUNKs now run on several SMs (not yet
-    # timed). RO is not R: other programs of the row still read R. (The second rms_norm_rstd call only
-    # loads the chunk: its unused sum is dead code.)
+    # timed). RO is not R: other programs of the row still read R.
     row = tl.program_id(0)
-    _, rstd = rms_norm_rstd(X, R, RO, row, tl.arange(0, BLOCK), stride_x, stride_r, K, K, eps, HAS_RESIDUAL, False)
+    full = rms_norm_input(X, R, RO, row, tl.arange(0, BLOCK), stride_x, stride_r, K, K, HAS_RESIDUAL, False)
+    rstd = rms_norm_rstd(full, K, eps)
     G: tl.constexpr = CHUNK // 32
     gv = tl.program_id(1) * G + tl.arange(0, G)
     offs = gv[:, None] * 32 + tl.arange(0, 32)[None, :]  # (G, 32)
-    x, _ = rms_norm_rstd(X, R, RO, row, offs, stride_x, stride_r, K, K, eps, HAS_RESIDUAL, True)
+    x = rms_norm_input(X, R, RO, row, offs, stride_x, stride_r, K, K, HAS_RESIDUAL, True)
     y = rms_norm_apply(x, rstd, W, offs, K)
     tl.store(Y + row * K + offs, y, mask=offs < K)
     UNIT: tl.constexpr = UE if UE > 0 else 1
@@ -308,9 +308,10 @@ def _split4(t):
 
 
 @triton.jit
-def _vec4(p, mask):
-    """The four values at ``p .. p + 3`` (16-byte aligned), 0 where ``mask`` is false: one 16-byte load."""
-    return _split4(tl.load(p[:, :, :, None] + tl.arange(0, 4)[None, None, None, :], mask=mask[:, :, :, None], other=0))
+def _v4(p, mask, EVEN: tl.constexpr):
+    """The four int32/fp32 at ``p .. p + 3`` (16-byte aligned) of a pointer tensor of any rank, 0 where
+    ``mask`` is false unless EVEN: one 16-byte load."""
+    return _split4(_ld(tl.expand_dims(p, -1) + tl.arange(0, 4), tl.expand_dims(mask, -1), EVEN))
 
 
 @triton.jit
@@ -552,16 +553,16 @@ def _q4_k_kernel(
         xp = XQ32 + mi * (K // 4) + zn + blk * XVQ  # (BLOCK_M, BLOCK_N, NBT)
         dp = XD + mi * (K // 32) + zn + blk * XVD
         sp = XS + mi * (K // 16) + zn + blk * XVS
-        dx0, dx1, dx2, dx3 = _vec4(_wordp(dp, 0, XCS, XVD), xmask)
-        dx4, dx5, dx6, dx7 = _vec4(_wordp(dp, 4, XCS, XVD), xmask)
+        dx0, dx1, dx2, dx3 = _v4(_wordp(dp, 0, XCS, XVD), xmask, False)
+        dx4, dx5, dx6, dx7 = _v4(_wordp(dp, 4, XCS, XVD), xmask, False)
         for c in tl.static_range(4):
             s_lo = None
             s_hi = None
             for v in tl.static_range(2):
                 qp = _wordp(wp, 4 + 8 * c + 4 * v, csw, VW)
                 q0, q1, q2, q3 = _split4(_ld(qp[:, :, :, None] + vec, wmask[:, :, :, None], EVEN))
-                l0, l1, l2, l3 = _vec4(_wordp(xp, 16 * c + 4 * v, XCS, XVQ), xmask)
-                u0, u1, u2, u3 = _vec4(_wordp(xp, 16 * c + 8 + 4 * v, XCS, XVQ), xmask)
+                l0, l1, l2, l3 = _v4(_wordp(xp, 16 * c + 4 * v, XCS, XVQ), xmask, False)
+                u0, u1, u2, u3 = _v4(_wordp(xp, 16 * c + 8 + 4 * v, XCS, XVQ), xmask, False)
                 s_lo = _dp4a(q0 & M4, l0, s_lo, False, ASM)
                 s_lo = _dp4a(q1 & M4, l1, s_lo, False, ASM)
                 s_lo = _dp4a(q2 & M4, l2, s_lo, False, ASM)
@@ -575,7 +576,7 @@ def _q4_k_kernel(
             dx_lo = _pick4(c, dx0, dx2, dx4, dx6)
             dx_hi = _pick4(c, dx1, dx3, dx5, dx7)
             # dx * sum(xq) per 16 elements of sub-blocks 2c and 2c + 1: one 16-byte vector
-            e0, e1, e2, e3 = _vec4(_wordp(sp, 4 * c, XCS, XVS), xmask)
+            e0, e1, e2, e3 = _v4(_wordp(sp, 4 * c, XCS, XVS), xmask, False)
             acc += d * (sc_lo * dx_lo * s_lo.to(tl.float32) + sc_hi * dx_hi * s_hi.to(tl.float32))
             acc -= dmin * (mn_lo * (e0 + e1) + mn_hi * (e2 + e3))
     _store(Y, _row_sums(acc, ROWS_FAST), M, N, stride_ym, BLOCK_M, BLOCK_N, SILU_MUL)
@@ -643,15 +644,15 @@ def _q6_k_block(acc, wp, mask, csw, VW: tl.constexpr, xp, dp, sp, xmask, XCS: tl
     d = _q6_k_half(wp, OFF + 208, mask, csw, VW, EVEN, WIDE)
     for h in tl.static_range(2):
         # dx of x groups 4h .. 4h + 3 and dx * sum(xq) of its 16-element halves 8h .. 8h + 7, as vectors
-        dx0, dx1, dx2, dx3 = _vec4(_wordp(dp, 8 * B + 4 * h, XCS, XVD), xmask)
-        e0, e1, e2, e3 = _vec4(_wordp(sp, 16 * B + 8 * h, XCS, XVS), xmask)
-        e4, e5, e6, e7 = _vec4(_wordp(sp, 16 * B + 8 * h + 4, XCS, XVS), xmask)
+        dx0, dx1, dx2, dx3 = _v4(_wordp(dp, 8 * B + 4 * h, XCS, XVD), xmask, False)
+        e0, e1, e2, e3 = _v4(_wordp(sp, 16 * B + 8 * h, XCS, XVS), xmask, False)
+        e4, e5, e6, e7 = _v4(_wordp(sp, 16 * B + 8 * h + 4, XCS, XVS), xmask, False)
         for t2 in tl.static_range(2):
             for wq in tl.static_range(2):
                 # x words 64 B + 32 h + 8 t2 + 4 wq (and that + 16); offsets inline: Triton turns a plain
                 # local into a tensor, and a constexpr local cannot be reassigned in a static_range loop
-                l0, l1, l2, l3 = _vec4(_wordp(xp, 64 * B + 32 * h + 8 * t2 + 4 * wq, XCS, XVQ), xmask)
-                u0, u1, u2, u3 = _vec4(_wordp(xp, 64 * B + 32 * h + 8 * t2 + 4 * wq + 16, XCS, XVQ), xmask)
+                l0, l1, l2, l3 = _v4(_wordp(xp, 64 * B + 32 * h + 8 * t2 + 4 * wq, XCS, XVQ), xmask, False)
+                u0, u1, u2, u3 = _v4(_wordp(xp, 64 * B + 32 * h + 8 * t2 + 4 * wq + 16, XCS, XVQ), xmask, False)
                 s_lo = None  # sub-block 8h + 2 t2 + wq (quarter t2)
                 s_hi = None  # sub-block 8h + 2 t2 + 4 + wq (quarter t2 + 2)
                 for w4 in tl.static_range(4):
@@ -729,10 +730,10 @@ def _q8_0_kernel(
         xmask = (mi < M) & (pr < NB // 2)
         wp = W32 + wrow + pr * VW
         xp = XQ32 + mi * (K // 4) + zn + pr * XVQ  # the pair's 16 x words (dx: 2 floats, in order either way)
-        x0, x1, x2, x3 = _vec4(xp, xmask)
-        x4, x5, x6, x7 = _vec4(_wordp(xp, 4, XCS, XVQ), xmask)
-        y0, y1, y2, y3 = _vec4(_wordp(xp, 8, XCS, XVQ), xmask)
-        y4, y5, y6, y7 = _vec4(_wordp(xp, 12, XCS, XVQ), xmask)
+        x0, x1, x2, x3 = _v4(xp, xmask, False)
+        x4, x5, x6, x7 = _v4(_wordp(xp, 4, XCS, XVQ), xmask, False)
+        y0, y1, y2, y3 = _v4(_wordp(xp, 8, XCS, XVQ), xmask, False)
+        y4, y5, y6, y7 = _v4(_wordp(xp, 12, XCS, XVQ), xmask, False)
         w0 = _ld(wp, wmask, EVEN)
         w1 = _ld(_wordp(wp, 1, csw, VW), wmask, EVEN)
         w2 = _ld(_wordp(wp, 2, csw, VW), wmask, EVEN)
@@ -803,13 +804,6 @@ def _program_split(W, XQ, N, stride_wn, BLOCK_N: tl.constexpr, NBT: tl.constexpr
 def _split_rows(si, M, T: tl.constexpr):
     """A ``(T,)`` fp32 zero (the accumulators' start) and whether x rows 1, 2 and 3 exist, ``(T,)`` each."""
     return tl.zeros([T], dtype=tl.float32), si * 0 + 1 < M, si * 0 + 2 < M, si * 0 + 3 < M
-
-
-@triton.jit
-def _v4(p, mask, EVEN: tl.constexpr):
-    """The four int32/fp32 at ``p .. p + 3`` (16-byte aligned), 0 where ``mask`` is false unless EVEN: one
-    16-byte load."""
-    return _split4(_ld(tl.expand_dims(p, -1) + tl.arange(0, 4), tl.expand_dims(mask, -1), EVEN))
 
 
 @triton.jit
@@ -1144,6 +1138,9 @@ def gguf_gemv_dp4a(
             picked = 1, tiling(rows, nb // per, _num_sms(x.device.index or 0), v)
         else:
             picked = split_tiling(qtype, rows, nb // per, _num_sms(x.device.index or 0))
+            if split:  # S asked for: the rule's NBT and warps, BLOCK_N for 32 threads a warp at that S
+                nbt, warps = picked[1][1:]
+                picked = split, (max(1, 32 * warps // (split * nbt)), nbt, warps)
         split = split or picked[0]
         config = config or picked[1]
     bn, nbt, warps = config[:3]
