@@ -1,4 +1,5 @@
-"""Compile (not run) every GGUF Triton kernel for a CUDA target, on a machine without a GPU.
+"""Compile (not run) every GGUF Triton kernel and those of a decode step under PDL for a CUDA target, on a
+machine without a GPU.
 
     python benchmarks/compile_kernels.py [--arch 90]
     PYTHONPATH=/tmp/triton36 python benchmarks/compile_kernels.py   # another Triton, e.g. the device's 3.6
@@ -20,6 +21,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
+from shardserve.model_executor.kernels import attention as at
+from shardserve.model_executor.kernels import elementwise as ew
 from shardserve.model_executor.kernels import gguf_dequant as dq
 from shardserve.model_executor.kernels import gguf_dp4a as d4
 from shardserve.model_executor.kernels import gguf_gemv as gv
@@ -32,12 +35,20 @@ def _unwrap(fn):
     return fn
 
 
-def _compile(fn, types: dict, const: dict, arch: int, warps: int = 4) -> None:
+def _compile(fn, types: dict, const: dict, arch: int, warps: int = 4):
     fn = _unwrap(fn)
     names = fn.arg_names
     sig = {n: ("constexpr" if n in const else types.get(n, "i32")) for n in names}
     src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(n),): v for n, v in const.items()})
-    triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+    if const.get("PDL"):  # kernels/pdl.py: the wait and the launch of the next kernel, and any L2 prefetch
+        ptx = kernel.asm["ptx"]
+        wanted = ["griddepcontrol.wait", "griddepcontrol.launch_dependents"]
+        wanted += ["prefetch.global.L2"] if const.get("PF") else []
+        missing = [w for w in wanted if w not in ptx]
+        if missing:
+            raise RuntimeError(f"{fn.__name__} with PDL: no {', '.join(missing)} in its PTX")
+    return kernel
 
 
 def main() -> None:
@@ -69,22 +80,39 @@ def main() -> None:
             _compile(d4._KERNELS[q], ptr, const, arch)
         print(f"int8 GEMV: type {q}, unit {per}, chunk {v} B: ok")
     for q, per in [(12, 1), (14, 4), (14, 2), (8, 2)]:
-        for sp, silu, m in [(8, False, 1), (4, True, 4), (2, False, 2)]:
-            const = dict(BLOCK_M=m, SILU_MUL=silu, ASM=True, BLOCK_N=32 // sp * 2, NBT=2, S=sp, PER=per, EVEN=not silu)
+        for sp, silu, m, pf in [(8, False, 1, 0), (4, True, 4, 2), (2, False, 2, 1)]:
+            const = dict(BLOCK_M=m, SILU_MUL=silu, ASM=True, BLOCK_N=32 // sp * 2, NBT=2, S=sp, PER=per, EVEN=not silu,
+                         PF=pf, PDL=pf > 0)  # fmt: skip
             _compile(d4._SPLIT_KERNELS[q], ptr, const, arch)
-        print(f"int8 GEMV, blocks split across threads: type {q}, unit {per}: ok")
+        print(f"int8 GEMV, blocks split across threads (with and without PDL): type {q}, unit {per}: ok")
     for v in (0, 16):
         _compile(mm._q4_k_mma_kernel, ptr, dict(SILU_MUL=True, V=v, CS=16 * v, BLOCK_M=16, BLOCK_N=64), arch)
     print("int8 tensor-core (MMA) kernel: ok")
     for ue in (0, 64, 256, 1024):
         _compile(d4._quantize_kernel, {"X": "*bf16", "XQ": "*i8", "XD": "*fp32", "XS": "*fp32"},
-                 dict(GROUPS=32, UE=ue), arch)  # fmt: skip
+                 dict(GROUPS=32, UE=ue, PDL=ue == 0), arch)  # fmt: skip
         for res in (False, True):
             types = {"X": "*bf16", "R": "*bf16", "RO": "*bf16", "W": "*bf16", "Y": "*bf16", "XQ": "*i8", "XD": "*fp32"}
             types["XS"] = "*fp32"
-            const = dict(HAS_RESIDUAL=res, BLOCK=4096, CHUNK=512, UE=ue)
+            const = dict(HAS_RESIDUAL=res, BLOCK=4096, CHUNK=512, UE=ue, PDL=res)
             _compile(d4._rms_norm_int8_kernel, {**types, "eps": "fp32"}, const, arch)
     print("activation quantization, RMSNorm with int8 output: ok")
+    # the decode step's other kernels, as the layers launch them under PDL (Llama-3.1-8B's heads)
+    bf = "*bf16"
+    _compile(ew._rms_norm_kernel, {"X": bf, "R": bf, "W": bf, "Y": bf, "eps": "fp32"},
+             dict(HAS_RESIDUAL=True, BLOCK=4096, PDL=True), arch, warps=8)  # fmt: skip
+    _compile(ew._rotary_kernel, {"Q": bf, "K": bf, "V": bf, "POS": "*i64", "COS": "*fp32", "SIN": "*fp32", "KC": bf,
+                                 "VC": bf, "SLOTS": "*i64", "k_inv_scale": "fp32", "v_inv_scale": "fp32"},
+             dict(NUM_Q_HEADS=32, NUM_K_HEADS=8, HEADS_PAD=32, HALF=64, HALF_PAD=64, STORE_KV=True, FP8=False,
+                  PDL=True), arch)  # fmt: skip
+    _compile(at._paged_attention_kernel, {"Q": bf, "KC": bf, "VC": bf, "OUT": bf, "BLOCK_TABLES": "*i32",
+                                          "SEQ_LENS": "*i32", "QUERY_START_LOC": "*i32", "PART_ACC": "*fp32",
+                                          "PART_ML": "*fp32", "scale": "fp32", "v_scale": "fp32"},
+             dict(NUM_HEADS=32, GROUP=4, GROUP_PAD=4, BLOCK_Q=4, HEAD_DIM=128, HEAD_DIM_PAD=128, BLOCK_SIZE=16,
+                  BLOCK_N=64, IEEE=False, NUM_SPLITS=4, F16_DOT=False, PDL=True), arch)  # fmt: skip
+    merge = dict(NUM_HEADS=32, NUM_SPLITS=4, SPLITS_PAD=4, HEAD_DIM=128, HEAD_DIM_PAD=128, PDL=True)
+    _compile(at._merge_splits_kernel, {"PART_ACC": "*fp32", "PART_ML": "*fp32", "OUT": bf}, merge, arch)
+    print("RMSNorm, RoPE with KV store, paged attention and its merge, under PDL: ok")
 
 
 if __name__ == "__main__":

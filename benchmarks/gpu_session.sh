@@ -1,6 +1,6 @@
 #!/bin/bash
 # One GPU session's runs on nvidia-h200 (one H200), in stages that each fit one device call:
-#   OUT=/tmp/out bash benchmarks/gpu_session.sh check|host|serve|kernels|final|sweep|sweep2|final2|verify|packed|ncu|split|split2|split_e2e|split_check|norm_e2e|split_q8|e2e|packed_e2e|packed_q8|probe|quant|quant2|quant70
+#   OUT=/tmp/out bash benchmarks/gpu_session.sh check|host|serve|kernels|final|sweep|sweep2|final2|verify|packed|ncu|split|split2|split_e2e|split_check|norm_e2e|norm_q8|pdl|pdl2|final3|q8|merge8|split_q8|e2e|packed_e2e|packed_q8|probe|quant|quant2|quant70
 # check: CUDA kernel tests, fp32 equivalence with transformers, bench_gpu (8B bf16 batch-1 + offline)
 # host:  offline profile (GPU idle share), host ms per step on the GPU beside the baseline commit
 # serve: a live server under `shardserve bench serve` (400 prompts, 1024 in / 128 out, rate inf)
@@ -24,6 +24,13 @@
 # split_e2e: the split kernels' CUDA tests, their rule's tiling on the 8B shapes, 8B Q4_K_M batch-1 decode beside bf16
 # split_check: the split kernels' CUDA tests, the 8B Q4_K_M decode step per kernel
 # norm_e2e: the RMSNorm with int8 output (a program per 512 elements) on CUDA, 8B Q4_K_M decode beside bf16, per kernel
+# norm_q8: norm_e2e, then Q8_0's split kernel's CUDA tests and four of its tilings beside the thread-per-pair kernel
+# pdl: the kernel tests under programmatic dependent launch, the 8B Q4_K_M step per kernel and with PDL on and
+#   off, 8B Q4_K_M and Q8_0 batch-1 decode beside bf16
+# pdl2: the 8B Q4_K_M and Q8_0 decode steps per kernel, and under four PDL settings
+# final3: 8B Q4_K_M and Q8_0 batch-1 decode beside bf16, then 70B Q4_K_M on one H200
+# q8: 8B Q8_0 batch-1 decode beside bf16
+# merge8: the decode attention's merge writing o_proj's int8 input on CUDA, the 8B Q4_K_M step per kernel
 # split_q8: the split kernels' CUDA tests (Q8_0's too), Q8_0's split kernel beside its thread-per-pair kernel
 # e2e: the Q6_K int8 GEMV tests on CUDA, 8B Q4_K_M batch-1 decode with rows packed and in file order beside bf16
 # packed_q8: 8B Q8_0 batch-1 decode, the 8B Q4_K_M decode step per kernel
@@ -173,6 +180,39 @@ norm_e2e)
   run timeout 170 python3 benchmarks/bench_quant.py --skip-70b --parts hw,bf16,gguf --recipes Q4_K_M --no-prefill-paths \
       --new-tokens 128 --gguf-row-layout file --part-timeout 150 --json-out "$OUT/quant_8b.json"
   run timeout 80 python3 benchmarks/profile_decode.py --model Llama-3.1-8B --gguf Q4_K_M --reps 10
+  ;;
+norm_q8)
+  run timeout 60 python3 -m pytest -q -p no:cacheprovider tests/model_executor/test_gguf_kernels.py -k "rms_norm or (split and Q8_0)"
+  run timeout 170 python3 benchmarks/bench_quant.py --skip-70b --parts hw,bf16,gguf --recipes Q4_K_M --no-prefill-paths \
+      --new-tokens 128 --gguf-row-layout file --part-timeout 150 --json-out "$OUT/quant_8b.json"
+  run timeout 80 python3 benchmarks/profile_decode.py --model Llama-3.1-8B --gguf Q4_K_M --reps 10
+  run timeout 170 python3 benchmarks/sweep_dp4a.py --split-cells 4x4x4,8x4x4,8x8x4,4x16x4 --types Q8_0
+  ;;
+pdl)
+  run timeout 150 python3 -m pytest -q -p no:cacheprovider tests/model_executor/test_gguf_kernels.py tests/model_executor/test_kernels.py \
+      -k "split or pdl or rms_norm or dp4a_gemv_matches or attention or rotary"
+  run timeout 90 python3 benchmarks/profile_decode.py --model Llama-3.1-8B --gguf Q4_K_M --reps 10
+  run timeout 330 python3 benchmarks/bench_quant.py --skip-70b --parts hw,bf16,gguf --recipes Q4_K_M,Q8_0 --no-prefill-paths \
+      --new-tokens 128 --gguf-row-layout file --part-timeout 140 --json-out "$OUT/quant_8b.json"
+  ;;
+pdl2)
+  run timeout 150 python3 benchmarks/profile_decode.py --model Llama-3.1-8B --gguf Q4_K_M --reps 10
+  run timeout 150 python3 benchmarks/profile_decode.py --model Llama-3.1-8B --gguf Q8_0 --reps 10
+  ;;
+final3)
+  run timeout 165 python3 benchmarks/bench_quant.py --skip-70b --parts hw,bf16,gguf --recipes Q4_K_M,Q8_0 --no-prefill-paths \
+      --new-tokens 128 --gguf-row-layout file --part-timeout 120 --json-out "$OUT/quant_8b.json"
+  df -h /tmp | tail -1
+  run timeout 400 python3 benchmarks/bench_quant.py --models Llama-3.1-70B --parts hw,gguf --workdir /tmp/q70 \
+      --no-prefill-paths --new-tokens 128 --part-timeout 370 --json-out "$OUT/quant_70b.json"
+  ;;
+q8)
+  run timeout 200 python3 benchmarks/bench_quant.py --skip-70b --parts hw,bf16,gguf --recipes Q8_0 --no-prefill-paths \
+      --new-tokens 128 --gguf-row-layout file --part-timeout 150 --json-out "$OUT/quant_8b_q8.json"
+  ;;
+merge8)
+  run timeout 60 python3 -m pytest -q -x -p no:cacheprovider tests/model_executor/test_kernels.py -k "int8_gemv_input or split_kv"
+  run timeout 110 python3 benchmarks/profile_decode.py --model Llama-3.1-8B --gguf Q4_K_M --reps 10
   ;;
 split_q8)
   run timeout 150 python3 -m pytest -q -p no:cacheprovider tests/model_executor/test_gguf_kernels.py -k "split"

@@ -9,7 +9,9 @@ fills the captured decode graph's static buffers with a request of ``--context``
   step and its share of the step;
 - times each linear layer's matmul alone at the decode batch (``F.linear``, CUDA events) and prints the
   bandwidth it reaches against the device-to-device copy bandwidth measured in the same run;
-- times the paged-attention kernel alone at several context lengths.
+- times the paged-attention kernel alone at several context lengths;
+- captures the step again with programmatic dependent launch off and on in three forms
+  (``kernels/pdl.py``) and prints each replay time and whether the outputs are equal.
 
 ``--offline N`` instead profiles N requests of the offline-throughput workload of ``bench_gpu.py`` and
 prints kernel time by category (cuBLAS matmuls, attention, ...) against wall time.
@@ -113,6 +115,52 @@ def profile_offline(llm, num_requests: int, input_len: int, output_len: int) -> 
         print(f"{t:8.2f} s {t / wall:6.1%}  {name[:100]}")
 
 
+def pdl_ab(graphs, bs: int) -> dict:
+    """The same decode step captured again under four launch settings (``kernels/pdl.py``): programmatic
+    dependent launch off; on for every kernel, with the int8 GEMVs' L2 prefetch before their wait; on
+    without that prefetch; on for all but the int8 GEMVs and activation rounding (``kernels/gguf_dp4a``).
+    Prints each replay time and whether its output equals PDL off bit for bit; returns the graphs by
+    setting (none where PDL is not available)."""
+    from shardserve.model_executor.kernels import gguf_dp4a, pdl
+
+    pdl.set_pdl(True)
+    if not pdl.pdl_enabled(graphs.input_ids):
+        print("== PDL: off or not available on this GPU (compute capability 9.0+)")
+        return {}
+    budget, launch = gguf_dp4a._PREFETCH_BYTES, gguf_dp4a.pdl_launch
+    variants = {
+        "off": (False, budget, launch),
+        "on": (True, budget, launch),
+        "on, no prefetch": (True, 0, launch),
+        "on, not gguf_dp4a": (True, budget, lambda x: {}),
+    }
+    results, captured = {}, {}
+    try:
+        for name, (on, prefetch, launcher) in variants.items():
+            pdl.set_pdl(on)
+            gguf_dp4a._PREFETCH_BYTES, gguf_dp4a.pdl_launch = prefetch, launcher
+            with torch.inference_mode():
+                graphs._forward(bs)  # compile this variant
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    out = graphs._forward(bs)
+            graph.replay()
+            torch.cuda.synchronize()
+            first = out.clone() if isinstance(out, torch.Tensor) else out.hidden_states.clone()
+            results[name] = (_timed_cuda(graph.replay, 200) * 1e3, first)
+            captured[name] = graph
+    finally:
+        pdl.set_pdl(True)
+        gguf_dp4a._PREFETCH_BYTES, gguf_dp4a.pdl_launch = budget, launch
+    off_ms, off_out = results["off"]
+    for name, (ms, out) in results.items():
+        print(f"== PDL {name:>18}: graph replay {ms:.3f} ms ({off_ms / ms:.3f}x of off); output equal to off: "
+              f"{torch.equal(out, off_out)}")  # fmt: skip
+    print(f"== PDL: fastest setting {min(results, key=lambda k: results[k][0])!r}")
+    return captured
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="Llama-3.1-8B")
@@ -161,6 +209,8 @@ def main() -> None:
     fill_graph_inputs(graphs, bs, args.context)
     graph = graphs.graphs[bs]
     step_ms = _timed_cuda(graph.replay, 100) * 1e3
+    # per kernel without PDL: under it a kernel starts early and waits, so its time would include the wait
+    graph = pdl_ab(graphs, bs).get("off", graph)
     rows = kernel_table(graph.replay, args.reps)
     if not rows:  # this profiler does not see kernels inside graphs: profile the same step eagerly
         print("(profiler sees no kernels inside the graph: eager forward of the same step)")
@@ -169,7 +219,7 @@ def main() -> None:
     profiled = sum(r[1] for r in rows)
     print(
         f"== {args.model} decode batch {bs}, context {args.context}: graph replay {step_ms:.3f} ms "
-        f"(CUDA events), kernels sum {profiled / 1e3:.3f} ms, gaps {step_ms - profiled / 1e3:.3f} ms"
+        f"(CUDA events, as served), kernels sum {profiled / 1e3:.3f} ms without PDL"
     )
     print(f"{'us/step':>9} {'share':>6} {'n':>4}  kernel")
     for name, us, n in rows[:25]:

@@ -293,13 +293,14 @@ def test_dp4a_tiling_rule():
 
 def test_dp4a_split_tiling_rule():
     """The split kernels' tiling: 4 warps of BLOCK_N * NBT * S = 128 threads; threads per row (S * NBT) the
-    power of two that fills 132 SMs with 2048 threads each, 8-32 for Q4_K and 16-64 for Q6_K, NBT at most
-    the row's units; S = 4 only for Q4_K weights of at most 4096 rows; the picks measured best on the 8B."""
+    power of two that fills 132 SMs with 2048 threads each, 8-32 for Q4_K and 16-64 for Q6_K and Q8_0, NBT
+    at most the row's units; S = 4 only for Q4_K and Q8_0 weights of at most 4096 rows; the picks measured
+    best on the 8B."""
     import triton
 
     from shardserve.model_executor.kernels.gguf_dp4a import _SPLIT_PER_ROW, _SPLIT_THREADS_PER_SM, split_tiling
 
-    for qtype in (12, 14):
+    for qtype in (12, 14, 8):
         lo, hi = _SPLIT_PER_ROW[qtype]
         for rows in (1, 512, 1024, 4096, 6144, 28672, 128256, 1 << 20):
             for units in (1, 2, 4, 14, 16, 56):
@@ -310,12 +311,14 @@ def test_dp4a_split_tiling_rule():
                 assert per_row <= hi and (per_row >= lo or nbt == triton.next_power_of_2(units))
                 if lo < per_row < hi and nbt < triton.next_power_of_2(units):  # the fill decided it
                     assert rows * per_row <= 132 * _SPLIT_THREADS_PER_SM < rows * per_row * 2
-                assert (s == 4) == (qtype == 12 and rows <= 4096)
+                assert (s == 4) == (qtype in (12, 8) and rows <= 4096)
     assert split_tiling(12, 6144, 16, 132) == (8, (4, 4, 4))  # 8B q/k/v
     assert split_tiling(12, 4096, 16, 132) == split_tiling(12, 4096, 56, 132) == (4, (4, 8, 4))  # o, down
     assert split_tiling(12, 28672, 16, 132) == (8, (16, 1, 4))  # gate/up (2 x 14336 rows)
     assert split_tiling(14, 4096, 14, 132) == (8, (2, 8, 4))  # Q6_K down (units of 4 blocks)
     assert split_tiling(14, 128256, 4, 132) == (8, (8, 2, 4))  # the Q6_K LM head
+    assert split_tiling(8, 6144, 64, 132) == (8, (4, 4, 4))  # Q8_0 q/k/v (pairs of blocks)
+    assert split_tiling(8, 4096, 64, 132) == split_tiling(8, 4096, 224, 132) == (4, (2, 16, 4))  # o, down
 
 
 @pytest.mark.parametrize("name", DP4A_NAMES)
@@ -349,7 +352,7 @@ def test_dp4a_gemv_both_thread_layouts(name, rows_fast):
         ("Q8_0", 192, 4),
         ("Q8_0", 192, 8),
     ],
-)  # Q6_K: units of 4 blocks, and pairs; Q8_0: 3 pairs (opt-in: the layers keep its thread-per-pair kernel)
+)  # Q6_K: units of 4 blocks, and pairs; Q8_0: 3 pairs
 def test_dp4a_split_gemv_matches_reference(name, cols, split):
     """The kernels that split a Q4_K block (Q6_K unit, Q8_0 pair) across ``split`` threads, a row tile with a masked
     row, against both references (1, 3 and 4 rows of x, plain and SwiGLU), and against the thread-per-unit
@@ -388,6 +391,72 @@ def _check_int8_kernel(fn, blocks, ref, qtype, x):
     assert _rel(fused, _swiglu(xdq @ ref.T)) < TOL_DP4A_SWIGLU, m
     # the fused epilogue itself: gate, silu, up and the output rounded to bf16 (the interpreter truncates)
     assert _rel(fused, _swiglu(got.float().cpu())) < 2 * TOL_DP4A_EXACT, m
+
+
+def test_dp4a_prefetch_sectors():
+    """Before its PDL wait a split GEMV asks L2 for each row's first tile, the whole tile where the launch's
+    rows of it fit the byte budget, never more than the budget, nothing for a 128k-row LM head; no PDL (so
+    no prefetch) off CUDA."""
+    from shardserve.model_executor.kernels.gguf_dequant import kernel_layout
+    from shardserve.model_executor.kernels.gguf_dp4a import _PREFETCH_BYTES, _TYPE_SIZE, prefetch_sectors, split_tiling
+    from shardserve.model_executor.kernels.pdl import pdl_launch
+
+    for qtype, rows, k in [(12, 6144, 4096), (12, 4096, 4096), (12, 28672, 4096), (12, 4096, 14336),
+                           (14, 1024, 4096), (14, 4096, 14336), (14, 128256, 4096), (8, 6144, 4096),
+                           (8, 28672, 4096), (8, 4096, 14336)]:  # fmt: skip
+        nb = k // (32 if qtype == 8 else 256)
+        per = kernel_layout(qtype, nb, False)[0]
+        s, (_, nbt, _) = split_tiling(qtype, rows, nb // per, 132)
+        unit = _TYPE_SIZE[qtype] * per
+        pf = prefetch_sectors(unit, rows, nb // per, nbt, s)
+        asked = rows * nbt * s * 32 * pf  # bytes over the launch
+        assert asked <= _PREFETCH_BYTES
+        tile = rows * min(nb // per, nbt) * unit
+        if tile <= _PREFETCH_BYTES // 2:
+            assert asked >= tile, (qtype, rows, k)  # the whole first tile
+        if rows == 128256:
+            assert pf == 0
+    assert pdl_launch(torch.zeros(1)) == {}
+
+
+@pytest.mark.skipif(DEVICE == "cpu", reason="programmatic dependent launch is a CUDA feature")
+def test_pdl_chain_in_a_cuda_graph_matches_plain_launches():
+    """The decode step's kernel chain (RMSNorm with int8 output, Q4_K GEMV, activation rounding, Q6_K
+    GEMV, RMSNorm) captured in a CUDA graph with PDL gives the same bits as launched without it, on a GPU
+    that has PDL; on one without, PDL is off."""
+    from shardserve.model_executor.kernels import pdl
+    from shardserve.model_executor.kernels.elementwise import rms_norm
+    from shardserve.model_executor.kernels.gguf_dp4a import gguf_gemv_dp4a, rms_norm_int8
+
+    w4, _, q4, cols = _dp4a_case("Q4_K", 1024, seed=61, cols=1024)
+    w6, _, q6, _ = _dp4a_case("Q6_K", 1024, seed=62, cols=1024)
+    gen = torch.Generator().manual_seed(63)
+    x = torch.randn(1, cols, generator=gen).to(torch.bfloat16).cuda()
+    res = torch.randn(1, cols, generator=gen).to(torch.bfloat16).cuda()
+    nw = torch.rand(cols, generator=gen).to(torch.bfloat16).cuda() + 0.5
+
+    def chain():
+        y, r, xq = rms_norm_int8(x, nw, 1e-5, res)
+        h = gguf_gemv_dp4a(y, w4, q4, quantized=xq)
+        h = gguf_gemv_dp4a(h, w6, q6)
+        return rms_norm(h, nw, 1e-5, r)
+
+    outs = {}
+    for on in (True, False):
+        pdl.set_pdl(on)
+        try:
+            chain()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = chain()
+            for _ in range(3):
+                graph.replay()
+            torch.cuda.synchronize()
+            outs[on] = out.clone()
+        finally:
+            pdl.set_pdl(True)
+    assert torch.equal(outs[True], outs[False])
+    assert pdl.pdl_enabled(x) == (torch.cuda.get_device_capability()[0] >= 9)
 
 
 def test_dp4a_routing_and_refusals():

@@ -401,6 +401,60 @@ def test_int8_rounding_fused_into_the_norms(tiny_gguf, single_process, monkeypat
         _close(got, want, tol=1e-2)
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # silu of very negative gates
+@interpreted
+def test_int8_rounding_fused_into_the_attention_merge(tmp_path, single_process, monkeypatch):
+    """fp16 decode steps of a tiny model whose ``o_proj`` takes the int8 GEMV (Q4_K, then Q8_0): with the
+    attention's GPU path (forced here, under the interpreter) and its decode split over the context, the merge
+    kernel writes the int8 input of ``o_proj``, and the logits are bit for bit those of ``o_proj`` rounding
+    its input itself."""
+    from gguf_test_files import TINY_TYPES, tiny_llama_gguf
+    from model_test_utils import SingleSequence
+
+    from shardserve.model_executor.kernels import attention as attention_kernels
+    from shardserve.model_executor.layers.attention import Attention
+
+    types = [dict(TINY_TYPES[0], attn_output="Q4_K"), dict(TINY_TYPES[1], attn_output="Q8_0")]
+    source = resolve_model(str(tiny_llama_gguf(tmp_path / "tiny-o.gguf", seed=3, types=types)))
+    original = GGUFConfig.from_reader
+    monkeypatch.setattr(GGUFConfig, "from_reader", classmethod(lambda cls, r: original(r, kernels_on_cpu=True)))
+    model = load_model(source, torch.float16, torch.device("cpu"), (0, source.arch.num_hidden_layers),
+                       quantization="gguf")  # fmt: skip
+    from shardserve.model_executor.layers import attention as attention_layer
+
+    monkeypatch.setattr(attention_layer, "use_triton", lambda x: True)  # the GPU path, under the interpreter
+    monkeypatch.setattr(attention_kernels, "num_kv_splits_for", lambda *a: 3)
+    fused = []
+    real = attention_kernels.paged_attention
+    monkeypatch.setattr(attention_kernels, "paged_attention",
+                        lambda *a, **kw: fused.append(kw.get("int8_out") is not None) or real(*a, **kw))  # fmt: skip
+
+    gen = torch.Generator().manual_seed(7)
+    xs = [(0.5 * torch.randn(1, 256, generator=gen)).to(torch.float16) for _ in range(4)]
+    residual = (0.5 * torch.randn(1, 256, generator=gen)).to(torch.float16)
+
+    def run():  # four decode steps through both decoder layers (random fp16 logits of the whole model overflow)
+        seq = SingleSequence(model, dtype=torch.float16)
+        out = []
+        for step, x in enumerate(xs):
+            meta, pos = seq.meta(1), torch.tensor([step])
+            for name in ("0", "1"):
+                y, r = model.model.layers[name](pos, x.clone(), residual.clone(), meta)
+                out += [y, r]
+            seq.seq_len += 1
+        return out
+
+    merged = run()
+    assert fused == [True] * 8  # both layers of every decode step
+    monkeypatch.setattr(Attention, "forward_int8", lambda self, *a: (self.forward(*a), None))
+    plain = run()
+    assert fused[8:] == [False] * 8
+    for i, (got, want) in enumerate(zip(merged, plain)):
+        torch.testing.assert_close(got, want, atol=0, rtol=0, equal_nan=True)  # the random MLP overflows fp16
+        if i % 2:  # the residual stream after attention: finite and not trivial
+            assert torch.isfinite(want).all() and want.float().std() > 0.01
+
+
 def test_cpu_bfloat16_halves_memory(tiny_gguf, single_process):
     """``--dtype bfloat16`` on the CPU: GGUF dequantized at load to bf16 holds half the bytes of fp32
     (KV cache too, it follows the dtype) and computes the same logits to bf16 precision."""

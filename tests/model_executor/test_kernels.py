@@ -107,6 +107,32 @@ def test_split_kv_decode_matches_one_pass(num_kv_splits):
     assert want[:-1].abs().sum(-1).gt(0).all()
 
 
+def test_split_decode_merge_writes_the_int8_gemv_input():
+    """With ``int8_out`` the merge of a split decode also writes its bf16 output rounded to int8 per 32, bit
+    for bit what ``quantize_activations`` gives for that output; where no merge runs it is refused."""
+    from shardserve.model_executor.kernels.attention import fuses_int8_output
+    from shardserve.model_executor.kernels.gguf_dp4a import _int8_arrays, quantize_activations
+
+    gen = torch.Generator().manual_seed(6)
+    num_heads, num_kv_heads, head_dim, block_size = 4, 2, 64, 4
+    seq_lens = [9, 70, 1]
+    meta = _metadata([1] * len(seq_lens), seq_lens, block_size, 64, gen)
+    cache = torch.randn(2, 64, block_size, num_kv_heads, head_dim, generator=gen).to(torch.bfloat16).to(DEVICE)
+    q = torch.randn(len(seq_lens), num_heads, head_dim, generator=gen).to(torch.bfloat16).to(DEVICE)
+    args = (q, cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, 1, head_dim**-0.5)
+    int8_out = _int8_arrays(q.view(len(seq_lens), -1), 0)
+    out = paged_attention(*args, num_kv_splits=4, int8_out=int8_out)
+    torch.testing.assert_close(out, paged_attention(*args, num_kv_splits=4), atol=0, rtol=0)
+    want = quantize_activations(out.view(len(seq_lens), -1))
+    for got_part, want_part in zip(int8_out, want):
+        assert torch.equal(got_part, want_part)
+    assert int8_out[0].abs().max() == 127
+    assert fuses_int8_output(4, 1, 64) and not fuses_int8_output(1, 1, 64) and not fuses_int8_output(4, 5, 64)
+    assert not fuses_int8_output(4, 1, 96)  # not a power of two: the merge pads heads
+    with pytest.raises(ValueError, match="int8_out"):
+        paged_attention(*args, num_kv_splits=1, int8_out=int8_out)
+
+
 def test_padding_rows_are_skipped():
     """Captured decode batches pad with slot -1 and context 0: no cache write, zero output."""
     cache = torch.zeros(2, 4, 4, 2, 16, device=DEVICE)

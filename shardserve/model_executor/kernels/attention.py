@@ -27,6 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
+from shardserve.model_executor.kernels.int8_groups import int8_groups
+from shardserve.model_executor.kernels.pdl import pdl_launch, pdl_wait
+
 FP8_E4M3_MAX = 448.0
 """Largest finite ``float8_e4m3fn`` value (OCP 8-bit floating point spec, 2023)."""
 FP8_F16_DOT = True
@@ -164,7 +167,9 @@ def _paged_attention_kernel(
     IEEE: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     F16_DOT: tl.constexpr = False,
+    PDL: tl.constexpr = False,
 ):
+    pdl_wait(PDL)
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
     if NUM_SPLITS == 1:
@@ -254,7 +259,16 @@ def _merge_splits_kernel(
     SPLITS_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
+    XQ=None,
+    XD=None,
+    XS=None,
+    INT8: tl.constexpr = False,
+    PDL: tl.constexpr = False,
 ):
+    # With INT8, the head's output (rounded to OUT's dtype) also goes to XQ/XD/XS rounded to int8 per 32
+    # (kernels/int8_groups.py; row t of NUM_HEADS * HEAD_DIM elements, file order): the o projection's
+    # int8 GEMV input, bit for bit what quantize_activations(out) writes, without its launch.
+    pdl_wait(PDL)
     t = tl.program_id(0)
     head = tl.program_id(1)
     offs_s = tl.arange(0, SPLITS_PAD)
@@ -269,6 +283,12 @@ def _merge_splits_kernel(
     denom = tl.sum(w * l_sum, 0)
     out = tl.sum(acc * w[:, None], 0) / tl.where(denom == 0.0, 1.0, denom)
     tl.store(OUT + t * stride_ot + head * stride_oh + offs_d, out.to(OUT.dtype.element_ty), mask=offs_d < HEAD_DIM)
+    if INT8:  # HEAD_DIM == HEAD_DIM_PAD >= 32
+        G: tl.constexpr = HEAD_DIM // 32
+        y = tl.reshape(out.to(OUT.dtype.element_ty).to(tl.float32), (G, 32))
+        k = head * HEAD_DIM + tl.reshape(offs_d, (G, 32))
+        K: tl.constexpr = NUM_HEADS * HEAD_DIM
+        int8_groups(y, k, head * G + tl.arange(0, G), t, K, K, XQ, XD, XS, G, 0)
 
 
 _NUM_SMS: dict[int, int] = {}
@@ -305,6 +325,7 @@ def paged_attention(
     block_n: int | None = None,
     num_stages: int | None = None,
     f16_dot: bool | None = None,
+    int8_out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Causal attention of each request's new queries over its whole context in the paged cache.
 
@@ -329,9 +350,17 @@ def paged_attention(
         f16_dot: FP8 cache, half-precision queries: take the dot products in fp16 (e4m3 widens to fp16 exactly
             in one instruction; to bf16 it takes three) with q clamped to fp16's range. Default: FP8_F16_DOT.
         k_scale, v_scale: dequantization scales of an FP8 cache (see module docstring); ignored otherwise.
+        int8_out: ``(xq, dx, xs)`` of ``gguf_dp4a.quantize_activations`` for ``(num_tokens, num_heads *
+            head_dim)`` in file order (empty arrays: ``gguf_dp4a._int8_arrays``): the merge of a split decode
+            writes the output rounded to int8 there too (an int8 GEMV's input), bit for bit what
+            ``quantize_activations`` gives. Needs ``num_kv_splits > 1``, a decode step and ``head_dim`` a
+            power of two of at least 32 (:func:`fuses_int8_output`).
 
     Returns:
         ``(num_tokens, num_heads, head_dim)`` in ``q``'s dtype.
+
+    Raises:
+        ValueError: ``int8_out`` where the merge does not run (:func:`fuses_int8_output`).
     """
     num_tokens, num_heads, head_dim = q.shape
     _, _, block_size, num_kv_heads, _ = kv_cache.shape
@@ -350,6 +379,8 @@ def paged_attention(
     splits = 1
     if max_query_len <= 1:
         splits = num_kv_splits if num_kv_splits is not None else num_kv_splits_for(num_seqs, num_kv_heads, q.device)
+    if int8_out is not None and not fuses_int8_output(splits, max_query_len, head_dim):
+        raise ValueError("int8_out needs a decode step split over the context and a power-of-two head_dim >= 32")
     part_acc = part_ml = out  # unused unless split
     if splits > 1:
         part_acc = torch.empty((num_tokens, num_heads, splits, head_dim_pad), dtype=torch.float32, device=q.device)
@@ -390,6 +421,7 @@ def paged_attention(
         F16_DOT=fp8 and q.dtype != torch.float32 and (FP8_F16_DOT if f16_dot is None else f16_dot),
         num_warps=num_warps,
         **({} if num_stages is None else {"num_stages": num_stages}),
+        **pdl_launch(q),
     )
     if splits > 1:
         _merge_splits_kernel[(num_tokens, num_heads)](
@@ -403,6 +435,14 @@ def paged_attention(
             SPLITS_PAD=triton.next_power_of_2(splits),
             HEAD_DIM=head_dim,
             HEAD_DIM_PAD=head_dim_pad,
+            **(dict(XQ=int8_out[0], XD=int8_out[1], XS=int8_out[2], INT8=True) if int8_out is not None else {}),
             num_warps=4,
+            **pdl_launch(q),
         )
     return out
+
+
+def fuses_int8_output(num_kv_splits: int, max_query_len: int, head_dim: int) -> bool:
+    """Whether :func:`paged_attention` can write its output rounded to int8 (``int8_out``): a decode step
+    split over the context (the merge kernel writes it) and heads of a power-of-two size of at least 32."""
+    return num_kv_splits > 1 and max_query_len <= 1 and head_dim >= 32 and head_dim & (head_dim - 1) == 0

@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from shardserve.model_executor.kernels.attention import is_fp8_cache, to_cache
+from shardserve.model_executor.kernels.pdl import pdl_launch, pdl_wait
 
 
 @triton.jit
@@ -27,7 +28,9 @@ def _rms_norm_kernel(
     eps,
     HAS_RESIDUAL: tl.constexpr,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_wait(PDL)
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     y = rms_norm_row(X, R, W, row, offs, stride_x, stride_r, N, eps, HAS_RESIDUAL)
@@ -99,6 +102,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
         HAS_RESIDUAL=residual is not None,
         BLOCK=triton.next_power_of_2(hidden),
         num_warps=8 if hidden >= 4096 else 4,
+        **pdl_launch(x),
     )
     return y
 
@@ -180,7 +184,9 @@ def _rotary_kernel(
     HALF_PAD: tl.constexpr,
     STORE_KV: tl.constexpr,
     FP8: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_wait(PDL)
     t = tl.program_id(0)
     pos = tl.load(POS + t)
     offs_d = tl.arange(0, HALF_PAD)
@@ -278,4 +284,5 @@ def rotary_embedding(
         HALF_PAD=triton.next_power_of_2(d // 2),
         STORE_KV=store,
         FP8=store and is_fp8_cache(kv_cache),
+        **pdl_launch(q),
     )

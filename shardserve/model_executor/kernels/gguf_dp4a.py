@@ -22,16 +22,18 @@ Types: Q4_K, Q6_K and Q8_0 (what llama.cpp's Q4_K_M, Q6_K and Q8_0 files are mad
 activations; fp32 activations and the other types use the exact FMA GEMV. Q6_K (210-byte blocks) and Q8_0
 (34) are not 4-byte aligned: their words are read as two aligned words and funnel-shifted.
 
-Two kernel designs. For Q4_K and Q6_K rows in file order (the default) each block (Q6_K: unit of 2 or 4
-blocks) is split across S = 4 or 8 consecutive threads, each taking a few of its 32-element slices, with
-the partial sums added across the warp at the end (``_q4_k_split_kernel``, ``_q6_k_split_kernel``;
-tiling by :func:`split_tiling`): S times the threads of one per block, and a block's threads read
-consecutive bytes of it and of x. On an H200 that took the 8B Q4_K_M decode step from 3.10 to 2.64 ms
-(296 to 352 tok/s); the Q4_K GEMVs from 0.36-0.52 of copy bandwidth to 0.39-0.62, the Q6_K LM head from
-0.48 to 0.82 (``benchmarks/RESULTS.md``).
+Two kernel designs. For rows in file order (the default) each block (Q6_K: unit of 2 or 4 blocks; Q8_0:
+pair) is split across S = 4 or 8 consecutive threads, each taking a few of its 32-element slices, with
+the partial sums added across the warp at the end (``_q4_k_split_kernel``, ``_q6_k_split_kernel``,
+``_q8_0_split_kernel``; tiling by :func:`split_tiling`): S times the threads of one per block, and a
+block's threads read consecutive bytes of it and of x. On an H200 that took the 8B Q4_K_M decode step
+from 3.10 to 2.64 ms (296 to 352 tok/s); the Q4_K GEMVs from 0.36-0.52 of copy bandwidth to 0.39-0.62,
+the Q6_K LM head from 0.48 to 0.82, Q8_0 from 0.51-0.62 to 0.59-0.76 (``benchmarks/RESULTS.md``). They
+launch with programmatic dependent launch (``kernels/pdl.py``) where the GPU has it: before waiting for
+the kernel that wrote x, each thread asks L2 for its first weight sectors (:func:`prefetch_sectors`).
 
 The thread-per-unit kernels (``_q4_k_kernel``, ``_q6_k_kernel``, ``_q8_0_kernel``; tiling by
-:func:`tiling`) take Q8_0, and rows packed (``gguf_blocks.row_layout``: chunk-major across a row's units,
+:func:`tiling`) take rows packed (``gguf_blocks.row_layout``: chunk-major across a row's units,
 ``packed=True``) with x in the matching packed x layout (:func:`quantize_activations` with the unit's
 elements), so that consecutive threads read consecutive bytes of both. Measured on an H200 packing was no
 faster (Q4_K: equal on 4096/6144 rows, slower on the gate/up and down weights; 8B Q4_K_M end to end 276
@@ -50,6 +52,8 @@ import triton.language as tl
 from shardserve.model_executor.kernels.elementwise import rms_norm_apply, rms_norm_input, rms_norm_rstd
 from shardserve.model_executor.kernels.gemv import gate_up_rows, gate_up_rows_of, silu_mul_rounded
 from shardserve.model_executor.kernels.gguf_dequant import _i2f, kernel_layout
+from shardserve.model_executor.kernels.int8_groups import int8_groups
+from shardserve.model_executor.kernels.pdl import pdl_launch, pdl_wait, prefetch_l2
 from shardserve.model_executor.layers.quantization.gguf_blocks import MIN_UNIT, row_layout
 
 DP4A_TYPES = {12: "Q4_K", 14: "Q6_K", 8: "Q8_0"}
@@ -87,22 +91,11 @@ def supports(x: torch.Tensor, weight: torch.Tensor, qtype: int) -> bool:
 
 
 @triton.jit
-def _x_chunked(f, PER_UNIT: tl.constexpr, units, CH: tl.constexpr):
-    """Where element ``f`` of a row of one of x's arrays goes in the packed x layout: units of ``PER_UNIT``
-    elements, chunk-major (``CH`` elements per chunk) across the row's ``units`` units; unchanged when
-    PER_UNIT is 0 (file order) or not a whole number of chunks."""
-    if PER_UNIT == 0 or PER_UNIT % CH != 0:
-        p = f
-    else:
-        i = f % PER_UNIT
-        p = (i // CH) * (units * CH) + (f // PER_UNIT) * CH + i % CH
-    return p
-
-
-@triton.jit
-def _quantize_kernel(X, XQ, XD, XS, K, stride_xm, GROUPS: tl.constexpr, UE: tl.constexpr):
+def _quantize_kernel(X, XQ, XD, XS, K, stride_xm, GROUPS: tl.constexpr, UE: tl.constexpr,
+                     PDL: tl.constexpr = False):  # fmt: skip
     # One program: GROUPS groups of 32 elements of one row of x. UE: the packed x layout's unit (elements),
     # 0 for plain rows.
+    pdl_wait(PDL)
     row = tl.program_id(1)
     g = tl.program_id(0) * GROUPS + tl.arange(0, GROUPS)[:, None]
     lane = tl.arange(0, 32)[None, :]
@@ -112,36 +105,19 @@ def _quantize_kernel(X, XQ, XD, XS, K, stride_xm, GROUPS: tl.constexpr, UE: tl.c
     units = K // UNIT
     x = tl.load(X + row.to(tl.int64) * stride_xm + k, mask=ok, other=0.0).to(tl.float32)
     gv = tl.program_id(0) * GROUPS + tl.arange(0, GROUPS)
-    _int8_groups(x, k, gv, row, K, units, XQ, XD, XS, GROUPS, UE)
-
-
-@triton.jit
-def _int8_groups(x, k, gv, row, K, units, XQ, XD, XS, GROUPS: tl.constexpr, UE: tl.constexpr):
-    """Round ``x`` ``(GROUPS, 32)`` fp32 (elements ``k`` of row ``row``; groups ``gv``) to int8 per group and
-    store codes, ``dx`` and the sums (layout ``UE``: :func:`quantize_activations`). Shared by the quantize
-    kernel and the RMSNorm that feeds an int8 GEMV, so that both give the same bits."""
-    ok = k < K
-    amax = tl.max(tl.abs(x), axis=1, keep_dims=True)
-    d = amax / 127.0
-    inv = tl.where(amax > 0.0, 127.0 / tl.maximum(amax, 1e-30), 0.0)
-    v = x * inv
-    q = tl.where(v >= 0.0, tl.floor(v + 0.5), -tl.floor(0.5 - v)).to(tl.int32)  # round half away from 0
-    tl.store(XQ + row.to(tl.int64) * K + _x_chunked(k, UE, units, 16), q.to(tl.int8), mask=ok)
-    tl.store(XD + row * (K // 32) + _x_chunked(gv, UE // 32, units, 4), tl.reshape(d, (GROUPS,)), mask=gv < K // 32)
-    sums = tl.sum(tl.reshape(q, (GROUPS, 2, 16)), axis=2).to(tl.float32) * d  # (GROUPS, 2): dx * sum(xq) per 16
-    h = tl.arange(0, 2)[None, :]
-    xs_at = _x_chunked(gv[:, None] * 2 + h, UE // 16, units, 4)
-    tl.store(XS + row * (K // 16) + xs_at, sums, mask=(gv < K // 32)[:, None])
+    int8_groups(x, k, gv, row, K, units, XQ, XD, XS, GROUPS, UE)
 
 
 @triton.jit
 def _rms_norm_int8_kernel(X, R, RO, W, Y, XQ, XD, XS, stride_x, stride_r, K, eps, HAS_RESIDUAL: tl.constexpr,
-                          BLOCK: tl.constexpr, CHUNK: tl.constexpr, UE: tl.constexpr):  # fmt: skip
+                          BLOCK: tl.constexpr, CHUNK: tl.constexpr, UE: tl.constexpr,
+                          PDL: tl.constexpr = False):  # fmt: skip
     # Program (row, p): the row's rstd from all of it (kernels/elementwise.py's RMSNorm code), then
     # elements [p CHUNK, +CHUNK) normalised, written (and x + residual to RO), and rounded to int8 as
     # _quantize_kernel does. One program per row took 5.2 us on an H200 for K = 4096, 2.5x a plain
-    # RMSNorm (a whole row's int8 rounding in one CTA); the row's CHUNKs now run on several SMs (not yet
-    # timed). RO is not R: other programs of the row still read R.
+    # RMSNorm (a whole row's int8 rounding in one CTA); with the row's CHUNKs on several SMs, 2.3 us. RO
+    # is not R: other programs of the row still read R.
+    pdl_wait(PDL)
     row = tl.program_id(0)
     full = rms_norm_input(X, R, RO, row, tl.arange(0, BLOCK), stride_x, stride_r, K, K, HAS_RESIDUAL, False)
     rstd = rms_norm_rstd(full, K, eps)
@@ -152,7 +128,7 @@ def _rms_norm_int8_kernel(X, R, RO, W, Y, XQ, XD, XS, stride_x, stride_r, K, eps
     y = rms_norm_apply(x, rstd, W, offs, K)
     tl.store(Y + row * K + offs, y, mask=offs < K)
     UNIT: tl.constexpr = UE if UE > 0 else 1
-    _int8_groups(y.to(Y.dtype.element_ty).to(tl.float32), offs, gv, row, K, K // UNIT, XQ, XD, XS, G, UE)
+    int8_groups(y.to(Y.dtype.element_ty).to(tl.float32), offs, gv, row, K, K // UNIT, XQ, XD, XS, G, UE)
 
 
 def rms_norm_int8(
@@ -186,7 +162,7 @@ def rms_norm_int8(
     chunk = min(512, block)
     _rms_norm_int8_kernel[(m, triton.cdiv(k, chunk))](
         x, r, out, weight, y, xq, xd, xs, x.stride(0), r.stride(0), k, eps, HAS_RESIDUAL=residual is not None,
-        BLOCK=block, CHUNK=chunk, UE=unit, num_warps=8 if k >= 4096 else 4,
+        BLOCK=block, CHUNK=chunk, UE=unit, num_warps=8 if k >= 4096 else 4, **pdl_launch(x),
     )  # fmt: skip
     return y, (out if residual is not None else None), (xq, xd, xs)
 
@@ -214,7 +190,7 @@ def quantize_activations(x: torch.Tensor, unit: int = 0) -> tuple[torch.Tensor, 
     xq, xd, xs = _int8_arrays(x, unit)
     groups = min(32, triton.next_power_of_2(k // 32))
     _quantize_kernel[(triton.cdiv(k // 32, groups), m)](
-        x, xq, xd, xs, k, x.stride(0), GROUPS=groups, UE=unit, num_warps=4
+        x, xq, xd, xs, k, x.stride(0), GROUPS=groups, UE=unit, num_warps=4, **pdl_launch(x)
     )
     return xq, xd, xs
 
@@ -432,7 +408,7 @@ def tiling(rows: int, units: int, num_sms: int, chunk_bytes: int = 0) -> tuple[i
 
 _SPLIT_THREADS_PER_SM = 2048
 """Threads per SM a split-kernel launch aims for: one full wave at an H100/H200 SM's 2048 threads."""
-_SPLIT_PER_ROW = {12: (8, 32), 14: (16, 64)}
+_SPLIT_PER_ROW = {12: (8, 32), 14: (16, 64), 8: (16, 64)}
 """Per type, the fewest and most threads per weight row (``S * NBT``) that :func:`split_tiling` gives."""
 
 
@@ -448,14 +424,28 @@ def split_tiling(qtype: int, rows: int, units: int, num_sms: int) -> tuple[int, 
     0.45 (0.41), o 4096 x 4096 4 x 8 0.39 (0.36), gate/up 28672 x 4096 8 x 1 0.62 (0.54), down 4096 x
     14336 4 x 8 0.58 (0.43); Q6_K down 8 x 8 0.53 (0.47), LM head 128256 x 4096 8 x 2 0.82 (0.48). At
     equal threads per row S = 8 was faster on the 6144-row weight and S = 4 on the 4096-row ones. Q8_0
-    (pairs of blocks; not the layers' default) takes Q6_K's bounds, untuned.
+    (pairs of blocks) takes Q6_K's bounds and Q4_K's choice of S: qkv 8 x 4 0.62 (0.57), o 4 x 16 0.59
+    (0.51), down 4 x 16 0.76 (0.62); its gate/up and LM head tilings (8 x 2) are not yet timed.
     """
     lo, hi = _SPLIT_PER_ROW.get(qtype, _SPLIT_PER_ROW[14])
     fill = num_sms * _SPLIT_THREADS_PER_SM // max(rows, 1)
     per_row = min(hi, max(lo, 1 << max(fill, 1).bit_length() - 1))
-    s = 4 if qtype == 12 and rows <= 4096 else 8
+    s = 4 if qtype in (12, 8) and rows <= 4096 else 8
     nbt = max(1, min(per_row // s, triton.next_power_of_2(units)))
     return s, (max(1, 128 // (s * nbt)), nbt, 4)
+
+
+_PREFETCH_BYTES = 16 << 20
+"""The most weight bytes a GEMV asks L2 for before its PDL wait: well inside an H100/H200's 50 MB L2,
+which the previous kernel's traffic shares."""
+
+
+def prefetch_sectors(unit_bytes: int, rows: int, units: int, nbt: int, s: int) -> int:
+    """``PF`` of the split kernels (:func:`_prefetch_first`): the 32-byte sectors each thread asks L2 for
+    before its PDL wait. Enough for each row's first tile (``min(units, nbt)`` units of ``unit_bytes``)
+    where ``rows`` rows of them fit :data:`_PREFETCH_BYTES`, else fewer (0 for a 128k-row LM head)."""
+    per_row = nbt * s * 32  # bytes a row's threads ask for with one sector each
+    return min(-(-min(units, nbt) * unit_bytes // per_row), _PREFETCH_BYTES // (rows * per_row))
 
 
 def _jit(fn):
@@ -801,6 +791,20 @@ def _program_split(W, XQ, N, stride_wn, BLOCK_N: tl.constexpr, NBT: tl.constexpr
 
 
 @triton.jit
+def _prefetch_first(W, wrow, n_ok, bi, si, units, UB: tl.constexpr, NBT: tl.constexpr, S: tl.constexpr,
+                    PF: tl.constexpr):  # fmt: skip
+    """Ask L2 for the start of each weight row's first tile (its first NBT units of UB bytes): the row's
+    NBT * S threads take consecutive 32-byte sectors, PF each (0: none), wrapping within the tile (so that
+    no address is shared by many rows: one sector asked by every warp would queue at one L2 slice).
+    Weights only, so a GEMV does this before its PDL wait, while the previous kernel runs."""
+    span = tl.minimum(units, NBT) * UB
+    j = bi * S + si
+    for p in tl.static_range(PF):
+        off = ((j + p * (NBT * S)) * 32) % span
+        prefetch_l2(tl.where(n_ok, W + wrow * 4 + off, W))
+
+
+@triton.jit
 def _split_rows(si, M, T: tl.constexpr):
     """A ``(T,)`` fp32 zero (the accumulators' start) and whether x rows 1, 2 and 3 exist, ``(T,)`` each."""
     return tl.zeros([T], dtype=tl.float32), si * 0 + 1 < M, si * 0 + 2 < M, si * 0 + 3 < M
@@ -870,7 +874,7 @@ def _q4_k_chunk(wp, xp, dp, sp, wmask, xmask, ch, si, d, dmin, sc_lo, sc_hi, mn_
 def _q4_k_split_kernel(
     XQ, XD, XS, W, Y, M, N, NB, stride_wn, stride_ym,
     BLOCK_M: tl.constexpr, SILU_MUL: tl.constexpr, ASM: tl.constexpr, BLOCK_N: tl.constexpr, NBT: tl.constexpr,
-    S: tl.constexpr, PER: tl.constexpr, EVEN: tl.constexpr,
+    S: tl.constexpr, PER: tl.constexpr, EVEN: tl.constexpr, PF: tl.constexpr = 0, PDL: tl.constexpr = False,
 ):  # fmt: skip
     # Q4_K block (144 B = 36 words; the layout of _q4_k_kernel): the 128 code bytes are eight 16-byte
     # slices; slice h = 2c + v (chunk c of 64 elements, half v) holds in its low nibbles elements 16v .. 16v
@@ -878,6 +882,8 @@ def _q4_k_split_kernel(
     # Thread s of a block takes slices s * 8 / S .. + 8 / S (a whole chunk when S <= 4) and decodes the
     # scales of its chunk from the block's 12 scale bytes (all S threads read the same 16-byte header).
     W32, XQ32, bi, si, wrow, n_ok = _program_split(W, XQ, N, stride_wn, BLOCK_N, NBT, S, SILU_MUL)
+    _prefetch_first(W, wrow, n_ok, bi, si, NB, 144, NBT, S, PF)
+    pdl_wait(PDL)
     T: tl.constexpr = BLOCK_N * NBT * S
     K = NB * 256
     HPT: tl.constexpr = 8 // S  # slices per thread
@@ -967,7 +973,7 @@ def _q6_k_slice(wp, xp, dp, sp, wmask, xmask, b: tl.constexpr, g, d, PER: tl.con
 def _q6_k_split_kernel(
     XQ, XD, XS, W, Y, M, N, NB, stride_wn, stride_ym,
     BLOCK_M: tl.constexpr, SILU_MUL: tl.constexpr, ASM: tl.constexpr, BLOCK_N: tl.constexpr, NBT: tl.constexpr,
-    S: tl.constexpr, PER: tl.constexpr, EVEN: tl.constexpr,
+    S: tl.constexpr, PER: tl.constexpr, EVEN: tl.constexpr, PF: tl.constexpr = 0, PDL: tl.constexpr = False,
 ):  # fmt: skip
     # Units of PER Q6_K blocks as _q6_k_kernel reads them (4 blocks, 840 B, 8-byte aligned: 8-byte words;
     # else pairs, 420 B: 4-byte words; a block at byte 210 b of its unit, funnel-shifted where that is not
@@ -977,6 +983,8 @@ def _q6_k_split_kernel(
     # scales sc[8 h + 2 t2 + wq] and that + 4, x words 32 h + 8 t2 + 4 wq and + 16. Thread s of a unit takes
     # slices s * 8 / S .. + 8 / S of each of its blocks.
     W32, XQ32, bi, si, wrow, n_ok = _program_split(W, XQ, N, stride_wn, BLOCK_N, NBT, S, SILU_MUL)
+    _prefetch_first(W, wrow, n_ok, bi, si, NB // PER, PER * 210, NBT, S, PF)
+    pdl_wait(PDL)
     T: tl.constexpr = BLOCK_N * NBT * S
     K = NB * 256
     GPT: tl.constexpr = 8 // S  # slices per thread
@@ -1033,13 +1041,14 @@ def _q8_0_slice(wp, xp, dp, wmask, xmask, g, EVEN: tl.constexpr, ASM: tl.constex
 def _q8_0_split_kernel(
     XQ, XD, XS, W, Y, M, N, NB, stride_wn, stride_ym,
     BLOCK_M: tl.constexpr, SILU_MUL: tl.constexpr, ASM: tl.constexpr, BLOCK_N: tl.constexpr, NBT: tl.constexpr,
-    S: tl.constexpr, PER: tl.constexpr, EVEN: tl.constexpr,
+    S: tl.constexpr, PER: tl.constexpr, EVEN: tl.constexpr, PF: tl.constexpr = 0, PDL: tl.constexpr = False,
 ):  # fmt: skip
     # Pairs of Q8_0 blocks as _q8_0_kernel reads them (68 B = 17 words, 4-byte aligned; NB even). A pair's
     # 64 codes are eight slices of 8 (slice g: block g // 4, bytes 2 + 34 (g // 4) + 8 (g % 4); x words 2g
-    # and 2g + 1); thread s of a pair takes slices s * 8 / S .. + 8 / S. Not the layers' default: not yet
-    # timed on a GPU (gpu_session.sh split_q8).
+    # and 2g + 1); thread s of a pair takes slices s * 8 / S .. + 8 / S.
     W32, XQ32, bi, si, wrow, n_ok = _program_split(W, XQ, N, stride_wn, BLOCK_N, NBT, S, SILU_MUL)
+    _prefetch_first(W, wrow, n_ok, bi, si, NB // 2, 68, NBT, S, PF)
+    pdl_wait(PDL)
     T: tl.constexpr = BLOCK_N * NBT * S
     K = NB * 32
     GPT: tl.constexpr = 8 // S  # slices per thread
@@ -1067,8 +1076,6 @@ def _q8_0_split_kernel(
 
 _KERNELS = {12: _q4_k_kernel, 14: _q6_k_kernel, 8: _q8_0_kernel}
 _SPLIT_KERNELS = {12: _q4_k_split_kernel, 14: _q6_k_split_kernel, 8: _q8_0_split_kernel}
-_SPLIT_DEFAULT = {12, 14}
-"""Types whose split kernel the layers take by default (Q8_0's is not yet timed on a GPU)."""
 _ROWS_FAST = {12: False, 14: False, 8: True}
 """Per type, whether weight rows are the fastest axis across threads (see the layout note above)."""
 
@@ -1099,7 +1106,7 @@ def gguf_gemv_dp4a(
             for the split kernel (``BLOCK_N * NBT * split = 32 * num_warps``).
         split: threads per Q4_K block (Q6_K unit, Q8_0 pair): the kernels that split blocks across
             threads (S > 1, rows in file order only) or the thread-per-unit kernel (1). Default: what
-            :func:`split_tiling` picks, with ``config`` given 1, and 1 for packed rows and Q8_0.
+            :func:`split_tiling` picks, with ``config`` given 1, and 1 for packed rows.
         quantized: ``quantize_activations(x, x_unit(qtype, K / block_size, x packed))`` when the caller
             already has it (one input, several weights of the same unit).
         packed: ``weight``'s rows are in the packed layout (``gguf_blocks.pack_rows``), not file order.
@@ -1127,7 +1134,7 @@ def gguf_gemv_dp4a(
     xq, xd, xs = quantize_activations(x, x_unit(qtype, nb, xp)) if quantized is None else quantized
     splits = qtype in _SPLIT_KERNELS and not v
     if split is None:
-        split = 0 if splits and qtype in _SPLIT_DEFAULT and config is None else 1  # 0: the rule's
+        split = 0 if splits and config is None else 1  # 0: the rule's
     if split != 1 and (not splits or config is not None and len(config) != 3):
         raise ValueError(f"blocks are split across threads for Q4_K/Q6_K/Q8_0 rows in file order, got type {qtype}")
     if config is None or split == 0:
@@ -1145,10 +1152,12 @@ def gguf_gemv_dp4a(
         config = config or picked[1]
     bn, nbt, warps = config[:3]
     if split > 1:
+        pdl = pdl_launch(x)
+        pf = prefetch_sectors(_TYPE_SIZE[qtype] * per, weight.shape[0], nb // per, nbt, split) if pdl else 0
         _SPLIT_KERNELS[qtype][grid](
             xq, xd, xs, weight, out, m, n_out, nb, weight.stride(0), out.stride(0),
             BLOCK_M=triton.next_power_of_2(m), SILU_MUL=silu_and_mul, ASM=x.is_cuda, BLOCK_N=bn, NBT=nbt, S=split,
-            PER=per, num_warps=warps,
+            PER=per, PF=pf, **pdl, num_warps=warps,
         )  # fmt: skip
         return out
     _KERNELS[qtype][grid](

@@ -87,6 +87,35 @@ class Attention(nn.Module):
         self.v_scale = 1.0
         """Dequantization scale of the V cache when it is FP8."""
 
+    def forward_int8(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        meta: AttentionMetadata,
+        positions: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
+        """:meth:`forward`, and its output rounded to int8 for the int8 GEMV after it (``(xq, dx, xs)`` of
+        ``kernels/gguf_dp4a.quantize_activations`` in file order) where the decode attention's merge kernel
+        can write that too (``kernels/attention.fuses_int8_output``), which saves the GEMV's own rounding
+        launch; else None, and the GEMV rounds its input itself.
+
+        Raises:
+            as :meth:`forward`.
+        """
+        from shardserve.model_executor.kernels.attention import fuses_int8_output, num_kv_splits_for
+
+        n = q.shape[0]
+        if not use_triton(q) or meta.max_query_len > 1:
+            return self.forward(q, k, v, meta, positions), None
+        splits = num_kv_splits_for(meta.seq_lens.shape[0], self.num_kv_heads, q.device)
+        if not fuses_int8_output(splits, meta.max_query_len, self.head_dim):
+            return self.forward(q, k, v, meta, positions), None
+        from shardserve.model_executor.kernels.gguf_dp4a import _int8_arrays
+
+        int8_out = _int8_arrays(q.view(n, self.num_heads * self.head_dim), 0)
+        return self._forward(q, k, v, meta, positions, splits, int8_out), int8_out
+
     def forward(
         self,
         q: torch.Tensor,
@@ -111,6 +140,10 @@ class Attention(nn.Module):
             RuntimeError: the KV cache is not bound yet.
             ValueError: ``positions`` missing for a layer with ``rotary_emb``.
         """
+        return self._forward(q, k, v, meta, positions)
+
+    def _forward(self, q, k, v, meta, positions, splits: int | None = None, int8_out: tuple | None = None):
+        """:meth:`forward`; on the GPU path ``splits`` and ``int8_out`` go to ``paged_attention``."""
         n = q.shape[0]
         q = q.view(n, self.num_heads, self.head_dim)
         k = k.view(n, self.num_kv_heads, self.head_dim)
@@ -140,6 +173,8 @@ class Attention(nn.Module):
                 meta.max_query_len,
                 self.scale,
                 out,
+                num_kv_splits=splits,
+                int8_out=int8_out,
                 **scales,
             )
             return out.view(n, self.num_heads * self.head_dim)

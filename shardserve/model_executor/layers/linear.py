@@ -91,7 +91,17 @@ def _bias(layer: nn.Module, size: int) -> nn.Parameter:
     return param
 
 
-class ColumnParallelLinear(nn.Module):
+class LinearBase(nn.Module):
+    """What the parallel linear layers share (vLLM's name): a ``quant_method`` that owns the storage."""
+
+    quant_method: LinearMethod
+
+    def int8_input_unit(self, x: torch.Tensor) -> int | None:
+        """The quant method's :meth:`~.LinearMethod.int8_input_unit` for input ``x``."""
+        return self.quant_method.int8_input_unit(self, x)
+
+
+class ColumnParallelLinear(LinearBase):
     """``y = x W^T + b`` with ``W`` ``(output_size, input_size)`` split along the output dimension.
 
     Rank ``r`` holds rows ``[r * output_size / tp, (r + 1) * output_size / tp)``; the output of
@@ -135,10 +145,6 @@ class ColumnParallelLinear(nn.Module):
         n = self.output_size_per_partition
         shard = WeightShard(dim=0, start=self.tp_rank * n, size=n, full_size=n * self.tp_size)
         self.quant_method.load_weight(self, param, loaded_weight, shard)
-
-    def int8_input_unit(self, x: torch.Tensor) -> int | None:
-        """The quant method's :meth:`~.LinearMethod.int8_input_unit` for input ``x``."""
-        return self.quant_method.int8_input_unit(self, x)
 
     def forward(self, x: torch.Tensor, x_int8: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
         """``(num_tokens, input_size)`` -> ``(num_tokens, output_size / tp)`` (or full when gathering).
@@ -278,7 +284,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         self.quant_method.load_weight(self, param, loaded_weight, shard)
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(LinearBase):
     """``y = x W^T + b`` with ``W`` ``(output_size, input_size)`` split along the input dimension.
 
     Rank ``r`` holds columns ``[r * input_size / tp, (r + 1) * input_size / tp)`` and receives the
@@ -326,9 +332,10 @@ class RowParallelLinear(nn.Module):
             shard = WeightShard(dim=1, start=self.tp_rank * n, size=n, full_size=self.input_size)
         self.quant_method.load_weight(self, param, loaded_weight, shard)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(num_tokens, input_size / tp)`` -> ``(num_tokens, output_size)``, summed over TP ranks."""
-        y = self.quant_method.apply(self, x)
+    def forward(self, x: torch.Tensor, x_int8: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+        """``(num_tokens, input_size / tp)`` -> ``(num_tokens, output_size)``, summed over TP ranks. ``x_int8``:
+        ``x`` already rounded for the int8 GEMV (:meth:`int8_input_unit`)."""
+        y = self.quant_method.apply(self, x) if x_int8 is None else self.quant_method.apply(self, x, x_int8=x_int8)
         if self.reduce_results:
             y = self.tp.all_reduce(y)
         if self.bias is not None and (self.reduce_results or self.tp_rank == 0):

@@ -111,8 +111,12 @@ class LlamaAttention(nn.Module):
         if self.q_norm is not None:
             q = self.q_norm(q.reshape(n, self.num_heads, self.head_dim))
             k = self.k_norm(k.reshape(n, self.num_kv_heads, self.head_dim))
-        out = self.attn(q, k, v, meta, positions)  # RoPE inside, fused with the KV-cache write on the GPU
-        return self.o_proj(out)
+        # RoPE inside, fused with the KV-cache write on the GPU; where o_proj takes the int8 GEMV, the decode
+        # attention's merge also rounds its output to int8 for it
+        if self.o_proj.int8_input_unit(q.reshape(n, self.q_size)) == 0:
+            out, out_int8 = self.attn.forward_int8(q, k, v, meta, positions)
+            return self.o_proj(out, out_int8)
+        return self.o_proj(self.attn(q, k, v, meta, positions))
 
 
 class LlamaMLP(nn.Module):
