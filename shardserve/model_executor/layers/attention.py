@@ -106,9 +106,7 @@ class Attention(nn.Module):
         from shardserve.model_executor.kernels.attention import fuses_int8_output, num_kv_splits_for
 
         n = q.shape[0]
-        if not use_triton(q) or meta.max_query_len > 1:
-            return self.forward(q, k, v, meta, positions), None
-        splits = num_kv_splits_for(meta.seq_lens.shape[0], self.num_kv_heads, q.device)
+        splits = num_kv_splits_for(meta.seq_lens.shape[0], self.num_kv_heads, q.device) if use_triton(q) else 1
         if not fuses_int8_output(splits, meta.max_query_len, self.head_dim):
             return self.forward(q, k, v, meta, positions), None
         from shardserve.model_executor.kernels.gguf_dp4a import _int8_arrays
