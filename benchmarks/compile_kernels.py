@@ -80,11 +80,14 @@ def main() -> None:
             _compile(d4._KERNELS[q], ptr, const, arch)
         print(f"int8 GEMV: type {q}, unit {per}, chunk {v} B: ok")
     for q, per in [(12, 1), (14, 4), (14, 2), (8, 2)]:
-        for sp, silu, m, pf in [(8, False, 1, 0), (4, True, 4, 2), (2, False, 2, 1)]:
+        for sp, silu, m, pf, ahead in [(8, False, 1, 0, 0), (4, True, 4, 2, 1), (2, False, 2, 1, 2)]:
             const = dict(BLOCK_M=m, SILU_MUL=silu, ASM=True, BLOCK_N=32 // sp * 2, NBT=2, S=sp, PER=per, EVEN=not silu,
-                         PF=pf, PDL=pf > 0)  # fmt: skip
+                         PF=pf, PDL=pf > 0, AHEAD=ahead)  # fmt: skip
+            if q == 12:  # the next block's words in registers (S >= 4 only)
+                const["REG"] = sp >= 4
             _compile(d4._SPLIT_KERNELS[q], ptr, const, arch)
-        print(f"int8 GEMV, blocks split across threads (with and without PDL): type {q}, unit {per}: ok")
+        print(f"int8 GEMV, blocks split across threads (with and without PDL, weights asked ahead): type {q}, "
+              f"unit {per}: ok")  # fmt: skip
     for v in (0, 16):
         _compile(mm._q4_k_mma_kernel, ptr, dict(SILU_MUL=True, V=v, CS=16 * v, BLOCK_M=16, BLOCK_N=64), arch)
     print("int8 tensor-core (MMA) kernel: ok")
@@ -111,7 +114,9 @@ def main() -> None:
              dict(NUM_HEADS=32, GROUP=4, GROUP_PAD=4, BLOCK_Q=4, HEAD_DIM=128, HEAD_DIM_PAD=128, BLOCK_SIZE=16,
                   BLOCK_N=64, IEEE=False, NUM_SPLITS=4, F16_DOT=False, PDL=True), arch)  # fmt: skip
     merge = dict(NUM_HEADS=32, NUM_SPLITS=4, SPLITS_PAD=4, HEAD_DIM=128, HEAD_DIM_PAD=128, PDL=True)
-    _compile(at._merge_splits_kernel, {"PART_ACC": "*fp32", "PART_ML": "*fp32", "OUT": bf}, merge, arch)
+    merge_ptr = {"PART_ACC": "*fp32", "PART_ML": "*fp32", "OUT": bf, "XQ": "*i8", "XD": "*fp32", "XS": "*fp32"}
+    for int8 in (False, True):  # True: the merge also writes o_proj's int8 input (kernels/int8_groups.py)
+        _compile(at._merge_splits_kernel, merge_ptr, dict(merge, INT8=int8), arch)
     print("RMSNorm, RoPE with KV store, paged attention and its merge, under PDL: ok")
 
 
