@@ -80,14 +80,11 @@ def main() -> None:
             _compile(d4._KERNELS[q], ptr, const, arch)
         print(f"int8 GEMV: type {q}, unit {per}, chunk {v} B: ok")
     for q, per in [(12, 1), (14, 4), (14, 2), (8, 2)]:
-        for sp, silu, m, pf, ahead in [(8, False, 1, 0, 0), (4, True, 4, 2, 1), (2, False, 2, 1, 2)]:
+        for sp, silu, m, pf in [(8, False, 1, 0), (4, True, 4, 2), (2, False, 2, 1)]:
             const = dict(BLOCK_M=m, SILU_MUL=silu, ASM=True, BLOCK_N=32 // sp * 2, NBT=2, S=sp, PER=per, EVEN=not silu,
-                         PF=pf, PDL=pf > 0, AHEAD=ahead)  # fmt: skip
-            if q == 12:  # the next block's words in registers (S >= 4 only)
-                const["REG"] = sp >= 4
+                         PF=pf, PDL=pf > 0)  # fmt: skip
             _compile(d4._SPLIT_KERNELS[q], ptr, const, arch)
-        print(f"int8 GEMV, blocks split across threads (with and without PDL, weights asked ahead): type {q}, "
-              f"unit {per}: ok")  # fmt: skip
+        print(f"int8 GEMV, blocks split across threads (with and without PDL): type {q}, unit {per}: ok")
     for v in (0, 16):
         _compile(mm._q4_k_mma_kernel, ptr, dict(SILU_MUL=True, V=v, CS=16 * v, BLOCK_M=16, BLOCK_N=64), arch)
     print("int8 tensor-core (MMA) kernel: ok")

@@ -115,12 +115,10 @@ def profile_offline(llm, num_requests: int, input_len: int, output_len: int) -> 
         print(f"{t:8.2f} s {t / wall:6.1%}  {name[:100]}")
 
 
-def pdl_ab(graphs, bs: int, ahead: list[str] = ()) -> dict:
-    """The same decode step captured again under several launch settings (``kernels/pdl.py``):
-    programmatic dependent launch off; on for every kernel, with the int8 GEMVs' L2 prefetch before their
-    wait; on without that prefetch; on for all but the int8 GEMVs and activation rounding
-    (``kernels/gguf_dp4a``); and, for each of ``ahead`` (``sweep_dp4a.py --variants``' names: ``reg``,
-    ``ahead2``, ``reg+ahead1``, ...), PDL on with the split GEMVs asking for weights ahead that way.
+def pdl_ab(graphs, bs: int) -> dict:
+    """The same decode step captured again under four launch settings (``kernels/pdl.py``): programmatic
+    dependent launch off; on for every kernel, with the int8 GEMVs' L2 prefetch before their wait; on
+    without that prefetch; on for all but the int8 GEMVs and activation rounding (``kernels/gguf_dp4a``).
     Prints each replay time and whether its output equals PDL off bit for bit; returns the graphs by
     setting (none where PDL is not available)."""
     from shardserve.model_executor.kernels import gguf_dp4a, pdl
@@ -129,25 +127,18 @@ def pdl_ab(graphs, bs: int, ahead: list[str] = ()) -> dict:
     if not pdl.pdl_enabled(graphs.input_ids):
         print("== PDL: off or not available on this GPU (compute capability 9.0+)")
         return {}
-    saved = gguf_dp4a._PREFETCH_BYTES, gguf_dp4a.pdl_launch, dict(gguf_dp4a.SPLIT_AHEAD), gguf_dp4a.Q4_K_REG
-    budget, launch, base_ahead, base_reg = saved
+    budget, launch = gguf_dp4a._PREFETCH_BYTES, gguf_dp4a.pdl_launch
     variants = {
-        "off": (False, budget, launch, base_ahead, base_reg),
-        "on": (True, budget, launch, base_ahead, base_reg),
-        "on, no prefetch": (True, 0, launch, base_ahead, base_reg),
-        "on, not gguf_dp4a": (True, budget, lambda x: {}, base_ahead, base_reg),
+        "off": (False, budget, launch),
+        "on": (True, budget, launch),
+        "on, no prefetch": (True, 0, launch),
+        "on, not gguf_dp4a": (True, budget, lambda x: {}),
     }
-    for name in ahead:
-        parts = name.split("+")
-        dist = max([int(v[5:]) for v in parts if v.startswith("ahead")] or [0])
-        variants[f"on, {name}"] = (True, budget, launch, dict.fromkeys(base_ahead, dist), "reg" in parts)
     results, captured = {}, {}
     try:
-        for name, (on, prefetch, launcher, dist, reg) in variants.items():
+        for name, (on, prefetch, launcher) in variants.items():
             pdl.set_pdl(on)
             gguf_dp4a._PREFETCH_BYTES, gguf_dp4a.pdl_launch = prefetch, launcher
-            gguf_dp4a.SPLIT_AHEAD.update(dist)
-            gguf_dp4a.Q4_K_REG = reg
             with torch.inference_mode():
                 graphs._forward(bs)  # compile this variant
                 torch.cuda.synchronize()
@@ -162,8 +153,6 @@ def pdl_ab(graphs, bs: int, ahead: list[str] = ()) -> dict:
     finally:
         pdl.set_pdl(True)
         gguf_dp4a._PREFETCH_BYTES, gguf_dp4a.pdl_launch = budget, launch
-        gguf_dp4a.SPLIT_AHEAD.update(base_ahead)
-        gguf_dp4a.Q4_K_REG = base_reg
     off_ms, off_out = results["off"]
     for name, (ms, out) in results.items():
         print(f"== PDL {name:>18}: graph replay {ms:.3f} ms ({off_ms / ms:.3f}x of off); output equal to off: "
@@ -179,12 +168,6 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--gguf", default=None, metavar="RECIPE", help="profile a GGUF file of this recipe (Q4_K_M, ...)")
-    ap.add_argument(
-        "--ahead",
-        default=None,
-        help="also capture the step with the split int8 GEMVs asking for weights ahead in each of these ways "
-        "(sweep_dp4a.py --variants' names: reg,ahead1,ahead2,reg+ahead1)",
-    )
     ap.add_argument(
         "--offline",
         type=int,
@@ -227,7 +210,7 @@ def main() -> None:
     graph = graphs.graphs[bs]
     step_ms = _timed_cuda(graph.replay, 100) * 1e3
     # per kernel without PDL: under it a kernel starts early and waits, so its time would include the wait
-    graph = pdl_ab(graphs, bs, args.ahead.split(",") if args.ahead else []).get("off", graph)
+    graph = pdl_ab(graphs, bs).get("off", graph)
     rows = kernel_table(graph.replay, args.reps)
     if not rows:  # this profiler does not see kernels inside graphs: profile the same step eagerly
         print("(profiler sees no kernels inside the graph: eager forward of the same step)")

@@ -59,12 +59,6 @@ def main() -> None:
     )
     ap.add_argument("--split-tilings", default="1x4,2x4,4x4,8x4")
     ap.add_argument(
-        "--variants",
-        default=None,
-        help="with --split-cells: also time the rule's tiling with each of these ways of asking for weights "
-        "ahead, e.g. reg,ahead1,ahead2,reg+ahead1 (gguf_dp4a.Q4_K_REG, SPLIT_AHEAD)",
-    )
-    ap.add_argument(
         "--split-cells",
         default=None,
         help="SxNBTxWARPS,... instead of --split x --split-tilings; 'rule': split_tiling's pick only",
@@ -179,23 +173,6 @@ def sweep_split(args) -> None:
             return k.gguf_gemv_dp4a(x_, w_, q, f, quantized=xq, split=s, config=c)
 
         cells.append(cell(f"rule {rule_s}x{rule_nbt}/{rule_w}w", time_matmul_cold(op_rule, x, w)))
-        for variant in args.variants.split(",") if args.variants else []:
-            # the rule's tiling with the weights asked for ahead: L2 prefetch AHEAD iterations on ("ahead2"),
-            # the next Q4_K block's words in registers ("reg"), or both ("reg+ahead1")
-            ahead = max([int(v[5:]) for v in variant.split("+") if v.startswith("ahead")] or [0])
-            reg = "reg" in variant.split("+")
-            if reg and q != 12:
-                continue
-            saved = dict(k.SPLIT_AHEAD), k.Q4_K_REG
-            k.SPLIT_AHEAD[q], k.Q4_K_REG = ahead, reg
-            try:
-                got = op_rule(x, w).float()
-                err = ((got - ref).abs().max() / ref.abs().max()).item()
-                cells.append(cell(f"rule+{variant}", time_matmul_cold(op_rule, x, w))
-                             + (f" err {err:.1e}" if err > 1e-2 else ""))  # fmt: skip
-            finally:
-                k.SPLIT_AHEAD.update(saved[0])
-                k.Q4_K_REG = saved[1]
         if args.split_cells == "rule":
             grid = []
         elif args.split_cells:

@@ -393,31 +393,6 @@ def _check_int8_kernel(fn, blocks, ref, qtype, x):
     assert _rel(fused, _swiglu(got.float().cpu())) < 2 * TOL_DP4A_EXACT, m
 
 
-@pytest.mark.parametrize(
-    "name,cols,split", [("Q4_K", 768, 4), ("Q4_K", 2048, 8), ("Q4_K", 768, 2), ("Q6_K", 3072, 8), ("Q8_0", 448, 4)]
-)
-def test_dp4a_split_gemv_weights_asked_ahead_are_bit_equal(name, cols, split, monkeypatch):
-    """Asking for weights ahead changes when a split kernel's loads are issued, not what it adds: the next
-    Q4_K block's words carried in registers (``Q4_K_REG``; S = 2 keeps its loads) and, on CUDA, the L2
-    prefetch ``SPLIT_AHEAD`` iterations on give the same output bit for bit, over several block iterations
-    per thread, a row count a tile does not divide, a block count the threads do not divide (768 / 448
-    columns: 3 Q4_K blocks, 7 Q8_0 pairs over 2 or 4 per iteration), 1 and 4 rows of x, plain and SwiGLU."""
-    from shardserve.model_executor.kernels import gguf_dp4a
-
-    blocks, _, qtype, cols = _dp4a_case(name, 6, seed=7 + split, cols=cols)
-    x = torch.randn(4, cols, generator=torch.Generator().manual_seed(8)).to(torch.bfloat16).to(DEVICE)
-    config = (8, 2, 1) if DEVICE == "cpu" else (32 // split, 4, 4)
-    settings = [(0, True)] + ([(1, False), (2, True), (4, False)] if DEVICE == "cuda" else [])
-    for m, silu in [(1, False), (4, True)]:
-        base = gguf_dp4a.gguf_gemv_dp4a(x[:m], blocks, qtype, silu, config=config, split=split)
-        for ahead, reg in settings:
-            monkeypatch.setitem(gguf_dp4a.SPLIT_AHEAD, qtype, ahead)
-            monkeypatch.setattr(gguf_dp4a, "Q4_K_REG", reg)
-            got = gguf_dp4a.gguf_gemv_dp4a(x[:m], blocks, qtype, silu, config=config, split=split)
-            assert torch.equal(got, base), (m, silu, ahead, reg)
-        monkeypatch.undo()
-
-
 def test_dp4a_prefetch_sectors():
     """Before its PDL wait a split GEMV asks L2 for each row's first tile, the whole tile where the launch's
     rows of it fit the byte budget, never more than the budget, nothing for a 128k-row LM head; no PDL (so

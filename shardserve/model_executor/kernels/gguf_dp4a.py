@@ -435,13 +435,6 @@ def split_tiling(qtype: int, rows: int, units: int, num_sms: int) -> tuple[int, 
     return s, (max(1, 128 // (s * nbt)), nbt, 4)
 
 
-SPLIT_AHEAD = {12: 0, 14: 0, 8: 0}
-"""Per type, how many loop iterations ahead each split-kernel thread asks L2 for its next weight unit
-(``prefetch.global.L2``; 0: none). CUDA only."""
-Q4_K_REG = False
-"""Whether the Q4_K split kernel (S >= 4) loads each next block's header and code words before the current
-block's dot products (carried in registers)."""
-
 _PREFETCH_BYTES = 16 << 20
 """The most weight bytes a GEMV asks L2 for before its PDL wait: well inside an H100/H200's 50 MB L2,
 which the previous kernel's traffic shares."""
@@ -838,63 +831,30 @@ def _split_store(Y, a0, a1, a2, a3, M, N, stride_ym, BLOCK_M: tl.constexpr, BLOC
 
 
 @triton.jit
-def _q4_k_words(W32, wrow, blk, wmask, si, HPT: tl.constexpr, EVEN: tl.constexpr):
-    """What a thread reads of Q4_K block ``blk`` of its row: the 16-byte header (d, dmin, the 12 scale
-    bytes) and its first one or two 16-byte code slices (``HPT`` >= 2: slices 2c and 2c + 1 of its chunk c;
-    else slice ``si``), as 4 + 4 + 4 int32 ``(T,)`` (the second slice repeats the first when HPT == 1)."""
-    wp = W32 + wrow + blk * 36
-    h0, h1, h2, h3 = _v4(wp, wmask, EVEN)
-    if HPT >= 2:
-        h = 2 * ((si * HPT) // 2)
-    else:
-        h = si
-    p0, p1, p2, p3 = _v4(wp + 4 + 4 * h, wmask, EVEN)
-    if HPT >= 2:
-        r0, r1, r2, r3 = _v4(wp + 8 + 4 * h, wmask, EVEN)
-    else:
-        r0 = p0
-        r1 = p1
-        r2 = p2
-        r3 = p3
-    return h0, h1, h2, h3, p0, p1, p2, p3, r0, r1, r2, r3
-
-
-@triton.jit
-def _q4_k_slice(q0, q1, q2, q3, xp, xo, xmask, s_lo, s_hi, EVEN: tl.constexpr, ASM: tl.constexpr):
-    """Adds one 16-byte code slice (words ``q0 .. q3``) against x words ``xo`` (low nibbles) and ``xo + 8``
-    (high nibbles) to the int32 sums ``s_lo`` and ``s_hi`` (None: start them)."""
-    l0, l1, l2, l3 = _v4(xp + xo, xmask, EVEN)
-    u0, u1, u2, u3 = _v4(xp + xo + 8, xmask, EVEN)
-    s_lo = _dp4a(q0 & M4, l0, s_lo, False, ASM)
-    s_lo = _dp4a(q1 & M4, l1, s_lo, False, ASM)
-    s_lo = _dp4a(q2 & M4, l2, s_lo, False, ASM)
-    s_lo = _dp4a(q3 & M4, l3, s_lo, False, ASM)
-    s_hi = _dp4a((q0 >> 4) & M4, u0, s_hi, False, ASM)
-    s_hi = _dp4a((q1 >> 4) & M4, u1, s_hi, False, ASM)
-    s_hi = _dp4a((q2 >> 4) & M4, u2, s_hi, False, ASM)
-    s_hi = _dp4a((q3 >> 4) & M4, u3, s_hi, False, ASM)
-    return s_lo, s_hi
-
-
-@triton.jit
-def _q4_k_chunk(words, wp, xp, dp, sp, wmask, xmask, ch, cc: tl.constexpr, si, d, dmin, sc_lo, sc_hi, mn_lo,
-                mn_hi, HPT: tl.constexpr, EVEN: tl.constexpr, ASM: tl.constexpr):  # fmt: skip
-    """One x row's part of a Q4_K block from one thread: its slices of chunk ``ch`` (the thread's chunk
-    ``cc``; both halves when HPT >= 2, else slice ``si``) against that row's x words (``xp``), dx (``dp``)
-    and sums (``sp``) of the block. The first chunk's code words are ``words`` (:func:`_q4_k_words`); a
-    second chunk (S == 2) is loaded here from ``wp``. Returns fp32 ``(T,)``."""
-    if cc == 0 and HPT >= 2:
-        s_lo, s_hi = _q4_k_slice(words[4], words[5], words[6], words[7], xp, 16 * ch, xmask, None, None, EVEN, ASM)
-        s_lo, s_hi = _q4_k_slice(words[8], words[9], words[10], words[11], xp, 16 * ch + 4, xmask, s_lo, s_hi,
-                                 EVEN, ASM)  # fmt: skip
-    elif cc == 0:
-        s_lo, s_hi = _q4_k_slice(words[4], words[5], words[6], words[7], xp, 16 * ch + 4 * (si % 2), xmask, None,
-                                 None, EVEN, ASM)  # fmt: skip
-    else:
-        q0, q1, q2, q3 = _v4(wp + 4 + 8 * ch, wmask, EVEN)
-        s_lo, s_hi = _q4_k_slice(q0, q1, q2, q3, xp, 16 * ch, xmask, None, None, EVEN, ASM)
-        q0, q1, q2, q3 = _v4(wp + 8 + 8 * ch, wmask, EVEN)
-        s_lo, s_hi = _q4_k_slice(q0, q1, q2, q3, xp, 16 * ch + 4, xmask, s_lo, s_hi, EVEN, ASM)
+def _q4_k_chunk(wp, xp, dp, sp, wmask, xmask, ch, si, d, dmin, sc_lo, sc_hi, mn_lo, mn_hi, HPT: tl.constexpr,
+                EVEN: tl.constexpr, ASM: tl.constexpr):  # fmt: skip
+    """One x row's part of a Q4_K block from one thread: its slices of chunk ``ch`` (both halves when HPT
+    >= 2, else slice ``si``) against that row's x words (``xp``), dx (``dp``) and sums (``sp``) of the
+    block. Returns fp32 ``(T,)``."""
+    s_lo = None
+    s_hi = None
+    for v in tl.static_range(2 if HPT >= 2 else 1):
+        if HPT >= 2:
+            h = 2 * ch + v
+        else:
+            h = si
+        q0, q1, q2, q3 = _v4(wp + 4 + 4 * h, wmask, EVEN)
+        xo = 16 * ch + 4 * (h % 2)
+        l0, l1, l2, l3 = _v4(xp + xo, xmask, EVEN)
+        u0, u1, u2, u3 = _v4(xp + xo + 8, xmask, EVEN)
+        s_lo = _dp4a(q0 & M4, l0, s_lo, False, ASM)
+        s_lo = _dp4a(q1 & M4, l1, s_lo, False, ASM)
+        s_lo = _dp4a(q2 & M4, l2, s_lo, False, ASM)
+        s_lo = _dp4a(q3 & M4, l3, s_lo, False, ASM)
+        s_hi = _dp4a((q0 >> 4) & M4, u0, s_hi, False, ASM)
+        s_hi = _dp4a((q1 >> 4) & M4, u1, s_hi, False, ASM)
+        s_hi = _dp4a((q2 >> 4) & M4, u2, s_hi, False, ASM)
+        s_hi = _dp4a((q3 >> 4) & M4, u3, s_hi, False, ASM)
     dx_lo = _ld(dp + 2 * ch, xmask, EVEN)
     dx_hi = _ld(dp + 2 * ch + 1, xmask, EVEN)
     e0, e1, e2, e3 = _v4(sp + 4 * ch, xmask, EVEN)  # dx * sum(xq) per 16 of sub-blocks 2 ch and 2 ch + 1
@@ -910,33 +870,17 @@ def _q4_k_chunk(words, wp, xp, dp, sp, wmask, xmask, ch, cc: tl.constexpr, si, d
     )
 
 
-@triton.jit
-def _prefetch_unit(W, wrow, n_ok, unit, units, si, UB: tl.constexpr, S: tl.constexpr):
-    """Ask L2 for unit ``unit`` (of ``UB`` bytes; clamped to the row's last, ``units - 1``) of each thread's
-    weight row: the unit's S threads take its sectors, 32 bytes apart, S at a time. Rows past the weight
-    (``n_ok`` false) ask for the weight's first byte."""
-    NSEC: tl.constexpr = (UB + 31) // 32
-    base = wrow * 4 + tl.minimum(unit, units - 1) * UB
-    for p in tl.static_range((NSEC + S - 1) // S):
-        off = base + tl.minimum(si + p * S, NSEC - 1) * 32
-        prefetch_l2(tl.where(n_ok, W + off, W))
-
-
 @_jit
 def _q4_k_split_kernel(
     XQ, XD, XS, W, Y, M, N, NB, stride_wn, stride_ym,
     BLOCK_M: tl.constexpr, SILU_MUL: tl.constexpr, ASM: tl.constexpr, BLOCK_N: tl.constexpr, NBT: tl.constexpr,
     S: tl.constexpr, PER: tl.constexpr, EVEN: tl.constexpr, PF: tl.constexpr = 0, PDL: tl.constexpr = False,
-    AHEAD: tl.constexpr = 0, REG: tl.constexpr = False,
 ):  # fmt: skip
     # Q4_K block (144 B = 36 words; the layout of _q4_k_kernel): the 128 code bytes are eight 16-byte
     # slices; slice h = 2c + v (chunk c of 64 elements, half v) holds in its low nibbles elements 16v .. 16v
     # + 15 of sub-block 2c and in its high nibbles the same of sub-block 2c + 1 (x words 16c + 4v and + 8).
     # Thread s of a block takes slices s * 8 / S .. + 8 / S (a whole chunk when S <= 4) and decodes the
     # scales of its chunk from the block's 12 scale bytes (all S threads read the same 16-byte header).
-    # AHEAD > 0: each iteration asks L2 for the block AHEAD iterations on (:func:`_prefetch_unit`). REG
-    # (S >= 4): the next iteration's header and code words are loaded before this iteration's dot
-    # products (carried in registers), so every thread has a weight load in flight while it computes.
     W32, XQ32, bi, si, wrow, n_ok = _program_split(W, XQ, N, stride_wn, BLOCK_N, NBT, S, SILU_MUL)
     _prefetch_first(W, wrow, n_ok, bi, si, NB, 144, NBT, S, PF)
     pdl_wait(PDL)
@@ -948,8 +892,6 @@ def _q4_k_split_kernel(
     a1 = a0
     a2 = a0
     a3 = a0
-    if REG:
-        words = _q4_k_words(W32, wrow, bi, n_ok & (bi < NB), si, HPT, EVEN)
     for b0 in range(0, NB, NBT):
         blk = b0 + bi
         wmask = n_ok & (blk < NB)
@@ -957,38 +899,31 @@ def _q4_k_split_kernel(
         xp = XQ32 + blk * 64
         dp = XD + blk * 8
         sp = XS + blk * 16
-        if AHEAD > 0:
-            _prefetch_unit(W, wrow, n_ok, blk + AHEAD * NBT, NB, si, 144, S)
-        if REG:
-            nxt = tl.minimum(blk + NBT, NB - 1)  # in bounds without a mask (EVEN); the last block again at the end
-            cur = words
-            words = _q4_k_words(W32, wrow, nxt, n_ok & (blk + NBT < NB), si, HPT, EVEN)
-        else:
-            cur = _q4_k_words(W32, wrow, blk, wmask, si, HPT, EVEN)
-        d = _half(cur[0], False)
-        dmin = _half(cur[0], True)
+        h0, h1, h2, h3 = _v4(wp, wmask, EVEN)
+        d = _half(h0, False)
+        dmin = _half(h0, True)
         for cc in tl.static_range((HPT + 1) // 2):  # the thread's chunks: one, or two when S == 2
             ch = c + cc
             # 6-bit scales and mins of sub-blocks 2 ch and 2 ch + 1 (get_scale_min_k4, j = 2 ch and + 1)
             sh = 16 * (ch % 2)
-            g1 = cur[1] >> sh
-            g2 = cur[2] >> sh
-            g3 = cur[3] >> sh
+            g1 = h1 >> sh
+            g2 = h2 >> sh
+            g3 = h3 >> sh
             low = ch < 2
             sc_lo = _i2f(tl.where(low, g1 & 63, (g3 & 15) | ((g1 >> 2) & 48)))
             sc_hi = _i2f(tl.where(low, (g1 >> 8) & 63, ((g3 >> 8) & 15) | ((g1 >> 10) & 48)))
             mn_lo = _i2f(tl.where(low, g2 & 63, ((g3 >> 4) & 15) | ((g2 >> 2) & 48)))
             mn_hi = _i2f(tl.where(low, (g2 >> 8) & 63, ((g3 >> 12) & 15) | ((g2 >> 10) & 48)))
-            a0 += _q4_k_chunk(cur, wp, xp, dp, sp, wmask, blk < NB, ch, cc, si, d, dmin, sc_lo, sc_hi, mn_lo,
-                              mn_hi, HPT, EVEN, ASM)  # fmt: skip
+            a0 += _q4_k_chunk(wp, xp, dp, sp, wmask, blk < NB, ch, si, d, dmin, sc_lo, sc_hi, mn_lo, mn_hi,
+                              HPT, EVEN, ASM)  # fmt: skip
             if BLOCK_M > 1:
-                a1 += _q4_k_chunk(cur, wp, xp + K // 4, dp + K // 32, sp + K // 16, wmask, (blk < NB) & on1, ch,
-                                  cc, si, d, dmin, sc_lo, sc_hi, mn_lo, mn_hi, HPT, False, ASM)  # fmt: skip
+                a1 += _q4_k_chunk(wp, xp + K // 4, dp + K // 32, sp + K // 16, wmask, (blk < NB) & on1, ch,
+                                  si, d, dmin, sc_lo, sc_hi, mn_lo, mn_hi, HPT, False, ASM)  # fmt: skip
             if BLOCK_M > 2:
-                a2 += _q4_k_chunk(cur, wp, xp + K // 2, dp + K // 16, sp + K // 8, wmask, (blk < NB) & on2, ch,
-                                  cc, si, d, dmin, sc_lo, sc_hi, mn_lo, mn_hi, HPT, False, ASM)  # fmt: skip
-                a3 += _q4_k_chunk(cur, wp, xp + 3 * (K // 4), dp + 3 * (K // 32), sp + 3 * (K // 16), wmask,
-                                  (blk < NB) & on3, ch, cc, si, d, dmin, sc_lo, sc_hi, mn_lo, mn_hi, HPT, False,
+                a2 += _q4_k_chunk(wp, xp + K // 2, dp + K // 16, sp + K // 8, wmask, (blk < NB) & on2, ch,
+                                  si, d, dmin, sc_lo, sc_hi, mn_lo, mn_hi, HPT, False, ASM)  # fmt: skip
+                a3 += _q4_k_chunk(wp, xp + 3 * (K // 4), dp + 3 * (K // 32), sp + 3 * (K // 16), wmask,
+                                  (blk < NB) & on3, ch, si, d, dmin, sc_lo, sc_hi, mn_lo, mn_hi, HPT, False,
                                   ASM)  # fmt: skip
     _split_store(Y, a0, a1, a2, a3, M, N, stride_ym, BLOCK_M, BLOCK_N, NBT, S, SILU_MUL)
 
@@ -1039,7 +974,6 @@ def _q6_k_split_kernel(
     XQ, XD, XS, W, Y, M, N, NB, stride_wn, stride_ym,
     BLOCK_M: tl.constexpr, SILU_MUL: tl.constexpr, ASM: tl.constexpr, BLOCK_N: tl.constexpr, NBT: tl.constexpr,
     S: tl.constexpr, PER: tl.constexpr, EVEN: tl.constexpr, PF: tl.constexpr = 0, PDL: tl.constexpr = False,
-    AHEAD: tl.constexpr = 0,
 ):  # fmt: skip
     # Units of PER Q6_K blocks as _q6_k_kernel reads them (4 blocks, 840 B, 8-byte aligned: 8-byte words;
     # else pairs, 420 B: 4-byte words; a block at byte 210 b of its unit, funnel-shifted where that is not
@@ -1067,8 +1001,6 @@ def _q6_k_split_kernel(
         xp = XQ32 + pr * (PER * 64)
         dp = XD + pr * (PER * 8)
         sp = XS + pr * (PER * 16)
-        if AHEAD > 0:
-            _prefetch_unit(W, wrow, n_ok, pr + AHEAD * NBT, NB // PER, si, PER * 210, S)
         for b in tl.static_range(PER):
             d = _q6_k_half(wp, 210 * b + 208, wmask, 0, VW, EVEN, PER == 4)
             for r in tl.static_range(GPT):
@@ -1110,7 +1042,6 @@ def _q8_0_split_kernel(
     XQ, XD, XS, W, Y, M, N, NB, stride_wn, stride_ym,
     BLOCK_M: tl.constexpr, SILU_MUL: tl.constexpr, ASM: tl.constexpr, BLOCK_N: tl.constexpr, NBT: tl.constexpr,
     S: tl.constexpr, PER: tl.constexpr, EVEN: tl.constexpr, PF: tl.constexpr = 0, PDL: tl.constexpr = False,
-    AHEAD: tl.constexpr = 0,
 ):  # fmt: skip
     # Pairs of Q8_0 blocks as _q8_0_kernel reads them (68 B = 17 words, 4-byte aligned; NB even). A pair's
     # 64 codes are eight slices of 8 (slice g: block g // 4, bytes 2 + 34 (g // 4) + 8 (g % 4); x words 2g
@@ -1132,8 +1063,6 @@ def _q8_0_split_kernel(
         wp = W32 + wrow + pr * 17
         xp = XQ32 + pr * 16
         dp = XD + pr * 2
-        if AHEAD > 0:
-            _prefetch_unit(W, wrow, n_ok, pr + AHEAD * NBT, NB // 2, si, 68, S)
         for r in tl.static_range(GPT):
             g = si * GPT + r
             a0 += _q8_0_slice(wp, xp, dp, wmask, ok, g, EVEN, ASM)
@@ -1225,13 +1154,10 @@ def gguf_gemv_dp4a(
     if split > 1:
         pdl = pdl_launch(x)
         pf = prefetch_sectors(_TYPE_SIZE[qtype] * per, weight.shape[0], nb // per, nbt, split) if pdl else 0
-        opts = {"AHEAD": SPLIT_AHEAD[qtype] if x.is_cuda else 0}  # prefetch_l2 is PTX
-        if qtype == 12:
-            opts["REG"] = Q4_K_REG and split >= 4
         _SPLIT_KERNELS[qtype][grid](
             xq, xd, xs, weight, out, m, n_out, nb, weight.stride(0), out.stride(0),
             BLOCK_M=triton.next_power_of_2(m), SILU_MUL=silu_and_mul, ASM=x.is_cuda, BLOCK_N=bn, NBT=nbt, S=split,
-            PER=per, PF=pf, **opts, **pdl, num_warps=warps,
+            PER=per, PF=pf, **pdl, num_warps=warps,
         )  # fmt: skip
         return out
     _KERNELS[qtype][grid](
