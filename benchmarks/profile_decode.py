@@ -116,29 +116,33 @@ def profile_offline(llm, num_requests: int, input_len: int, output_len: int) -> 
 
 
 def pdl_ab(graphs, bs: int) -> dict:
-    """The same decode step captured again under four launch settings (``kernels/pdl.py``): programmatic
+    """The same decode step captured again under five launch settings (``kernels/pdl.py``): programmatic
     dependent launch off; on for every kernel, with the int8 GEMVs' L2 prefetch before their wait; on
-    without that prefetch; on for all but the int8 GEMVs and activation rounding (``kernels/gguf_dp4a``).
+    without that prefetch; on for all but the int8 GEMVs and activation rounding (``kernels/gguf_dp4a``);
+    on with RoPE and the KV store in their own launch again (``layers/attention.FUSE_ROPE`` off).
     Prints each replay time and whether its output equals PDL off bit for bit; returns the graphs by
     setting (none where PDL is not available)."""
     from shardserve.model_executor.kernels import gguf_dp4a, pdl
+    from shardserve.model_executor.layers import attention
 
     pdl.set_pdl(True)
     if not pdl.pdl_enabled(graphs.input_ids):
         print("== PDL: off or not available on this GPU (compute capability 9.0+)")
         return {}
-    budget, launch = gguf_dp4a._PREFETCH_BYTES, gguf_dp4a.pdl_launch
+    budget, launch, fuse = gguf_dp4a._PREFETCH_BYTES, gguf_dp4a.pdl_launch, attention.FUSE_ROPE
     variants = {
-        "off": (False, budget, launch),
-        "on": (True, budget, launch),
-        "on, no prefetch": (True, 0, launch),
-        "on, not gguf_dp4a": (True, budget, lambda x: {}),
+        "off": (False, budget, launch, fuse),
+        "on": (True, budget, launch, fuse),
+        "on, no prefetch": (True, 0, launch, fuse),
+        "on, not gguf_dp4a": (True, budget, lambda x: {}, fuse),
+        "on, RoPE apart": (True, budget, launch, False),
     }
     results, captured = {}, {}
     try:
-        for name, (on, prefetch, launcher) in variants.items():
+        for name, (on, prefetch, launcher, fuse_rope) in variants.items():
             pdl.set_pdl(on)
             gguf_dp4a._PREFETCH_BYTES, gguf_dp4a.pdl_launch = prefetch, launcher
+            attention.FUSE_ROPE = fuse_rope
             with torch.inference_mode():
                 graphs._forward(bs)  # compile this variant
                 torch.cuda.synchronize()
@@ -153,6 +157,7 @@ def pdl_ab(graphs, bs: int) -> dict:
     finally:
         pdl.set_pdl(True)
         gguf_dp4a._PREFETCH_BYTES, gguf_dp4a.pdl_launch = budget, launch
+        attention.FUSE_ROPE = fuse
     off_ms, off_out = results["off"]
     for name, (ms, out) in results.items():
         print(f"== PDL {name:>18}: graph replay {ms:.3f} ms ({off_ms / ms:.3f}x of off); output equal to off: "

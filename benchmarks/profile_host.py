@@ -32,9 +32,17 @@ def run(device: str, batch: int, steps: int, top: int, output_kind: str = "delta
 
     model_dir = write_model_dir("tiny", Path(tempfile.mkdtemp()) / "tiny-64", hf_config=SHAPE)
     max_model_len = PROMPT_LEN + 2 * steps + 64
-    llm = LLM(model_dir, load_format="dummy", dtype="float32" if device == "cpu" else "bfloat16", device=device,
-              num_kv_blocks=batch * -(-max_model_len // 16) + 16, block_size=16, max_num_seqs=batch,
-              max_num_batched_tokens=max(2048, batch * PROMPT_LEN), max_model_len=max_model_len)  # no preemption
+    llm = LLM(
+        model_dir,
+        load_format="dummy",
+        dtype="float32" if device == "cpu" else "bfloat16",
+        device=device,
+        num_kv_blocks=batch * -(-max_model_len // 16) + 16,
+        block_size=16,
+        max_num_seqs=batch,
+        max_num_batched_tokens=max(2048, batch * PROMPT_LEN),
+        max_model_len=max_model_len,
+    )  # no preemption
     engine, processor = llm.engine, llm.processor
     times: dict[str, list[float]] = {}
 
@@ -97,8 +105,12 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 256])
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--top", type=int, default=30)
-    ap.add_argument("--output-kind", choices=["delta", "final"], default="delta",
-                    help="delta: streamed, as bench_host_overhead.py; final: one output per request, as LLM.generate")
+    ap.add_argument(
+        "--output-kind",
+        choices=["delta", "final"],
+        default="delta",
+        help="delta: streamed, as bench_host_overhead.py; final: one output per request, as LLM.generate",
+    )
     args = ap.parse_args()
     for b in args.batches:
         run(args.device, b, args.steps, args.top, args.output_kind)

@@ -133,6 +133,54 @@ def test_split_decode_merge_writes_the_int8_gemv_input():
         paged_attention(*args, num_kv_splits=1, int8_out=int8_out)
 
 
+@pytest.mark.parametrize("fp8", [False, True])
+def test_split_decode_rotates_and_stores_the_new_kv_itself(fp8):
+    """``rope_kv``: the split decode attention rotates q and k and writes the new K/V into their slots; the
+    output, the whole cache and q equal ``rotary_embedding(..., kv_cache=...)`` then ``paged_attention`` (q,
+    k, v as views into one fused QKV row, a padding row with slot -1 and context 0, an FP8 cache with its
+    scales); where the step is not a split decode it is refused."""
+    from shardserve.model_executor.kernels.attention import fuses_rope
+
+    gen = torch.Generator().manual_seed(8)
+    num_heads, num_kv_heads, head_dim, block_size, num_blocks = 8, 2, 64, 4, 96
+    seq_lens = [9, 150, 37, 1, 1]  # 16 splits of 9 tokens leave most ranges empty; the last row pads
+    meta = _metadata([1] * len(seq_lens), seq_lens, block_size, num_blocks, gen)
+    n = len(seq_lens)
+    seq_lens_t, slots = meta.seq_lens.clone(), meta.slot_mapping.clone()
+    seq_lens_t[-1], slots[-1] = 0, -1
+    rope = RotaryEmbedding(head_dim, 512, 10000.0).to(DEVICE)
+    positions = (seq_lens_t.long() - 1).clamp(min=0)
+    qkv = torch.randn(n, (num_heads + 2 * num_kv_heads) * head_dim, generator=gen).to(torch.bfloat16).to(DEVICE)
+    cache = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim, generator=gen).to(DEVICE)
+    scales = dict(k_scale=0.5, v_scale=0.25) if fp8 else {}
+    cache = (cache / 0.5).to(torch.float8_e4m3fn) if fp8 else cache.to(torch.bfloat16)
+
+    def views(buf):
+        q, k, v = buf.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], -1)
+        return q.view(n, num_heads, head_dim), k.view(n, num_kv_heads, head_dim), v.view(n, num_kv_heads, head_dim)
+
+    for splits in (16, 3):
+        want_qkv, want_cache = qkv.clone(), cache.clone()
+        q, k, v = views(want_qkv)
+        rotary_embedding(positions, q, k, rope.cos_cache, rope.sin_cache, v=v, kv_cache=want_cache,
+                         slot_mapping=slots, **scales)  # fmt: skip
+        args = (meta.block_tables, seq_lens_t, meta.query_start_loc, 1, head_dim**-0.5)
+        want = paged_attention(q, want_cache, *args, num_kv_splits=splits, **scales)
+
+        got_qkv, got_cache = qkv.clone(), cache.clone()
+        q, k, v = views(got_qkv)
+        rope_kv = (k, v, rope.cos_cache, rope.sin_cache, slots)
+        got = paged_attention(q, got_cache, *args, num_kv_splits=splits, rope_kv=rope_kv, **scales)
+        assert torch.equal(got_cache.view(torch.uint8), want_cache.view(torch.uint8))
+        assert torch.equal(got, want)
+        assert got[:-1].float().abs().sum(-1).gt(0).all() and got[-1].float().abs().sum() == 0
+        assert torch.equal(got_qkv, qkv)  # q and k are read, not rotated in place
+    assert not torch.equal(got_cache.view(torch.uint8), cache.view(torch.uint8))
+    assert fuses_rope(4, 1) and not fuses_rope(1, 1) and not fuses_rope(4, 3)
+    with pytest.raises(ValueError, match="rope_kv"):
+        paged_attention(q, got_cache, *args, num_kv_splits=1, rope_kv=rope_kv, **scales)
+
+
 def test_padding_rows_are_skipped():
     """Captured decode batches pad with slot -1 and context 0: no cache write, zero output."""
     cache = torch.zeros(2, 4, 4, 2, 16, device=DEVICE)

@@ -136,6 +136,19 @@ def store_kvcache(
 
 
 @triton.jit
+def _rope(x, partner, COS, SIN, pos, stride_cos, offs_d, HALF: tl.constexpr):
+    """RoPE of head vectors ``x`` (``(..., HEAD_DIM_PAD)``, element d along the last axis) given ``partner``
+    (element d + HALF for d < HALF, d - HALF above): ``x1 cos - x2 sin`` and ``x2 cos + x1 sin`` in fp32,
+    the arithmetic of ``kernels/elementwise._rotate_heads`` (whose cos/sin row repeats each frequency for both
+    halves). Returns fp32."""
+    valid = offs_d < 2 * HALF
+    cos = tl.load(COS + pos * stride_cos + offs_d, mask=valid, other=0.0)
+    sin = tl.load(SIN + pos * stride_cos + offs_d, mask=valid, other=0.0)
+    a, b = x.to(tl.float32), partner.to(tl.float32)
+    return tl.where(offs_d < HALF, a * cos - b * sin, a * cos + b * sin)
+
+
+@triton.jit
 def _paged_attention_kernel(
     Q,
     KC,
@@ -168,7 +181,28 @@ def _paged_attention_kernel(
     NUM_SPLITS: tl.constexpr,
     F16_DOT: tl.constexpr = False,
     PDL: tl.constexpr = False,
+    K_NEW=None,
+    V_NEW=None,
+    COS=None,
+    SIN=None,
+    SLOTS=None,
+    stride_kt=0,
+    stride_kh=0,
+    stride_vt=0,
+    stride_vh=0,
+    stride_cos=0,
+    k_inv_scale=1.0,
+    v_inv_scale=1.0,
+    ROPE: tl.constexpr = False,
+    FP8: tl.constexpr = False,
 ):
+    # ROPE (decode, NUM_SPLITS > 1): the step's q, K and V are not rotated or stored yet. Each program
+    # rotates its queries (RoPE, rotate-half form, as _rotary_kernel in kernels/elementwise.py; the new
+    # token sits at position seq_len - 1, so its cos/sin rows load beside q, not after a load of the
+    # positions), and the
+    # program whose context range holds the new token rotates its K, writes K and V into the token's
+    # cache slot, and waits on a CTA barrier before its loop reads that slot back: what _rotary_kernel's
+    # launch did, without that launch.
     pdl_wait(PDL)
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -196,6 +230,12 @@ def _paged_attention_kernel(
 
     q_ptrs = Q + (q_start + tok)[:, None].to(tl.int64) * stride_qt + head[:, None] * stride_qh + offs_d[None, :]
     q = tl.load(q_ptrs, mask=m_valid[:, None] & d_valid[None, :], other=0.0)
+    if ROPE:  # q_len == 1: every valid row is token q_start, at position seq_len - 1 (0 for padding rows)
+        HALF: tl.constexpr = HEAD_DIM // 2
+        pos = tl.maximum(seq_len - 1, 0)
+        partner = q_ptrs + tl.where(offs_d < HALF, HALF, -HALF)[None, :]
+        q = _rope(q, tl.load(partner, mask=m_valid[:, None] & d_valid[None, :], other=0.0), COS, SIN, pos,
+                  stride_cos, offs_d, HALF).to(q.dtype)  # fmt: skip
     if F16_DOT:  # FP8 cache: e4m3 widens to fp16 in one instruction (exactly); q is clamped into fp16's range
         q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
     q_pos = ctx + tok
@@ -205,6 +245,17 @@ def _paged_attention_kernel(
         chunk = tl.cdiv(tl.cdiv(kv_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
         kv_start = split * chunk
         kv_len = tl.minimum(kv_len, kv_start + chunk)
+    if ROPE:
+        slot = tl.load(SLOTS + q_start)
+        if (slot >= 0) & (kv_start <= seq_len - 1) & (seq_len - 1 < kv_len):  # this range holds the new token
+            kp = K_NEW + q_start.to(tl.int64) * stride_kt + kvh * stride_kh + offs_d
+            k_rot = _rope(tl.load(kp, mask=d_valid), tl.load(kp + tl.where(offs_d < HALF, HALF, -HALF), mask=d_valid),
+                          COS, SIN, pos, stride_cos, offs_d, HALF)  # fmt: skip
+            dst = slot * stride_cs + kvh * stride_ch + offs_d
+            tl.store(KC + dst, to_cache(k_rot, k_inv_scale, KC.dtype.element_ty, FP8), mask=d_valid)
+            v_new = tl.load(V_NEW + q_start.to(tl.int64) * stride_vt + kvh * stride_vh + offs_d, mask=d_valid)
+            tl.store(VC + dst, to_cache(v_new, v_inv_scale, VC.dtype.element_ty, FP8), mask=d_valid)
+            tl.debug_barrier()  # the slot's K/V visible to this CTA's loads below
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -326,10 +377,11 @@ def paged_attention(
     num_stages: int | None = None,
     f16_dot: bool | None = None,
     int8_out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    rope_kv: tuple[torch.Tensor, ...] | None = None,
 ) -> torch.Tensor:
     """Causal attention of each request's new queries over its whole context in the paged cache.
 
-    The new tokens' K/V must already be in the cache (:func:`store_kvcache`).
+    The new tokens' K/V must already be in the cache (:func:`store_kvcache`), unless ``rope_kv`` gives them.
 
     Args:
         q: ``(num_tokens, num_heads, head_dim)``, last dimension contiguous.
@@ -355,12 +407,21 @@ def paged_attention(
             writes the output rounded to int8 there too (an int8 GEMV's input), bit for bit what
             ``quantize_activations`` gives. Needs ``num_kv_splits > 1``, a decode step and ``head_dim`` a
             power of two of at least 32 (:func:`fuses_int8_output`).
+        rope_kv: ``(k, v, cos_cache, sin_cache, slot_mapping)`` of a decode step split over the context
+            (:func:`fuses_rope`), as :func:`kernels.elementwise.rotary_embedding` takes them: ``q`` and ``k``
+            not yet rotated, K and V not yet in the cache; each request's new token at position
+            ``seq_lens - 1``. The attention kernel rotates the queries
+            (``q`` itself is left as it was), and the program whose range holds each new token rotates its K
+            and writes K and V into the token's slot before reading the range: the outputs and the cache
+            equal those of ``rotary_embedding(..., kv_cache=...)`` then this function, without that launch.
+            Needs a contiguous cache.
 
     Returns:
         ``(num_tokens, num_heads, head_dim)`` in ``q``'s dtype.
 
     Raises:
-        ValueError: ``int8_out`` where the merge does not run (:func:`fuses_int8_output`).
+        ValueError: ``int8_out`` where the merge does not run (:func:`fuses_int8_output`); ``rope_kv`` where
+            the step is not a split decode (:func:`fuses_rope`) or the cache is not contiguous.
     """
     num_tokens, num_heads, head_dim = q.shape
     _, _, block_size, num_kv_heads, _ = kv_cache.shape
@@ -381,6 +442,15 @@ def paged_attention(
         splits = num_kv_splits if num_kv_splits is not None else num_kv_splits_for(num_seqs, num_kv_heads, q.device)
     if int8_out is not None and not fuses_int8_output(splits, max_query_len, head_dim):
         raise ValueError("int8_out needs a decode step split over the context and a power-of-two head_dim >= 32")
+    rope = {}
+    if rope_kv is not None:
+        if not fuses_rope(splits, max_query_len) or not kv_cache.is_contiguous():
+            raise ValueError("rope_kv needs a decode step split over the context and a contiguous cache")
+        k_new, v_new, cos_cache, sin_cache, slot_mapping = rope_kv
+        rope = dict(K_NEW=k_new, V_NEW=v_new, COS=cos_cache, SIN=sin_cache, SLOTS=slot_mapping,
+                    stride_kt=k_new.stride(0), stride_kh=k_new.stride(1), stride_vt=v_new.stride(0),
+                    stride_vh=v_new.stride(1), stride_cos=cos_cache.stride(0), k_inv_scale=1.0 / k_scale,
+                    v_inv_scale=1.0 / v_scale, ROPE=True, FP8=fp8)  # fmt: skip
     part_acc = part_ml = out  # unused unless split
     if splits > 1:
         part_acc = torch.empty((num_tokens, num_heads, splits, head_dim_pad), dtype=torch.float32, device=q.device)
@@ -421,6 +491,7 @@ def paged_attention(
         F16_DOT=fp8 and q.dtype != torch.float32 and (FP8_F16_DOT if f16_dot is None else f16_dot),
         num_warps=num_warps,
         **({} if num_stages is None else {"num_stages": num_stages}),
+        **rope,
         **pdl_launch(q),
     )
     if splits > 1:
@@ -446,3 +517,9 @@ def fuses_int8_output(num_kv_splits: int, max_query_len: int, head_dim: int) -> 
     """Whether :func:`paged_attention` can write its output rounded to int8 (``int8_out``): a decode step
     split over the context (the merge kernel writes it) and heads of a power-of-two size of at least 32."""
     return num_kv_splits > 1 and max_query_len <= 1 and head_dim >= 32 and head_dim & (head_dim - 1) == 0
+
+
+def fuses_rope(num_kv_splits: int, max_query_len: int) -> bool:
+    """Whether :func:`paged_attention` can rotate the step's queries and keys and store its K/V itself
+    (``rope_kv``): a decode step split over the context (one new token per request)."""
+    return num_kv_splits > 1 and max_query_len <= 1

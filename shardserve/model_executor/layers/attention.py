@@ -22,6 +22,9 @@ from shardserve.model_executor.kernels import use_triton
 
 FP8_E4M3_MAX = 448.0
 """Largest finite ``float8_e4m3fn`` value."""
+FUSE_ROPE = True
+"""GPU decode steps split over the context: RoPE and the KV store inside the attention kernel
+(``kernels/attention.paged_attention``'s ``rope_kv``) instead of their own launch before it."""
 
 
 @dataclass
@@ -152,17 +155,23 @@ class Attention(nn.Module):
         if rope is not None and positions is None:
             raise ValueError("this attention layer applies RoPE and needs the token positions")
         if use_triton(q):
-            from shardserve.model_executor.kernels.attention import paged_attention, store_kvcache
+            from shardserve.model_executor.kernels import attention as kernels
             from shardserve.model_executor.kernels.elementwise import rotary_embedding
 
             scales = dict(k_scale=self.k_scale, v_scale=self.v_scale)
-            if rope is not None:
+            if splits is None and meta.max_query_len <= 1:
+                splits = kernels.num_kv_splits_for(meta.seq_lens.shape[0], self.num_kv_heads, q.device)
+            rope_kv = None
+            if rope is not None and FUSE_ROPE and kernels.fuses_rope(splits or 1, meta.max_query_len):
+                # the decode attention rotates q and k and stores K/V itself: one launch fewer per layer
+                rope_kv = (k, v, rope.cos_cache, rope.sin_cache, meta.slot_mapping)
+            elif rope is not None:
                 rotary_embedding(positions, q, k, rope.cos_cache, rope.sin_cache, v=v, kv_cache=self.kv_cache,
                                  slot_mapping=meta.slot_mapping, **scales)  # fmt: skip
             else:
-                store_kvcache(k, v, self.kv_cache, meta.slot_mapping, **scales)
+                kernels.store_kvcache(k, v, self.kv_cache, meta.slot_mapping, **scales)
             out = torch.empty((n, self.num_heads, self.head_dim), dtype=q.dtype, device=q.device)
-            paged_attention(
+            kernels.paged_attention(
                 q,
                 self.kv_cache,
                 meta.block_tables,
@@ -173,6 +182,7 @@ class Attention(nn.Module):
                 out,
                 num_kv_splits=splits,
                 int8_out=int8_out,
+                rope_kv=rope_kv,
                 **scales,
             )
             return out.view(n, self.num_heads * self.head_dim)
