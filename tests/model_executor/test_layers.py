@@ -61,6 +61,25 @@ def test_rope_matches_transformers_apply():
     torch.testing.assert_close(k_out, k_ref[0].transpose(0, 1), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_roll_form_is_rotate_half_bit_for_bit(dtype):
+    """``apply`` with the signed sin rows of ``cos_sin`` gives the values of ``x cos + rotate_half(x) sin``
+    (Hugging Face's form, with the cache's own cos/sin rows) bit for bit."""
+    from shardserve.model_executor.layers.rotary_embedding import rotate_half
+
+    rope = RotaryEmbedding(64, 512, 10000.0)
+    positions = torch.tensor([0, 3, 77, 511])
+    q, k = torch.randn(4, 8, 64).to(dtype), torch.randn(4, 2, 64).to(dtype)
+    cos = rope.cos_cache[positions].to(dtype).unsqueeze(1)
+    sin = rope.sin_cache[positions].to(dtype).unsqueeze(1)
+    q_out, k_out = rope(positions, q, k)
+    assert torch.equal(q_out, q * cos + rotate_half(q) * sin)
+    assert torch.equal(k_out, k * cos + rotate_half(k) * sin)
+    assert not torch.equal(q_out[1:], q[1:])
+    with pytest.raises(IndexError):
+        rope(torch.tensor([512]), q[:1], k[:1])
+
+
 def test_unknown_rope_type():
     with pytest.raises(ValueError, match="unsupported rope_scaling type 'yarn'"):
         compute_inv_freq(16, 10000.0, {"rope_type": "yarn", "factor": 4.0})

@@ -124,12 +124,19 @@ class RotaryEmbedding(nn.Module):
         return self.apply(q, k, *self.cos_sin(positions, q.dtype))
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin rows of ``positions``, ``(num_tokens, 1, head_dim)`` in ``dtype`` (one gather per step)."""
-        return self.cos_cache[positions].to(dtype).unsqueeze(1), self.sin_cache[positions].to(dtype).unsqueeze(1)
+        """cos rows of ``positions`` and sin rows with their first half negated, ``(num_tokens, 1, head_dim)``
+        in ``dtype``: what :meth:`apply` takes (one gather per step)."""
+        cos = self.cos_cache.index_select(0, positions).to(dtype).unsqueeze(1)
+        sin = self.sin_cache.index_select(0, positions).to(dtype).unsqueeze(1)
+        half = self.head_dim // 2
+        return cos, torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
 
     @staticmethod
     def apply(
-        q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+        q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotate ``q`` and ``k`` with rows from :meth:`cos_sin` (Hugging Face's ``apply_rotary_pos_emb``)."""
-        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        """Rotate ``q`` and ``k`` with rows from :meth:`cos_sin` (Hugging Face's ``apply_rotary_pos_emb``):
+        ``rotate_half(x) * sin`` is ``roll(x, head_dim / 2) * signed_sin`` (``-x2 * sin = x2 * -sin``
+        exactly), two operators where ``rotate_half`` takes four; bit for bit the same values."""
+        half = q.shape[-1] // 2
+        return q * cos + q.roll(half, -1) * signed_sin, k * cos + k.roll(half, -1) * signed_sin
