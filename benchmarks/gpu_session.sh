@@ -1,6 +1,6 @@
 #!/bin/bash
 # One GPU session's runs on nvidia-h200 (one H200), in stages that each fit one device call:
-#   OUT=/tmp/out bash benchmarks/gpu_session.sh check|host|serve|kernels|final|sweep|sweep2|final2|verify|packed|ncu|split|split2|split_e2e|split_check|norm_e2e|norm_q8|pdl|pdl2|final3|q8|merge8|split_q8|e2e|packed_e2e|packed_q8|probe|rope|merge|quant|quant2|quant70
+#   OUT=/tmp/out bash benchmarks/gpu_session.sh check|host|serve|kernels|final|sweep|sweep2|final2|verify|packed|ncu|split|split2|split_e2e|split_check|norm_e2e|norm_q8|pdl|pdl2|final3|q8|merge8|split_q8|e2e|packed_e2e|packed_q8|probe|rope|quant|quant2|quant70
 # check: CUDA kernel tests, fp32 equivalence with transformers, bench_gpu (8B bf16 batch-1 + offline)
 # host:  offline profile (GPU idle share), host ms per step on the GPU beside the baseline commit
 # serve: a live server under `shardserve bench serve` (400 prompts, 1024 in / 128 out, rate inf)
@@ -36,8 +36,6 @@
 # packed_q8: 8B Q8_0 batch-1 decode, the 8B Q4_K_M decode step per kernel
 # rope: RoPE and the KV store inside the split decode attention: CUDA tests, fp32 equivalence with transformers,
 #   the 8B Q4_K_M step with RoPE inside and apart, 8B Q4_K_M and Q8_0 batch-1 decode beside bf16
-# merge: the split decode attention merged by its last program: CUDA tests, fp32 equivalence with transformers, the
-#   8B Q4_K_M step with the merge inside and apart, 8B Q4_K_M batch-1 decode beside bf16
 # probe: the head's phases on the GPU, host ms per step beside the baseline, the 8B Q4_K_M decode step per kernel
 # quant/quant2/quant70: GGUF and FP8 CUDA tests, 8B GGUF decode beside bf16, the embedded GGUF kept quantized,
 #   FP8 weights and FP8 KV beside bf16, 70B Q4_K_M on one H200 (the embedded GGUF travels in two halves, .gguf/a|b)
@@ -249,14 +247,6 @@ rope)
   run timeout 110 python3 benchmarks/profile_decode.py --model Llama-3.1-8B --gguf Q4_K_M --reps 10
   run timeout 300 python3 benchmarks/bench_quant.py --skip-70b --parts hw,bf16,gguf --recipes Q4_K_M,Q8_0 --no-prefill-paths \
       --new-tokens 128 --gguf-row-layout file --part-timeout 130 --json-out "$OUT/quant_8b.json"
-  ;;
-merge)
-  run timeout 100 python3 -m pytest -q -p no:cacheprovider tests/model_executor/test_kernels.py tests/model_executor/test_fp8_kv_cache.py \
-      -k "(split or rotat or paged or padding or fp8 or merge) and not engine"
-  run timeout 60 python3 benchmarks/check_gpu_equivalence.py
-  run timeout 100 python3 benchmarks/profile_decode.py --model Llama-3.1-8B --gguf Q4_K_M --reps 10
-  run timeout 170 python3 benchmarks/bench_quant.py --skip-70b --parts hw,bf16,gguf --recipes Q4_K_M --no-prefill-paths \
-      --new-tokens 128 --gguf-row-layout file --part-timeout 120 --json-out "$OUT/quant_8b.json"
   ;;
 quant70)
   df -h /tmp | tail -1; free -g | head -2

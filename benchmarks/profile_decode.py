@@ -116,14 +116,12 @@ def profile_offline(llm, num_requests: int, input_len: int, output_len: int) -> 
 
 
 def pdl_ab(graphs, bs: int) -> dict:
-    """The same decode step captured again under six launch settings (``kernels/pdl.py``): programmatic
+    """The same decode step captured again under five launch settings (``kernels/pdl.py``): programmatic
     dependent launch off; on for every kernel, with the int8 GEMVs' L2 prefetch before their wait; on
     without that prefetch; on for all but the int8 GEMVs and activation rounding (``kernels/gguf_dp4a``);
-    on with RoPE and the KV store in their own launch again (``layers/attention.FUSE_ROPE`` off); on with
-    the split attention's merge in its own kernel again (``kernels/attention.MERGE_IN_KERNEL`` off).
+    on with RoPE and the KV store in their own launch again (``layers/attention.FUSE_ROPE`` off).
     Prints each replay time and whether its output equals PDL off bit for bit; returns the graphs by
     setting (none where PDL is not available)."""
-    from shardserve.model_executor.kernels import attention as attention_kernels
     from shardserve.model_executor.kernels import gguf_dp4a, pdl
     from shardserve.model_executor.layers import attention
 
@@ -132,21 +130,19 @@ def pdl_ab(graphs, bs: int) -> dict:
         print("== PDL: off or not available on this GPU (compute capability 9.0+)")
         return {}
     budget, launch, fuse = gguf_dp4a._PREFETCH_BYTES, gguf_dp4a.pdl_launch, attention.FUSE_ROPE
-    merge = attention_kernels.MERGE_IN_KERNEL
     variants = {
-        "off": (False, budget, launch, fuse, merge),
-        "on": (True, budget, launch, fuse, merge),
-        "on, no prefetch": (True, 0, launch, fuse, merge),
-        "on, not gguf_dp4a": (True, budget, lambda x: {}, fuse, merge),
-        "on, RoPE apart": (True, budget, launch, False, merge),
-        "on, merge apart": (True, budget, launch, fuse, False),
+        "off": (False, budget, launch, fuse),
+        "on": (True, budget, launch, fuse),
+        "on, no prefetch": (True, 0, launch, fuse),
+        "on, not gguf_dp4a": (True, budget, lambda x: {}, fuse),
+        "on, RoPE apart": (True, budget, launch, False),
     }
     results, captured = {}, {}
     try:
-        for name, (on, prefetch, launcher, fuse_rope, merge_in_kernel) in variants.items():
+        for name, (on, prefetch, launcher, fuse_rope) in variants.items():
             pdl.set_pdl(on)
             gguf_dp4a._PREFETCH_BYTES, gguf_dp4a.pdl_launch = prefetch, launcher
-            attention.FUSE_ROPE, attention_kernels.MERGE_IN_KERNEL = fuse_rope, merge_in_kernel
+            attention.FUSE_ROPE = fuse_rope
             with torch.inference_mode():
                 graphs._forward(bs)  # compile this variant
                 torch.cuda.synchronize()
@@ -161,7 +157,7 @@ def pdl_ab(graphs, bs: int) -> dict:
     finally:
         pdl.set_pdl(True)
         gguf_dp4a._PREFETCH_BYTES, gguf_dp4a.pdl_launch = budget, launch
-        attention.FUSE_ROPE, attention_kernels.MERGE_IN_KERNEL = fuse, merge
+        attention.FUSE_ROPE = fuse
     off_ms, off_out = results["off"]
     for name, (ms, out) in results.items():
         print(f"== PDL {name:>18}: graph replay {ms:.3f} ms ({off_ms / ms:.3f}x of off); output equal to off: "

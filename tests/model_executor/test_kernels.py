@@ -133,37 +133,6 @@ def test_split_decode_merge_writes_the_int8_gemv_input():
         paged_attention(*args, num_kv_splits=1, int8_out=int8_out)
 
 
-@pytest.mark.parametrize("num_kv_splits", [2, 16])
-def test_split_decode_merged_by_its_last_program_equals_the_merge_kernel(num_kv_splits):
-    """``merge_in_kernel``: the last split program of each (request, KV head) merges the partial results;
-    the output and the o projection's int8 input equal the separate merge kernel's bit for bit (ranges left
-    empty, a padding row), and every counter is back to zero for the next launch."""
-    from shardserve.model_executor.kernels import attention as kernels
-    from shardserve.model_executor.kernels.gguf_dp4a import _int8_arrays
-
-    gen = torch.Generator().manual_seed(9)
-    num_heads, num_kv_heads, head_dim, block_size = 8, 2, 64, 4
-    seq_lens = [9, 150, 37, 1]
-    meta = _metadata([1] * len(seq_lens), seq_lens, block_size, 128, gen)
-    cache = torch.randn(2, 128, block_size, num_kv_heads, head_dim, generator=gen).to(torch.bfloat16).to(DEVICE)
-    q = torch.randn(len(seq_lens), num_heads, head_dim, generator=gen).to(torch.bfloat16).to(DEVICE)
-    seq_lens_t = meta.seq_lens.clone()
-    seq_lens_t[-1] = 0  # padding row of a captured batch
-    args = (q, cache, meta.block_tables, seq_lens_t, meta.query_start_loc, 1, head_dim**-0.5)
-    results = {}
-    for in_kernel in (False, True):
-        int8_out = _int8_arrays(q.view(len(seq_lens), -1), 0)
-        out = kernels.paged_attention(*args, num_kv_splits=num_kv_splits, int8_out=int8_out, merge_in_kernel=in_kernel)
-        results[in_kernel] = (out, *int8_out)
-    for got, want in zip(results[True], results[False]):
-        assert torch.equal(got, want)
-    assert results[True][0][:-1].float().abs().sum(-1).gt(0).all() and results[True][0][-1].float().abs().sum() == 0
-    assert not kernels._semaphores(q.device, 1).any()
-    for _ in range(100 if DEVICE == "cuda" else 0):  # programs racing to be last, launch after launch
-        assert torch.equal(kernels.paged_attention(*args, num_kv_splits=num_kv_splits, merge_in_kernel=True),
-                           results[False][0])  # fmt: skip
-
-
 @pytest.mark.parametrize("fp8", [False, True])
 def test_split_decode_rotates_and_stores_the_new_kv_itself(fp8):
     """``rope_kv``: the split decode attention rotates q and k and writes the new K/V into their slots; the

@@ -195,14 +195,6 @@ def _paged_attention_kernel(
     v_inv_scale=1.0,
     ROPE: tl.constexpr = False,
     FP8: tl.constexpr = False,
-    SEM=None,
-    XQ=None,
-    XD=None,
-    XS=None,
-    SPLITS_PAD: tl.constexpr = 1,
-    MERGE: tl.constexpr = False,
-    INT8: tl.constexpr = False,
-    ASM: tl.constexpr = False,
 ):
     # ROPE (decode, NUM_SPLITS > 1): the step's q, K and V are not rotated or stored yet. Each program
     # rotates its queries (RoPE, rotate-half form, as _rotary_kernel in kernels/elementwise.py; the new
@@ -211,9 +203,6 @@ def _paged_attention_kernel(
     # program whose context range holds the new token rotates its K, writes K and V into the token's
     # cache slot, and waits on a CTA barrier before its loop reads that slot back: what _rotary_kernel's
     # launch did, without that launch.
-    # MERGE (NUM_SPLITS > 1): the last of a (request, KV head)'s split programs to finish, counted on
-    # SEM[seq, kvh], merges the group's partial results itself (_merge_head) and resets the count: what
-    # _merge_splits_kernel's launch did, without that launch (TensorRT-LLM's XQA "multi-block mode").
     pdl_wait(PDL)
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -225,9 +214,8 @@ def _paged_attention_kernel(
         split = tl.program_id(2)
     q_start = tl.load(QUERY_START_LOC + seq)
     q_len = tl.load(QUERY_START_LOC + seq + 1) - q_start
-    if not MERGE:  # noqa: SIM102 (a compile-time test); merging programs are all counted, an empty tile stores nothing
-        if qb * BLOCK_Q >= q_len:
-            return
+    if qb * BLOCK_Q >= q_len:
+        return
     seq_len = tl.load(SEQ_LENS + seq)
     ctx = seq_len - q_len  # position of the request's first new token
 
@@ -304,66 +292,10 @@ def _paged_attention_kernel(
         tl.store(PART_ACC + part[:, None] * HEAD_DIM_PAD + offs_d[None, :], acc, mask=m_valid[:, None])
         tl.store(PART_ML + 2 * part, m_i, mask=m_valid)
         tl.store(PART_ML + 2 * part + 1, l_i, mask=m_valid)
-        if MERGE:
-            NUM_KV_HEADS: tl.constexpr = NUM_HEADS // GROUP
-            fence_gpu(ASM)  # every thread's partial stores, ordered before this program is counted
-            tl.debug_barrier()
-            counter = SEM + seq * NUM_KV_HEADS + kvh
-            if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == NUM_SPLITS - 1:  # the last range done
-                tl.store(counter, 0)  # for the next launch (the kernel boundary orders it)
-                fence_gpu(ASM)  # the other programs' partial results, visible to every thread here
-                if q_len > 0:
-                    for gi in tl.static_range(GROUP):
-                        head_g = kvh * GROUP + gi
-                        _merge_head(PART_ACC, PART_ML, OUT, q_start, head_g, stride_ot, stride_oh, XQ, XD, XS,
-                                    NUM_HEADS, NUM_SPLITS, SPLITS_PAD, HEAD_DIM, HEAD_DIM_PAD, INT8, True)  # fmt: skip
         return
     acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # rows with no key (padding) give 0
     o_ptrs = OUT + (q_start + tok)[:, None].to(tl.int64) * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
     tl.store(o_ptrs, acc.to(OUT.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
-
-
-@triton.jit
-def fence_gpu(ASM: tl.constexpr):
-    """Every thread: ``fence.acq_rel.gpu`` (its earlier writes ordered before, and its later reads after, any
-    thread's on the GPU; PTX ISA, memory consistency model). Without ``ASM`` (Triton's interpreter, which runs
-    programs one after another) nothing."""
-    if ASM:
-        tl.inline_asm_elementwise("fence.acq_rel.gpu; mov.u32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False,
-                                  pack=1)  # fmt: skip
-
-
-@triton.jit
-def _merge_head(PART_ACC, PART_ML, OUT, t, head, stride_ot, stride_oh, XQ, XD, XS, NUM_HEADS: tl.constexpr,
-                NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-                HEAD_DIM_PAD: tl.constexpr, INT8: tl.constexpr, CG: tl.constexpr):  # fmt: skip
-    """Token ``t``'s output of query head ``head`` from its NUM_SPLITS partial results (log-sum-exp
-    rescaling, Flash-Decoding); with INT8 also rounded to int8 per 32 into XQ/XD/XS. ``CG``: load the
-    partial results from L2 (other programs of the running kernel wrote them)."""
-    offs_s = tl.arange(0, SPLITS_PAD)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    part = (t.to(tl.int64) * NUM_HEADS + head) * NUM_SPLITS + offs_s
-    s_valid = offs_s < NUM_SPLITS
-    if CG:
-        m = tl.load(PART_ML + 2 * part, mask=s_valid, other=float("-inf"), cache_modifier=".cg")
-        l_sum = tl.load(PART_ML + 2 * part + 1, mask=s_valid, other=0.0, cache_modifier=".cg")
-        acc = tl.load(PART_ACC + part[:, None] * HEAD_DIM_PAD + offs_d[None, :], mask=s_valid[:, None], other=0.0,
-                      cache_modifier=".cg")  # fmt: skip
-    else:
-        m = tl.load(PART_ML + 2 * part, mask=s_valid, other=float("-inf"))
-        l_sum = tl.load(PART_ML + 2 * part + 1, mask=s_valid, other=0.0)
-        acc = tl.load(PART_ACC + part[:, None] * HEAD_DIM_PAD + offs_d[None, :], mask=s_valid[:, None], other=0.0)
-    m_max = tl.max(m, 0)
-    w = tl.exp(m - tl.where(m_max == float("-inf"), 0.0, m_max))  # empty ranges: exp(-inf) = 0
-    denom = tl.sum(w * l_sum, 0)
-    out = tl.sum(acc * w[:, None], 0) / tl.where(denom == 0.0, 1.0, denom)
-    tl.store(OUT + t * stride_ot + head * stride_oh + offs_d, out.to(OUT.dtype.element_ty), mask=offs_d < HEAD_DIM)
-    if INT8:  # HEAD_DIM == HEAD_DIM_PAD >= 32
-        G: tl.constexpr = HEAD_DIM // 32
-        y = tl.reshape(out.to(OUT.dtype.element_ty).to(tl.float32), (G, 32))
-        k = head * HEAD_DIM + tl.reshape(offs_d, (G, 32))
-        K: tl.constexpr = NUM_HEADS * HEAD_DIM
-        int8_groups(y, k, head * G + tl.arange(0, G), t, K, K, XQ, XD, XS, G, 0)
 
 
 @triton.jit
@@ -388,25 +320,29 @@ def _merge_splits_kernel(
     # (kernels/int8_groups.py; row t of NUM_HEADS * HEAD_DIM elements, file order): the o projection's
     # int8 GEMV input, bit for bit what quantize_activations(out) writes, without its launch.
     pdl_wait(PDL)
-    _merge_head(PART_ACC, PART_ML, OUT, tl.program_id(0), tl.program_id(1), stride_ot, stride_oh, XQ, XD, XS,
-                NUM_HEADS, NUM_SPLITS, SPLITS_PAD, HEAD_DIM, HEAD_DIM_PAD, INT8, False)  # fmt: skip
+    t = tl.program_id(0)
+    head = tl.program_id(1)
+    offs_s = tl.arange(0, SPLITS_PAD)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    part = (t.to(tl.int64) * NUM_HEADS + head) * NUM_SPLITS + offs_s
+    s_valid = offs_s < NUM_SPLITS
+    m = tl.load(PART_ML + 2 * part, mask=s_valid, other=float("-inf"))
+    l_sum = tl.load(PART_ML + 2 * part + 1, mask=s_valid, other=0.0)
+    m_max = tl.max(m, 0)
+    w = tl.exp(m - tl.where(m_max == float("-inf"), 0.0, m_max))  # empty ranges: exp(-inf) = 0
+    acc = tl.load(PART_ACC + part[:, None] * HEAD_DIM_PAD + offs_d[None, :], mask=s_valid[:, None], other=0.0)
+    denom = tl.sum(w * l_sum, 0)
+    out = tl.sum(acc * w[:, None], 0) / tl.where(denom == 0.0, 1.0, denom)
+    tl.store(OUT + t * stride_ot + head * stride_oh + offs_d, out.to(OUT.dtype.element_ty), mask=offs_d < HEAD_DIM)
+    if INT8:  # HEAD_DIM == HEAD_DIM_PAD >= 32
+        G: tl.constexpr = HEAD_DIM // 32
+        y = tl.reshape(out.to(OUT.dtype.element_ty).to(tl.float32), (G, 32))
+        k = head * HEAD_DIM + tl.reshape(offs_d, (G, 32))
+        K: tl.constexpr = NUM_HEADS * HEAD_DIM
+        int8_groups(y, k, head * G + tl.arange(0, G), t, K, K, XQ, XD, XS, G, 0)
 
 
 _NUM_SMS: dict[int, int] = {}
-MERGE_IN_KERNEL = True
-"""Default of :func:`paged_attention`'s ``merge_in_kernel``."""
-_SEMAPHORES: dict[torch.device, list[torch.Tensor]] = {}
-
-
-def _semaphores(device: torch.device, n: int) -> torch.Tensor:
-    """``(>= n,)`` int32 counters on ``device``, all zero between launches (each launch resets those it used).
-
-    One buffer per device, replaced by a larger one when ``n`` outgrows it; the old buffers stay allocated,
-    since CUDA graphs captured with them keep their addresses."""
-    held = _SEMAPHORES.setdefault(device, [])
-    if not held or held[-1].numel() < n:
-        held.append(torch.zeros(max(n, 4096), dtype=torch.int32, device=device))
-    return held[-1]
 
 
 def num_kv_splits_for(num_seqs: int, num_kv_heads: int, device: torch.device) -> int:
@@ -442,7 +378,6 @@ def paged_attention(
     f16_dot: bool | None = None,
     int8_out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     rope_kv: tuple[torch.Tensor, ...] | None = None,
-    merge_in_kernel: bool | None = None,
 ) -> torch.Tensor:
     """Causal attention of each request's new queries over its whole context in the paged cache.
 
@@ -480,9 +415,6 @@ def paged_attention(
             and writes K and V into the token's slot before reading the range: the outputs and the cache
             equal those of ``rotary_embedding(..., kv_cache=...)`` then this function, without that launch.
             Needs a contiguous cache.
-        merge_in_kernel: for a split decode, the last program of each (request, KV head) to finish merges
-            the partial results (counted with an atomic per pair) instead of a second kernel; the same
-            arithmetic, so the same output bit for bit. Default: ``MERGE_IN_KERNEL``.
 
     Returns:
         ``(num_tokens, num_heads, head_dim)`` in ``q``'s dtype.
@@ -520,18 +452,12 @@ def paged_attention(
                     stride_vh=v_new.stride(1), stride_cos=cos_cache.stride(0), k_inv_scale=1.0 / k_scale,
                     v_inv_scale=1.0 / v_scale, ROPE=True, FP8=fp8)  # fmt: skip
     part_acc = part_ml = out  # unused unless split
-    merge = {}
     if splits > 1:
         part_acc = torch.empty((num_tokens, num_heads, splits, head_dim_pad), dtype=torch.float32, device=q.device)
         part_ml = torch.empty((num_tokens, num_heads, splits, 2), dtype=torch.float32, device=q.device)
         grid = (num_seqs, num_kv_heads, splits)
-        merge = dict(NUM_HEADS=num_heads, NUM_SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits),
-                     HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad)  # fmt: skip
-        if int8_out is not None:
-            merge.update(XQ=int8_out[0], XD=int8_out[1], XS=int8_out[2], INT8=True)
     else:
         grid = (num_seqs, num_kv_heads, triton.cdiv(max(max_query_len, 1), block_q))
-    in_kernel = bool(merge) and (MERGE_IN_KERNEL if merge_in_kernel is None else merge_in_kernel)
     _paged_attention_kernel[grid](
         q,
         kc,
@@ -552,23 +478,37 @@ def paged_attention(
         kc.stride(1),
         kc.stride(2),
         block_tables.stride(0),
+        NUM_HEADS=num_heads,
         GROUP=group,
         GROUP_PAD=group_pad,
         BLOCK_Q=block_q,
+        HEAD_DIM=head_dim,
+        HEAD_DIM_PAD=head_dim_pad,
         BLOCK_SIZE=block_size,
         BLOCK_N=block_n or (32 if head_dim > 128 else 128 if fp8 and max_query_len <= 1 else 64),
         IEEE=q.dtype == torch.float32,
+        NUM_SPLITS=splits,
         F16_DOT=fp8 and q.dtype != torch.float32 and (FP8_F16_DOT if f16_dot is None else f16_dot),
         num_warps=num_warps,
         **({} if num_stages is None else {"num_stages": num_stages}),
         **rope,
-        **(merge if merge else dict(NUM_HEADS=num_heads, NUM_SPLITS=1, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad)),
-        **(dict(SEM=_semaphores(q.device, num_seqs * num_kv_heads), MERGE=True, ASM=q.is_cuda) if in_kernel else {}),
         **pdl_launch(q),
     )
-    if merge and not in_kernel:
+    if splits > 1:
         _merge_splits_kernel[(num_tokens, num_heads)](
-            part_acc, part_ml, out, out.stride(0), out.stride(1), **merge, num_warps=4, **pdl_launch(q)
+            part_acc,
+            part_ml,
+            out,
+            out.stride(0),
+            out.stride(1),
+            NUM_HEADS=num_heads,
+            NUM_SPLITS=splits,
+            SPLITS_PAD=triton.next_power_of_2(splits),
+            HEAD_DIM=head_dim,
+            HEAD_DIM_PAD=head_dim_pad,
+            **(dict(XQ=int8_out[0], XD=int8_out[1], XS=int8_out[2], INT8=True) if int8_out is not None else {}),
+            num_warps=4,
+            **pdl_launch(q),
         )
     return out
 
