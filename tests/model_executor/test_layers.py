@@ -86,15 +86,16 @@ def test_unknown_rope_type():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rmsnorm_matches_transformers(dtype):
+@pytest.mark.parametrize("rows,hidden", [(7, 32), (256, 4096)])
+def test_rmsnorm_matches_transformers(dtype, rows, hidden):
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    ref = LlamaRMSNorm(32, eps=1e-6).to(dtype)
-    ours = RMSNorm(32, eps=1e-6).to(dtype)
-    w = torch.randn(32).to(dtype)
+    ref = LlamaRMSNorm(hidden, eps=1e-6).to(dtype)
+    ours = RMSNorm(hidden, eps=1e-6).to(dtype)
+    w = torch.randn(hidden).to(dtype)
     ref.weight.data.copy_(w)
     ours.weight.data.copy_(w)
-    x, res = torch.randn(7, 32).to(dtype), torch.randn(7, 32).to(dtype)
+    x, res = torch.randn(rows, hidden).to(dtype), torch.randn(rows, hidden).to(dtype)
     assert torch.equal(ours(x), ref(x))
     y, new_res = ours(x, res)
     assert torch.equal(new_res, x + res) and torch.equal(y, ref(x + res))
