@@ -5,8 +5,9 @@ the rank keeps, on the host, the token ids it was given (prompt, plus outputs re
 preemption), how many tokens are in the KV cache, how many tokens the request has, and its block-table
 row; on the device, the block-table row and the request's last token. A step applies its diff (freed
 rows, new rows, appended blocks, scheduled token counts) and builds the step's inputs with vectorised
-numpy over the scheduled rows, copied to the device in two non-blocking transfers from pinned memory;
-nothing is rebuilt from Python lists, and the host never waits for the device.
+numpy over the scheduled rows, copied to the device in two non-blocking transfers from pinned memory (on a
+CPU, tensors over the same arrays, and a block table shared with its host copy); nothing is rebuilt from
+Python lists, and the host never waits for the device.
 
 Tokens sampled after a request was added exist on the device only (``last_token``): a decode's input is
 its row's last token, written on the device by the sampler (output rank) or by the token broadcast
@@ -70,7 +71,13 @@ class InputBatch:
         """Tokens of the request (prompt + outputs), counting tokens that in-flight steps sample."""
         self.num_blocks = np.zeros(max_rows, np.int64)
         self.block_table = np.zeros((max_rows, max_blocks_per_row), np.int32)
-        self.block_table_device = torch.zeros((max_rows, max_blocks_per_row), dtype=torch.int32, device=device)
+        self._on_host = device.type == "cpu"
+        """The model runs on the host: the step's arrays become tensors sharing their memory, no copies."""
+        self.block_table_device = (
+            torch.from_numpy(self.block_table)  # the same memory: appended blocks need no device write
+            if self._on_host
+            else torch.zeros((max_rows, max_blocks_per_row), dtype=torch.int32, device=device)
+        )
         self.last_token = torch.zeros(max_rows, dtype=torch.int64, device=device)
         """The newest token of each row: the input of its next decode."""
         self._new_last: list[tuple[int, int]] = []
@@ -183,25 +190,32 @@ class InputBatch:
 
         new_last = np.asarray(self._new_last, dtype=np.int64).reshape(-1, 2)
         self._new_last = []
-        block_vals = self.block_table[new_block_rows, new_block_cols].astype(np.int64)
         pieces = [ids, positions, slots, sample_idx, sample_rows, seq_lens[sample], device_tokens, device_rows, rows,
-                  new_block_rows, new_block_cols, block_vals, new_last[:, 0], new_last[:, 1]]  # fmt: skip
-        longs_d = to_device(np.concatenate(pieces), self.device)
-        ints_d = to_device(np.concatenate([qsl, seq_lens]).astype(np.int32), self.device)
-        parts = torch.split(longs_d, [len(p) for p in pieces])
-        ids_d, pos_d, slots_d, sidx_d, srows_d, spos_d, dtok_d, drows_d, rows_d, brow_d, bcol_d, bval_d = parts[:12]
-        if len(new_block_rows):
-            self.block_table_device[brow_d, bcol_d] = bval_d.to(torch.int32)
+                  new_last[:, 0], new_last[:, 1]]  # fmt: skip
+        ints = [qsl.astype(np.int32), seq_lens.astype(np.int32)]
+        if self._on_host:  # tensors over the arrays themselves (the block table is shared already)
+            parts = [torch.from_numpy(p) for p in pieces]
+            qsl_d, seq_lens_d = (torch.from_numpy(p) for p in ints)
+        else:
+            block_vals = self.block_table[new_block_rows, new_block_cols].astype(np.int64)
+            pieces += [new_block_rows, new_block_cols, block_vals]
+            longs_d = to_device(np.concatenate(pieces), self.device)
+            ints_d = to_device(np.concatenate(ints), self.device)
+            parts = torch.split(longs_d, [len(p) for p in pieces])
+            qsl_d, seq_lens_d = ints_d[: n + 1], ints_d[n + 1 :]
+            if len(new_block_rows):
+                self.block_table_device[parts[11], parts[12]] = parts[13].to(torch.int32)
+        ids_d, pos_d, slots_d, sidx_d, srows_d, spos_d, dtok_d, drows_d, rows_d = parts[:9]
         if len(new_last):
-            self.last_token[parts[12]] = parts[13]
+            self.last_token[parts[9]] = parts[10]
         if len(device_tokens) == total:
             ids_d = self.last_token[drows_d]
         elif len(device_tokens):
             ids_d[dtok_d] = self.last_token[drows_d]
         meta = AttentionMetadata(
             slot_mapping=slots_d,
-            query_start_loc=ints_d[: n + 1],
-            seq_lens=ints_d[n + 1 :],
+            query_start_loc=qsl_d,
+            seq_lens=seq_lens_d,
             block_tables=self.block_table_device.index_select(0, rows_d)[:, :width],
             query_lens_cpu=q,
             seq_lens_cpu=seq_lens,
