@@ -64,8 +64,8 @@ def test_rope_matches_transformers_apply():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rope_roll_form_is_rotate_half_bit_for_bit(dtype):
     """``apply`` with the signed sin rows of ``cos_sin`` gives the values of ``x cos + rotate_half(x) sin``
-    (Hugging Face's form, with the cache's own cos/sin rows) bit for bit."""
-    from shardserve.model_executor.layers.rotary_embedding import rotate_half
+    (Hugging Face's form and its ``rotate_half``, with the cache's own cos/sin rows) bit for bit."""
+    from transformers.models.llama.modeling_llama import rotate_half
 
     rope = RotaryEmbedding(64, 512, 10000.0)
     positions = torch.tensor([0, 3, 77, 511])

@@ -199,10 +199,9 @@ def _paged_attention_kernel(
     # ROPE (decode, NUM_SPLITS > 1): the step's q, K and V are not rotated or stored yet. Each program
     # rotates its queries (RoPE, rotate-half form, as _rotary_kernel in kernels/elementwise.py; the new
     # token sits at position seq_len - 1, so its cos/sin rows load beside q, not after a load of the
-    # positions), and the
-    # program whose context range holds the new token rotates its K, writes K and V into the token's
-    # cache slot, and waits on a CTA barrier before its loop reads that slot back: what _rotary_kernel's
-    # launch did, without that launch.
+    # positions), and the program whose context range holds the new token rotates its K, writes K and V
+    # into the token's cache slot, and waits on a CTA barrier before its loop reads that slot back: what
+    # _rotary_kernel's launch did, without that launch.
     pdl_wait(PDL)
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -233,9 +232,9 @@ def _paged_attention_kernel(
     if ROPE:  # q_len == 1: every valid row is token q_start, at position seq_len - 1 (0 for padding rows)
         HALF: tl.constexpr = HEAD_DIM // 2
         pos = tl.maximum(seq_len - 1, 0)
-        partner = q_ptrs + tl.where(offs_d < HALF, HALF, -HALF)[None, :]
-        q = _rope(q, tl.load(partner, mask=m_valid[:, None] & d_valid[None, :], other=0.0), COS, SIN, pos,
-                  stride_cos, offs_d, HALF).to(q.dtype)  # fmt: skip
+        partner = tl.where(offs_d < HALF, HALF, -HALF)  # offset of each element's rotation partner
+        q = _rope(q, tl.load(q_ptrs + partner[None, :], mask=m_valid[:, None] & d_valid[None, :], other=0.0), COS,
+                  SIN, pos, stride_cos, offs_d, HALF).to(q.dtype)  # fmt: skip
     if F16_DOT:  # FP8 cache: e4m3 widens to fp16 in one instruction (exactly); q is clamped into fp16's range
         q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
     q_pos = ctx + tok
@@ -249,8 +248,8 @@ def _paged_attention_kernel(
         slot = tl.load(SLOTS + q_start)
         if (slot >= 0) & (kv_start <= seq_len - 1) & (seq_len - 1 < kv_len):  # this range holds the new token
             kp = K_NEW + q_start.to(tl.int64) * stride_kt + kvh * stride_kh + offs_d
-            k_rot = _rope(tl.load(kp, mask=d_valid), tl.load(kp + tl.where(offs_d < HALF, HALF, -HALF), mask=d_valid),
-                          COS, SIN, pos, stride_cos, offs_d, HALF)  # fmt: skip
+            k_rot = _rope(tl.load(kp, mask=d_valid), tl.load(kp + partner, mask=d_valid), COS, SIN, pos, stride_cos,
+                          offs_d, HALF)  # fmt: skip
             dst = slot * stride_cs + kvh * stride_ch + offs_d
             tl.store(KC + dst, to_cache(k_rot, k_inv_scale, KC.dtype.element_ty, FP8), mask=d_valid)
             v_new = tl.load(V_NEW + q_start.to(tl.int64) * stride_vt + kvh * stride_vh + offs_d, mask=d_valid)

@@ -78,12 +78,6 @@ def compute_inv_freq(head_dim: int, base: float, rope_scaling: dict[str, Any] | 
     raise ValueError(f"unsupported rope_scaling type {rope_type!r}; shardserve supports default, linear and llama3")
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """``cat(-x2, x1)`` over the last dimension split in halves."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 class RotaryEmbedding(nn.Module):
     """Applies RoPE to query and key heads from a cos/sin cache indexed by position.
 
