@@ -37,6 +37,9 @@
 # rope: RoPE and the KV store inside the split decode attention: CUDA tests, fp32 equivalence with transformers,
 #   the 8B Q4_K_M step with RoPE inside and apart, 8B Q4_K_M and Q8_0 batch-1 decode beside bf16
 # probe: the head's phases on the GPU, host ms per step beside the baseline, the 8B Q4_K_M decode step per kernel
+# waves: the split int8 GEMVs compiled for fewer registers (more programs resident, fewer waves) beside the rule,
+#   Q8_0's gate/up and LM head tilings, the 8B Q4_K_M step with the rule's kernels compiled for fewer registers
+# offline512: the offline workload (bench_gpu) at 256 and at 512 running requests
 # quant/quant2/quant70: GGUF and FP8 CUDA tests, 8B GGUF decode beside bf16, the embedded GGUF kept quantized,
 #   FP8 weights and FP8 KV beside bf16, 70B Q4_K_M on one H200 (the embedded GGUF travels in two halves, .gguf/a|b)
 # Wheels for what the device lacks lie in .whl/ (carried); the baseline commit's tree in .baseline/.
@@ -247,6 +250,22 @@ rope)
   run timeout 110 python3 benchmarks/profile_decode.py --model Llama-3.1-8B --gguf Q4_K_M --reps 10
   run timeout 300 python3 benchmarks/bench_quant.py --skip-70b --parts hw,bf16,gguf --recipes Q4_K_M,Q8_0 --no-prefill-paths \
       --new-tokens 128 --gguf-row-layout file --part-timeout 130 --json-out "$OUT/quant_8b.json"
+  ;;
+waves)
+  nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader
+  run timeout 150 python3 benchmarks/sweep_dp4a.py --types Q4_K --shapes qk,o,gate_up,down \
+      --split-cells 8x1x4,8x1x4r32,4x8x4,4x8x4r40,8x4x4r32,8x8x4r32,4x16x4r32,4x16x4r40
+  run timeout 150 python3 benchmarks/profile_decode.py --model Llama-3.1-8B --gguf Q4_K_M --reps 10 \
+      --register-caps 12:8:32,12:8:32+12:4:40
+  run timeout 170 python3 benchmarks/sweep_dp4a.py --types Q8_0 --shapes qkv,o,gate_up,down,lm_head \
+      --split-cells 8x2x4,8x1x4,4x2x4,4x4x4,2x4x4,4x16x4,8x4x4
+  run timeout 60 python3 benchmarks/sweep_dp4a.py --types Q6_K --shapes down --split-cells 8x8x4,8x8x4r48,8x8x4r40,8x4x4
+  ;;
+offline512)
+  nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader
+  run timeout 130 python3 benchmarks/bench_gpu.py --parts hw,shardserve --num-requests 1000 --json-out "$OUT/offline_256.json"
+  run timeout 130 python3 benchmarks/bench_gpu.py --parts hw,shardserve --num-requests 1000 --max-num-seqs 512 \
+      --json-out "$OUT/offline_512.json"
   ;;
 quant70)
   df -h /tmp | tail -1; free -g | head -2

@@ -36,7 +36,8 @@ SHAPES = {
     "Q4_K": [("qk", 5120, 4096, False), ("qkv", 6144, 4096, False), ("o", 4096, 4096, False),
              ("gate_up", 28672, 4096, True), ("down", 4096, 14336, False)],
     "Q6_K": [("v", 1024, 4096, False), ("down", 4096, 14336, False), ("lm_head", 128256, 4096, False)],
-    "Q8_0": [("qkv", 6144, 4096, False), ("o", 4096, 4096, False), ("down", 4096, 14336, False)],
+    "Q8_0": [("qkv", 6144, 4096, False), ("o", 4096, 4096, False), ("gate_up", 28672, 4096, True),
+             ("down", 4096, 14336, False), ("lm_head", 128256, 4096, False)],
 }  # fmt: skip
 TILINGS = [(32, 4, 4), (32, 8, 8), (32, 16, 16), (64, 4, 8), (16, 8, 4), (8, 8, 2), (32, 2, 2), (128, 1, 4),
            (8, 16, 4), (64, 2, 4)]  # fmt: skip
@@ -61,7 +62,8 @@ def main() -> None:
     ap.add_argument(
         "--split-cells",
         default=None,
-        help="SxNBTxWARPS,... instead of --split x --split-tilings; 'rule': split_tiling's pick only",
+        help="SxNBTxWARPS[rREGS],... instead of --split x --split-tilings ('rREGS': compiled for at most REGS "
+        "registers a thread, gguf_gemv_dp4a's max_registers); 'rule': split_tiling's pick only",
     )
     args = ap.parse_args()
     if args.split or args.split_cells:
@@ -176,22 +178,24 @@ def sweep_split(args) -> None:
         if args.split_cells == "rule":
             grid = []
         elif args.split_cells:
-            grid = [tuple(int(v) for v in c.split("x")) for c in args.split_cells.split(",")]
+            grid = [(*(int(v) for v in c.split("r")[0].split("x")), int(c.split("r")[1]) if "r" in c else None)
+                    for c in args.split_cells.split(",")]  # fmt: skip
         else:
-            grid = [(sp, *(int(v) for v in c.split("x"))) for sp in (int(v) for v in args.split.split(","))
+            grid = [(sp, *(int(v) for v in c.split("x")), None) for sp in (int(v) for v in args.split.split(","))
                     for c in args.split_tilings.split(",")]  # fmt: skip
-        for sp, nbt, warps in grid:
+        for sp, nbt, warps, regs in grid:
             bn = 32 * warps // (nbt * sp)
             if bn < (2 if silu else 1) or nbt > triton.next_power_of_2(units):
                 continue
             c = (bn, nbt, warps)
-            got = k.gguf_gemv_dp4a(x, w, q, silu, config=c, quantized=xq, split=sp).float()
+            got = k.gguf_gemv_dp4a(x, w, q, silu, config=c, quantized=xq, split=sp, max_registers=regs).float()
             err = ((got - ref).abs().max() / ref.abs().max()).item()
 
-            def op(x_, w_, q=q, f=silu, c=c, sp=sp, xq=xq):
-                return k.gguf_gemv_dp4a(x_, w_, q, f, config=c, quantized=xq, split=sp)
+            def op(x_, w_, q=q, f=silu, c=c, sp=sp, xq=xq, r=regs):
+                return k.gguf_gemv_dp4a(x_, w_, q, f, config=c, quantized=xq, split=sp, max_registers=r)
 
-            cells.append(cell(f"{sp}x{nbt}/{warps}w", time_matmul_cold(op, x, w))
+            label = f"{sp}x{nbt}/{warps}w" + (f" r{regs}" if regs else "")
+            cells.append(cell(label, time_matmul_cold(op, x, w))
                          + (f" err {err:.1e}" if err > 1e-2 else ""))  # fmt: skip
         print(f"{tname} {name:>8} {n}x{kdim} ({w.numel() / 1e6:.1f} MB): " + ", ".join(cells), flush=True)
 

@@ -356,7 +356,8 @@ def test_dp4a_gemv_both_thread_layouts(name, rows_fast):
 def test_dp4a_split_gemv_matches_reference(name, cols, split):
     """The kernels that split a Q4_K block (Q6_K unit, Q8_0 pair) across ``split`` threads, a row tile with a masked
     row, against both references (1, 3 and 4 rows of x, plain and SwiGLU), and against the thread-per-unit
-    kernel; the packed layout and the rows-fast thread order are refused."""
+    kernel, and compiled for fewer registers; the packed layout and the rows-fast thread order are refused,
+    and a register cap for the thread-per-unit kernel."""
     from shardserve.model_executor.kernels.gguf_dp4a import DP4A_MAX_ROWS, gguf_gemv_dp4a
 
     blocks, ref, qtype, cols = _dp4a_case(name, 6, seed=41 + split, cols=cols)
@@ -371,6 +372,11 @@ def test_dp4a_split_gemv_matches_reference(name, cols, split):
     xd = x.to(DEVICE)
     unit = gguf_gemv_dp4a(xd, blocks, qtype, split=1).float().cpu()
     assert _rel(fn(xd, blocks, qtype), unit) < TOL_DP4A_EXACT  # the same sums in another order
+    # compiled for 32 registers a thread (spilling on CUDA; ignored by the interpreter): the same bits
+    capped = gguf_gemv_dp4a(xd, blocks, qtype, config=config, split=split, max_registers=32)
+    assert torch.equal(capped, fn(xd, blocks, qtype))
+    with pytest.raises(ValueError, match="max_registers"):
+        gguf_gemv_dp4a(xd, blocks, qtype, split=1, max_registers=32)
     with pytest.raises(ValueError, match="file order"):
         gguf_gemv_dp4a(xd, blocks, qtype, config=(*config, True), split=split)
 

@@ -435,6 +435,10 @@ def split_tiling(qtype: int, rows: int, units: int, num_sms: int) -> tuple[int, 
     return s, (max(1, 128 // (s * nbt)), nbt, 4)
 
 
+SPLIT_MAX_REGISTERS: dict[tuple[int, int], int] = {}
+"""``(ggml type, S) -> registers per thread`` that the split kernels are compiled for at the rule's tiling
+(``gguf_gemv_dp4a``'s ``max_registers``); pairs not named keep the compiler's choice."""
+
 _PREFETCH_BYTES = 16 << 20
 """The most weight bytes a GEMV asks L2 for before its PDL wait: well inside an H100/H200's 50 MB L2,
 which the previous kernel's traffic shares."""
@@ -1091,6 +1095,7 @@ def gguf_gemv_dp4a(
     packed: bool = False,
     x_packed: bool | None = None,
     split: int | None = None,
+    max_registers: int | None = None,
 ) -> torch.Tensor:
     """``x @ W.T`` (or SwiGLU) on int8 dot products, for a call :func:`supports` accepts.
 
@@ -1115,6 +1120,9 @@ def gguf_gemv_dp4a(
         x_packed: read x in the packed x layout of :func:`quantize_activations` (its unit: the weight's
             thread unit), so that a warp's x loads are consecutive bytes too; default: when ``packed``
             (only packed rows take it).
+        max_registers: registers per thread the split kernel is compiled for (PTX ``.maxnreg``, Triton's
+            ``maxnreg``; the compiler spills what does not fit), so that more programs are resident per SM;
+            default: none (the compiler's choice). Split kernels only.
 
     Returns:
         ``(M, N)`` (``(M, N / 2)`` with ``silu_and_mul``) in ``x``'s dtype. The error against the exact
@@ -1148,18 +1156,23 @@ def gguf_gemv_dp4a(
             if split:  # S asked for: the rule's NBT and warps, BLOCK_N for 32 threads a warp at that S
                 nbt, warps = picked[1][1:]
                 picked = split, (max(1, 32 * warps // (split * nbt)), nbt, warps)
+            if config is None and max_registers is None:
+                max_registers = SPLIT_MAX_REGISTERS.get((qtype, picked[0]))
         split = split or picked[0]
         config = config or picked[1]
     bn, nbt, warps = config[:3]
     if split > 1:
         pdl = pdl_launch(x)
         pf = prefetch_sectors(_TYPE_SIZE[qtype] * per, weight.shape[0], nb // per, nbt, split) if pdl else 0
+        regs = {"maxnreg": max_registers} if max_registers and x.is_cuda else {}
         _SPLIT_KERNELS[qtype][grid](
             xq, xd, xs, weight, out, m, n_out, nb, weight.stride(0), out.stride(0),
             BLOCK_M=triton.next_power_of_2(m), SILU_MUL=silu_and_mul, ASM=x.is_cuda, BLOCK_N=bn, NBT=nbt, S=split,
-            PER=per, PF=pf, **pdl, num_warps=warps,
+            PER=per, PF=pf, **pdl, **regs, num_warps=warps,
         )  # fmt: skip
         return out
+    if max_registers:
+        raise ValueError("max_registers is for the kernels that split blocks across threads")
     _KERNELS[qtype][grid](
         xq, xd, xs, weight, out, m, n_out, nb, weight.stride(0), out.stride(0),
         PER=per, BLOCK_M=triton.next_power_of_2(m), SILU_MUL=silu_and_mul, ASM=x.is_cuda,
