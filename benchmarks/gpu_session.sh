@@ -39,6 +39,7 @@
 # probe: the head's phases on the GPU, host ms per step beside the baseline, the 8B Q4_K_M decode step per kernel
 # waves: the split int8 GEMVs compiled for fewer registers (more programs resident, fewer waves) beside the rule,
 #   Q8_0's gate/up and LM head tilings, the 8B Q4_K_M step with the rule's kernels compiled for fewer registers
+# waves_short: the first two runs of waves
 # offline512: the offline workload (bench_gpu) at 256 and at 512 running requests
 # quant/quant2/quant70: GGUF and FP8 CUDA tests, 8B GGUF decode beside bf16, the embedded GGUF kept quantized,
 #   FP8 weights and FP8 KV beside bf16, 70B Q4_K_M on one H200 (the embedded GGUF travels in two halves, .gguf/a|b)
@@ -260,6 +261,12 @@ waves)
   run timeout 170 python3 benchmarks/sweep_dp4a.py --types Q8_0 --shapes qkv,o,gate_up,down,lm_head \
       --split-cells 8x2x4,8x1x4,4x2x4,4x4x4,2x4x4,4x16x4,8x4x4
   run timeout 60 python3 benchmarks/sweep_dp4a.py --types Q6_K --shapes down --split-cells 8x8x4,8x8x4r48,8x8x4r40,8x4x4
+  ;;
+waves_short)
+  run timeout 150 python3 benchmarks/sweep_dp4a.py --types Q4_K --shapes o,gate_up,down \
+      --split-cells 8x1x4,8x1x4r32,4x8x4,8x8x4r32,4x16x4r40
+  run timeout 150 python3 benchmarks/profile_decode.py --model Llama-3.1-8B --gguf Q4_K_M --reps 10 \
+      --register-caps 12:8:32,12:8:32+12:4:40
   ;;
 offline512)
   nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader
