@@ -146,6 +146,13 @@ def _cases(args, types: list[str]):
             del w
 
 
+def _split_cell(spec: str) -> tuple[int, int, int, int | None]:
+    """``SxNBTxWARPS[rREGS]`` -> ``(S, NBT, warps, register cap or None)``."""
+    tiling, _, regs = spec.partition("r")
+    sp, nbt, warps = (int(v) for v in tiling.split("x"))
+    return sp, nbt, warps, int(regs) if regs else None
+
+
 def sweep_split(args) -> None:
     """The split kernels (``gguf_gemv_dp4a(..., split=S)``) at each S and NBT x num_warps tiling (BLOCK_N =
     32 num_warps / (NBT S)), x rounded to int8 beforehand (the GEMV alone), beside the thread-per-unit
@@ -178,8 +185,7 @@ def sweep_split(args) -> None:
         if args.split_cells == "rule":
             grid = []
         elif args.split_cells:
-            grid = [(*(int(v) for v in c.split("r")[0].split("x")), int(c.split("r")[1]) if "r" in c else None)
-                    for c in args.split_cells.split(",")]  # fmt: skip
+            grid = [_split_cell(c) for c in args.split_cells.split(",")]
         else:
             grid = [(sp, *(int(v) for v in c.split("x")), None) for sp in (int(v) for v in args.split.split(","))
                     for c in args.split_tilings.split(",")]  # fmt: skip

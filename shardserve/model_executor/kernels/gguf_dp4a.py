@@ -1122,7 +1122,7 @@ def gguf_gemv_dp4a(
             (only packed rows take it).
         max_registers: registers per thread the split kernel is compiled for (PTX ``.maxnreg``, Triton's
             ``maxnreg``; the compiler spills what does not fit), so that more programs are resident per SM;
-            default: none (the compiler's choice). Split kernels only.
+            default: none (the compiler's choice). Split kernels only; the Triton interpreter ignores it.
 
     Returns:
         ``(M, N)`` (``(M, N / 2)`` with ``silu_and_mul``) in ``x``'s dtype. The error against the exact
