@@ -40,6 +40,12 @@
 # waves: the split int8 GEMVs compiled for fewer registers (more programs resident, fewer waves) beside the rule,
 #   Q8_0's gate/up and LM head tilings, the 8B Q4_K_M step with the rule's kernels compiled for fewer registers
 # waves_short: the first two runs of waves
+# q8rule: the split tiling rule's Q8_0 (64 threads a row on many-row weights) and Q4_K q/k (S = 4) picks: their
+#   CUDA tests, 8B Q4_K_M and Q8_0 batch-1 decode beside bf16, the Q8_0 step by kernel, cells with
+#   2-4 slices a thread (eE), Q6_K's and Q8_0's wider cells
+# twoslices: Q4_K weights above 5120 rows at 4 x 8 with two rows' slices a thread: CUDA tests, 8B Q4_K_M
+#   beside bf16 and by kernel, the 70B Q4_K shapes' cells, then the offline workload at 512 running requests
+# rule70: the Q4_K rule's 70B picks (4 x 16, two rows' slices a thread) beside the 8B's and 70B's cells
 # offline512: the offline workload (bench_gpu) at 256 and at 512 running requests
 # quant/quant2/quant70: GGUF and FP8 CUDA tests, 8B GGUF decode beside bf16, the embedded GGUF kept quantized,
 #   FP8 weights and FP8 KV beside bf16, 70B Q4_K_M on one H200 (the embedded GGUF travels in two halves, .gguf/a|b)
@@ -267,6 +273,31 @@ waves_short)
       --split-cells 8x1x4,8x1x4r32,4x8x4,8x8x4r32,4x16x4r40
   run timeout 150 python3 benchmarks/profile_decode.py --model Llama-3.1-8B --gguf Q4_K_M --reps 10 \
       --register-caps 12:8:32,12:8:32+12:4:40
+  ;;
+q8rule)
+  run timeout 90 python3 -m pytest -q -p no:cacheprovider tests/model_executor/test_gguf_kernels.py -k "split and not engine"
+  run timeout 300 python3 benchmarks/bench_quant.py --skip-70b --parts hw,bf16,gguf --recipes Q4_K_M,Q8_0 --no-prefill-paths \
+      --new-tokens 128 --part-timeout 130 --json-out "$OUT/quant_8b.json"
+  run timeout 120 python3 benchmarks/profile_decode.py --model Llama-3.1-8B --gguf Q8_0 --reps 10
+  run timeout 100 python3 benchmarks/sweep_dp4a.py --types Q4_K --shapes qkv,o,gate_up,down \
+      --split-cells 8x1x4,8x1x4e2,8x1x4e4,8x1x2e2,4x8x4e2,8x4x4e2,8x2x4e2
+  run timeout 120 python3 benchmarks/sweep_dp4a.py --types Q6_K,Q8_0 --shapes v,down,lm_head,gate_up \
+      --split-cells 8x8x4,8x16x4,4x16x4,4x8x4,8x4x4,4x4x4,8x2x4,2x16x4,8x8x4e2,4x16x4e2
+  ;;
+twoslices)
+  run timeout 90 python3 -m pytest -q -p no:cacheprovider tests/model_executor/test_gguf_kernels.py -k "split and not engine"
+  run timeout 200 python3 benchmarks/bench_quant.py --skip-70b --parts hw,bf16,gguf --recipes Q4_K_M --no-prefill-paths \
+      --new-tokens 128 --part-timeout 130 --json-out "$OUT/quant_8b.json"
+  run timeout 80 python3 benchmarks/profile_decode.py --model Llama-3.1-8B --gguf Q4_K_M --reps 10
+  run timeout 80 python3 benchmarks/sweep_dp4a.py --types Q4_K --shapes qk,qkv_70b,o_70b,gate_up_70b,down_70b \
+      --split-cells 4x8x4e2,8x2x4,8x4x4,8x1x4,4x16x4e2,4x4x4e2
+  run timeout 60 python3 benchmarks/sweep_dp4a.py --types Q8_0,Q6_K --shapes gate_up,down --split-cells 4x16x4e2,8x8x4e2,4x16x4
+  run timeout 130 python3 benchmarks/bench_gpu.py --parts hw,shardserve --num-requests 1000 --max-num-seqs 512 \
+      --json-out "$OUT/offline_512.json"
+  ;;
+rule70)
+  run timeout 70 python3 benchmarks/sweep_dp4a.py --types Q4_K --shapes qkv,gate_up,qkv_70b,o_70b,gate_up_70b,down_70b \
+      --split-cells 4x8x4e2,4x16x4e2
   ;;
 offline512)
   nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader

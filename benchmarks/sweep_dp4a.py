@@ -21,6 +21,7 @@ the layers do where the RMSNorm writes the int8 x).
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -31,10 +32,12 @@ import triton
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_gpu import copy_bandwidth, time_matmul_cold
 
-# (name, N, K, SwiGLU) per type, as llama.cpp's Q4_K_M and Q8_0 recipes place them in Llama-3.1-8B
+# (name, N, K, SwiGLU) per type, as llama.cpp's Q4_K_M and Q8_0 recipes place them in Llama-3.1-8B (and, "_70b",
+# in Llama-3.1-70B)
 SHAPES = {
     "Q4_K": [("qk", 5120, 4096, False), ("qkv", 6144, 4096, False), ("o", 4096, 4096, False),
-             ("gate_up", 28672, 4096, True), ("down", 4096, 14336, False)],
+             ("gate_up", 28672, 4096, True), ("down", 4096, 14336, False), ("qkv_70b", 10240, 8192, False),
+             ("o_70b", 8192, 8192, False), ("gate_up_70b", 57344, 8192, True), ("down_70b", 8192, 28672, False)],
     "Q6_K": [("v", 1024, 4096, False), ("down", 4096, 14336, False), ("lm_head", 128256, 4096, False)],
     "Q8_0": [("qkv", 6144, 4096, False), ("o", 4096, 4096, False), ("gate_up", 28672, 4096, True),
              ("down", 4096, 14336, False), ("lm_head", 128256, 4096, False)],
@@ -62,7 +65,8 @@ def main() -> None:
     ap.add_argument(
         "--split-cells",
         default=None,
-        help="SxNBTxWARPS[rREGS],... instead of --split x --split-tilings ('rREGS': compiled for at most REGS "
+        help="SxNBTxWARPS[eE][rREGS],... instead of --split x --split-tilings ('eE': E times the rows a program, "
+        "so that each thread holds E slices and has E loads in flight; 'rREGS': compiled for at most REGS "
         "registers a thread, gguf_gemv_dp4a's max_registers); 'rule': split_tiling's pick only",
     )
     args = ap.parse_args()
@@ -146,11 +150,13 @@ def _cases(args, types: list[str]):
             del w
 
 
-def _split_cell(spec: str) -> tuple[int, int, int, int | None]:
-    """``SxNBTxWARPS[rREGS]`` -> ``(S, NBT, warps, register cap or None)``."""
-    tiling, _, regs = spec.partition("r")
-    sp, nbt, warps = (int(v) for v in tiling.split("x"))
-    return sp, nbt, warps, int(regs) if regs else None
+def _split_cell(spec: str) -> tuple[int, int, int, int, int | None]:
+    """``SxNBTxWARPS[eE][rREGS]`` -> ``(S, NBT, warps, elements a thread E (default 1), register cap or None)``."""
+    m = re.fullmatch(r"(\d+)x(\d+)x(\d+)(?:e(\d+))?(?:r(\d+))?", spec)
+    if m is None:
+        raise SystemExit(f"--split-cells: {spec!r} is not SxNBTxWARPS[eE][rREGS]")
+    sp, nbt, warps, per_thread, regs = m.groups()
+    return int(sp), int(nbt), int(warps), int(per_thread or 1), int(regs) if regs else None
 
 
 def sweep_split(args) -> None:
@@ -187,10 +193,10 @@ def sweep_split(args) -> None:
         elif args.split_cells:
             grid = [_split_cell(c) for c in args.split_cells.split(",")]
         else:
-            grid = [(sp, *(int(v) for v in c.split("x")), None) for sp in (int(v) for v in args.split.split(","))
+            grid = [(sp, *(int(v) for v in c.split("x")), 1, None) for sp in (int(v) for v in args.split.split(","))
                     for c in args.split_tilings.split(",")]  # fmt: skip
-        for sp, nbt, warps, regs in grid:
-            bn = 32 * warps // (nbt * sp)
+        for sp, nbt, warps, per_thread, regs in grid:
+            bn = per_thread * 32 * warps // (nbt * sp)
             if bn < (2 if silu else 1) or nbt > triton.next_power_of_2(units):
                 continue
             c = (bn, nbt, warps)
@@ -200,7 +206,8 @@ def sweep_split(args) -> None:
             def op(x_, w_, q=q, f=silu, c=c, sp=sp, xq=xq, r=regs):
                 return k.gguf_gemv_dp4a(x_, w_, q, f, config=c, quantized=xq, split=sp, max_registers=r)
 
-            label = f"{sp}x{nbt}/{warps}w" + (f" r{regs}" if regs else "")
+            label = f"{sp}x{nbt}/{warps}w" + (f" e{per_thread}" if per_thread > 1 else "")
+            label += f" r{regs}" if regs else ""
             cells.append(cell(label, time_matmul_cold(op, x, w))
                          + (f" err {err:.1e}" if err > 1e-2 else ""))  # fmt: skip
         print(f"{tname} {name:>8} {n}x{kdim} ({w.numel() / 1e6:.1f} MB): " + ", ".join(cells), flush=True)

@@ -292,10 +292,11 @@ def test_dp4a_tiling_rule():
 
 
 def test_dp4a_split_tiling_rule():
-    """The split kernels' tiling: 4 warps of BLOCK_N * NBT * S = 128 threads; threads per row (S * NBT) the
-    power of two that fills 132 SMs with 2048 threads each, 8-32 for Q4_K and 16-64 for Q6_K and Q8_0, NBT
-    at most the row's units; S = 4 only for Q4_K and Q8_0 weights of at most 4096 rows; the picks measured
-    best on the 8B."""
+    """The split kernels' tiling: 4 warps of BLOCK_N * NBT * S = 128 threads (Q4_K weights of more than 5120 rows:
+    256, two rows' slices a thread, at 4 x 8, or 4 x 16 from 32 blocks a row); threads per row (S * NBT) the power
+    of two that fills 132 SMs with 2048 threads each, 8-32 for Q4_K and 16-64 for Q6_K and Q8_0 (Q8_0 weights of
+    more than a wave of rows at 16: 64), NBT at most the row's units; S = 4 for Q4_K and Q8_0 at 64 threads a row;
+    the picks measured best on the 8B."""
     import triton
 
     from shardserve.model_executor.kernels.gguf_dp4a import _SPLIT_PER_ROW, _SPLIT_THREADS_PER_SM, split_tiling
@@ -305,20 +306,35 @@ def test_dp4a_split_tiling_rule():
         for rows in (1, 512, 1024, 4096, 6144, 28672, 128256, 1 << 20):
             for units in (1, 2, 4, 14, 16, 56):
                 s, (bn, nbt, warps) = split_tiling(qtype, rows, units, 132)
-                assert warps == 4 and bn * nbt * s == 128 and s in (4, 8)
                 assert nbt <= triton.next_power_of_2(units)
+                if qtype == 12 and rows > 5120:  # Q4_K, many rows: 4 x 8 (4 x 16), two rows' slices a thread
+                    want = 16 if units >= 32 else min(8, triton.next_power_of_2(units))
+                    assert (s, nbt, warps) == (4, want, 4) and bn * nbt * s == 256
+                    continue
+                assert warps == 4 and bn * nbt * s == 128 and s in (4, 8)
                 per_row = s * nbt
                 assert per_row <= hi and (per_row >= lo or nbt == triton.next_power_of_2(units))
+                many = rows * lo > 132 * _SPLIT_THREADS_PER_SM  # more than a wave at the fewest threads a row
                 if lo < per_row < hi and nbt < triton.next_power_of_2(units):  # the fill decided it
                     assert rows * per_row <= 132 * _SPLIT_THREADS_PER_SM < rows * per_row * 2
-                assert (s == 4) == (qtype in (12, 8) and rows <= 4096)
-    assert split_tiling(12, 6144, 16, 132) == (8, (4, 4, 4))  # 8B q/k/v
+                if qtype == 8 and many:  # Q8_0's many-row weights: the most threads a row
+                    assert per_row == min(hi, 4 * triton.next_power_of_2(units))
+                if qtype == 12:
+                    assert s == 4
+                elif qtype == 8:
+                    assert (s == 4) == (many or rows * hi <= 132 * _SPLIT_THREADS_PER_SM)  # 64 threads a row asked for
+                else:
+                    assert s == 8
+    assert split_tiling(12, 6144, 16, 132) == (4, (8, 8, 4))  # 8B q/k/v
     assert split_tiling(12, 4096, 16, 132) == split_tiling(12, 4096, 56, 132) == (4, (4, 8, 4))  # o, down
-    assert split_tiling(12, 28672, 16, 132) == (8, (16, 1, 4))  # gate/up (2 x 14336 rows)
+    assert split_tiling(12, 28672, 16, 132) == (4, (8, 8, 4))  # gate/up (2 x 14336 rows)
+    assert split_tiling(12, 57344, 32, 132) == split_tiling(12, 8192, 112, 132) == (4, (4, 16, 4))  # 70B
     assert split_tiling(14, 4096, 14, 132) == (8, (2, 8, 4))  # Q6_K down (units of 4 blocks)
     assert split_tiling(14, 128256, 4, 132) == (8, (8, 2, 4))  # the Q6_K LM head
     assert split_tiling(8, 6144, 64, 132) == (8, (4, 4, 4))  # Q8_0 q/k/v (pairs of blocks)
     assert split_tiling(8, 4096, 64, 132) == split_tiling(8, 4096, 224, 132) == (4, (2, 16, 4))  # o, down
+    assert split_tiling(12, 5120, 16, 132) == (4, (4, 8, 4))  # Q4_K q/k beside a Q6_K v
+    assert split_tiling(8, 28672, 64, 132) == split_tiling(8, 128256, 64, 132) == (4, (2, 16, 4))  # gate/up, LM head
 
 
 @pytest.mark.parametrize("name", DP4A_NAMES)
@@ -372,6 +388,10 @@ def test_dp4a_split_gemv_matches_reference(name, cols, split):
     xd = x.to(DEVICE)
     unit = gguf_gemv_dp4a(xd, blocks, qtype, split=1).float().cpu()
     assert _rel(fn(xd, blocks, qtype), unit) < TOL_DP4A_EXACT  # the same sums in another order
+    wide = (2 * config[0], *config[1:])  # two rows' slices a thread (the rule's Q4_K tiling above 5120 rows)
+    assert _rel(gguf_gemv_dp4a(xd, blocks, qtype, config=wide, split=split), unit) < TOL_DP4A_EXACT
+    assert _rel(gguf_gemv_dp4a(xd, blocks, qtype, True, config=wide, split=split),
+                gguf_gemv_dp4a(xd, blocks, qtype, True, split=1).float().cpu()) < TOL_DP4A_EXACT  # fmt: skip
     # compiled for 32 registers a thread (spilling on CUDA; ignored by the interpreter): the same bits
     capped = gguf_gemv_dp4a(xd, blocks, qtype, config=config, split=split, max_registers=32)
     assert torch.equal(capped, fn(xd, blocks, qtype))

@@ -416,21 +416,33 @@ def split_tiling(qtype: int, rows: int, units: int, num_sms: int) -> tuple[int, 
     """``(S, (BLOCK_N, NBT, num_warps))`` of the split kernels for a Q4_K/Q6_K weight of ``rows`` rows (gate
     and up rows both counted) of ``units`` thread units (blocks; Q6_K: fours or pairs of blocks).
 
-    Threads per row (``S * NBT``): the power of two that fills every SM with
-    :data:`_SPLIT_THREADS_PER_SM`, within :data:`_SPLIT_PER_ROW`; S = 8 (a 32-element slice per thread)
-    except for Q4_K weights of at most 4096 rows, which take S = 4 (a 64-element chunk); 4 warps. A rule
-    fitted to an H200 at one row of x, cold weights (``sweep_dp4a.py --split-cells``; fraction of copy
-    bandwidth, the thread-per-unit kernel at its rule's tiling in brackets): Q4_K qkv 6144 x 4096 8 x 4
-    0.45 (0.41), o 4096 x 4096 4 x 8 0.39 (0.36), gate/up 28672 x 4096 8 x 1 0.62 (0.54), down 4096 x
-    14336 4 x 8 0.58 (0.43); Q6_K down 8 x 8 0.53 (0.47), LM head 128256 x 4096 8 x 2 0.82 (0.48). At
-    equal threads per row S = 8 was faster on the 6144-row weight and S = 4 on the 4096-row ones. Q8_0
-    (pairs of blocks) takes Q6_K's bounds and Q4_K's choice of S: qkv 8 x 4 0.62 (0.57), o 4 x 16 0.59
-    (0.51), down 4 x 16 0.76 (0.62); its gate/up and LM head tilings (8 x 2) are not yet timed.
+    Threads per row (``S * NBT``): the power of two that fills every SM with :data:`_SPLIT_THREADS_PER_SM`, within
+    :data:`_SPLIT_PER_ROW`, except that a Q8_0 weight with more rows than one such wave at its fewest threads a row
+    takes its most; S = 8 (a 32-element slice per thread) except for Q4_K and for Q8_0 at 64 threads a row, which
+    take S = 4 (a 64-element chunk); 4 warps, a thread per slice, except for Q4_K weights of more than 5120 rows:
+    S = 4, NBT = 8 (16 for rows of at least 32 blocks) and two rows' slices a thread (BLOCK_N = 8 or 4 on 128
+    threads), so that each thread has two blocks' loads in flight. A rule fitted to an H200 at one row of x, cold
+    weights (``sweep_dp4a.py --split-cells``; fraction of copy bandwidth, the thread-per-unit kernel at its rule's
+    tiling in brackets): Q4_K qkv 6144 x 4096 4 x 8 two a thread 0.56 (0.41; 8 x 4 0.50), q/k 5120 x 4096 4 x 8 0.51
+    (0.38; 8 x 4 0.43), o 4096 x 4096 4 x 8 0.43 (0.35; two a thread 0.39), gate/up 28672 x 4096 4 x 8 two a thread
+    0.80 (0.54; 8 x 1 0.61, 4 x 8 0.58, 8 x 4 two a thread 0.71), down 4096 x 14336 4 x 8 0.53 (0.43; two a thread
+    0.53); Q6_K down 8 x 8 0.53 (0.47), LM head 128256 x 4096 8 x 2 0.82 (0.48). Q8_0 (pairs of blocks; Q6_K's
+    bounds): qkv 8 x 4 0.60 (0.57; 4 x 16 0.57), o 4 x 16 0.64 (0.51), down 4 x 16 0.77 (0.63), gate/up 28672 x 4096
+    4 x 16 0.84 (0.53; 8 x 2 0.66, 8 x 4 0.70), LM head 4 x 16 0.95 (0.22; 8 x 2 0.75). At 70B (K = 8192 or 28672)
+    Q4_K 4 x 16 two a thread: qkv 10240 x 8192 0.72 (4 x 8 two a thread 0.65, the old rule's 8 x 2 0.50), o
+    8192 x 8192 0.64 (0.54; 8 x 4 0.46), gate/up 57344 x 8192 0.97 (0.94; 8 x 1 0.70), down 8192 x 28672 0.72 (0.64;
+    8 x 4 0.45); on the 8B's q/k (16 blocks) 0.49 against 4 x 8's 0.51. Compiling for fewer registers (more programs
+    resident) gained nothing (Q4_K gate/up 8 x 1 at 32 registers 0.61, as at 40).
     """
+    if qtype == 12 and rows > 5120:  # Q4_K, many rows: S = 4, NBT 8 (16 from 32 blocks), two rows' slices a thread
+        nbt = 16 if units >= 32 else min(8, triton.next_power_of_2(units))
+        return 4, (2 * 128 // (4 * nbt), nbt, 4)
     lo, hi = _SPLIT_PER_ROW.get(qtype, _SPLIT_PER_ROW[14])
     fill = num_sms * _SPLIT_THREADS_PER_SM // max(rows, 1)
     per_row = min(hi, max(lo, 1 << max(fill, 1).bit_length() - 1))
-    s = 4 if qtype in (12, 8) and rows <= 4096 else 8
+    if qtype == 8 and fill < lo:  # Q8_0 past one wave at its fewest threads a row: the most (measured)
+        per_row = hi
+    s = 4 if qtype == 12 or (qtype == 8 and per_row == hi) else 8
     nbt = max(1, min(per_row // s, triton.next_power_of_2(units)))
     return s, (max(1, 128 // (s * nbt)), nbt, 4)
 
