@@ -45,7 +45,8 @@
 #   2-4 slices a thread (eE), Q6_K's and Q8_0's wider cells
 # twoslices: Q4_K weights above 5120 rows at 4 x 8 with two rows' slices a thread: CUDA tests, 8B Q4_K_M
 #   beside bf16 and by kernel, the 70B Q4_K shapes' cells, then the offline workload at 512 running requests
-# rule70: the Q4_K rule's 70B picks (4 x 16, two rows' slices a thread) beside the 8B's and 70B's cells
+# rule70: the Q4_K rule's 70B picks (4 x 16, two rows' slices a thread) beside the 8B's and 70B's cells, cells
+#   for the 4096-row Q4_K and the Q6_K weights, the offline workload at 256 and 512 running requests in one call
 # offline512: the offline workload (bench_gpu) at 256 and at 512 running requests
 # quant/quant2/quant70: GGUF and FP8 CUDA tests, 8B GGUF decode beside bf16, the embedded GGUF kept quantized,
 #   FP8 weights and FP8 KV beside bf16, 70B Q4_K_M on one H200 (the embedded GGUF travels in two halves, .gguf/a|b)
@@ -298,6 +299,11 @@ twoslices)
 rule70)
   run timeout 70 python3 benchmarks/sweep_dp4a.py --types Q4_K --shapes qkv,gate_up,qkv_70b,o_70b,gate_up_70b,down_70b \
       --split-cells 4x8x4e2,4x16x4e2
+  run timeout 90 python3 benchmarks/sweep_dp4a.py --types Q4_K,Q6_K --shapes o,down,v,lm_head \
+      --split-cells 4x8x4,2x16x4,4x4x4e2,2x8x4e2,4x8x2e2,8x4x4,8x2x4e2,4x4x4
+  run timeout 130 python3 benchmarks/bench_gpu.py --parts hw,shardserve --num-requests 1000 --json-out "$OUT/offline_256.json"
+  run timeout 130 python3 benchmarks/bench_gpu.py --parts hw,shardserve --num-requests 1000 --max-num-seqs 512 \
+      --json-out "$OUT/offline_512.json"
   ;;
 offline512)
   nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader
