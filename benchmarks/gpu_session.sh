@@ -38,8 +38,9 @@
 #   the 8B Q4_K_M step with RoPE inside and apart, 8B Q4_K_M and Q8_0 batch-1 decode beside bf16
 # probe: the head's phases on the GPU, host ms per step beside the baseline, the 8B Q4_K_M decode step per kernel
 # waves: the split int8 GEMVs compiled for fewer registers (more programs resident, fewer waves) beside the rule,
-#   Q8_0's gate/up and LM head tilings, the 8B Q4_K_M step with the rule's kernels compiled for fewer registers
-# waves_short: the first two runs of waves
+#   Q8_0's gate/up and LM head tilings (the served step under register caps, profile_decode --register-caps,
+#   was timed at 5c36fc5 and the option removed: no gain)
+# waves_short: the first run of waves
 # q8rule: the split tiling rule's Q8_0 (64 threads a row on many-row weights) and Q4_K q/k (S = 4) picks: their
 #   CUDA tests, 8B Q4_K_M and Q8_0 batch-1 decode beside bf16, the Q8_0 step by kernel, cells with
 #   2-4 slices a thread (eE), Q6_K's and Q8_0's wider cells
@@ -263,8 +264,6 @@ waves)
   nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader
   run timeout 150 python3 benchmarks/sweep_dp4a.py --types Q4_K --shapes qk,o,gate_up,down \
       --split-cells 8x1x4,8x1x4r32,4x8x4,4x8x4r40,8x4x4r32,8x8x4r32,4x16x4r32,4x16x4r40
-  run timeout 150 python3 benchmarks/profile_decode.py --model Llama-3.1-8B --gguf Q4_K_M --reps 10 \
-      --register-caps 12:8:32,12:8:32+12:4:40
   run timeout 170 python3 benchmarks/sweep_dp4a.py --types Q8_0 --shapes qkv,o,gate_up,down,lm_head \
       --split-cells 8x2x4,8x1x4,4x2x4,4x4x4,2x4x4,4x16x4,8x4x4
   run timeout 60 python3 benchmarks/sweep_dp4a.py --types Q6_K --shapes down --split-cells 8x8x4,8x8x4r48,8x8x4r40,8x4x4
@@ -272,8 +271,6 @@ waves)
 waves_short)
   run timeout 150 python3 benchmarks/sweep_dp4a.py --types Q4_K --shapes o,gate_up,down \
       --split-cells 8x1x4,8x1x4r32,4x8x4,8x8x4r32,4x16x4r40
-  run timeout 150 python3 benchmarks/profile_decode.py --model Llama-3.1-8B --gguf Q4_K_M --reps 10 \
-      --register-caps 12:8:32,12:8:32+12:4:40
   ;;
 q8rule)
   run timeout 90 python3 -m pytest -q -p no:cacheprovider tests/model_executor/test_gguf_kernels.py -k "split and not engine"

@@ -115,12 +115,11 @@ def profile_offline(llm, num_requests: int, input_len: int, output_len: int) -> 
         print(f"{t:8.2f} s {t / wall:6.1%}  {name[:100]}")
 
 
-def pdl_ab(graphs, bs: int, register_caps: list[tuple[str, dict]] | None = None) -> dict:
+def pdl_ab(graphs, bs: int) -> dict:
     """The same decode step captured again under five launch settings (``kernels/pdl.py``): programmatic
     dependent launch off; on for every kernel, with the int8 GEMVs' L2 prefetch before their wait; on
     without that prefetch; on for all but the int8 GEMVs and activation rounding (``kernels/gguf_dp4a``);
-    on with RoPE and the KV store in their own launch again (``layers/attention.FUSE_ROPE`` off); and on
-    with each of ``register_caps`` as ``gguf_dp4a.SPLIT_MAX_REGISTERS`` (``--register-caps``).
+    on with RoPE and the KV store in their own launch again (``layers/attention.FUSE_ROPE`` off).
     Prints each replay time and whether its output equals PDL off bit for bit; returns the graphs by
     setting (none where PDL is not available)."""
     from shardserve.model_executor.kernels import gguf_dp4a, pdl
@@ -131,23 +130,19 @@ def pdl_ab(graphs, bs: int, register_caps: list[tuple[str, dict]] | None = None)
         print("== PDL: off or not available on this GPU (compute capability 9.0+)")
         return {}
     budget, launch, fuse = gguf_dp4a._PREFETCH_BYTES, gguf_dp4a.pdl_launch, attention.FUSE_ROPE
-    regs = dict(gguf_dp4a.SPLIT_MAX_REGISTERS)
     variants = {
-        "off": (False, budget, launch, fuse, regs),
-        "on": (True, budget, launch, fuse, regs),
-        "on, no prefetch": (True, 0, launch, fuse, regs),
-        "on, not gguf_dp4a": (True, budget, lambda x: {}, fuse, regs),
-        "on, RoPE apart": (True, budget, launch, False, regs),
+        "off": (False, budget, launch, fuse),
+        "on": (True, budget, launch, fuse),
+        "on, no prefetch": (True, 0, launch, fuse),
+        "on, not gguf_dp4a": (True, budget, lambda x: {}, fuse),
+        "on, RoPE apart": (True, budget, launch, False),
     }
-    for label, caps in register_caps or {}:
-        variants[f"on, {label}"] = (True, budget, launch, fuse, caps)
     results, captured = {}, {}
     try:
-        for name, (on, prefetch, launcher, fuse_rope, caps) in variants.items():
+        for name, (on, prefetch, launcher, fuse_rope) in variants.items():
             pdl.set_pdl(on)
             gguf_dp4a._PREFETCH_BYTES, gguf_dp4a.pdl_launch = prefetch, launcher
             attention.FUSE_ROPE = fuse_rope
-            gguf_dp4a.SPLIT_MAX_REGISTERS = caps
             with torch.inference_mode():
                 graphs._forward(bs)  # compile this variant
                 torch.cuda.synchronize()
@@ -163,7 +158,6 @@ def pdl_ab(graphs, bs: int, register_caps: list[tuple[str, dict]] | None = None)
         pdl.set_pdl(True)
         gguf_dp4a._PREFETCH_BYTES, gguf_dp4a.pdl_launch = budget, launch
         attention.FUSE_ROPE = fuse
-        gguf_dp4a.SPLIT_MAX_REGISTERS = regs
     off_ms, off_out = results["off"]
     for name, (ms, out) in results.items():
         print(f"== PDL {name:>18}: graph replay {ms:.3f} ms ({off_ms / ms:.3f}x of off); output equal to off: "
@@ -186,15 +180,7 @@ def main() -> None:
         metavar="N",
         help="instead: profile N requests of the offline-throughput workload (1024 in / 256 out)",
     )
-    ap.add_argument(
-        "--register-caps",
-        default="",
-        metavar="TYPE:S:REGS[+...],...",
-        help="more PDL settings: each a gguf_dp4a.SPLIT_MAX_REGISTERS, e.g. 12:8:32,12:8:32+8:8:32 (ggml type, S)",
-    )
     args = ap.parse_args()
-    caps = [(f"registers {c}", {(int(t), int(sp)): int(r) for t, sp, r in (e.split(":") for e in c.split("+"))})
-            for c in args.register_caps.split(",") if c]  # fmt: skip
     if args.offline:
         from shardserve import LLM
 
@@ -229,7 +215,7 @@ def main() -> None:
     graph = graphs.graphs[bs]
     step_ms = _timed_cuda(graph.replay, 100) * 1e3
     # per kernel without PDL: under it a kernel starts early and waits, so its time would include the wait
-    graph = pdl_ab(graphs, bs, caps).get("off", graph)
+    graph = pdl_ab(graphs, bs).get("off", graph)
     rows = kernel_table(graph.replay, args.reps)
     if not rows:  # this profiler does not see kernels inside graphs: profile the same step eagerly
         print("(profiler sees no kernels inside the graph: eager forward of the same step)")

@@ -413,8 +413,9 @@ _SPLIT_PER_ROW = {12: (8, 32), 14: (16, 64), 8: (16, 64)}
 
 
 def split_tiling(qtype: int, rows: int, units: int, num_sms: int) -> tuple[int, tuple[int, int, int]]:
-    """``(S, (BLOCK_N, NBT, num_warps))`` of the split kernels for a Q4_K/Q6_K weight of ``rows`` rows (gate
-    and up rows both counted) of ``units`` thread units (blocks; Q6_K: fours or pairs of blocks).
+    """``(S, (BLOCK_N, NBT, num_warps))`` of the split kernels for a Q4_K/Q6_K/Q8_0 weight of ``rows`` rows
+    (gate and up rows both counted) of ``units`` thread units (blocks; Q6_K: fours or pairs of blocks; Q8_0:
+    pairs).
 
     Threads per row (``S * NBT``): the power of two that fills every SM with :data:`_SPLIT_THREADS_PER_SM`, within
     :data:`_SPLIT_PER_ROW`, except that a Q8_0 weight with more rows than one such wave at its fewest threads a row
@@ -432,7 +433,8 @@ def split_tiling(qtype: int, rows: int, units: int, num_sms: int) -> tuple[int, 
     Q4_K 4 x 16 two a thread: qkv 10240 x 8192 0.72 (4 x 8 two a thread 0.65, the old rule's 8 x 2 0.50), o
     8192 x 8192 0.64 (0.54; 8 x 4 0.46), gate/up 57344 x 8192 0.97 (0.94; 8 x 1 0.70), down 8192 x 28672 0.72 (0.64;
     8 x 4 0.45); on the 8B's q/k (16 blocks) 0.49 against 4 x 8's 0.51. Compiling for fewer registers (more programs
-    resident) gained nothing (Q4_K gate/up 8 x 1 at 32 registers 0.61, as at 40).
+    resident) gained nothing (Q4_K gate/up 8 x 1 at 32 registers 0.61, as at 40; ``max_registers`` of
+    :func:`gguf_gemv_dp4a`), so the rule leaves registers to the compiler.
     """
     if qtype == 12 and rows > 5120:  # Q4_K, many rows: S = 4, NBT 8 (16 from 32 blocks), two rows' slices a thread
         nbt = 16 if units >= 32 else min(8, triton.next_power_of_2(units))
@@ -446,10 +448,6 @@ def split_tiling(qtype: int, rows: int, units: int, num_sms: int) -> tuple[int, 
     nbt = max(1, min(per_row // s, triton.next_power_of_2(units)))
     return s, (max(1, 128 // (s * nbt)), nbt, 4)
 
-
-SPLIT_MAX_REGISTERS: dict[tuple[int, int], int] = {}
-"""``(ggml type, S) -> registers per thread`` that the split kernels are compiled for at the rule's tiling
-(``gguf_gemv_dp4a``'s ``max_registers``); pairs not named keep the compiler's choice."""
 
 _PREFETCH_BYTES = 16 << 20
 """The most weight bytes a GEMV asks L2 for before its PDL wait: well inside an H100/H200's 50 MB L2,
@@ -1168,8 +1166,6 @@ def gguf_gemv_dp4a(
             if split:  # S asked for: the rule's NBT and warps, BLOCK_N for 32 threads a warp at that S
                 nbt, warps = picked[1][1:]
                 picked = split, (max(1, 32 * warps // (split * nbt)), nbt, warps)
-            if config is None and max_registers is None:
-                max_registers = SPLIT_MAX_REGISTERS.get((qtype, picked[0]))
         split = split or picked[0]
         config = config or picked[1]
     bn, nbt, warps = config[:3]
