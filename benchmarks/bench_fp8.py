@@ -44,8 +44,12 @@ VARIANTS = {
     "bf16": {},
     "fp8": {"quantization": "fp8"},
     "kv8": {"kv_cache_dtype": "fp8"},
+    "fp8s": {"quantization": "fp8"},
 }
-"""Setting name -> extra ``LLM`` arguments (the same flags as ``shardserve serve``)."""
+"""Setting name -> extra ``LLM`` arguments (the same flags as ``shardserve serve``). ``fp8s`` is ``fp8`` with
+each layer's FP8 GEMV at the fastest configuration the ``kernels`` part's ``--sweep`` found for its shape
+(passed to the part as ``--fp8-gemv-configs``), to time a tiling rule before it is written into
+:func:`~shardserve.model_executor.kernels.fp8.fp8_gemv_config`."""
 KERNEL_ROWS = (1, 2, 4, 16, 256, 4096)
 TINY = dict(
     hidden_size=128,
@@ -136,8 +140,8 @@ def _sweep_fp8_gemv(x, q, s, copy_seconds: float, time_matmul_cold) -> list[list
     from shardserve.model_executor.kernels.fp8 import fp8_gemv
 
     found = []
-    for bn, bk, warps, stages in itertools.product((4, 8), (512, 1024, 2048), (4, 8), (2, 3, 4)):
-        if q.shape[1] % bk:
+    for bn, bk, warps, stages in itertools.product((2, 4, 8, 16), (512, 1024, 2048, 4096), (4, 8), (2, 3)):
+        if q.shape[1] % bk or bn * bk > 16384 or bn * bk < 2048:  # past 16K products a program spills
             continue
         cfg = (bn, bk, warps, stages)
         try:
@@ -146,6 +150,17 @@ def _sweep_fp8_gemv(x, q, s, copy_seconds: float, time_matmul_cold) -> list[list
             continue
         found.append([list(cfg), copy_seconds / t])
     return sorted(found, key=lambda c: -c[1])[:5]
+
+
+def swept_configs(results: dict) -> dict[str, list[int]]:
+    """``"NxK" -> [BLOCK_N, BLOCK_K, num_warps, num_stages]``: the fastest 1-row FP8 GEMV configuration of each
+    layer the ``kernels`` part swept (empty without ``--sweep``)."""
+    out = {}
+    for layer in results.get("kernels", {}).get("layers", {}).values():
+        sweep = layer["rows"].get("1", layer["rows"].get(1, {})).get("sweep")
+        if sweep:
+            out["x".join(map(str, layer["shape"]))] = sweep[0][0]
+    return out
 
 
 def layer_shapes(model_dir: str, tp: int) -> dict[str, tuple[int, int]]:
@@ -164,6 +179,12 @@ def layer_shapes(model_dir: str, tp: int) -> dict[str, tuple[int, int]]:
 
 def part_variant(args) -> dict:
     args.llm_kwargs = dict(VARIANTS[args.variant])
+    if args.fp8_gemv_configs:  # fp8s: the swept configuration per (N, K), the rule's pick elsewhere
+        from shardserve.model_executor.kernels import fp8 as fp8_kernels
+
+        table = {tuple(map(int, key.split("x"))): tuple(cfg) for key, cfg in json.loads(args.fp8_gemv_configs).items()}
+        rule = fp8_kernels.fp8_gemv_config
+        fp8_kernels.fp8_gemv_config = lambda n, k: table.get((n, k)) or rule(n, k)
     if args.device == "cpu":
         args.llm_kwargs["device"] = "cpu"
     return part_shardserve(args)
@@ -191,7 +212,8 @@ def main() -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--kernel-rows", type=int, nargs="*", default=list(KERNEL_ROWS))
     ap.add_argument("--sweep", action="store_true", help="also time FP8 GEMV configurations at 1 row")
-    ap.add_argument("--parts", default="hw,kernels,bf16,fp8,kv8")
+    ap.add_argument("--parts", default="hw,kernels,bf16,fp8,kv8", help="also fp8s (after kernels with --sweep)")
+    ap.add_argument("--fp8-gemv-configs", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--part-timeout", type=float, default=400.0, help="seconds per part before it is killed")
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--disable-custom-all-reduce", action="store_true")
@@ -218,6 +240,8 @@ def main() -> None:
     base = [sys.executable, __file__, "--model-dir", args.model_dir] + _strip_opt(sys.argv[1:], "--parts")
     for part in args.parts.split(","):
         extra = ["--part", part] if part in ("hw", "kernels") else ["--part", "variant", "--variant", part]
+        if part == "fp8s":
+            extra += ["--fp8-gemv-configs", json.dumps(swept_configs(results))]
         results[part] = _run_part(base + extra, args.part_timeout)
         print(f"[{part}] {json.dumps(results[part])[:400]}", flush=True)
         if args.json_out:  # after every part, so a later failure keeps the figures so far
@@ -303,11 +327,16 @@ def report(r: dict, args) -> list[str]:
                 f"over {res['requests']} requests of {args.input_len} in / {args.output_len} out"
             )
         lines.append(f"[{v}] KV cache capacity {res['kv_capacity_tokens']} tokens")
-    b, f, k = (r.get(v) if r.get(v) and "error" not in r[v] else {} for v in VARIANTS)
+    b, f, k, fs = (r.get(v) if r.get(v) and "error" not in r[v] else {} for v in ("bf16", "fp8", "kv8", "fp8s"))
     lines.append(
         "FP8 weights / bf16, batch-1 decode: "
         + _check(_ratio(f.get("batch1_decode_tok_s"), b.get("batch1_decode_tok_s")), 1.7)
     )
+    if fs:
+        lines.append(
+            f"FP8 weights at the swept GEMV configurations {swept_configs(r)} / bf16, batch-1 decode: "
+            + _check(_ratio(fs.get("batch1_decode_tok_s"), b.get("batch1_decode_tok_s")), 1.7)
+        )
     lines.append(
         "FP8 weights / bf16, offline total tok/s: " + _check(_ratio(f.get("total_tok_s"), b.get("total_tok_s")), 1.3)
     )
