@@ -51,6 +51,8 @@
 # offline512: the offline workload (bench_gpu) at 256 and at 512 running requests
 # fp8sweep: the FP8 tests on CUDA, the FP8 GEMV's tilings at 1 row on the 8B shapes, 8B batch-1 decode in bf16,
 #   FP8 at the rule's tiling and FP8 at each shape's swept best (bench_fp8.py fp8s), the 8B Q4_K 4 x 16 e2 cells
+# fp8rule: the FP8 GEMV's CUDA tests, 8B FP8 beside bf16 with the fitted tiling rule (300 offline requests),
+#   the offline workload at 256 and 512 running requests
 # quant/quant2/quant70: GGUF and FP8 CUDA tests, 8B GGUF decode beside bf16, the embedded GGUF kept quantized,
 #   FP8 weights and FP8 KV beside bf16, 70B Q4_K_M on one H200 (the embedded GGUF travels in two halves, .gguf/a|b)
 # Wheels for what the device lacks lie in .whl/ (carried); the baseline commit's tree in .baseline/.
@@ -315,6 +317,13 @@ fp8sweep)
   run timeout 420 python3 benchmarks/bench_fp8.py --parts hw,kernels,bf16,fp8,fp8s --kernel-rows 1 --sweep \
       --num-requests 100 --json-out "$OUT/fp8_sweep.json"
   run timeout 60 python3 benchmarks/sweep_dp4a.py --types Q4_K --shapes qkv,gate_up --split-cells 4x8x4e2,4x16x4e2
+  ;;
+fp8rule)
+  run timeout 60 python3 -m pytest -q -p no:cacheprovider tests/model_executor/test_fp8.py -k "gemv or per_token"
+  run timeout 280 python3 benchmarks/bench_fp8.py --parts hw,bf16,fp8 --num-requests 300 --json-out "$OUT/fp8_rule.json"
+  run timeout 115 python3 benchmarks/bench_gpu.py --parts hw,shardserve --num-requests 1000 --json-out "$OUT/offline_256.json"
+  run timeout 115 python3 benchmarks/bench_gpu.py --parts hw,shardserve --num-requests 1000 --max-num-seqs 512 \
+      --json-out "$OUT/offline_512.json"
   ;;
 quant70)
   df -h /tmp | tail -1; free -g | head -2

@@ -22,7 +22,7 @@ from safetensors.torch import save_file  # noqa: E402
 from shardserve.config import ModelConfig  # noqa: E402
 from shardserve.distributed import parallel_state as ps  # noqa: E402
 from shardserve.model_executor.kernels import TRITON_INTERPRET  # noqa: E402
-from shardserve.model_executor.kernels.fp8 import fp8_gemv, quantize_per_token  # noqa: E402
+from shardserve.model_executor.kernels.fp8 import fp8_gemv, fp8_gemv_config, quantize_per_token  # noqa: E402
 from shardserve.model_executor.layers.quantization.base import model_weight_bytes  # noqa: E402
 from shardserve.model_executor.layers.quantization.fp8 import (  # noqa: E402
     Fp8Config,
@@ -37,6 +37,8 @@ from shardserve.model_executor.models.llama import LlamaForCausalLM  # noqa: E40
 
 if not torch.cuda.is_available() and not TRITON_INTERPRET:
     pytest.skip("the FP8 kernels need a GPU or TRITON_INTERPRET=1", allow_module_level=True)
+KERNEL_DEVICE = "cpu" if TRITON_INTERPRET else "cuda"
+"""Where the kernel tests put their tensors: the interpreter's CPU, or the GPU when Triton compiles."""
 
 FP8 = torch.float8_e4m3fn
 PROMPT = [5, 17, 200, 3, 99, 42, 7, 150, 18, 255, 64, 1]
@@ -277,14 +279,33 @@ def test_fp8_linear_paths_equal_their_emulation(static, ub):
     assert (layer(x) - x @ w.T).abs().max() > 0  # activations really were quantized
 
 
+def test_fp8_gemv_config_rule():
+    """The H200-fitted tiling (kernels/fp8.py): 8 rows x 1024 where K >= N, 8 x 512 from N = 4 K, 16 rows on 8
+    warps between; BLOCK_K halves to divide K, never below 256."""
+    assert fp8_gemv_config(4096, 4096) == (8, 1024, 4, 3)  # o_proj
+    assert fp8_gemv_config(4096, 14336) == (8, 1024, 4, 3)  # down_proj (14336 = 14 x 1024)
+    assert fp8_gemv_config(28672, 4096) == (8, 512, 4, 3)  # gate_up_proj
+    assert fp8_gemv_config(6144, 4096) == (16, 512, 8, 2)  # qkv_proj
+    assert fp8_gemv_config(3584, 768)[1] == 256 and fp8_gemv_config(37, 300)[1] == 256
+
+
 def test_fp8_gemv_matches_dequantized_matmul():
-    """The GEMV reads float8 weights (the interpreter loads and converts e4m3 like the GPU) and scales rows."""
+    """The GEMV reads float8 weights (the interpreter loads and converts e4m3 like the GPU) and scales rows, at
+    each of the tiling rule's three picks, with and without SwiGLU, ragged N and K (masked tiles)."""
     gen = torch.Generator().manual_seed(5)
-    for rows, n, k, bias, silu in [(1, 64, 2048, False, False), (2, 37, 300, True, False), (1, 40, 512, False, True)]:
+    cases = [
+        (1, 64, 2048, False, False),  # 8 x 1024
+        (2, 37, 300, True, False),  # 8 x 256, both dimensions masked
+        (1, 40, 512, False, True),  # 8 x 512 after halving
+        (2, 96, 64, False, False),  # N = 1.5 K: 16 x 256 on 8 warps, K masked
+        (1, 300, 64, False, True),  # gate/up N = 9.4 K: 8 x 256
+    ]
+    for rows, n, k, bias, silu in cases:
         x = torch.randn(rows, k, generator=gen)
         q, scale = quantize_weight_per_row(torch.randn(n * (2 if silu else 1), k, generator=gen))
         b = torch.randn(n, generator=gen) if bias else None
-        got = fp8_gemv(x, q, scale, b, silu_and_mul=silu)
+        dev = lambda t: None if t is None else t.to(KERNEL_DEVICE)  # noqa: E731
+        got = fp8_gemv(dev(x), dev(q), dev(scale), dev(b), silu_and_mul=silu).float().cpu()
         want = torch.nn.functional.linear(x, q.float() * scale[:, None], b)
         if silu:
             want = torch.nn.functional.silu(want[:, :n]) * want[:, n:]
@@ -297,6 +318,7 @@ def test_fp8_gemv_matches_dequantized_matmul():
 
 def test_quantize_per_token_dynamic_bounded_and_static():
     x = torch.randn(5, 300, generator=torch.Generator().manual_seed(2)) * torch.tensor([1, 10, 0.01, 0, 100.0])[:, None]
+    x = x.to(KERNEL_DEVICE)
     q, s = quantize_per_token(x)
     want_s = (x.abs().amax(1, keepdim=True) / 448).clamp(min=1 / (448 * 512))
     torch.testing.assert_close(s, want_s)
@@ -305,8 +327,8 @@ def test_quantize_per_token_dynamic_bounded_and_static():
     assert (q.float() * s - x).abs().max() <= (x.abs().amax(1, keepdim=True) * 2**-4).max()
     q, s = quantize_per_token(x, scale_ub=5.0)  # rows past the bound saturate
     assert s[4, 0] == pytest.approx(5.0 / 448) and q[4].float().abs().max() == 448
-    q, s = quantize_per_token(x, static_scale=torch.tensor([0.05]))
-    assert torch.equal(s, torch.full((5, 1), 0.05)) and q.float().isfinite().all()
+    q, s = quantize_per_token(x, static_scale=torch.tensor([0.05], device=KERNEL_DEVICE))
+    assert torch.equal(s.cpu(), torch.full((5, 1), 0.05)) and q.float().isfinite().all()
 
 
 def test_weight_bytes_and_config_errors(tmp_path, monkeypatch):
