@@ -22,7 +22,8 @@ from safetensors.torch import save_file  # noqa: E402
 from shardserve.config import ModelConfig  # noqa: E402
 from shardserve.distributed import parallel_state as ps  # noqa: E402
 from shardserve.model_executor.kernels import TRITON_INTERPRET  # noqa: E402
-from shardserve.model_executor.kernels.fp8 import fp8_gemv, fp8_gemv_config, quantize_per_token  # noqa: E402
+from shardserve.model_executor.kernels import fp8 as fp8_kernels  # noqa: E402
+from shardserve.model_executor.kernels.fp8 import fp8_gemv, fp8_gemv_config  # noqa: E402
 from shardserve.model_executor.layers.quantization.base import model_weight_bytes  # noqa: E402
 from shardserve.model_executor.layers.quantization.fp8 import (  # noqa: E402
     Fp8Config,
@@ -318,7 +319,10 @@ def test_fp8_gemv_matches_dequantized_matmul():
 
 def test_quantize_per_token_dynamic_bounded_and_static():
     x = torch.randn(5, 300, generator=torch.Generator().manual_seed(2)) * torch.tensor([1, 10, 0.01, 0, 100.0])[:, None]
-    x = x.to(KERNEL_DEVICE)
+    def quantize_per_token(x, static_scale=None, scale_ub=None):  # on the kernel's device, results on the CPU
+        q, s = fp8_kernels.quantize_per_token(x.to(KERNEL_DEVICE), static_scale, scale_ub)
+        return q.cpu(), s.cpu()
+
     q, s = quantize_per_token(x)
     want_s = (x.abs().amax(1, keepdim=True) / 448).clamp(min=1 / (448 * 512))
     torch.testing.assert_close(s, want_s)
@@ -328,7 +332,7 @@ def test_quantize_per_token_dynamic_bounded_and_static():
     q, s = quantize_per_token(x, scale_ub=5.0)  # rows past the bound saturate
     assert s[4, 0] == pytest.approx(5.0 / 448) and q[4].float().abs().max() == 448
     q, s = quantize_per_token(x, static_scale=torch.tensor([0.05], device=KERNEL_DEVICE))
-    assert torch.equal(s.cpu(), torch.full((5, 1), 0.05)) and q.float().isfinite().all()
+    assert torch.equal(s, torch.full((5, 1), 0.05)) and q.float().isfinite().all()
 
 
 def test_weight_bytes_and_config_errors(tmp_path, monkeypatch):
