@@ -110,13 +110,13 @@ def fp8_gemv_config(n: int, k: int) -> tuple[int, int, int, int]:
     """``(BLOCK_N, BLOCK_K, num_warps, num_stages)`` for an ``n x k`` FP8 weight at 1-2 rows.
 
     Fitted on nvidia-h200 (``benchmarks/bench_fp8.py --parts hw,kernels --kernel-rows 1 --sweep``, the
-    Llama-3.1-8B shapes, weights cold in L2; fraction of copy bandwidth, bf16's tile 4 x 1024 / 4 warps
-    in brackets): 8 rows a program, so that a thread has as many weight bytes in flight as the bf16 GEMV
-    has at 4 rows; 1024 columns where K is at least N (o_proj 0.56 [0.46], down_proj 0.78 [0.59]),
-    512 where N is larger (gate_up_proj, N = 7 K: 0.79 [0.77]) and, below N = 4 K, 16 rows on 8 warps
-    (qkv_proj, N = 1.5 K: 0.65 [0.59]). End to end the swept tilings took 8B batch-1 decode from 308.7 to
-    338.1 tok/s (``bench_fp8.py`` part ``fp8s``, same run). ``BLOCK_K`` halves (down to 256) until it divides
-    K; otherwise the kernel masks the last tile."""
+    Llama-3.1-8B shapes, weights cold in L2): each shape takes the sweep's fastest tiling. As a fraction of
+    copy bandwidth, with the tile used before in brackets (the bf16 GEMV's 4 rows x 1024, 4 warps, 3 stages):
+    where K is at least N, 8 rows x 1024 (o_proj 0.56 [0.46], down_proj 0.78 [0.59]); from N = 4 K, 8 rows
+    x 512 (gate_up_proj, N = 7 K: 0.79 [0.77]); in between, 16 rows x 512 on 8 warps (qkv_proj, N = 1.5 K:
+    0.65 [0.59]). End to end, these tilings took 8B batch-1 decode from 308.7 to 338.1 tok/s in one run
+    (``bench_fp8.py`` part ``fp8s``). ``BLOCK_K`` halves (down to 256) until it divides K; otherwise the
+    kernel masks the last tile."""
     if k >= n:
         block_n, block_k, warps, stages = 8, 1024, 4, 3
     elif n >= 4 * k:
