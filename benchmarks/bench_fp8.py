@@ -157,7 +157,7 @@ def swept_configs(results: dict) -> dict[str, list[int]]:
     layer the ``kernels`` part swept (empty without ``--sweep``)."""
     out = {}
     for layer in results.get("kernels", {}).get("layers", {}).values():
-        sweep = layer["rows"].get("1", layer["rows"].get(1, {})).get("sweep")
+        sweep = layer["rows"].get("1", {}).get("sweep")  # rows keyed as JSON keeps them: strings
         if sweep:
             out["x".join(map(str, layer["shape"]))] = sweep[0][0]
     return out

@@ -301,11 +301,14 @@ def test_fp8_gemv_matches_dequantized_matmul():
         (2, 96, 64, False, False),  # N = 1.5 K: 16 x 256 on 8 warps, K masked
         (1, 300, 64, False, True),  # gate/up N = 9.4 K: 8 x 256
     ]
+
+    def dev(t):
+        return None if t is None else t.to(KERNEL_DEVICE)
+
     for rows, n, k, bias, silu in cases:
         x = torch.randn(rows, k, generator=gen)
         q, scale = quantize_weight_per_row(torch.randn(n * (2 if silu else 1), k, generator=gen))
         b = torch.randn(n, generator=gen) if bias else None
-        dev = lambda t: None if t is None else t.to(KERNEL_DEVICE)  # noqa: E731
         got = fp8_gemv(dev(x), dev(q), dev(scale), dev(b), silu_and_mul=silu).float().cpu()
         want = torch.nn.functional.linear(x, q.float() * scale[:, None], b)
         if silu:
@@ -319,6 +322,7 @@ def test_fp8_gemv_matches_dequantized_matmul():
 
 def test_quantize_per_token_dynamic_bounded_and_static():
     x = torch.randn(5, 300, generator=torch.Generator().manual_seed(2)) * torch.tensor([1, 10, 0.01, 0, 100.0])[:, None]
+
     def quantize_per_token(x, static_scale=None, scale_ub=None):  # on the kernel's device, results on the CPU
         q, s = fp8_kernels.quantize_per_token(x.to(KERNEL_DEVICE), static_scale, scale_ub)
         return q.cpu(), s.cpu()
